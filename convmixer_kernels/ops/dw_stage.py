@@ -1,0 +1,67 @@
+"""The dw stage: norm-on-load + depthwise k×k conv + bias + act + batch statistics.
+
+The public function, the fake (meta) implementation that lets the op run under
+torch.compile(fullgraph=True), and the autograd formula, which calls the backward op. The maths
+is docs/OPS.md; the kernels are csrc/cpu/dw_stage.cpp (and the CUDA/Triton backends).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .backend import resolve
+from .checks import Norm, acc_dtype, check_dw_stage
+
+_ops = torch.ops.convmixer_kernels
+
+
+def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+             act: str = "gelu", x_norm: Optional[Norm] = None, stats: bool = True,
+             backend: str = "auto"):
+    """``out = act(dwconv_k(norm(x)) + bias)`` with "same" zero padding.
+
+    Returns ``(out, mean, var)``: ``out`` is channels_last; ``mean`` and ``var`` (biased) are
+    the per-channel batch statistics of ``out`` when ``stats``, empty tensors otherwise.
+    """
+    check_dw_stage(x, weight, bias, act, x_norm, stats)
+    resolve(backend, x.device)
+    m, s, t = x_norm if x_norm is not None else (None, None, None)
+    return _ops.dw_stage(x, m, s, t, weight, bias, act, stats)
+
+
+@torch.library.register_fake("convmixer_kernels::dw_stage")
+def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
+    n = x.shape[1] if stats else 0
+    acc = acc_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.channels_last),
+            x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc))
+
+
+@torch.library.register_fake("convmixer_kernels::dw_stage_backward")
+def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight,
+                            bias, mean, act):
+    n = x.shape[1] if x_mean is not None else 0
+    acc = acc_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.channels_last),
+            *(x.new_empty((n,), dtype=acc) for _ in range(3)),
+            weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, x_mean, x_scale, x_shift, weight, bias, act, stats = inputs
+    ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, output[1])
+    ctx.act = act
+
+
+def _backward(ctx, grad_out, grad_mean, grad_var):
+    x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
+    gx, gmean, gscale, gshift, gw, gb = _ops.dw_stage_backward(
+        grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean, ctx.act)
+    norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
+    return gx, *norm_grads, gw, (gb if bias is not None else None), None, None
+
+
+torch.library.register_autograd("convmixer_kernels::dw_stage", _backward,
+                                setup_context=_setup_context)

@@ -1,0 +1,88 @@
+"""The pw stage: BN-apply + residual prologue, 1×1 conv GEMM, bias + act + batch statistics.
+
+The public function, the fake (meta) implementation and the autograd formula, which calls the
+backward op. The maths is docs/OPS.md; the kernels are csrc/cpu/pw_stage.cpp (and the
+CUDA/Triton backends).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .backend import resolve
+from .checks import Norm, acc_dtype, check_pw_stage
+
+_ops = torch.ops.convmixer_kernels
+
+
+def pw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+             act: str = "gelu", x_norm: Optional[Norm] = None,
+             residual: Optional[torch.Tensor] = None, residual_norm: Optional[Norm] = None,
+             stats: bool = True, backend: str = "auto"):
+    """``out = act((norm(x) + residual_norm(residual)) @ Wᵀ + bias)`` over channels.
+
+    Returns ``(out, mean, var)`` as :func:`dw_stage` does. When gradients are being recorded
+    the pre-activation is kept for the backward instead of recomputing the GEMM.
+    """
+    check_pw_stage(x, weight, bias, act, x_norm, residual, residual_norm, stats)
+    resolve(backend, x.device)
+    xm, xs, xt = x_norm if x_norm is not None else (None, None, None)
+    rm, rs, rt = residual_norm if residual_norm is not None else (None, None, None)
+    keep_pre_act = torch.is_grad_enabled()
+    out, _, mean, var = _ops.pw_stage(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act,
+                                      stats, keep_pre_act)
+    return out, mean, var
+
+
+@torch.library.register_fake("convmixer_kernels::pw_stage")
+def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
+                   act, stats, keep_pre_act):
+    n, _, h, w = x.shape
+    shape = (n, weight.shape[0], h, w)
+    stat = weight.shape[0] if stats else 0
+    acc = acc_dtype(x.dtype)
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    pre_act = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
+    return out, pre_act, x.new_empty((stat,), dtype=acc), x.new_empty((stat,), dtype=acc)
+
+
+@torch.library.register_fake("convmixer_kernels::pw_stage_backward")
+def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
+                            res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act):
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+
+    def norm_grads(given):
+        return tuple(x.new_empty((c if given else 0,), dtype=acc) for _ in range(3))
+
+    grad_res = torch.empty_like(x, memory_format=torch.channels_last) if res is not None else x.new_empty((0,))
+    return (torch.empty_like(x, memory_format=torch.channels_last), *norm_grads(x_mean is not None),
+            grad_res, *norm_grads(res_mean is not None),
+            weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act, *_ = inputs
+    _, pre_act, mean, _ = output
+    ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight,
+                          bias, pre_act, mean)
+    ctx.act = act
+
+
+def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
+    (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
+     mean) = ctx.saved_tensors
+    grads = _ops.pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift,
+                                   res, res_mean, res_scale, res_shift, weight, bias, pre_act,
+                                   mean, ctx.act)
+    gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
+    x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
+    res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
+    return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads, gw,
+            (gb if bias is not None else None), None, None, None)
+
+
+torch.library.register_autograd("convmixer_kernels::pw_stage", _backward,
+                                setup_context=_setup_context)
