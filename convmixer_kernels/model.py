@@ -72,8 +72,11 @@ class ConvMixer(nn.Module):
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def reset_classifier(self, num_classes: int) -> None:
+        """A fresh head for `num_classes` (0: none), on the model's device and dtype."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = self.stem[0].weight
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

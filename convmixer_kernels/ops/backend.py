@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import _extension  # noqa: F401  (the registrations _native_has looks for)
+
 # The C++ extension registers its kernels under torch.ops.convmixer_kernels, per dispatch key:
 # "cpu" and "cuda" are the same ops, their implementations chosen by the tensors' device.
 BACKENDS = ("auto", "cpu", "cuda")
@@ -15,21 +17,20 @@ def _native_has(dispatch_key: str) -> bool:
         for op in _NATIVE_OPS)
 
 
+# Fixed once the extension is loaded; a constant, so torch.compile traces the checks for free.
+_AVAILABLE = tuple(name for name, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _native_has(key))
+
+
 def available_backends() -> list[str]:
     """The concrete backends this build can run."""
-    found = []
-    if _native_has("CPU"):
-        found.append("cpu")
-    if _native_has("CUDA"):
-        found.append("cuda")
-    return found
+    return list(_AVAILABLE)
 
 
 def check_backend(backend: str) -> None:
     """Raises ValueError for an unknown backend, RuntimeError for one this build lacks."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend != "auto" and backend not in available_backends():
+    if backend != "auto" and backend not in _AVAILABLE:
         raise RuntimeError(
             f"backend {backend!r} is not available in this build of convmixer_kernels "
             f"(available: {available_backends()}); the CUDA kernels are compiled only when "
@@ -42,7 +43,7 @@ def resolve(backend: str, device: torch.device) -> str:
     if device.type == "meta":
         return backend if backend != "auto" else "cpu"
     if backend == "auto":
-        if device.type in ("cpu", "cuda") and device.type in available_backends():
+        if device.type in _AVAILABLE:
             return device.type
         raise RuntimeError(
             f"no convmixer_kernels backend runs tensors on {device}; available: "
