@@ -13,7 +13,8 @@ namespace channel_stats {
 #define CONVMIXER_INSTANTIATE_PARTIALS(T, TC, VEC)                                              \
   template __global__ void                                                                      \
   channel_stats_partials_kernel<T, TC, kPartialsThreads / TC, kPartialsUnroll, VEC>(            \
-      const T* __restrict__, int64_t, int, int, acc_t<T>* __restrict__, acc_t<T>* __restrict__);
+      const T* __restrict__, int64_t, int, int, acc_t<T>* __restrict__, acc_t<T>* __restrict__,   \
+      acc_t<T>* __restrict__);
 
 #define CONVMIXER_INSTANTIATE_DTYPE(T)                                                          \
   CONVMIXER_INSTANTIATE_PARTIALS(T, 8, true)                                                    \
@@ -36,10 +37,12 @@ CONVMIXER_INSTANTIATE_DTYPE(__nv_bfloat16)
 #define CONVMIXER_INSTANTIATE_FINALIZE(AccT)                                                    \
   template __global__ void                                                                      \
   channel_stats_finalize_kernel<AccT, kFinalizeThreadsC, kFinalizeThreadsT>(                    \
-      const AccT* __restrict__, const AccT* __restrict__, TileCounts, int64_t, int,             \
+      const AccT* __restrict__, const AccT* __restrict__, const AccT* __restrict__, TileCounts,  \
+      int64_t, int,                                                                             \
       AccT* __restrict__, AccT* __restrict__, AccT* __restrict__, AccT* __restrict__, AccT);    \
-  template cudaError_t launch_finalize<AccT>(const AccT*, const AccT*, TileCounts, int64_t, int, \
-                                             AccT*, AccT*, AccT*, AccT*, double, cudaStream_t);
+  template cudaError_t launch_finalize<AccT>(const AccT*, const AccT*, const AccT*, TileCounts,  \
+                                             int64_t, int, AccT*, AccT*, AccT*, AccT*, double,   \
+                                             cudaStream_t);
 
 CONVMIXER_INSTANTIATE_FINALIZE(float)
 CONVMIXER_INSTANTIATE_FINALIZE(double)

@@ -14,7 +14,8 @@
 //
 // The device building blocks (WelfordVec, chan_merge) and the finalize kernel are public because the
 // fused dw/pw stages produce the same [num_tiles, channels] partials in their epilogues and reuse the
-// finalize step (with TileCounts describing their own tiling).
+// finalize step (TileCounts describes their tiling; they should accumulate relative to a per-channel
+// shift known before the pass, e.g. the running mean or the bias, for the reason given at kernel 1).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -219,15 +220,25 @@ struct TileCounts {
 // coalesce across the warp, for any channel count). Both give each channel the same rows in the
 // same order, so the two paths produce bitwise-identical statistics.
 //
-// Output: part_mean / part_m2 [gridDim.x, channels]; the count of tile t is TileCounts::of(t) and
-// is not stored. Partials of channels >= channels are never written.
-// __launch_bounds__ asks for 4 resident CTAs per SM (<= 64 registers): 1024 threads x 64 bytes in
-// flight per SM is comfortably above what HBM3e needs to stay busy.
+// Shift: every statistic is accumulated for y = x - x[0, c] and the shift is added back once, in
+// the finalize kernel. Without it a float mean of, say, 1e4 has a resolution of ~1e-3, and those
+// rounding errors enter every Welford and Chan update (measured: 3e-5 relative error in the
+// variance of mean-1e4/std-1 data; with the shift it stays at the 1e-7 level like centred data).
+// Row 0 is used because every CTA can read it and it is a sample of the channel's distribution.
+//
+// Output: part_mean / part_m2 [gridDim.x, channels] (of y); the count of tile t is
+// TileCounts::of(t) and is not stored; the CTAs of tile 0 also write shift[channels]. Nothing is
+// written for channels >= channels.
+//
+// __launch_bounds__ asks for 4 resident CTAs per SM (<= 64 registers) on the vector path: 1024
+// threads x 64 bytes in flight per SM is well above the ~25 KB per SM that HBM3e needs to stay busy
+// (4.8 TB/s x ~700 ns over 132 SMs). The scalar fallback holds each element in its own register and
+// would spill at 64, so it settles for 3 CTAs per SM (<= 80 registers).
 template <typename T, int kThreadsC, int kThreadsR, int kUnroll, bool kVectorized>
-__global__ void __launch_bounds__(kThreadsC * kThreadsR, 4)
+__global__ void __launch_bounds__(kThreadsC * kThreadsR, kVectorized ? 4 : 3)
     channel_stats_partials_kernel(const T* __restrict__ x, int64_t rows, int channels,
                                   int rows_per_tile, acc_t<T>* __restrict__ part_mean,
-                                  acc_t<T>* __restrict__ part_m2) {
+                                  acc_t<T>* __restrict__ part_m2, acc_t<T>* __restrict__ shift_out) {
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
   constexpr int kBlockC = kThreadsC * V;
@@ -241,21 +252,29 @@ __global__ void __launch_bounds__(kThreadsC * kThreadsR, 4)
   const int64_t rows_left = rows - row0;
   const int tile_rows = rows_left < rows_per_tile ? int(rows_left) : rows_per_tile;
   const int c_block = int(blockIdx.y) * kBlockC;
+  const int c_thread = c_block + (kVectorized ? tx * V : tx);  // channel of value 0
 
   // The channel (relative to c_block) of this thread's j-th value.
   auto local_channel = [&](int j) { return kVectorized ? tx * V + j : j * kThreadsC + tx; };
 
   WelfordVec<AccT, V> w;
   w.init();
+  AccT shift[V];
+  auto push_shifted = [&](AccT (&v)[V]) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] -= shift[j];
+    w.push(v);
+  };
 
   // 64-bit from here on: row * channels overflows int for large activations.
   const int64_t row_stride = int64_t(kThreadsR) * channels;
-  const T* p = x + (row0 + ty) * int64_t(channels) + c_block + (kVectorized ? tx * V : tx);
+  const T* p = x + (row0 + ty) * int64_t(channels) + c_thread;
   int r = ty;
 
   if constexpr (kVectorized) {
     // channels % V == 0 here, so a vector is entirely inside or entirely outside the matrix.
-    if (c_block + tx * V < channels) {
+    if (c_thread < channels) {
+      Unpack<T>::run(*reinterpret_cast<const uint4*>(x + c_thread), shift);
       // Issue kUnroll independent 16-byte loads before consuming any: the Welford chain is serial
       // per channel, and without this the loop would have one load in flight per thread.
       for (; r + (kUnroll - 1) * kThreadsR < tile_rows;
@@ -267,19 +286,22 @@ __global__ void __launch_bounds__(kThreadsC * kThreadsR, 4)
         for (int u = 0; u < kUnroll; ++u) {
           AccT v[V];
           Unpack<T>::run(raw[u], v);
-          w.push(v);
+          push_shifted(v);
         }
       }
       for (; r < tile_rows; r += kThreadsR, p += row_stride) {
         AccT v[V];
         Unpack<T>::run(*reinterpret_cast<const uint4*>(p), v);
-        w.push(v);
+        push_shifted(v);
       }
     }
   } else {
     bool valid[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) valid[j] = c_block + j * kThreadsC + tx < channels;
+    for (int j = 0; j < V; ++j) {
+      valid[j] = c_thread + j * kThreadsC < channels;
+      shift[j] = valid[j] ? to_acc(x[c_thread + j * kThreadsC]) : AccT(0);
+    }
     // Each 2-byte scalar still occupies a 32-bit register: halving the unroll keeps the fallback at
     // the vector path's register budget (4 CTAs/SM) while leaving 16 loads in flight per thread.
     constexpr int kScalarUnroll = sizeof(T) >= 4 ? kUnroll : (kUnroll + 1) / 2;
@@ -296,14 +318,14 @@ __global__ void __launch_bounds__(kThreadsC * kThreadsR, 4)
         AccT v[V];
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = valid[j] ? to_acc(raw[u][j]) : AccT(0);
-        w.push(v);
+        push_shifted(v);
       }
     }
     for (; r < tile_rows; r += kThreadsR, p += row_stride) {
       AccT v[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) v[j] = valid[j] ? to_acc(p[j * kThreadsC]) : AccT(0);
-      w.push(v);
+      push_shifted(v);
     }
   }
 
@@ -337,6 +359,7 @@ __global__ void __launch_bounds__(kThreadsC * kThreadsR, 4)
     }
     part_mean[tile * channels + c] = mean;
     part_m2[tile * channels + c] = m2;
+    if (tile == 0) shift_out[c] = to_acc(x[c]);
   }
 }
 
@@ -349,6 +372,9 @@ __global__ void __launch_bounds__(kThreadsC * kThreadsR, 4)
 // tile-threads per channel (rather than one thread walking all tiles) keep this tiny kernel from
 // being a serial chain of thousands of dependent divisions.
 //
+// shift: null, or the per-channel value the partial means are relative to (see kernel 1); it is
+// added back once, after all merges.
+//
 // running_mean / running_var may be null (eval-style call or a functional op that leaves the buffers
 // to the module). When given they are updated exactly as torch.nn.BatchNorm does in training:
 //   running = (1 - momentum) * running + momentum * batch, using the unbiased M2 / (n - 1) for var.
@@ -356,7 +382,8 @@ __global__ void __launch_bounds__(kThreadsC * kThreadsR, 4)
 template <typename AccT, int kThreadsC, int kThreadsT>
 __global__ void __launch_bounds__(kThreadsC * kThreadsT)
     channel_stats_finalize_kernel(const AccT* __restrict__ part_mean,
-                                  const AccT* __restrict__ part_m2, TileCounts counts,
+                                  const AccT* __restrict__ part_m2,
+                                  const AccT* __restrict__ shift, TileCounts counts,
                                   int64_t num_tiles, int channels, AccT* __restrict__ mean_out,
                                   AccT* __restrict__ var_out, AccT* __restrict__ running_mean,
                                   AccT* __restrict__ running_var, AccT momentum) {
@@ -414,6 +441,7 @@ __global__ void __launch_bounds__(kThreadsC * kThreadsT)
     var_out[c] = quiet_nan<AccT>();
     return;
   }
+  if (shift != nullptr) mean = acc_add(shift[c], mean);
   mean_out[c] = mean;
   var_out[c] = acc_div(m2, static_cast<AccT>(n));
   const AccT keep = AccT(1) - momentum;
@@ -433,10 +461,11 @@ constexpr int kPartialsThreads = 256;  // threads per partials CTA
 constexpr int kPartialsUnroll = 4;     // 16-byte loads in flight per thread
 // Fixed CTA-count target for choosing the tile height. It is a constant, not derived from the SM
 // count, so that the reduction tree (and therefore every bit of the result) depends only on the
-// problem shape. ~2 waves of resident CTAs on an H200 (132 SMs) at 256 threads each.
+// problem shape. On an H200 (132 SMs x 4 resident CTAs) that is ~4 waves: enough CTAs to balance
+// the SMs, few enough that the partials stay small.
 constexpr int64_t kTargetCtas = 2048;
-// Floor on rows per tile: the partials round trip costs 2 * 2 * sizeof(acc) bytes per tile and
-// channel, so 256 rows keep it under ~3% of the input traffic even for 2-byte dtypes.
+// Floor on rows per tile: the partials round trip (mean and M2, written then read back) costs
+// 4 * sizeof(acc) = 16 bytes per tile and channel, ~3% of 256 rows of a 2-byte dtype (512 bytes).
 constexpr int64_t kMinRowsPerTile = 256;
 constexpr int kFinalizeThreadsC = 8;   // 8 floats = one 32-byte sector per partials row
 constexpr int kFinalizeThreadsT = 64;
@@ -450,7 +479,8 @@ struct Plan {
   int64_t num_tiles = 0;    // gridDim.x of the partials kernel
   int channel_blocks = 0;   // gridDim.y of the partials kernel
   size_t acc_size = 0;      // sizeof(acc_t<T>)
-  size_t workspace_bytes = 0;  // partial means [num_tiles, channels], then partial M2s, same shape
+  // Partial means [num_tiles, channels], partial M2s [num_tiles, channels], shift [channels].
+  size_t workspace_bytes = 0;
   bool valid = false;       // false when the shape cannot be launched (see make_plan)
 };
 
@@ -488,14 +518,15 @@ inline Plan make_plan(int64_t rows, int64_t channels) {
   plan.rows_per_tile = int(rpt);
   plan.num_tiles = (rows + rpt - 1) / rpt;
   if (plan.num_tiles > INT_MAX) return plan;  // gridDim.x limit
-  plan.workspace_bytes = 2 * size_t(plan.num_tiles) * size_t(channels) * plan.acc_size;
+  plan.workspace_bytes = (2 * size_t(plan.num_tiles) + 1) * size_t(channels) * plan.acc_size;
   plan.valid = true;
   return plan;
 }
 
 // Kernel 2 alone, for producers that wrote their own partials (fused dw/pw epilogues).
 template <typename AccT>
-inline cudaError_t launch_finalize(const AccT* part_mean, const AccT* part_m2, TileCounts counts,
+inline cudaError_t launch_finalize(const AccT* part_mean, const AccT* part_m2, const AccT* shift,
+                                   TileCounts counts,
                                    int64_t num_tiles, int channels, AccT* mean_out, AccT* var_out,
                                    AccT* running_mean, AccT* running_var, double momentum,
                                    cudaStream_t stream) {
@@ -505,14 +536,14 @@ inline cudaError_t launch_finalize(const AccT* part_mean, const AccT* part_m2, T
   const dim3 grid(unsigned((channels + kFinalizeThreadsC - 1) / kFinalizeThreadsC));
   const dim3 block(kFinalizeThreadsC, kFinalizeThreadsT);
   auto* kernel = &channel_stats_finalize_kernel<AccT, kFinalizeThreadsC, kFinalizeThreadsT>;
-  kernel<<<grid, block, 0, stream>>>(part_mean, part_m2, counts, num_tiles, channels, mean_out,
+  kernel<<<grid, block, 0, stream>>>(part_mean, part_m2, shift, counts, num_tiles, channels, mean_out,
                                      var_out, running_mean, running_var, static_cast<AccT>(momentum));
   return cudaGetLastError();
 }
 
 template <typename T, int kThreadsC>
 inline cudaError_t launch_partials(const Plan& plan, const T* x, acc_t<T>* part_mean,
-                                   acc_t<T>* part_m2, cudaStream_t stream) {
+                                   acc_t<T>* part_m2, acc_t<T>* shift, cudaStream_t stream) {
   constexpr int kThreadsR = kPartialsThreads / kThreadsC;
   constexpr int V = kVecWidth<T>;
   const bool vectorized =
@@ -523,7 +554,7 @@ inline cudaError_t launch_partials(const Plan& plan, const T* x, acc_t<T>* part_
   const dim3 grid(unsigned(plan.num_tiles), unsigned(plan.channel_blocks));
   const dim3 block(kThreadsC, kThreadsR);
   kernel<<<grid, block, 0, stream>>>(x, plan.rows, plan.channels, plan.rows_per_tile, part_mean,
-                                     part_m2);
+                                     part_m2, shift);
   return cudaGetLastError();
 }
 
@@ -539,22 +570,26 @@ inline cudaError_t launch_channel_stats(const Plan& plan, const T* x, void* work
   using AccT = acc_t<T>;
   if (!plan.valid || plan.acc_size != sizeof(AccT)) return cudaErrorInvalidValue;
   if (plan.channels == 0) return cudaSuccess;
-  AccT* part_mean = static_cast<AccT*>(workspace);
-  AccT* part_m2 = part_mean == nullptr ? nullptr : part_mean + plan.num_tiles * plan.channels;
+  AccT* part_mean = nullptr;
+  AccT* part_m2 = nullptr;
+  AccT* shift = nullptr;
   if (plan.num_tiles > 0) {
     if (x == nullptr || workspace == nullptr) return cudaErrorInvalidValue;
+    part_mean = static_cast<AccT*>(workspace);
+    part_m2 = part_mean + plan.num_tiles * plan.channels;
+    shift = part_m2 + plan.num_tiles * plan.channels;
     cudaError_t err = cudaSuccess;
     switch (plan.threads_c) {
-      case 8: err = launch_partials<T, 8>(plan, x, part_mean, part_m2, stream); break;
-      case 16: err = launch_partials<T, 16>(plan, x, part_mean, part_m2, stream); break;
-      case 32: err = launch_partials<T, 32>(plan, x, part_mean, part_m2, stream); break;
+      case 8: err = launch_partials<T, 8>(plan, x, part_mean, part_m2, shift, stream); break;
+      case 16: err = launch_partials<T, 16>(plan, x, part_mean, part_m2, shift, stream); break;
+      case 32: err = launch_partials<T, 32>(plan, x, part_mean, part_m2, shift, stream); break;
       default: return cudaErrorInvalidValue;
     }
     if (err != cudaSuccess) return err;
   }
   const TileCounts counts{plan.rows, plan.rows_per_tile, nullptr};
-  return launch_finalize<AccT>(part_mean, part_m2, counts, plan.num_tiles, plan.channels, mean_out,
-                               var_out, running_mean, running_var, momentum, stream);
+  return launch_finalize<AccT>(part_mean, part_m2, shift, counts, plan.num_tiles, plan.channels,
+                               mean_out, var_out, running_mean, running_var, momentum, stream);
 }
 
 }  // namespace channel_stats
