@@ -14,6 +14,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -101,9 +102,18 @@ def run(args) -> list[Result]:
     return results
 
 
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def environment() -> dict:
     return {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "git_commit": git_commit()}
 
 
 def format_table(results: list[Result]) -> str:

@@ -66,6 +66,8 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act, *_ = inputs
     _, pre_act, mean, _ = output
+    # pre_act exists to be saved for this backward, not to be differentiated through.
+    ctx.mark_non_differentiable(pre_act)
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight,
                           bias, pre_act, mean)
     ctx.act = act
