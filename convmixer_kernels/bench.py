@@ -75,26 +75,29 @@ def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-def measure(contender: str, args) -> Result:
-    model = build(contender, args.model, args.seed)
-    classes = model.num_classes
-    x, y = synthetic_batch(args.batch_size, args.image_size, classes, args.seed,
-                           channels_last=contender != "eager-nchw")
-    step = make_step(model, x, y)
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    saved = saved_activation_bytes(model, x)
-    return Result(contender, median * 1e3, args.batch_size / median, saved / 2**20)
-
-
 def run(args) -> list[Result]:
-    results = [measure(c, args) for c in args.contenders]
+    """Times every contender, interleaved: timed round r runs one step of each contender in
+    turn, so a slow spell of a shared machine lands on all of them rather than on one."""
+    setups = {}
+    for contender in args.contenders:
+        model = build(contender, args.model, args.seed)
+        x, y = synthetic_batch(args.batch_size, args.image_size, model.num_classes, args.seed,
+                               channels_last=contender != "eager-nchw")
+        step = make_step(model, x, y)
+        for _ in range(args.warmup):
+            step()
+        setups[contender] = (model, x, step)
+    times = {c: [] for c in setups}
+    for _ in range(args.steps):
+        for contender, (_, _, step) in setups.items():
+            t0 = time.perf_counter()
+            step()
+            times[contender].append(time.perf_counter() - t0)
+    results = []
+    for contender, (model, x, _) in setups.items():
+        median = statistics.median(times[contender])
+        saved = saved_activation_bytes(model, x)
+        results.append(Result(contender, median * 1e3, args.batch_size / median, saved / 2**20))
     best_eager = min((r.step_ms for r in results if r.contender.startswith("eager")),
                      default=None)
     for r in results:

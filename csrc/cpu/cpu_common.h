@@ -26,16 +26,24 @@ inline Vec<T> act_forward(Act act, const Vec<T>& a) {
   return half * a * (one + (a * inv_sqrt2).erf());
 }
 
-// dy * act'(a). ReLU follows threshold_backward: zero where a <= 0, dy elsewhere (NaN passes).
+// act and its derivative at one point, for the backward passes, which need both act(a) (the
+// statistics' gradient involves the stored output) and act'(a): GELU's erf, the costly part,
+// is evaluated once for the two.
 template <typename T>
-inline Vec<T> act_backward(Act act, const Vec<T>& a, const Vec<T>& dy) {
-  if (act == Act::ReLU) return Vec<T>::blendv(dy, Vec<T>(T(0)), a <= Vec<T>(T(0)));
-  const Vec<T> half(T(0.5)), one(T(1)), inv_sqrt2(T(M_SQRT1_2));
-  const Vec<T> inv_sqrt_2pi(T(0.3989422804014327)), minus_half(T(-0.5));
-  const Vec<T> cdf = half * (one + (a * inv_sqrt2).erf());
-  const Vec<T> pdf = inv_sqrt_2pi * (minus_half * a * a).exp();
-  return dy * (cdf + a * pdf);
-}
+struct ActAt {
+  Act act;
+  Vec<T> a, cdf;
+  ActAt(Act act_, const Vec<T>& a_) : act(act_), a(a_) {
+    if (act == Act::GELU) cdf = Vec<T>(T(0.5)) * (Vec<T>(T(1)) + (a * Vec<T>(T(M_SQRT1_2))).erf());
+  }
+  Vec<T> value() const { return act == Act::ReLU ? act_forward(act, a) : a * cdf; }
+  // dy * act'(a). ReLU follows threshold_backward: zero where a <= 0, dy elsewhere (NaN passes).
+  Vec<T> backward(const Vec<T>& dy) const {
+    if (act == Act::ReLU) return Vec<T>::blendv(dy, Vec<T>(T(0)), a <= Vec<T>(T(0)));
+    const Vec<T> pdf = Vec<T>(T(0.3989422804014327)) * (Vec<T>(T(-0.5)) * a * a).exp();
+    return dy * (cdf + a * pdf);
+  }
+};
 
 // Rounds `n` opmath values to the storage dtype in place, so that what follows (statistics,
 // derivatives) sees exactly the values stored. A no-op for float and double storage.

@@ -235,16 +235,18 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
             const scalar_t* go = gop + pix * g.C + c0;
             for (int64_t l = 0; l < cb; ++l) d_vals[l] = static_cast<opmath_t>(go[l]);
             for (int64_t l = cb; l < kCB; ++l) d_vals[l] = opmath_t(0);
-            if (need_o) {
-              for (int v = 0; v < kVecs; ++v) act_forward(act, acc[v]).store(o_vals + v * V::size());
-              round_to_storage<scalar_t>(o_vals, cb);
-            }
             opmath_t* da = dA.data() + ((y + g.pad) * g.Wp() + xx + g.pad) * kCB;
             for (int v = 0; v < kVecs; ++v) {
               const int64_t off = v * V::size();
+              const ActAt<opmath_t> at_a(act, acc[v]);
               V dO = V::loadu(d_vals + off) + V::loadu(const_term + off);
-              if (need_o) dO = at::vec::fmadd(V::loadu(lin_term + off), V::loadu(o_vals + off), dO);
-              act_backward(act, acc[v], dO).store(da + off);
+              if (need_o) {
+                // The statistics were of the output as stored: round act(a) before using it.
+                at_a.value().store(o_vals + off);
+                round_to_storage<scalar_t>(o_vals + off, V::size());
+                dO = at::vec::fmadd(V::loadu(lin_term + off), V::loadu(o_vals + off), dO);
+              }
+              at_a.backward(dO).store(da + off);
             }
             // Lanes past cb hold act'(0)-weighted zeros; keep them exactly zero.
             for (int64_t l = cb; l < kCB; ++l) da[l] = opmath_t(0);

@@ -168,17 +168,16 @@ std::vector<double> epilogue_backward(const PwGeometry& g, Act act, const at::Te
     for (int64_t r = r0; r < r1; ++r) {
       load_row(pp + r * C, pv.data(), C);
       load_row(gop + r * C, dv.data(), C);
-      if (need_o) {
-        std::copy(pv.begin(), pv.end(), ov.begin());
-        int64_t c = 0;
-        for (; c + V::size() <= C; c += V::size()) act_forward(act, V::loadu(&ov[c])).store(&ov[c]);
-        if (c < C) act_forward(act, V::loadu(&ov[c], C - c)).store(&ov[c], C - c);
-        round_to_storage<scalar_t>(ov.data(), C);
-      }
       auto step = [&](int64_t c, int64_t n) {
+        const ActAt<opmath_t> at_p(act, V::loadu(&pv[c], n));
         V dO = V::loadu(&dv[c], n) + V::loadu(&const_term[c], n);
-        if (need_o) dO = at::vec::fmadd(V::loadu(&lin_term[c], n), V::loadu(&ov[c], n), dO);
-        act_backward(act, V::loadu(&pv[c], n), dO).store(&dv[c], n);
+        if (need_o) {
+          // The statistics were of the output as stored: round act(p) before using it.
+          at_p.value().store(&ov[c], n);
+          round_to_storage<scalar_t>(&ov[c], n);
+          dO = at::vec::fmadd(V::loadu(&lin_term[c], n), V::loadu(&ov[c], n), dO);
+        }
+        at_p.backward(dO).store(&dv[c], n);
       };
       int64_t c = 0;
       for (; c + V::size() <= C; c += V::size()) step(c, V::size());
