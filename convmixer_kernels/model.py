@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batch_stats,
+                          revert_sync_batchnorm, sync_group)
 from .ops import apply_norm, bn_norm, dw_stage, pw_stage, uses_batch_stats
 from .ops.backend import check_backend
 from .ops.checks import ACTIVATIONS, acc_dtype
@@ -37,7 +39,8 @@ class Residual(nn.Module):
 class ConvMixer(nn.Module):
     def __init__(self, dim: int, depth: int, kernel_size: int = 9, patch_size: int = 7,
                  in_chans: int = 3, num_classes: int = 1000, act: str = "gelu",
-                 drop_rate: float = 0.0, fused: bool = False, backend: str = "auto"):
+                 drop_rate: float = 0.0, fused: bool = False, backend: str = "auto",
+                 sync_bn: bool = False):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"ConvMixer: act must be one of {ACTIVATIONS}, got {act!r}")
@@ -70,6 +73,25 @@ class ConvMixer(nn.Module):
         self.pooling = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.sync_bn = sync_bn
+
+    @property
+    def sync_bn(self) -> bool:
+        """Whether BatchNorm statistics are synchronised across processes in training.
+
+        Setting it swaps every BatchNorm2d for a SyncBatchNorm2d over all processes (or back),
+        sharing the same parameters and buffers; both the fused and the eager path then
+        normalise with the whole distributed batch's statistics. For another process group use
+        convmixer_kernels.convert_sync_batchnorm(model, group).
+        """
+        return any(isinstance(m, (SyncBatchNorm2d, nn.SyncBatchNorm)) for m in self.modules())
+
+    @sync_bn.setter
+    def sync_bn(self, enabled: bool) -> None:
+        if enabled:
+            convert_sync_batchnorm(self)
+        else:
+            revert_sync_batchnorm(self)
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh head for `num_classes` (0: none), on the model's device and dtype."""
@@ -105,14 +127,20 @@ class ConvMixer(nn.Module):
             g, mean, var = dw_stage(
                 h, dw.weight.to(dtype), _cast(dw.bias, dtype), act=self.act, x_norm=norm,
                 stats=uses_batch_stats(bn1), backend=self.backend)
-            norm1 = bn_norm(bn1, mean, var, count, acc)
+            norm1 = bn_norm(bn1, *_global_stats(bn1, mean, var, count), acc)
             h_next, mean, var = pw_stage(
                 g, pw.weight.to(dtype), _cast(pw.bias, dtype), act=self.act, x_norm=norm1,
                 residual=h, residual_norm=norm, stats=uses_batch_stats(bn2),
                 backend=self.backend)
-            norm = bn_norm(bn2, mean, var, count, acc)
+            norm = bn_norm(bn2, *_global_stats(bn2, mean, var, count), acc)
             h = h_next
         return h if norm is None else apply_norm(h, norm)
+
+
+def _global_stats(bn, mean, var, count):
+    """The statistics `bn` normalises with: the local batch's, or the whole distributed batch's."""
+    group = sync_group(bn)
+    return (mean, var, count) if group is None else merge_batch_stats(mean, var, count, group)
 
 
 def _cast(t, dtype):

@@ -8,6 +8,8 @@ autograd formula at once, so the update happens here, under no_grad.
 """
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 from torch import nn
 
@@ -19,11 +21,12 @@ def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int,
-            dtype: torch.dtype) -> Norm:
+def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
+            count: Union[int, torch.Tensor], dtype: torch.dtype) -> Norm:
     """The Norm that applies `bn` to the activation whose batch statistics are (mean, var).
 
-    `count` is the number of values per channel behind the statistics; `dtype` is the
+    `count` is the number of values per channel behind the statistics (a 0-d tensor when it
+    was gathered across processes, see convmixer_kernels.distributed); `dtype` is the
     accumulation dtype of the norm vectors. Updates running statistics when training.
     """
     if uses_batch_stats(bn):
@@ -39,7 +42,7 @@ def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: in
 
 @torch.no_grad()
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
-                          count: int) -> None:
+                          count: Union[int, torch.Tensor]) -> None:
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     if bn.running_mean is None:
