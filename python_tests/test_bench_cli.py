@@ -1,21 +1,68 @@
-"""The README's main command, `python -m convmixer_kernels.bench`, on a tiny configuration."""
+"""The README's main command, `python -m convmixer_kernels.bench`, on tiny configurations."""
 import json
 
-from convmixer_kernels import bench
+import pytest
+
+from convmixer_kernels.bench import cli
+from convmixer_kernels import roofline
 
 
-def test_bench_runs_every_contender_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "results.json"
-    bench.main(["--batch-size", "2", "--image-size", "8", "--steps", "1", "--warmup", "0",
-                "--json", str(out)])
+def test_bench_runs_every_default_contender_and_writes_results(tmp_path, capsys):
+    cli.main(["--batch-size", "2", "--image-size", "8", "--steps", "1", "--warmup", "0",
+              "--out", str(tmp_path)])
     table = capsys.readouterr().out
-    for contender in bench.CONTENDERS:
-        assert contender in table
-    data = json.loads(out.read_text())
-    assert [r["contender"] for r in data["results"]] == list(bench.CONTENDERS)
-    assert data["environment"]["torch"]
-    fused = next(r for r in data["results"] if r["contender"] == "fused")
-    eager = next(r for r in data["results"] if r["contender"] == "eager-channels-last")
-    assert fused["step_ms"] > 0 and fused["images_per_s"] > 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    names = [r["contender"] for r in data["results"]]
+    assert names == ["eager-nchw", "eager-channels-last", "fused-cpu"]
+    for name in names:
+        assert name in table
+    assert data["environment"]["torch"] and data["environment"]["git_commit"]
+    by_name = {r["contender"]: r for r in data["results"]}
+    fused, eager = by_name["fused-cpu"], by_name["eager-channels-last"]
+    assert not fused["error"] and fused["step_ms"] > 0 and fused["images_per_s"] > 0
+    assert 0 < fused["roofline"] < 1, "a measured step cannot beat its roofline floor"
+    assert fused["peak_mb"] > 0
     # the fused path saves fewer activation bytes for the backward than eager does
     assert 0 < fused["saved_mb"] < eager["saved_mb"]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+def test_bench_reports_a_failing_contender_and_runs_the_others(monkeypatch, capsys):
+    real_setup = cli.cont.setup
+
+    def broken(contender, *args, **kwargs):
+        if contender == "eager-nchw":
+            raise RuntimeError("simulated backend failure")
+        return real_setup(contender, *args, **kwargs)
+
+    monkeypatch.setattr("convmixer_kernels.bench.throughput.setup", broken)
+    cli.main(["--batch-size", "2", "--image-size", "8", "--steps", "1", "--warmup", "0",
+              "--no-memory"])
+    table = capsys.readouterr().out
+    assert "failed: RuntimeError: simulated backend failure" in table
+    assert "fused-cpu" in table
+
+
+def test_unknown_contender_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        cli.main(["--contenders", "fused-nope"])
+
+
+def test_convergence_curves_agree(tmp_path, capsys):
+    cli.main(["--convergence", "--convergence-steps", "40", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "convergence.json").read_text())
+    assert len(data["eager"]) == len(data["fused"]) == 40
+    assert data["eager"][-1] < data["eager"][0], "the synthetic task must be learnable"
+    assert data["agree"], (data["smoothed_gap"], data["noise"])
+
+
+def test_roofline_counts():
+    cost = roofline.step_cost(dim=768, depth=32, kernel_size=7, patch_size=7, batch=128,
+                              image_size=224, dtype=roofline.torch.bfloat16)
+    m = 128 * 32 * 32
+    # DESIGN.md §5: ConvMixer-768/32 batch 128 is ~464 GFLOP of GEMM and ~30 GFLOP of dw per block
+    assert cost.gemm_flops / 32 == pytest.approx(3 * 2 * m * 768 * 768, rel=0.01)
+    assert 460e9 < 3 * 2 * m * 768 * 768 < 470e9
+    assert cost.dw_flops / 32 == pytest.approx(3 * 2 * m * 768 * 49)
+    assert cost.fused_bytes / 32 == pytest.approx(13 * m * 768 * 2)

@@ -1,0 +1,194 @@
+"""`python -m convmixer_kernels.bench`: fused ConvMixer against eager PyTorch and torch.compile.
+
+Trains the chosen ConvMixer on synthetic images (fixed seed) with every contender and prints
+one row each: median step time over timed steps after warm-up (device-synchronised), images/s,
+speed-up over the best eager contender, peak memory, activation memory saved for the backward,
+and the fraction of the roofline floor achieved (convmixer_kernels.roofline).
+
+    python -m convmixer_kernels.bench                          # CPU: ConvMixer-256/8, batch 32
+    python -m convmixer_kernels.bench --model convmixer_768_32 --dtype bf16 --out results/
+    python -m convmixer_kernels.bench --convergence --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+from .. import roofline
+from .. import model as models
+from . import contenders as cont
+from .convergence import train_side_by_side
+from .plots import convergence_chart, throughput_chart
+from .throughput import run
+
+MODELS = ("convmixer_256_8", "convmixer_768_32", "convmixer_1536_20", "convmixer_1024_20_ks9_p14")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(device), "device_type": device.type,
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "git_commit": git_commit()}
+
+
+def _fmt(v: float, spec: str) -> str:
+    return "-" if v != v else format(v, spec)  # NaN -> "-"
+
+
+def format_table(results) -> str:
+    head = (f"{'contender':<22}{'step ms':>9}{'images/s':>10}{'vs eager':>10}{'peak MB':>9}"
+            f"{'saved MB':>9}{'roofline':>9}")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        if r.error:
+            rows.append(f"{r.contender:<22}  failed: {r.error}")
+            continue
+        rows.append(f"{r.contender:<22}{_fmt(r.step_ms, '9.1f')}{_fmt(r.images_per_s, '10.1f')}"
+                    f"{_fmt(r.speedup, '9.2f')}x{_fmt(r.peak_mb, '9.0f')}"
+                    f"{_fmt(r.saved_mb, '9.0f')}{_fmt(100 * r.roofline, '8.1f')}%")
+    return "\n".join(rows)
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, leave=False)
+    except ImportError:
+        return None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m convmixer_kernels.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=MODELS,
+                   help="default: convmixer_256_8 on CPU, convmixer_768_32 on GPU")
+    p.add_argument("--batch-size", type=int, help="default: 32 on CPU, 128 on GPU")
+    p.add_argument("--image-size", type=int, help="default: 32 for convmixer_256_8, else 224")
+    p.add_argument("--dtype", choices=DTYPES, help="autocast dtype; default fp32 on CPU, bf16 on GPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="default 2 CPU, 5 GPU")
+    p.add_argument("--contenders", nargs="+",
+                   help="any of: eager-nchw eager-channels-last compile compile-max-autotune "
+                        "fused-<backend>, or 'all' (default: all but torch.compile on CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
+    p.add_argument("--out", help="directory for results.json and throughput.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--convergence", action="store_true",
+                   help="instead: train fused and eager side by side and compare loss curves")
+    p.add_argument("--convergence-steps", type=int, default=300)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.model = args.model or ("convmixer_768_32" if gpu else "convmixer_256_8")
+    args.batch_size = args.batch_size or (128 if gpu else 32)
+    args.image_size = args.image_size or (32 if args.model == "convmixer_256_8" else 224)
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.steps = args.steps or (20 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    known = cont.all_contenders(device)
+    if not args.contenders:
+        args.contenders = cont.default_contenders(device)
+    elif args.contenders == ["all"]:
+        args.contenders = known
+    unknown = [c for c in args.contenders if c not in known]
+    if unknown:
+        p.error(f"unknown or unavailable contenders {unknown}; on {device} choose from {known}")
+    return args, device
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+
+
+def main_convergence(args, device) -> None:
+    bar = _progress(args.convergence_steps, "convergence")
+    curves = train_side_by_side(steps=args.convergence_steps, seed=args.seed, device=str(device),
+                                progress=bar)
+    if bar:
+        bar.close()
+    print(f"convergence over {curves.steps} steps: final loss eager {curves.eager[-1]:.4f}, "
+          f"fused {curves.fused[-1]:.4f}; smoothed gap {curves.smoothed_gap:.4g} vs noise "
+          f"{curves.noise:.4g}: {'agree' if curves.agree else 'DISAGREE'}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "convergence.json"),
+                   {"environment": environment(device), **curves.as_dict()})
+        convergence_chart(curves, os.path.join(args.out, "convergence.png"))
+
+
+def main(argv=None) -> None:
+    args, device = parse_args(argv)
+    if args.convergence:
+        return main_convergence(args, device)
+    dtype = DTYPES[args.dtype]
+    env = environment(device)
+    bar = _progress(len(args.contenders) * (args.steps + args.warmup), "bench")
+    results = run(args.contenders, args.model, args.batch_size, args.image_size, dtype, device,
+                  args.steps, args.warmup, args.seed, progress=bar,
+                  measure_memory=not args.no_memory)
+    if bar:
+        bar.close()
+    with torch.device("meta"):
+        shape = getattr(models, args.model)()
+    cost = roofline.model_cost(shape, args.batch_size, args.image_size, dtype)
+    ceilings = roofline.measure_ceilings(device, dtype)
+    floor = roofline.floor_seconds(cost, ceilings)
+    for r in results:
+        if not r.error:
+            r.roofline = floor / (r.step_ms / 1e3)
+    title = (f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+             f"{args.dtype}, training step, {env['device']}, torch {env['torch']}")
+    print(title)
+    print(format_table(results))
+    print(f"roofline floor {floor * 1e3:.1f} ms (bandwidth {ceilings.bandwidth / 1e9:.0f} GB/s, "
+          f"matmul {ceilings.matmul_rate / 1e12:.2f} TFLOP/s, vector {ceilings.vector_rate / 1e12:.2f} "
+          f"TFLOP/s measured here)")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        memory_measure = ("torch.cuda.max_memory_allocated over one step, above resident memory"
+                          if device.type == "cuda" else
+                          "peak RSS of a fresh process running two steps of the contender")
+        write_json(os.path.join(args.out, "results.json"), {
+            "config": {k: v for k, v in vars(args).items()}, "environment": env,
+            "memory_measure": memory_measure, "ceilings": ceilings.as_dict(),
+            "step_cost": cost.as_dict(), "floor_ms": floor * 1e3,
+            "results": [r.as_dict() for r in results]})
+        if throughput_chart(results, title, os.path.join(args.out, "throughput.png")):
+            print(f"wrote {args.out}/results.json and {args.out}/throughput.png")
+        else:
+            print(f"wrote {args.out}/results.json (install matplotlib for throughput.png)")

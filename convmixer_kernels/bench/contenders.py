@@ -1,0 +1,90 @@
+"""The contenders of the training-throughput comparison: how each builds its model and step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import model as models
+from ..ops import available_backends
+
+EAGER = ("eager-nchw", "eager-channels-last")
+COMPILED = ("compile", "compile-max-autotune")
+
+
+def fused_contenders(device: torch.device) -> list[str]:
+    """One fused contender per backend of this build that runs tensors on `device`."""
+    return [f"fused-{b}" for b in available_backends()
+            if b == device.type or (b == "triton" and device.type == "cuda")]
+
+
+def all_contenders(device: torch.device) -> list[str]:
+    return [*EAGER, *COMPILED, *fused_contenders(device)]
+
+
+def default_contenders(device: torch.device) -> list[str]:
+    # Inductor needs a minute or more per model on a small CPU; the default CPU run stays short.
+    if device.type == "cpu":
+        return [*EAGER, *fused_contenders(device)]
+    return all_contenders(device)
+
+
+def build_model(contender: str, model_name: str, seed: int, device: torch.device,
+                **overrides) -> torch.nn.Module:
+    """The contender's model, initialised identically for every contender (same seed)."""
+    torch.manual_seed(seed)
+    fused = contender.startswith("fused")
+    backend = contender.split("-", 1)[1] if fused else "auto"
+    model = getattr(models, model_name)(fused=fused, backend=backend, **overrides).to(device)
+    if contender != "eager-nchw":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def synthetic_batch(batch: int, image: int, classes: int, seed: int, device: torch.device,
+                    channels_last: bool):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, image, image, generator=gen)
+    y = torch.randint(0, classes, (batch,), generator=gen)
+    x = x.to(device)
+    return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y.to(device)
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+              dtype: torch.dtype = torch.float32, compile_mode: str | None = None
+              ) -> Callable[[], None]:
+    """One SGD training step of `model` on (x, y), under autocast when `dtype` is not fp32."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+    device_type = x.device.type
+    autocast = dtype != torch.float32
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+            loss = torch.nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    x: torch.Tensor
+    step: Callable[[], None]
+
+
+def setup(contender: str, model_name: str, batch: int, image: int, dtype: torch.dtype,
+          device: torch.device, seed: int = 0) -> Setup:
+    if contender in COMPILED:
+        model = build_model("eager-channels-last", model_name, seed, device)
+        mode = "max-autotune" if contender == "compile-max-autotune" else None
+    else:
+        model = build_model(contender, model_name, seed, device)
+        mode = None
+    x, y = synthetic_batch(batch, image, model.num_classes, seed, device,
+                           channels_last=contender != "eager-nchw")
+    return Setup(model, x, make_step(model, x, y, dtype, compile_mode=mode))

@@ -1,0 +1,112 @@
+"""Bytes and FLOPs of a ConvMixer training step, and the time floor they set on a device.
+
+The floor of a step is what the device's ceilings allow for the work it cannot avoid:
+
+    floor = max(bytes / bandwidth,  gemm_flops / matmul_rate + dw_flops / vector_rate)
+
+GEMM FLOPs (the 1×1 convs and the stem, forward, dgrad and wgrad) run on the matrix units; the
+depthwise conv's FLOPs (forward, and the two backward convolutions) run on the vector/CUDA
+cores. Activation bytes count full passes over an N·H·W·C tensor: ~13 per block for the fused
+data flow of DESIGN.md §4 (forward 5, backward 8) and ~40 for eager PyTorch's separate kernels.
+Ceilings are measured on the device (a large copy, a large matmul), not read off a datasheet.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+FUSED_PASSES_PER_BLOCK = 13
+EAGER_PASSES_PER_BLOCK = 40
+
+_DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass
+class StepCost:
+    gemm_flops: float
+    dw_flops: float
+    fused_bytes: float
+    eager_bytes: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Ceilings:
+    bandwidth: float    # bytes/s, a large device copy (read + write)
+    matmul_rate: float  # FLOP/s, a large matmul in the step's dtype
+    vector_rate: float  # FLOP/s, a large float32 matmul with TF32 off: the FMA-unit rate
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_cost(dim: int, depth: int, kernel_size: int, patch_size: int, batch: int,
+              image_size: int, dtype: torch.dtype, in_chans: int = 3) -> StepCost:
+    """Work of one training step (forward + backward) of a ConvMixer."""
+    tokens = (image_size // patch_size) ** 2
+    m = batch * tokens                      # rows of the pointwise GEMM
+    elem = _DTYPE_BYTES[dtype]
+    gemm_per_block = 3 * 2 * m * dim * dim  # forward, dgrad, wgrad
+    stem = 3 * 2 * m * dim * in_chans * patch_size ** 2
+    dw_per_block = 3 * 2 * m * dim * kernel_size ** 2
+    activation = m * dim * elem
+    return StepCost(gemm_flops=depth * gemm_per_block + stem,
+                    dw_flops=depth * dw_per_block,
+                    fused_bytes=depth * FUSED_PASSES_PER_BLOCK * activation,
+                    eager_bytes=depth * EAGER_PASSES_PER_BLOCK * activation)
+
+
+def model_cost(model, batch: int, image_size: int, dtype: torch.dtype) -> StepCost:
+    conv = model.stem[0]
+    kernel = model.blocks[0][0].fn[0].kernel_size[0] if len(model.blocks) else 1
+    return step_cost(model.num_features, len(model.blocks), kernel, conv.kernel_size[0], batch,
+                     image_size, dtype, conv.in_channels)
+
+
+def floor_seconds(cost: StepCost, ceilings: Ceilings, fused: bool = True) -> float:
+    moved = cost.fused_bytes if fused else cost.eager_bytes
+    compute = cost.gemm_flops / ceilings.matmul_rate + cost.dw_flops / ceilings.vector_rate
+    return max(moved / ceilings.bandwidth, compute)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> Ceilings:
+    """Bandwidth from a large copy, matrix and vector rates from large matmuls, on `device`."""
+    big = device.type == "cuda"
+    n_copy = (1 << 28) if big else (1 << 24)          # 1 GiB / 64 MiB of float32
+    src = torch.empty(n_copy, device=device)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * src.element_size() / _best_time(lambda: dst.copy_(src), device,
+                                                                     repeats)
+    n = 8192 if big else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    matmul_rate = 2 * n ** 3 / _best_time(lambda: a @ b, device, repeats)
+    a32, b32 = a.float(), b.float()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        vector_rate = 2 * n ** 3 / _best_time(lambda: a32 @ b32, device, repeats)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return Ceilings(bandwidth, matmul_rate, vector_rate)
