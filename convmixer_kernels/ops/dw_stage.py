@@ -3,6 +3,10 @@
 The public function, the fake (meta) implementation that lets the op run under
 torch.compile(fullgraph=True), and the autograd formula, which calls the backward op. The maths
 is docs/OPS.md; the kernels are csrc/cpu/dw_stage.cpp (and the CUDA/Triton backends).
+
+The Triton backend is the separate pair of ops dw_stage_triton / dw_stage_backward_triton:
+the same schemas, fake implementations and autograd formula, with implementations (for CPU
+and CUDA tensors) that call convmixer_kernels.triton, imported on first use.
 """
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
-from .backend import resolve
+from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_dw_stage
 
 _ops = torch.ops.convmixer_kernels
+
+define_triton_op("dw_stage")
+define_triton_op("dw_stage_backward")
 
 
 def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -26,12 +33,13 @@ def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     the per-channel batch statistics of ``out`` when ``stats``, empty tensors otherwise.
     """
     check_dw_stage(x, weight, bias, act, x_norm, stats)
-    resolve(backend, x.device)
+    op = _ops.dw_stage_triton if resolve(backend, x.device) == "triton" else _ops.dw_stage
     m, s, t = x_norm if x_norm is not None else (None, None, None)
-    return _ops.dw_stage(x, m, s, t, weight, bias, act, stats)
+    return op(x, m, s, t, weight, bias, act, stats)
 
 
 @torch.library.register_fake("convmixer_kernels::dw_stage")
+@torch.library.register_fake("convmixer_kernels::dw_stage_triton")
 def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
     n = x.shape[1] if stats else 0
     acc = acc_dtype(x.dtype)
@@ -40,6 +48,7 @@ def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
 
 
 @torch.library.register_fake("convmixer_kernels::dw_stage_backward")
+@torch.library.register_fake("convmixer_kernels::dw_stage_backward_triton")
 def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight,
                             bias, mean, act):
     n = x.shape[1] if x_mean is not None else 0
@@ -55,13 +64,21 @@ def _setup_context(ctx, inputs, output):
     ctx.act = act
 
 
-def _backward(ctx, grad_out, grad_mean, grad_var):
-    x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
-    gx, gmean, gscale, gshift, gw, gb = _ops.dw_stage_backward(
-        grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean, ctx.act)
-    norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
-    return gx, *norm_grads, gw, (gb if bias is not None else None), None, None
+def _make_backward(backward_op):
+    """The autograd formula of a dw_stage op whose backward op is `backward_op`."""
+    def _backward(ctx, grad_out, grad_mean, grad_var):
+        x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
+        gx, gmean, gscale, gshift, gw, gb = backward_op(
+            grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
+            ctx.act)
+        norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
+        return gx, *norm_grads, gw, (gb if bias is not None else None), None, None
+    return _backward
 
 
-torch.library.register_autograd("convmixer_kernels::dw_stage", _backward,
+torch.library.register_autograd("convmixer_kernels::dw_stage",
+                                _make_backward(_ops.dw_stage_backward),
+                                setup_context=_setup_context)
+torch.library.register_autograd("convmixer_kernels::dw_stage_triton",
+                                _make_backward(_ops.dw_stage_backward_triton),
                                 setup_context=_setup_context)

@@ -3,6 +3,9 @@
 The public function, the fake (meta) implementation and the autograd formula, which calls the
 backward op. The maths is docs/OPS.md; the kernels are csrc/cpu/pw_stage.cpp (and the
 CUDA/Triton backends).
+
+The Triton backend is the separate pair of ops pw_stage_triton / pw_stage_backward_triton,
+sharing the schemas, fake implementations and autograd formula (see dw_stage.py).
 """
 from __future__ import annotations
 
@@ -11,10 +14,13 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
-from .backend import resolve
+from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_pw_stage
 
 _ops = torch.ops.convmixer_kernels
+
+define_triton_op("pw_stage")
+define_triton_op("pw_stage_backward")
 
 
 def pw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
@@ -27,16 +33,17 @@ def pw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     the pre-activation is kept for the backward instead of recomputing the GEMM.
     """
     check_pw_stage(x, weight, bias, act, x_norm, residual, residual_norm, stats)
-    resolve(backend, x.device)
+    op = _ops.pw_stage_triton if resolve(backend, x.device) == "triton" else _ops.pw_stage
     xm, xs, xt = x_norm if x_norm is not None else (None, None, None)
     rm, rs, rt = residual_norm if residual_norm is not None else (None, None, None)
     keep_pre_act = torch.is_grad_enabled()
-    out, _, mean, var = _ops.pw_stage(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act,
-                                      stats, keep_pre_act)
+    out, _, mean, var = op(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act, stats,
+                           keep_pre_act)
     return out, mean, var
 
 
 @torch.library.register_fake("convmixer_kernels::pw_stage")
+@torch.library.register_fake("convmixer_kernels::pw_stage_triton")
 def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
                    act, stats, keep_pre_act):
     n, _, h, w = x.shape
@@ -49,6 +56,7 @@ def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_sh
 
 
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward")
+@torch.library.register_fake("convmixer_kernels::pw_stage_backward_triton")
 def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act):
     acc = acc_dtype(x.dtype)
@@ -73,18 +81,24 @@ def _setup_context(ctx, inputs, output):
     ctx.act = act
 
 
-def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
-    (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
-     mean) = ctx.saved_tensors
-    grads = _ops.pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift,
-                                   res, res_mean, res_scale, res_shift, weight, bias, pre_act,
-                                   mean, ctx.act)
-    gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
-    x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
-    res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
-    return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads, gw,
-            (gb if bias is not None else None), None, None, None)
+def _make_backward(backward_op):
+    """The autograd formula of a pw_stage op whose backward op is `backward_op`."""
+    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
+        (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
+         mean) = ctx.saved_tensors
+        grads = backward_op(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
+                            res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act)
+        gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
+        x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
+        res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
+        return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads, gw,
+                (gb if bias is not None else None), None, None, None)
+    return _backward
 
 
-torch.library.register_autograd("convmixer_kernels::pw_stage", _backward,
+torch.library.register_autograd("convmixer_kernels::pw_stage",
+                                _make_backward(_ops.pw_stage_backward),
+                                setup_context=_setup_context)
+torch.library.register_autograd("convmixer_kernels::pw_stage_triton",
+                                _make_backward(_ops.pw_stage_backward_triton),
                                 setup_context=_setup_context)

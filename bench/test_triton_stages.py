@@ -1,0 +1,138 @@
+"""GPU: the Triton fused stages against eager PyTorch (NCHW, and channels_last/cuDNN) and
+torch.compile of the same eager code, at the paper models' stage shapes, bfloat16.
+
+    pytest bench/test_triton_stages.py --benchmark-only --benchmark-json=bench/results/triton.json
+
+One pytest-benchmark group per (stage, pass, model shape), so each table compares the
+contenders head to head; every row records the GPU, torch and triton versions and the shape in
+extra_info. "fwd" is a training forward (with batch statistics); "fwd+bwd" adds the backward of
+a loss on the output and the statistics. The eager contenders compute exactly what the fused
+stage does, one op at a time (norm applied as a separate elementwise pass, as BatchNorm2d
+would, then the conv, the activation and var_mean). Skips without a CUDA GPU or triton.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="the Triton benchmarks need a CUDA GPU"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                       reason="triton is not installed"),
+]
+
+from convmixer_kernels.ops import Norm, dw_stage, pw_stage  # noqa: E402
+
+# (name, batch, dim, tokens per side, kernel size, act): the stage shapes of the paper's models
+# at 224² input (and CIFAR-10's 32², patch 2), at their training batch sizes.
+MODELS = [
+    ("convmixer_1536_20", 64, 1536, 32, 9, "gelu"),
+    ("convmixer_768_32", 128, 768, 32, 7, "relu"),
+    ("convmixer_1024_20_ks9_p14", 128, 1024, 16, 9, "gelu"),
+    ("convmixer_256_8", 512, 256, 16, 5, "gelu"),
+]
+CONTENDERS = ["triton", "eager-nchw", "eager-channels_last", "compile"]
+PASSES = ["fwd", "fwd+bwd"]
+DTYPE = torch.bfloat16
+
+
+def _environment() -> dict:
+    import triton
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda}
+
+
+def _norm_eager(v, norm):
+    mean, scale, shift = (t.view(1, -1, 1, 1) for t in norm)
+    return ((v.float() - mean) * scale + shift).to(v.dtype)
+
+
+_ACTS = {"gelu": F.gelu, "relu": F.relu}
+
+
+def eager_dw(x, weight, bias, norm, act):
+    out = _ACTS[act](F.conv2d(_norm_eager(x, norm), weight, bias, padding=weight.shape[-1] // 2,
+                              groups=x.shape[1]))
+    var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
+    return out, mean, var
+
+
+def eager_pw(x, weight, bias, norm, res, res_norm, act):
+    u = _norm_eager(x, norm) + _norm_eager(res, res_norm)
+    out = _ACTS[act](F.conv2d(u, weight, bias))
+    var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
+    return out, mean, var
+
+
+def _norm(c, device):
+    return Norm(torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5,
+                torch.randn(c, device=device) * 0.1)
+
+
+def _inputs(stage, batch, dim, side, k, layout):
+    fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
+    x = torch.randn(batch, dim, side, side, device="cuda", dtype=DTYPE).contiguous(
+        memory_format=fmt)
+    if stage == "dw":
+        weight = torch.randn(dim, 1, k, k, device="cuda", dtype=DTYPE) / k
+    else:
+        weight = torch.randn(dim, dim, 1, 1, device="cuda", dtype=DTYPE) * dim ** -0.5
+    bias = torch.randn(dim, device="cuda", dtype=DTYPE) * 0.1
+    extra = {}
+    if stage == "pw":
+        extra["res"] = torch.randn_like(x)
+        extra["res_norm"] = _norm(dim, "cuda")
+    return x, weight, bias, _norm(dim, "cuda"), extra
+
+
+def _stage_fn(stage, contender, act):
+    if contender == "triton":
+        if stage == "dw":
+            return lambda x, w, b, n: dw_stage(x, w, b, act=act, x_norm=n, backend="triton")
+        return lambda x, w, b, n, res, res_norm: pw_stage(
+            x, w, b, act=act, x_norm=n, residual=res, residual_norm=res_norm, backend="triton")
+    if stage == "dw":
+        def fn(x, w, b, n):
+            return eager_dw(x, w, b, n, act)
+    else:
+        def fn(x, w, b, n, res, res_norm):
+            return eager_pw(x, w, b, n, res, res_norm, act)
+    return torch.compile(fn) if contender == "compile" else fn
+
+
+@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m[0])
+@pytest.mark.parametrize("mode", PASSES)
+@pytest.mark.parametrize("stage", ["dw", "pw"])
+def test_stage(benchmark, stage, mode, model, contender):
+    name, batch, dim, side, k, act = model
+    layout = "nchw" if contender == "eager-nchw" else "channels_last"
+    x, weight, bias, norm, extra = _inputs(stage, batch, dim, side, k, layout)
+    fn = _stage_fn(stage, contender, act)
+    leaves = [x, weight, bias]
+    if mode == "fwd+bwd":
+        for t in leaves:
+            t.requires_grad_()
+        grad_out = torch.randn_like(x)
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(*leaves, norm, **extra)
+        else:
+            out, mean, var = fn(*leaves, norm, **extra)
+            torch.autograd.grad((out, mean.sum() + var.sum()), leaves, (grad_out, None))
+        torch.cuda.synchronize()
+
+    step()  # compile, autotune, warm the allocator
+    benchmark.group = f"{stage} stage {mode}, {name} ({batch}x{dim}x{side}x{side}, k{k}, {act})"
+    benchmark.extra_info.update(_environment())
+    benchmark.extra_info.update({"stage": stage, "pass": mode, "model": name, "batch": batch,
+                                 "dim": dim, "tokens": side, "kernel_size": k, "act": act,
+                                 "dtype": str(DTYPE), "contender": contender,
+                                 "layout": layout})
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=3)

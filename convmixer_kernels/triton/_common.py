@@ -1,0 +1,192 @@
+"""Pieces shared by the Triton stage kernels: activations, the norm-on-load, per-channel moments,
+and the host-side helpers (dtypes, launch sizes, the deterministic merge of per-program partials).
+
+Statistics and gradient sums are two-level reductions: each program reduces its own tiles in
+registers and writes one partial row, and the rows are merged afterwards in float64 by ordinary
+torch reductions. No float atomics anywhere, so every result is the same from run to run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def _mode_probe():
+    pass
+
+
+# Whether this module's kernels were defined under Triton's interpreter (TRITON_INTERPRET=1 at
+# import). Fixed for the life of the process: triton.jit decides it when a kernel is defined.
+INTERPRET: bool = isinstance(_mode_probe, InterpretedFunction)
+
+# triton.language's own jit functions (tl.cdiv, tl.sum, ...) were defined when triton was
+# imported; kernels of the other mode cannot call them. Say so now rather than at first launch.
+if INTERPRET != isinstance(tl.cdiv, InterpretedFunction):
+    raise ImportError(
+        "convmixer_kernels.triton: TRITON_INTERPRET changed between importing triton and "
+        "importing convmixer_kernels' Triton kernels; set (or unset) it before triton is first "
+        "imported in this process")
+
+ACT_CODES = {"gelu": 0, "relu": 1}
+# Module-level values a kernel reads must be constexpr.
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device functions
+
+
+@triton.jit
+def act_fwd(a, ACT: tl.constexpr):
+    """act(a): exact erf GELU, or ReLU that keeps NaN (only a < 0 becomes zero, as torch.relu)."""
+    if ACT == 0:
+        return 0.5 * a * (1.0 + tl.erf(a * _INV_SQRT2))
+    else:
+        return tl.where(a < 0.0, 0.0, a)
+
+
+@triton.jit
+def act_bwd(a, dy, ACT: tl.constexpr):
+    """dy * act'(a). ReLU follows threshold_backward (zero where a <= 0) so NaN passes as in
+    PyTorch; GELU' = Φ(a) + a·φ(a)."""
+    if ACT == 0:
+        cdf = 0.5 * (1.0 + tl.erf(a * _INV_SQRT2))
+        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * a * a)
+        return dy * (cdf + a * pdf)
+    else:
+        return tl.where(a <= 0.0, 0.0, dy)
+
+
+@triton.jit
+def load_channel_vector(ptr, cs, cmask, PRESENT: tl.constexpr, default, ACC: tl.constexpr):
+    """A [BLOCK_C] slice of a per-channel vector, or `default` everywhere when it is absent."""
+    if PRESENT:
+        v = tl.load(ptr + cs, mask=cmask, other=default).to(ACC)
+    else:
+        v = tl.zeros(cs.shape, dtype=ACC) + default
+    return v
+
+
+@triton.jit
+def first_row(v):
+    """Row 0 of a [rows, channels] block, as a [channels] vector."""
+    rows = tl.arange(0, v.shape[0])
+    return tl.sum(tl.where((rows == 0)[:, None], v, 0.0), axis=0)
+
+
+@triton.jit
+def merge_tile_moments(run_n, run_mean, run_m2, v, valid, shift):
+    """Folds the rows of `v` [BLOCK_P, BLOCK_C] where `valid` [BLOCK_P] into running per-channel
+    (count, mean, M2) of v - shift, with Chan's parallel formula.
+
+    `shift` is a sample of each channel's data, so the shifted values are of the order of the
+    spread, not of the mean, and the tile's own mean and M2 (two passes over registers) lose
+    nothing when |mean| >> std (DESIGN.md §6). The host adds the shift back in float64.
+    """
+    keep = valid[:, None]
+    d = v - shift[None, :]
+    cnt = tl.sum(valid.to(v.dtype), axis=0)
+    t_mean = tl.sum(tl.where(keep, d, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+    e = tl.where(keep, d - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(e * e, axis=0)
+    n_new = run_n + cnt
+    frac = cnt / tl.maximum(n_new, 1.0)
+    delta = t_mean - run_mean
+    return n_new, run_mean + delta * frac, run_m2 + t_m2 + delta * delta * run_n * frac
+
+
+@triton.jit
+def store_moments(part_ptr, row, stride, n, shift, mean, m2):
+    """One partial row of the [4, rows, C] moments: (count, shift, mean - shift, M2)."""
+    tl.store(part_ptr + row, n)
+    tl.store(part_ptr + stride + row, shift)
+    tl.store(part_ptr + 2 * stride + row, mean)
+    tl.store(part_ptr + 3 * stride + row, m2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host helpers
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 activations, float32 otherwise (docs/OPS.md)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def target_programs(device: torch.device) -> int:
+    """How many programs keep a GPU busy: a few per SM, so that one program's barrier or
+    reduction stalls are hidden by the others'."""
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def merge_moments(part: torch.Tensor, out_dtype: torch.dtype):
+    """(mean, biased var) per channel from partials [4, G, C] = (count, shift, shifted mean,
+    M2), as store_moments writes them.
+
+    All-at-once Chan merge in float64: mean_g = shift_g + shifted mean_g exactly, and
+    M2 = Σ M2_g + Σ n_g (mean_g - mean)², a sum of non-negative terms (no cancellation);
+    deterministic (no atomics).
+    """
+    cnt, shift, smean, m2_g = part.to(torch.float64).unbind(0)
+    mean_g = shift + smean
+    total = cnt.sum(0)
+    mean = (cnt * mean_g).sum(0) / total
+    m2 = m2_g.sum(0) + (cnt * (mean_g - mean).square()).sum(0)
+    return mean.to(out_dtype), (m2 / total).to(out_dtype)
+
+
+def reduce_partials(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Sum of per-program partial rows (dim 0) in float64, in a fixed order: deterministic."""
+    return part.to(torch.float64).sum(0).to(out_dtype)
+
+
+def check_runnable(op: str, *tensors) -> None:
+    """The kernels run CUDA tensors; CPU tensors only under the interpreter."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cpu" and not INTERPRET:
+            raise RuntimeError(
+                f"{op}: the Triton backend runs CPU tensors only under Triton's interpreter, and "
+                "convmixer_kernels' Triton kernels were defined without it (TRITON_INTERPRET=1 "
+                "must be set before triton is first imported); use CUDA tensors or another "
+                "backend")
+        if t.device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"{op}: the Triton backend cannot run tensors on {t.device}")
+
+
+def present(t) -> bool:
+    """An optional tensor that is given and non-empty (empty means "absent" in the schemas)."""
+    return t is not None and t.numel() > 0
+
+
+def stat_coefficients(op, grad_mean, grad_var, mean, count, c, device, acc):
+    """[2, C] (const, lin) such that dO = grad_out + const + lin·o, from the statistics'
+    gradients dO = grad_out + grad_mean/M + grad_var·2(o - mean)/M (docs/OPS.md); None when
+    both are absent. Folding them per channel here leaves one FMA per element in the kernels."""
+    has_gm, has_gv = present(grad_mean), present(grad_var)
+    if not (has_gm or has_gv):
+        return None
+    for name, v in (("grad_mean", grad_mean), ("grad_var", grad_var), ("mean", mean)):
+        if present(v) and (v.dim() != 1 or v.shape[0] != c or v.device != device):
+            raise ValueError(f"{op}: {name} must be a [{c}] vector on {device}, got "
+                             f"{tuple(v.shape)} on {v.device}")
+    if has_gv and not present(mean):
+        raise ValueError(f"{op}: grad_var needs the forward's mean")
+    inv_m = 1.0 / max(count, 1)
+    const = torch.zeros(c, dtype=acc, device=device)
+    lin = torch.zeros(c, dtype=acc, device=device)
+    if has_gm:
+        const += grad_mean.to(acc) * inv_m
+    if has_gv:
+        lin = 2.0 * grad_var.to(acc) * inv_m
+        const -= lin * mean.to(acc)
+    return torch.stack([const, lin])

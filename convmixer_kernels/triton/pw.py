@@ -1,0 +1,408 @@
+"""Triton kernels of the pw stage (docs/OPS.md): the 1×1 conv as a GEMM over NHWC rows,
+[M = N·H·W, Cin] × [Cin, Cout], with the BN-apply + residual prologue on the A tile and the
+bias + act + statistics epilogue; and its backward (dP in one fused elementwise kernel, then the
+wgrad and dgrad GEMMs, the latter with the norm-gradient reductions in its epilogue).
+
+Per-channel reductions are two-level and deterministic: each M-tile (or M-split) writes one
+partial row, merged in float64 on the host. BLOCK_M is therefore fixed per launch (it sets the
+partial layout); the autotuner varies the other tile sizes, warps and stages.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (ACT_CODES, INTERPRET, act_bwd, act_fwd, acc_dtype, check_runnable,
+                      first_row, merge_moments, merge_tile_moments, present, reduce_partials,
+                      stat_coefficients, store_moments, target_programs, tl_acc)
+from ._validate import check_pw_args
+
+# ---------------------------------------------------------------------------------------------
+# Device functions
+
+
+@triton.jit
+def _norm_tile(v, mean_ptr, scale_ptr, shift_ptr, ks, kmask):
+    m = tl.load(mean_ptr + ks, mask=kmask, other=0.0)
+    s = tl.load(scale_ptr + ks, mask=kmask, other=0.0)
+    t = tl.load(shift_ptr + ks, mask=kmask, other=0.0)
+    return (v - m[None, :]) * s[None, :] + t[None, :]
+
+
+@triton.jit
+def _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, rows, ks, rmask, kmask,
+            Cin, HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
+            ACC: tl.constexpr):
+    """u = norm_x(x) + norm_res(res) on a [rows, channels] tile, rounded once to the storage
+    dtype as eager materialises it, and zero outside the tile (so it can feed tl.dot)."""
+    mask = rmask[:, None] & kmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * Cin + ks[None, :]
+    u = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_XNORM or HAS_RES:
+        v = u.to(ACC)
+        if HAS_XNORM:
+            v = _norm_tile(v, xm_ptr, xs_ptr, xt_ptr, ks, kmask)
+        if HAS_RES:
+            r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if HAS_RNORM:
+                r = _norm_tile(r, rm_ptr, rs_ptr, rt_ptr, ks, kmask)
+            v += r
+        u = tl.where(mask, v, 0.0).to(x_ptr.dtype.element_ty)
+    return u
+
+
+@triton.jit
+def _tile_moments(part_ptr, pid_m, n_rows, C, v, valid, cs, ACC: tl.constexpr):
+    """This M-tile's moments per channel into row pid_m of the [4, tiles, C] partials, shifted
+    by the tile's first row (always a valid row)."""
+    zero = tl.zeros(cs.shape, dtype=ACC)
+    shift = first_row(v)
+    cnt, mean, m2 = merge_tile_moments(zero, zero, zero, v, valid, shift)
+    store_moments(part_ptr, pid_m * C + cs, n_rows * C, cnt, shift, mean, m2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, w_ptr, b_ptr,
+                   out_ptr, pre_ptr, part_ptr, M, Cin, Cout, C_PART,
+                   HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
+                   STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    nmask = ns < Cout
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for k0 in range(0, Cin, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < Cin
+        u = _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, rows, ks,
+                    rmask, kmask, Cin, HAS_XNORM, HAS_RES, HAS_RNORM, ACC)
+        w = tl.load(w_ptr + ns[None, :] * Cin + ks[:, None],
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        # IEEE fp32 products for float32: the contract is fp32 accuracy, which TF32 is not.
+        acc = tl.dot(u, w, acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(ACC)[None, :]
+    # p is rounded to storage before the act, as eager's conv output is; the backward then
+    # sees the same p whether it reads pre_act or recomputes it.
+    p = acc.to(out_ptr.dtype.element_ty)
+    mask = rmask[:, None] & nmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * Cout + ns[None, :]
+    if KEEP_PRE:
+        tl.store(pre_ptr + offs, p, mask=mask)
+    if STORE_OUT:
+        o = act_fwd(p.to(ACC), ACT).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs, o, mask=mask)
+        if STATS:
+            _tile_moments(part_ptr, pid_m, tl.num_programs(0), C_PART, o.to(ACC), rmask, ns,
+                          ACC)
+
+
+@triton.jit
+def _pw_dp_kernel(gout_ptr, pre_ptr, coef_ptr, dp_ptr, db_part_ptr, M, Cout,
+                  ACT: tl.constexpr, HAS_COEF: tl.constexpr, NEED_O: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dP = (grad_out + const + lin·o)·act'(p), rounded to storage (it feeds two GEMMs in the
+    storage dtype), and this M-tile's Σ dP per channel (the bias gradient)."""
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    nmask = ns < Cout
+    mask = rmask[:, None] & nmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * Cout + ns[None, :]
+    p = tl.load(pre_ptr + offs, mask=mask, other=0.0).to(ACC)
+    d_o = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_COEF:
+        d_o += tl.load(coef_ptr + ns, mask=nmask, other=0.0).to(ACC)[None, :]
+        if NEED_O:  # o as stored, since the statistics were of the stored output
+            o = act_fwd(p, ACT).to(dp_ptr.dtype.element_ty).to(ACC)
+            d_o += tl.load(coef_ptr + Cout + ns, mask=nmask, other=0.0).to(ACC)[None, :] * o
+    d_p = act_bwd(p, d_o, ACT).to(dp_ptr.dtype.element_ty)
+    tl.store(dp_ptr + offs, d_p, mask=mask)
+    d_p = tl.where(mask, d_p.to(ACC), 0.0)
+    tl.store(db_part_ptr + pid_m * Cout + ns, tl.sum(d_p, axis=0), mask=nmask)
+
+
+@triton.jit
+def _pw_wgrad_kernel(dp_ptr, x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
+                     gw_part_ptr, M, Cin, Cout, M_PER_SPLIT,
+                     HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                     BLOCK_MK: tl.constexpr):
+    """grad_W partial of M-split s: Σ_{m in split} dP[m, co] · u[m, ci], u recomputed by the
+    prologue (the input, not u, was saved). Splits write separate partial slabs: deterministic
+    split-K without atomics."""
+    cos = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    cis = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    split = tl.program_id(2)
+    comask = cos < Cout
+    cimask = cis < Cin
+    acc = tl.zeros([BLOCK_CO, BLOCK_CI], dtype=ACC)
+    m_end = tl.minimum(M, (split + 1) * M_PER_SPLIT)
+    for m0 in range(split * M_PER_SPLIT, m_end, BLOCK_MK):
+        ms = m0 + tl.arange(0, BLOCK_MK)
+        mmask = ms < m_end
+        d_p = tl.load(dp_ptr + ms.to(tl.int64)[:, None] * Cout + cos[None, :],
+                      mask=mmask[:, None] & comask[None, :], other=0.0)
+        u = _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, ms, cis, mmask,
+                    cimask, Cin, HAS_XNORM, HAS_RES, HAS_RNORM, ACC)
+        acc = tl.dot(tl.trans(d_p), u, acc, input_precision="ieee")
+    offs = (split * Cout + cos)[:, None] * Cin + cis[None, :]
+    tl.store(gw_part_ptr + offs, acc, mask=comask[:, None] & cimask[None, :])
+
+
+@triton.jit
+def _pw_dgrad_kernel(dp_ptr, w_ptr, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr, gx_ptr, gr_ptr,
+                     part_ptr, M, Cin, Cout,
+                     HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
+                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """dU = dP·W, then through both norms in the epilogue: grad_x = dU·scale_x (dU without a
+    norm), grad_res likewise, and this M-tile's BN-backward sums Σ dU, Σ dU·(x - mean_x),
+    Σ dU·(res - mean_res) per input channel."""
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cis = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cimask = cis < Cin
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for k0 in range(0, Cout, BLOCK_K):
+        cos = k0 + tl.arange(0, BLOCK_K)
+        comask = cos < Cout
+        d_p = tl.load(dp_ptr + rows.to(tl.int64)[:, None] * Cout + cos[None, :],
+                      mask=rmask[:, None] & comask[None, :], other=0.0)
+        w = tl.load(w_ptr + cos[:, None] * Cin + cis[None, :],
+                    mask=comask[:, None] & cimask[None, :], other=0.0)
+        acc = tl.dot(d_p, w, acc, input_precision="ieee")
+    mask = rmask[:, None] & cimask[None, :]
+    offs = rows.to(tl.int64)[:, None] * Cin + cis[None, :]
+    # dU in the storage dtype, as the GEMM's output is stored in eager.
+    d_u = tl.where(mask, acc.to(gx_ptr.dtype.element_ty).to(ACC), 0.0)
+    n_rows = tl.num_programs(0)
+    row = pid_m * Cin + cis
+    tl.store(part_ptr + row, tl.sum(d_u, axis=0), mask=cimask)
+    if HAS_XNORM:
+        xm = tl.load(xm_ptr + cis, mask=cimask, other=0.0)
+        xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(part_ptr + n_rows * Cin + row, tl.sum(d_u * (xv - xm[None, :]), axis=0),
+                 mask=cimask)
+        g = d_u * tl.load(xs_ptr + cis, mask=cimask, other=0.0)[None, :]
+    else:
+        g = d_u
+    tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+    if HAS_RES:
+        if HAS_RNORM:
+            rm = tl.load(rm_ptr + cis, mask=cimask, other=0.0)
+            rv = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
+            tl.store(part_ptr + 2 * n_rows * Cin + row,
+                     tl.sum(d_u * (rv - rm[None, :]), axis=0), mask=cimask)
+            g = d_u * tl.load(rs_ptr + cis, mask=cimask, other=0.0)[None, :]
+        else:
+            g = d_u
+        tl.store(gr_ptr + offs, g.to(gr_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration
+
+def _gemm_configs(n_name: str, k_name: str):
+    if INTERPRET:
+        # One config (no autotuning under the interpreter); 16 is tl.dot's minimum on GPUs.
+        return [triton.Config({n_name: 16, k_name: 16}, num_warps=1)]
+    return [triton.Config({n_name: bn, k_name: bk}, num_warps=nw, num_stages=ns)
+            for bn, bk, nw, ns in ((64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                                   (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 4))]
+
+
+def _elementwise_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn, nw in ((32, 4), (64, 4),
+                                                                        (128, 8))]
+
+
+def _wgrad_configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_MK": 16}, num_warps=1)]
+    return [triton.Config({"BLOCK_CO": bo, "BLOCK_CI": bi, "BLOCK_MK": bk}, num_warps=nw,
+                          num_stages=ns)
+            for bo, bi, bk, nw, ns in ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+                                       (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
+                                       (128, 128, 64, 8, 4))]
+
+
+_WGRAD_CONFIGS = _wgrad_configs()
+_FWD_CONFIGS = _gemm_configs("BLOCK_N", "BLOCK_K")
+_fwd = triton.autotune(configs=_FWD_CONFIGS, key=["Cin", "Cout"])(_pw_fwd_kernel)
+_dp = triton.autotune(configs=_elementwise_configs(), key=["Cout"])(_pw_dp_kernel)
+_wgrad = triton.autotune(configs=_WGRAD_CONFIGS, key=["Cin", "Cout"])(_pw_wgrad_kernel)
+_dgrad = triton.autotune(configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
+                         key=["Cin", "Cout"])(_pw_dgrad_kernel)
+
+
+def _block_m(x: torch.Tensor) -> int:
+    """Rows per M-tile; fixed per launch because it sets the partials' layout. Under the
+    interpreter small enough that the test shapes span several M-tiles."""
+    return 128 if x.device.type == "cuda" else 32
+
+
+def _m_per_split(m: int, cin: int, cout: int, device: torch.device) -> int:
+    """Rows of M per wgrad split: enough splits to fill the device, each a whole number of the
+    largest BLOCK_MK so that only the last split ends in a partial block."""
+    step = max(cfg.kwargs["BLOCK_MK"] for cfg in _WGRAD_CONFIGS)
+    if device.type == "cuda":
+        tiles = triton.cdiv(cout, 128) * triton.cdiv(cin, 128)
+        splits = max(1, min(triton.cdiv(target_programs(device), tiles), triton.cdiv(m, 4096)))
+    else:  # the interpreter: two splits, so the cross-split sum is exercised
+        splits = 2
+    return triton.cdiv(triton.cdiv(m, splits), step) * step
+
+
+def _vec_or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    return t.contiguous() if t is not None else dummy
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+
+
+def pw_stage(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
+             act, stats, keep_pre_act):
+    """docs/OPS.md pw_stage, on Triton."""
+    op = "pw_stage"
+    check_pw_args(op, x, (x_mean, x_scale, x_shift), res, (res_mean, res_scale, res_shift),
+                  weight, bias, act)
+    check_runnable(op, x)
+    n, cin, h, w = x.shape
+    m = n * h * w
+    if stats and m == 1:
+        raise ValueError(f"{op}: expected more than 1 value per channel when training, got "
+                         f"input size {tuple(x.shape)}")
+    cout = weight.shape[0]
+    acc = acc_dtype(x.dtype)
+    out = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    pre = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
+    if m == 0:
+        nan = torch.full((cout if stats else 0,), float("nan"), dtype=acc, device=x.device)
+        return out, pre, nan, nan.clone()
+    part = _pw_forward(x, (x_mean, x_scale, x_shift), res, (res_mean, res_scale, res_shift),
+                       weight, bias, act, out, pre if keep_pre_act else None, stats)
+    if not stats:
+        empty = x.new_empty((0,), dtype=acc)
+        return out, pre, empty, empty.clone()
+    mean, var = merge_moments(part, acc)
+    return out, pre, mean, var
+
+
+def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
+    """Launches the forward GEMM; writes out (when given) and pre (when given); returns the
+    statistics partials when `stats`."""
+    n, cin, h, w = x.shape
+    m, cout = n * h * w, weight.shape[0]
+    x = x.contiguous(memory_format=torch.channels_last)
+    res = res.contiguous(memory_format=torch.channels_last) if res is not None else None
+    w2d = weight.reshape(cout, cin).contiguous()
+    block_m = _block_m(x)
+    m_tiles = triton.cdiv(m, block_m)
+    # Partial rows padded to whole N-tiles of any config: the epilogue stores them unmasked.
+    widest = max(cfg.kwargs["BLOCK_N"] for cfg in _FWD_CONFIGS)
+    c_part = triton.cdiv(cout, widest) * widest
+    part = (torch.empty((4, m_tiles, c_part), dtype=acc_dtype(x.dtype), device=x.device)
+            if stats else w2d)
+    xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
+    rm, rs, rt = (_vec_or(v, w2d) for v in res_norm)
+    _fwd[lambda meta: (m_tiles, triton.cdiv(cout, meta["BLOCK_N"]))](
+        x, xm, xs, xt, res if res is not None else x, rm, rs, rt, w2d,
+        bias.contiguous() if bias is not None else w2d,
+        out if out is not None else x, pre if pre is not None else x, part, m, cin, cout, c_part,
+        HAS_XNORM=x_norm[0] is not None, HAS_RES=res is not None,
+        HAS_RNORM=res_norm[0] is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
+        STATS=stats, STORE_OUT=out is not None, KEEP_PRE=pre is not None,
+        ACC=tl_acc(x.dtype), BLOCK_M=block_m)
+    return part[:, :, :cout] if stats else None
+
+
+def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean,
+                      res_scale, res_shift, weight, bias, pre_act, mean, act):
+    """docs/OPS.md pw_stage_backward, on Triton."""
+    op = "pw_stage_backward"
+    x_norm, res_norm = (x_mean, x_scale, x_shift), (res_mean, res_scale, res_shift)
+    check_pw_args(op, x, x_norm, res, res_norm, weight, bias, act)
+    check_runnable(op, x)
+    n, cin, h, w = x.shape
+    m, cout = n * h * w, weight.shape[0]
+    out_shape = (n, cout, h, w)
+    for name, t in (("grad_out", grad_out), ("pre_act", pre_act if present(pre_act) else None)):
+        if t is not None and (tuple(t.shape) != out_shape or t.dtype != x.dtype
+                              or t.device != x.device):
+            raise ValueError(f"{op}: {name} must be {out_shape} {x.dtype} on {x.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    acc = acc_dtype(x.dtype)
+    coef = stat_coefficients(op, grad_mean, grad_var, mean, m, cout, x.device, acc)
+    has_xnorm, has_rnorm = x_mean is not None, res_mean is not None
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+    grad_res = (torch.empty_like(x, memory_format=torch.channels_last) if res is not None
+                else x.new_empty((0,)))
+    if m == 0:
+        zeros = lambda *s, dtype=acc: torch.zeros(s, dtype=dtype, device=x.device)  # noqa: E731
+        xn, rn = cin if has_xnorm else 0, cin if has_rnorm else 0
+        return (grad_x, zeros(xn), zeros(xn), zeros(xn), grad_res, zeros(rn), zeros(rn),
+                zeros(rn), zeros(*weight.shape, dtype=weight.dtype),
+                zeros(cout, dtype=weight.dtype))
+
+    x = x.contiguous(memory_format=torch.channels_last)
+    res = res.contiguous(memory_format=torch.channels_last) if res is not None else None
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    w2d = weight.reshape(cout, cin).contiguous()
+    if present(pre_act):
+        pre = pre_act.contiguous(memory_format=torch.channels_last)
+    else:  # recompute p with the forward GEMM, writing nothing else
+        pre = torch.empty_like(grad_out, memory_format=torch.channels_last)
+        _pw_forward(x, x_norm, res, res_norm, weight, bias, act, None, pre, False)
+    block_m = _block_m(x)
+    m_tiles = triton.cdiv(m, block_m)
+
+    d_p = torch.empty((m, cout), dtype=x.dtype, device=x.device)
+    db_part = torch.empty((m_tiles, cout), dtype=acc, device=x.device)
+    _dp[lambda meta: (m_tiles, triton.cdiv(cout, meta["BLOCK_N"]))](
+        grad_out, pre, coef if coef is not None else w2d, d_p, db_part, m, cout,
+        ACT=ACT_CODES[act], HAS_COEF=coef is not None, NEED_O=present(grad_var),
+        ACC=tl_acc(x.dtype), BLOCK_M=block_m)
+
+    xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
+    rm, rs, rt = (_vec_or(v, w2d) for v in res_norm)
+    flags = dict(HAS_XNORM=has_xnorm, HAS_RES=res is not None, HAS_RNORM=has_rnorm,
+                 ACC=tl_acc(x.dtype))
+    m_per_split = _m_per_split(m, cin, cout, x.device)
+    splits = triton.cdiv(m, m_per_split)
+    gw_part = torch.empty((splits, cout, cin), dtype=acc, device=x.device)
+    _wgrad[lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]), triton.cdiv(cin, meta["BLOCK_CI"]),
+                         splits)](
+        d_p, x, xm, xs, xt, res if res is not None else x, rm, rs, rt, gw_part, m, cin, cout,
+        m_per_split, **flags)
+
+    part = torch.empty((3, m_tiles, cin), dtype=acc, device=x.device)
+    _dgrad[lambda meta: (m_tiles, triton.cdiv(cin, meta["BLOCK_N"]))](
+        d_p, w2d, x, xm, xs, res if res is not None else x, rm, rs, grad_x,
+        grad_res if res is not None else grad_x, part, m, cin, cout, **flags, BLOCK_M=block_m)
+
+    grad_w = reduce_partials(gw_part, weight.dtype).reshape(weight.shape)
+    grad_b = reduce_partials(db_part, weight.dtype)
+    empty = lambda: x.new_empty((0,), dtype=acc)  # noqa: E731
+    sum_du = reduce_partials(part[0], acc)
+    x_grads = ((-x_scale * sum_du, reduce_partials(part[1], acc), sum_du.clone())
+               if has_xnorm else (empty(), empty(), empty()))
+    res_grads = ((-res_scale * sum_du, reduce_partials(part[2], acc), sum_du.clone())
+                 if has_rnorm else (empty(), empty(), empty()))
+    return (grad_x, *x_grads, grad_res, *res_grads, grad_w, grad_b)
