@@ -28,6 +28,12 @@ Norm make_norm(const char* op, const char* name, const std::optional<at::Tensor>
                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                int64_t channels, at::ScalarType acc_dtype, const at::Device& device);
 
+// A statistics input of a backward op (grad_mean, grad_var, the forward's mean): nullopt when
+// absent or empty, else checked to be [channels] and cast to `acc_dtype`.
+std::optional<at::Tensor> stat_vector(const char* op, const char* name,
+                                      const std::optional<at::Tensor>& t, int64_t channels,
+                                      at::ScalarType acc_dtype);
+
 // The accumulation dtype for a storage dtype: double for double, float otherwise.
 at::ScalarType acc_dtype_for(at::ScalarType storage);
 

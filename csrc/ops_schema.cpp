@@ -17,6 +17,15 @@ at::ScalarType acc_dtype_for(at::ScalarType storage) {
   return storage == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+std::optional<at::Tensor> stat_vector(const char* op, const char* name,
+                                      const std::optional<at::Tensor>& t, int64_t channels,
+                                      at::ScalarType acc_dtype) {
+  if (!present(t)) return std::nullopt;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, op, ": ", name, " must be [",
+                    channels, "], got ", t->sizes());
+  return t->to(acc_dtype).contiguous();
+}
+
 at::Tensor empty_output(const at::Tensor& like, at::ScalarType dtype) {
   return at::empty({0}, like.options().dtype(dtype));
 }

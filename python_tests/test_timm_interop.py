@@ -5,6 +5,7 @@ class, a `global_pool` module) stands in for timm's ConvMixer, and the registry 
 against a minimal stand-in `timm` package in a subprocess. The tests marked `timm` run against
 the real timm when it is installed.
 """
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,10 @@ from torch import nn
 
 from convmixer_kernels import ConvMixer, convmixer_768_32, from_timm, fuse
 from convmixer_kernels.interop import infer_config
+import convmixer_kernels  # noqa: E402
+# Subprocesses start in the directory the package under test was imported from, so they import
+# that same copy (the installed one in CI), not a source tree without the built extension.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(convmixer_kernels.__file__))
 
 
 class Residual(nn.Module):  # timm's, not ours: interop must not depend on the class identity
@@ -184,7 +189,7 @@ def test_registry_hook_with_a_stand_in_timm(tmp_path, order):
     """)
     env = {"PYTHONPATH": f"{tmp_path}:{':'.join(sys.path)}", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=env, timeout=120)
+                         env=env, timeout=120, cwd=PACKAGE_PARENT)
     assert out.returncode == 0, out.stderr
     names, built, act = out.stdout.splitlines()
     assert names == str(["fused_convmixer_1024_20_ks9_p14", "fused_convmixer_1536_20",
@@ -199,7 +204,7 @@ def test_importing_us_never_imports_timm():
               "m = ck.from_timm(ck.ConvMixer(8, 1, num_classes=2).state_dict())\n"
               "print(m.fused)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env={"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1"},
+                         env={"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1"}, cwd=PACKAGE_PARENT,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True"

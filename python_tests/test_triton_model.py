@@ -9,6 +9,7 @@ channel, each carrying ~1e-6 relative rounding).
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,10 @@ needs_kernels = pytest.mark.skipif(KERNELS is None, reason=str(DEVICE))
 
 from convmixer_kernels import ConvMixer, available_backends  # noqa: E402
 from convmixer_kernels.ops import backend, dw_stage  # noqa: E402
+import convmixer_kernels  # noqa: E402
+# Subprocesses start in the directory the package under test was imported from, so they import
+# that same copy (the installed one in CI), not a source tree without the built extension.
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(convmixer_kernels.__file__))
 
 TOL = 1e-4
 
@@ -196,5 +201,5 @@ def test_package_imports_without_triton():
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, cwd=PACKAGE_PARENT)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr

@@ -73,16 +73,17 @@ def cpu_peak_rss_mb(contender, model_name, batch, image, dtype, seed) -> float:
     args = json.dumps({"contender": contender, "model": model_name, "batch": batch,
                        "image": image, "dtype": str(dtype).split(".")[-1], "seed": seed})
     done = subprocess.run([sys.executable, "-c", _RSS_PROBE, args], capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "PYTHONPATH": _pythonpath()})
+                          text=True, timeout=900, cwd=_package_parent(),
+                          env={**os.environ, "PYTHONPATH": _package_parent()})
     if done.returncode != 0:
         raise RuntimeError(f"memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def _pythonpath() -> str:
-    """The probe must import this same convmixer_kernels, wherever it was imported from."""
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH", "")]))
+def _package_parent() -> str:
+    """The probe must import this same convmixer_kernels, wherever it was imported from: it
+    starts there, and finds it first on its path."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def cuda_step_peak_mb(step, device: torch.device) -> float:

@@ -350,15 +350,9 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type(), op, ": grad_out dtype ",
                    grad_out_in.scalar_type(), " differs from x dtype ", x_in.scalar_type());
   // The statistics' gradients and the saved mean come as [C] vectors of the accumulation dtype.
-  auto stat_vector = [&](const std::optional<at::Tensor>& t, const char* name) -> std::optional<at::Tensor> {
-    if (!present(t)) return std::nullopt;
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == g.C, op, ": ", name, " must be [", g.C,
-                      "], got ", t->sizes());
-    return t->to(acc).contiguous();
-  };
-  const auto grad_mean = stat_vector(grad_mean_in, "grad_mean");
-  const auto grad_var = stat_vector(grad_var_in, "grad_var");
-  const auto mean = stat_vector(mean_in, "mean");
+  const auto grad_mean = stat_vector(op, "grad_mean", grad_mean_in, g.C, acc);
+  const auto grad_var = stat_vector(op, "grad_var", grad_var_in, g.C, acc);
+  const auto mean = stat_vector(op, "mean", mean_in, g.C, acc);
   TORCH_CHECK_VALUE(!grad_var.has_value() || mean.has_value(), op,
                     ": grad_var needs the forward's mean");
 

@@ -290,15 +290,9 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                     grad_out.sizes());
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x_in.scalar_type(), op, ": grad_out dtype ",
                    grad_out.scalar_type(), " differs from x dtype ", x_in.scalar_type());
-  auto stat_vector = [&](const std::optional<at::Tensor>& t, const char* name) -> std::optional<at::Tensor> {
-    if (!present(t)) return std::nullopt;
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == g.Cout, op, ": ", name, " must be [",
-                      g.Cout, "], got ", t->sizes());
-    return t->to(acc).contiguous();
-  };
-  const auto grad_mean = stat_vector(grad_mean_in, "grad_mean");
-  const auto grad_var = stat_vector(grad_var_in, "grad_var");
-  const auto mean = stat_vector(mean_in, "mean");
+  const auto grad_mean = stat_vector(op, "grad_mean", grad_mean_in, g.Cout, acc);
+  const auto grad_var = stat_vector(op, "grad_var", grad_var_in, g.Cout, acc);
+  const auto mean = stat_vector(op, "mean", mean_in, g.Cout, acc);
   TORCH_CHECK_VALUE(!grad_var.has_value() || mean.has_value(), op,
                     ": grad_var needs the forward's mean");
   const bool have_pre_act = present(pre_act_in);
