@@ -106,7 +106,7 @@ def resolve(backend: str, device: torch.device) -> str:
         if device.type in _AVAILABLE:
             return device.type
         # On CUDA the native kernels are the default when built and Triton's the fallback;
-        # which of the two is faster per stage and shape is for bench/test_triton_stages.py to
+        # which of the two is faster per stage and shape is for bench/test_stages.py to
         # measure, and this order is to follow those measurements.
         if device.type == "cuda" and (torch.compiler.is_compiling() or _triton_importable()[0]):
             return "triton"

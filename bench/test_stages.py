@@ -1,49 +1,47 @@
-"""GPU: the Triton fused stages against eager PyTorch (NCHW, and channels_last/cuDNN) and
-torch.compile of the same eager code, at the paper models' stage shapes, bfloat16.
+"""The fused stages against eager PyTorch (NCHW, and channels_last/cuDNN) and torch.compile of
+the same eager code, per stage (dw, pw) and pass (fwd, fwd+bwd).
 
-    pytest bench/test_triton_stages.py --benchmark-only --benchmark-json=bench/results/triton.json
+    pytest bench/test_stages.py --benchmark-only --benchmark-json=bench/results/stages.json
 
-One pytest-benchmark group per (stage, pass, model shape), so each table compares the
-contenders head to head; every row records the GPU, torch and triton versions and the shape in
-extra_info. "fwd" is a training forward (with batch statistics); "fwd+bwd" adds the backward of
-a loss on the output and the statistics. The eager contenders compute exactly what the fused
-stage does, one op at a time (norm applied as a separate elementwise pass, as BatchNorm2d
-would, then the conv, the activation and var_mean). Skips without a CUDA GPU or triton.
+On a GPU: the paper models' stage shapes in bfloat16, with one fused contender per backend that
+runs CUDA tensors (triton, cuda) plus torch.compile. On a CPU: a small suite, the CIFAR-10
+model's stage shape at batch 32 in float32, fused `cpu` against eager (torch.compile is left
+out there: Inductor's CPU compile takes minutes on a small machine).
+
+One pytest-benchmark group per (stage, pass, shape), so each table compares the contenders head
+to head; every row records the device, torch (and triton) versions and the shape in extra_info.
+"fwd" is a training forward (with batch statistics); "fwd+bwd" adds the backward of a loss on
+the output and the statistics. The eager contenders compute exactly what the fused stage does,
+one op at a time (norm applied as a separate elementwise pass, as BatchNorm2d would, then the
+conv, the activation and var_mean).
 """
 from __future__ import annotations
-
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(),
-                       reason="the Triton benchmarks need a CUDA GPU"),
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                       reason="triton is not installed"),
-]
+from convmixer_kernels.bench.cli import environment
+from convmixer_kernels.ops import Norm, available_backends, dw_stage, pw_stage
 
-from convmixer_kernels.ops import Norm, dw_stage, pw_stage  # noqa: E402
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+GPU = DEVICE.type == "cuda"
 
 # (name, batch, dim, tokens per side, kernel size, act): the stage shapes of the paper's models
 # at 224² input (and CIFAR-10's 32², patch 2), at their training batch sizes.
-MODELS = [
+GPU_MODELS = [
     ("convmixer_1536_20", 64, 1536, 32, 9, "gelu"),
     ("convmixer_768_32", 128, 768, 32, 7, "relu"),
     ("convmixer_1024_20_ks9_p14", 128, 1024, 16, 9, "gelu"),
     ("convmixer_256_8", 512, 256, 16, 5, "gelu"),
 ]
-CONTENDERS = ["triton", "eager-nchw", "eager-channels_last", "compile"]
+CPU_MODELS = [("convmixer_256_8", 32, 256, 16, 5, "gelu")]
+MODELS = GPU_MODELS if GPU else CPU_MODELS
+FUSED = [f"fused-{b}" for b in available_backends()
+         if b == DEVICE.type or (GPU and b == "triton")]
+CONTENDERS = [*FUSED, "eager-nchw", "eager-channels_last", *(["compile"] if GPU else [])]
 PASSES = ["fwd", "fwd+bwd"]
-DTYPE = torch.bfloat16
-
-
-def _environment() -> dict:
-    import triton
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda}
+DTYPE = torch.bfloat16 if GPU else torch.float32
 
 
 def _norm_eager(v, norm):
@@ -75,26 +73,27 @@ def _norm(c, device):
 
 def _inputs(stage, batch, dim, side, k, layout):
     fmt = torch.contiguous_format if layout == "nchw" else torch.channels_last
-    x = torch.randn(batch, dim, side, side, device="cuda", dtype=DTYPE).contiguous(
+    x = torch.randn(batch, dim, side, side, device=DEVICE, dtype=DTYPE).contiguous(
         memory_format=fmt)
     if stage == "dw":
-        weight = torch.randn(dim, 1, k, k, device="cuda", dtype=DTYPE) / k
+        weight = torch.randn(dim, 1, k, k, device=DEVICE, dtype=DTYPE) / k
     else:
-        weight = torch.randn(dim, dim, 1, 1, device="cuda", dtype=DTYPE) * dim ** -0.5
-    bias = torch.randn(dim, device="cuda", dtype=DTYPE) * 0.1
+        weight = torch.randn(dim, dim, 1, 1, device=DEVICE, dtype=DTYPE) * dim ** -0.5
+    bias = torch.randn(dim, device=DEVICE, dtype=DTYPE) * 0.1
     extra = {}
     if stage == "pw":
         extra["res"] = torch.randn_like(x)
-        extra["res_norm"] = _norm(dim, "cuda")
-    return x, weight, bias, _norm(dim, "cuda"), extra
+        extra["res_norm"] = _norm(dim, DEVICE)
+    return x, weight, bias, _norm(dim, DEVICE), extra
 
 
 def _stage_fn(stage, contender, act):
-    if contender == "triton":
+    if contender.startswith("fused-"):
+        backend = contender.split("-", 1)[1]
         if stage == "dw":
-            return lambda x, w, b, n: dw_stage(x, w, b, act=act, x_norm=n, backend="triton")
+            return lambda x, w, b, n: dw_stage(x, w, b, act=act, x_norm=n, backend=backend)
         return lambda x, w, b, n, res, res_norm: pw_stage(
-            x, w, b, act=act, x_norm=n, residual=res, residual_norm=res_norm, backend="triton")
+            x, w, b, act=act, x_norm=n, residual=res, residual_norm=res_norm, backend=backend)
     if stage == "dw":
         def fn(x, w, b, n):
             return eager_dw(x, w, b, n, act)
@@ -126,13 +125,14 @@ def test_stage(benchmark, stage, mode, model, contender):
         else:
             out, mean, var = fn(*leaves, norm, **extra)
             torch.autograd.grad((out, mean.sum() + var.sum()), leaves, (grad_out, None))
-        torch.cuda.synchronize()
+        if GPU:
+            torch.cuda.synchronize()
 
     step()  # compile, autotune, warm the allocator
     benchmark.group = f"{stage} stage {mode}, {name} ({batch}x{dim}x{side}x{side}, k{k}, {act})"
-    benchmark.extra_info.update(_environment())
+    benchmark.extra_info.update(environment(DEVICE))
     benchmark.extra_info.update({"stage": stage, "pass": mode, "model": name, "batch": batch,
                                  "dim": dim, "tokens": side, "kernel_size": k, "act": act,
                                  "dtype": str(DTYPE), "contender": contender,
                                  "layout": layout})
-    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=3)
+    benchmark.pedantic(step, rounds=20 if GPU else 5, iterations=1, warmup_rounds=3 if GPU else 1)
