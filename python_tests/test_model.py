@@ -187,3 +187,12 @@ def test_fused_tiny_cifar_model_runs_on_meta_shapes():
     model = convmixer_256_8(fused=True, depth=1)
     out = model(torch.randn(2, 3, 8, 8))
     assert out.shape == (2, 10)
+
+
+def test_channels_last_model_gets_gradients_in_its_parameters_layout():
+    """DDP buckets and foreach optimizers expect each gradient laid out like its parameter."""
+    _, fused = make_pair(torch.float32)
+    fused = fused.to(memory_format=torch.channels_last)
+    fused(torch.randn(2, 3, 8, 8)).sum().backward()
+    for name, p in fused.named_parameters():
+        assert p.grad.stride() == p.stride(), name

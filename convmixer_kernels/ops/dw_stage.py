@@ -17,6 +17,7 @@ import torch
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_dw_stage
+from .grads import in_param_layout
 
 _ops = torch.ops.convmixer_kernels
 
@@ -72,7 +73,8 @@ def _make_backward(backward_op):
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
             ctx.act)
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
-        return gx, *norm_grads, gw, (gb if bias is not None else None), None, None
+        return (gx, *norm_grads, in_param_layout(gw, weight), (gb if bias is not None else None),
+                None, None)
     return _backward
 
 

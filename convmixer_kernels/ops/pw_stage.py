@@ -16,6 +16,7 @@ import torch
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_pw_stage
+from .grads import in_param_layout
 
 _ops = torch.ops.convmixer_kernels
 
@@ -91,7 +92,8 @@ def _make_backward(backward_op):
         gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
-        return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads, gw,
+        return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads,
+                in_param_layout(gw, weight),
                 (gb if bias is not None else None), None, None, None)
     return _backward
 
