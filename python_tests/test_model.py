@@ -11,6 +11,8 @@ import copy
 import pytest
 import torch
 
+from model_checks import assert_close_scaled, assert_models_agree, train_steps
+
 from convmixer_kernels import (ConvMixer, convmixer_1024_20_ks9_p14, convmixer_1536_20,
                                convmixer_256_8, convmixer_768_32)
 
@@ -27,22 +29,7 @@ def make_pair(dtype, **kwargs):
 
 
 def assert_close(a, b, dtype, what):
-    scale = max(a.detach().abs().max().item(), 1.0)
-    err = (a.detach().double() - b.detach().double()).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
-
-
-def train_steps(model, x, y, steps=3):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    outs = []
-    for _ in range(steps):
-        opt.zero_grad()
-        out = model(x)
-        torch.nn.functional.cross_entropy(out, y).backward()
-        outs.append(out.detach())
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-    return outs, grads
+    assert_close_scaled(a, b, TOL[dtype], what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -57,18 +44,7 @@ def test_training_matches_eager(dtype, act, kernel_size, channels_last):
     y = torch.randint(0, 5, (3,))
     outs_e, grads_e = train_steps(eager, x, y)
     outs_f, grads_f = train_steps(fused, x, y)
-    for step, (a, b) in enumerate(zip(outs_e, outs_f)):
-        assert_close(a, b, dtype, f"logits at step {step}")
-    for name in grads_e:
-        assert_close(grads_e[name], grads_f[name], dtype, f"grad of {name}")
-    fused_buffers = dict(fused.named_buffers())
-    for name, buf in eager.named_buffers():
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(buf, fused_buffers[name]), name
-        else:
-            assert_close(buf, fused_buffers[name], dtype, f"buffer {name}")
-    for name, p in eager.named_parameters():
-        assert_close(p, dict(fused.named_parameters())[name], dtype, f"param {name}")
+    assert_models_agree(eager, fused, outs_e, outs_f, grads_e, grads_f, TOL[dtype])
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -17,6 +17,8 @@ import textwrap
 import pytest
 import torch
 
+from model_checks import assert_close_scaled, train_steps
+from model_checks import assert_models_agree as check_models_agree
 from triton_setup import load_kernels
 
 KERNELS, DEVICE = load_kernels()
@@ -42,38 +44,11 @@ def make_pair(**kwargs):
 
 
 def assert_close(a, b, what):
-    scale = max(a.detach().abs().max().item(), 1.0)
-    err = (a.detach().double() - b.detach().double()).abs().max().item()
-    assert err <= TOL * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
-
-
-def train_steps(model, x, y, steps=3):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    outs = []
-    for _ in range(steps):
-        opt.zero_grad()
-        out = model(x)
-        torch.nn.functional.cross_entropy(out, y).backward()
-        outs.append(out.detach())
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        opt.step()
-    return outs, grads
+    assert_close_scaled(a, b, TOL, what)
 
 
 def assert_models_agree(eager, fused, outs_e, outs_f, grads_e, grads_f):
-    for step, (a, b) in enumerate(zip(outs_e, outs_f)):
-        assert_close(a, b, f"logits at step {step}")
-    for name in grads_e:
-        assert_close(grads_e[name], grads_f[name], f"grad of {name}")
-    fused_buffers = dict(fused.named_buffers())
-    for name, buf in eager.named_buffers():
-        if name.endswith("num_batches_tracked"):
-            assert torch.equal(buf, fused_buffers[name]), name
-        else:
-            assert_close(buf, fused_buffers[name], f"buffer {name}")
-    fused_params = dict(fused.named_parameters())
-    for name, p in eager.named_parameters():
-        assert_close(p, fused_params[name], f"param {name}")
+    check_models_agree(eager, fused, outs_e, outs_f, grads_e, grads_f, TOL)
 
 
 @needs_kernels
