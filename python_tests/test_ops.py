@@ -275,7 +275,7 @@ def test_stats_of_large_offset():
 # Gradients
 
 
-def _dw_fn(act, stats, with_norm, with_bias):
+def _dw_fn(act, stats, with_norm, with_bias, stage=dw_stage):
     """fn(*leaves) for gradcheck: leaves are x, [mean, scale, shift], weight, [bias]."""
     def fn(*leaves):
         leaves = list(leaves)
@@ -283,7 +283,7 @@ def _dw_fn(act, stats, with_norm, with_bias):
         norm = Norm(*(leaves.pop(0) for _ in range(3))) if with_norm else None
         weight = leaves.pop(0)
         bias = leaves.pop(0) if with_bias else None
-        out, mean, var = dw_stage(x, weight, bias, act=act, x_norm=norm, stats=stats)
+        out, mean, var = stage(x, weight, bias, act=act, x_norm=norm, stats=stats)
         return (out, mean, var) if stats else out
     return fn
 
@@ -315,7 +315,7 @@ def test_dw_stage_gradcheck(case, stats):
     assert torch.autograd.gradcheck(_dw_fn(act, stats, with_norm, with_bias), leaves)
 
 
-def _pw_fn(act, stats, kinds):
+def _pw_fn(act, stats, kinds, stage=pw_stage):
     """fn(*leaves) for gradcheck; `kinds` names each leaf (x, x_norm, residual, ...)."""
     def fn(*leaves):
         it = iter(leaves)
@@ -330,7 +330,7 @@ def _pw_fn(act, stats, kinds):
         weight = next(it)
         if "bias" in kinds:
             bias = next(it)
-        out, mean, var = pw_stage(x, weight, bias, act=act, stats=stats, **kw)
+        out, mean, var = stage(x, weight, bias, act=act, stats=stats, **kw)
         return (out, mean, var) if stats else out
     return fn
 
@@ -371,34 +371,11 @@ def _grads(fn, leaves, cotangents):
 
 
 def _ref_dw_fn(act, stats, with_norm, with_bias):
-    def fn(*leaves):
-        leaves = list(leaves)
-        x = leaves.pop(0)
-        norm = Norm(*(leaves.pop(0) for _ in range(3))) if with_norm else None
-        weight = leaves.pop(0)
-        bias = leaves.pop(0) if with_bias else None
-        out, mean, var = ref_dw_stage(x, weight, bias, act=act, x_norm=norm, stats=stats)
-        return (out, mean, var) if stats else out
-    return fn
+    return _dw_fn(act, stats, with_norm, with_bias, stage=ref_dw_stage)
 
 
 def _ref_pw_fn(act, stats, kinds):
-    def fn(*leaves):
-        it = iter(leaves)
-        kw, bias = {}, None
-        x = next(it)
-        if "x_norm" in kinds:
-            kw["x_norm"] = Norm(next(it), next(it), next(it))
-        if "residual" in kinds:
-            kw["residual"] = next(it)
-        if "residual_norm" in kinds:
-            kw["residual_norm"] = Norm(next(it), next(it), next(it))
-        weight = next(it)
-        if "bias" in kinds:
-            bias = next(it)
-        out, mean, var = ref_pw_stage(x, weight, bias, act=act, stats=stats, **kw)
-        return (out, mean, var) if stats else out
-    return fn
+    return _pw_fn(act, stats, kinds, stage=ref_pw_stage)
 
 
 def _cotangents(out_shape, c, stats, gen):
