@@ -7,39 +7,11 @@
 // buffer with the input norm already applied; the k×k taps then run branch-free on Vectorized
 // lanes across channels, as the NHWC layout intends.
 #include "cpu_common.h"
+#include "../stage_checks.h"
 
 namespace convmixer_kernels {
 namespace cpu {
 namespace {
-
-struct DwGeometry {
-  int64_t N, C, H, W, k, pad;
-  int64_t Hp() const { return H + 2 * pad; }
-  int64_t Wp() const { return W + 2 * pad; }
-  int64_t count() const { return N * H * W; }
-};
-
-DwGeometry check_dw(const char* op, const at::Tensor& x, const at::Tensor& weight,
-                    const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-d [N, C, H, W], got ", x.sizes());
-  const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
-                        weight.size(2) == weight.size(3),
-                    op, ": weight must be [", C, ", 1, k, k] for an input with ", C,
-                    " channels, got ", weight.sizes());
-  const int64_t k = weight.size(2);
-  TORCH_CHECK_VALUE(k % 2 == 1 && k >= 1 && k <= 15, op,
-                    ": kernel size must be odd and in [1, 15], got ", k);
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
-                   weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, op, ": bias must be [", C,
-                      "], got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ",
-                     bias->scalar_type(), " differs from x dtype ", x.scalar_type());
-  }
-  return {x.size(0), C, x.size(2), x.size(3), k, k / 2};
-}
 
 // One channel block's buffers and inner loops.
 template <typename scalar_t>
@@ -345,16 +317,11 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   const Act act = parse_act(act_name);
   const auto acc = acc_dtype_for(x_in.scalar_type());
   const Norm norm = make_norm(op, "x", x_mean, x_scale, x_shift, g.C, acc, x_in.device());
-  TORCH_CHECK_VALUE(grad_out_in.sizes() == x_in.sizes(), op, ": grad_out must have shape ",
-                    x_in.sizes(), ", got ", grad_out_in.sizes());
-  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type(), op, ": grad_out dtype ",
-                   grad_out_in.scalar_type(), " differs from x dtype ", x_in.scalar_type());
-  // The statistics' gradients and the saved mean come as [C] vectors of the accumulation dtype.
-  const auto grad_mean = stat_vector(op, "grad_mean", grad_mean_in, g.C, acc);
-  const auto grad_var = stat_vector(op, "grad_var", grad_var_in, g.C, acc);
-  const auto mean = stat_vector(op, "mean", mean_in, g.C, acc);
-  TORCH_CHECK_VALUE(!grad_var.has_value() || mean.has_value(), op,
-                    ": grad_var needs the forward's mean");
+  check_like_output(op, "grad_out", grad_out_in, x_in.sizes(), x_in.scalar_type());
+  const StatGrads sg = check_stat_grads(op, grad_mean_in, grad_var_in, mean_in, g.C, acc);
+  const auto& grad_mean = sg.grad_mean;
+  const auto& grad_var = sg.grad_var;
+  const auto& mean = sg.mean;
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);

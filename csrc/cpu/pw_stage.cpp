@@ -5,41 +5,11 @@
 // it: the BN1-apply + residual prologue, and the bias/act/statistics epilogue and its backward,
 // each a single vectorised pass instead of eager's separate elementwise kernels.
 #include "cpu_common.h"
+#include "../stage_checks.h"
 
 namespace convmixer_kernels {
 namespace cpu {
 namespace {
-
-struct PwGeometry {
-  int64_t N, Cin, Cout, H, W;
-  int64_t rows() const { return N * H * W; }
-};
-
-PwGeometry check_pw(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& res,
-                    const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-d [N, C, H, W], got ", x.sizes());
-  const int64_t Cin = x.size(1);
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(1) == Cin && weight.size(2) == 1 &&
-                        weight.size(3) == 1,
-                    op, ": weight must be [Cout, ", Cin, ", 1, 1] for an input with ", Cin,
-                    " channels, got ", weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
-                   weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  const int64_t Cout = weight.size(0);
-  if (res.has_value()) {
-    TORCH_CHECK_VALUE(res->sizes() == x.sizes(), op, ": res must have the shape of x ",
-                      x.sizes(), ", got ", res->sizes());
-    TORCH_CHECK_TYPE(res->scalar_type() == x.scalar_type(), op, ": res dtype ",
-                     res->scalar_type(), " differs from x dtype ", x.scalar_type());
-  }
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == Cout, op, ": bias must be [", Cout,
-                      "], got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ",
-                     bias->scalar_type(), " differs from x dtype ", x.scalar_type());
-  }
-  return {x.size(0), Cin, Cout, x.size(2), x.size(3)};
-}
 
 // Pointers to a norm's vectors, or nulls.
 template <typename T>
@@ -285,24 +255,13 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const Norm nx = make_norm(op, "x", x_mean, x_scale, x_shift, g.Cin, acc, x_in.device());
   const Norm nr = make_norm(op, "res", res_mean, res_scale, res_shift, g.Cin, acc, x_in.device());
   const std::vector<int64_t> out_sizes{g.N, g.Cout, g.H, g.W};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_sizes), op,
-                    ": grad_out must have shape ", at::IntArrayRef(out_sizes), ", got ",
-                    grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x_in.scalar_type(), op, ": grad_out dtype ",
-                   grad_out.scalar_type(), " differs from x dtype ", x_in.scalar_type());
-  const auto grad_mean = stat_vector(op, "grad_mean", grad_mean_in, g.Cout, acc);
-  const auto grad_var = stat_vector(op, "grad_var", grad_var_in, g.Cout, acc);
-  const auto mean = stat_vector(op, "mean", mean_in, g.Cout, acc);
-  TORCH_CHECK_VALUE(!grad_var.has_value() || mean.has_value(), op,
-                    ": grad_var needs the forward's mean");
+  check_like_output(op, "grad_out", grad_out, out_sizes, x_in.scalar_type());
+  const StatGrads sg = check_stat_grads(op, grad_mean_in, grad_var_in, mean_in, g.Cout, acc);
+  const auto& grad_mean = sg.grad_mean;
+  const auto& grad_var = sg.grad_var;
+  const auto& mean = sg.mean;
   const bool have_pre_act = present(pre_act_in);
-  if (have_pre_act) {
-    TORCH_CHECK_VALUE(pre_act_in->sizes() == at::IntArrayRef(out_sizes), op,
-                      ": pre_act must have shape ", at::IntArrayRef(out_sizes), ", got ",
-                      pre_act_in->sizes());
-    TORCH_CHECK_TYPE(pre_act_in->scalar_type() == x_in.scalar_type(), op, ": pre_act dtype ",
-                     pre_act_in->scalar_type(), " differs from x dtype ", x_in.scalar_type());
-  }
+  if (have_pre_act) check_like_output(op, "pre_act", *pre_act_in, out_sizes, x_in.scalar_type());
 
   const auto x2d = rows_view(x_in);
   const auto r2d = res_in.has_value() ? std::optional<at::Tensor>(rows_view(*res_in)) : std::nullopt;

@@ -32,6 +32,7 @@
 #pragma once
 
 #include "elementwise.cuh"
+#include "partials.cuh"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -564,17 +565,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
-// out[i] = sum over parts p (in order) of part[p][i], converted to OutT.
-template <typename AccT, typename OutT>
-__global__ void sum_parts_kernel(const AccT* __restrict__ part, int64_t parts, int64_t n,
-                                 OutT* __restrict__ out) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  AccT total = AccT(0);
-  for (int64_t p = 0; p < parts; ++p) total += part[p * n + i];
-  out[i] = from_acc<OutT>(total);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
@@ -587,8 +577,6 @@ struct Plan {
   // Workspace, in bytes, each region 256-byte aligned (see the offsets below).
   size_t ws_forward = 0, ws_backward = 0;
 };
-
-inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
 // Whether the 16-byte path may read `p`: every pixel's channel run starts 16-byte aligned.
 template <typename T>
@@ -748,16 +736,6 @@ inline cudaError_t launch_forward(const Plan& p, ForwardArgs<T> args, ActKind ac
   return channel_stats::launch_finalize<AccT>(args.part_mean, args.part_m2, nullptr, counts,
                                               s.parts, s.C, mean_out, var_out, nullptr, nullptr,
                                               0.0, stream);
-}
-
-template <typename AccT, typename OutT>
-inline cudaError_t launch_sum_parts(const AccT* part, int64_t parts, int64_t n, OutT* out,
-                                    cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  constexpr int kBlock = 256;
-  sum_parts_kernel<AccT, OutT><<<unsigned((n + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
-      part, parts, n, out);
-  return cudaGetLastError();
 }
 
 // Backward. Outputs: args.grad_x (and args.grad_pre, scratch of x's shape), grad_weight
