@@ -1,0 +1,523 @@
+// The fused kernels around the pointwise stage's GEMMs (docs/OPS.md, DESIGN.md §4), on NHWC
+// activations viewed as row-major [rows = N*H*W, channels] matrices:
+//
+//   prologue          u  = norm_x(x) + norm_res(res), rounded to storage   (the GEMM's A operand)
+//   [GEMM]            p  = u W^T + b                                       (cuBLAS, in the launcher)
+//   epilogue_forward  out = act(p); per-channel partial (mean, M2) of out as stored
+//   epilogue_backward dP = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) act'(p); partial sum dP
+//   [GEMMs]           grad_W = dP^T u, dU = dP W                           (cuBLAS)
+//   through_norms     grad_x = dU scale_x, grad_res = dU scale_res, partial sums of dU,
+//                     dU (x - mean_x), dU (res - mean_res)
+//
+// Why the GEMMs are not ours: the issue leaves the core to measurement, and without a GPU to
+// measure on, cuBLAS (the same GEMM eager PyTorch runs) is the core whose speed is known. cuBLASLt's
+// own GELU epilogue is the tanh approximation, not the erf GELU the model uses, so the activation
+// and the statistics stay in these kernels. See README "CUDA backend".
+//
+// Tiling: a CTA is 32 lanes x 8 row groups. A lane owns V = 16 / sizeof(T) channels (one 16-byte
+// load per row when the matrix allows it; otherwise V scalars strided by 32, so a warp still
+// reads 32 consecutive values), a row group every 8th row of the CTA's row tile. Both paths cover
+// the same channels with the same rows in the same order, so they give bitwise-identical results.
+// Per-channel sums are merged over the 8 row groups in order, then over tiles in order
+// (partials.cuh, or the statistics finalize of channel_stats.cuh): deterministic, no atomics.
+// Torch-free (DESIGN.md §8).
+#pragma once
+
+#include "elementwise.cuh"
+#include "partials.cuh"
+
+namespace convmixer_kernels {
+namespace cuda {
+namespace pw {
+
+constexpr int kLanes = 32;
+constexpr int kRowGroups = 8;
+constexpr int kThreads = kLanes * kRowGroups;
+constexpr int64_t kTargetCtas = 2048;   // fixed, not the SM count: see channel_stats.cuh
+constexpr int64_t kMinRowsPerTile = 64;
+
+// The partition of a [rows, C] problem, shared by every kernel of a call.
+struct Plan {
+  int64_t rows = 0;
+  int C = 0;
+  int channel_blocks = 0;  // gridDim.y; a block is 32 * V channels
+  int rows_per_tile = 0;
+  int64_t tiles = 0;       // gridDim.x
+  bool vectorized = false;
+  bool valid = false;
+};
+
+// vectorized: every matrix the kernels touch is 16-byte aligned and C % V == 0 (the launcher
+// checks the pointers). The partition does not depend on it.
+template <typename T>
+inline Plan make_plan(int64_t rows, int64_t C, bool vectorized) {
+  constexpr int V = kVecWidth<T>;
+  Plan p;
+  if (rows < 0 || C < 0 || C > (int64_t(1) << 30)) return p;
+  p.rows = rows;
+  p.C = int(C);
+  p.vectorized = vectorized && C % V == 0;
+  const int64_t block_c = int64_t(kLanes) * V;
+  p.channel_blocks = int((C + block_c - 1) / block_c);
+  if (p.channel_blocks > 65535) return p;
+  int64_t target = kTargetCtas / (p.channel_blocks > 0 ? p.channel_blocks : 1);
+  if (target < 1) target = 1;
+  int64_t rpt = (rows + target - 1) / target;
+  if (rpt < kMinRowsPerTile) rpt = kMinRowsPerTile;
+  rpt = (rpt + kRowGroups - 1) / kRowGroups * kRowGroups;
+  if (rpt > (int64_t(1) << 30)) return p;
+  p.rows_per_tile = int(rpt);
+  p.tiles = (rows + rpt - 1) / rpt;
+  if (p.tiles > 0x7fffffff) return p;
+  p.valid = true;
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread access to V channels of a row
+// ---------------------------------------------------------------------------------------------
+
+// The channel of this lane's j-th value in channel block `cb`.
+template <typename T>
+__device__ __forceinline__ int lane_channel(int cb, int lane, int j, bool vectorized) {
+  constexpr int V = kVecWidth<T>;
+  return cb * kLanes * V + (vectorized ? lane * V + j : j * kLanes + lane);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_row(const T* __restrict__ row, int cb, int lane, int C,
+                                         bool vectorized, acc_t<T> (&v)[kVecWidth<T>]) {
+  constexpr int V = kVecWidth<T>;
+  if (vectorized) {
+    const int c = lane_channel<T>(cb, lane, 0, true);
+    if (c < C) {
+      Unpack<T>::run(*reinterpret_cast<const uint4*>(row + c), v);
+    } else {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = acc_t<T>(0);
+    }
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int c = lane_channel<T>(cb, lane, j, false);
+    v[j] = c < C ? to_acc(row[c]) : acc_t<T>(0);
+  }
+}
+
+// Rounds v to T, stores it, and leaves the stored values in v (what statistics must see).
+template <typename T>
+__device__ __forceinline__ void store_row(T* __restrict__ row, int cb, int lane, int C,
+                                          bool vectorized, acc_t<T> (&v)[kVecWidth<T>]) {
+  constexpr int V = kVecWidth<T>;
+  __align__(16) T packed[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    packed[j] = from_acc<T>(v[j]);
+    v[j] = to_acc(packed[j]);
+  }
+  if (vectorized) {
+    const int c = lane_channel<T>(cb, lane, 0, true);
+    if (c < C) *reinterpret_cast<uint4*>(row + c) = *reinterpret_cast<const uint4*>(packed);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int c = lane_channel<T>(cb, lane, j, false);
+    if (c < C) row[c] = packed[j];
+  }
+}
+
+// This lane's V entries of a per-channel vector (zeros past C, or `fill` when vec is null).
+template <typename T>
+__device__ __forceinline__ void load_channels(const acc_t<T>* __restrict__ vec, int cb, int lane,
+                                              int C, bool vectorized, acc_t<T> fill,
+                                              acc_t<T> (&v)[kVecWidth<T>]) {
+#pragma unroll
+  for (int j = 0; j < kVecWidth<T>; ++j) {
+    const int c = lane_channel<T>(cb, lane, j, vectorized);
+    v[j] = vec != nullptr && c < C ? vec[c] : fill;
+  }
+}
+
+// Row range of this CTA's tile.
+struct RowRange {
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ RowRange tile_rows(const Plan& p) {
+  const int64_t begin = int64_t(blockIdx.x) * p.rows_per_tile;
+  const int64_t end = begin + p.rows_per_tile < p.rows ? begin + p.rows_per_tile : p.rows;
+  return {begin, end};
+}
+
+// Sums one value per channel over the 8 row groups, in order, and writes the tile's partial row
+// part[tile][c]. s_red: kRowGroups * kLanes * V AccT of shared memory; all threads must call.
+template <typename T>
+__device__ __forceinline__ void write_partial_sums(const acc_t<T> (&v)[kVecWidth<T>],
+                                                   acc_t<T>* s_red, const Plan& p, int cb,
+                                                   acc_t<T>* __restrict__ part) {
+  constexpr int V = kVecWidth<T>;
+  constexpr int kBlockC = kLanes * V;
+  const int lane = threadIdx.x, group = threadIdx.y;
+  __syncthreads();  // s_red may still be read by a previous call
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int local = lane_channel<T>(0, lane, j, p.vectorized);
+    s_red[group * kBlockC + local] = v[j];
+  }
+  __syncthreads();
+  for (int local = group * kLanes + lane; local < kBlockC; local += kThreads) {
+    const int c = cb * kBlockC + local;
+    if (c >= p.C) continue;
+    acc_t<T> total = acc_t<T>(0);
+    for (int g = 0; g < kRowGroups; ++g) total += s_red[g * kBlockC + local];
+    part[int64_t(blockIdx.x) * p.C + c] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels. Grid (plan.tiles, plan.channel_blocks), block (32, 8).
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct PrologueArgs {
+  const T* x;
+  const acc_t<T>* x_mean;  // all three null: no norm on x
+  const acc_t<T>* x_scale;
+  const acc_t<T>* x_shift;
+  const T* res;            // null: no residual
+  const acc_t<T>* res_mean;
+  const acc_t<T>* res_scale;
+  const acc_t<T>* res_shift;
+  T* u;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) pw_prologue_kernel(const PrologueArgs<T> a, const Plan p) {
+  using AccT = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  const int lane = threadIdx.x, cb = blockIdx.y;
+  AccT xm[V], xs[V], xt[V], rm[V], rs[V], rt[V];
+  load_channels<T>(a.x_mean, cb, lane, p.C, p.vectorized, AccT(0), xm);
+  load_channels<T>(a.x_scale, cb, lane, p.C, p.vectorized, AccT(1), xs);
+  load_channels<T>(a.x_shift, cb, lane, p.C, p.vectorized, AccT(0), xt);
+  load_channels<T>(a.res_mean, cb, lane, p.C, p.vectorized, AccT(0), rm);
+  load_channels<T>(a.res_scale, cb, lane, p.C, p.vectorized, AccT(1), rs);
+  load_channels<T>(a.res_shift, cb, lane, p.C, p.vectorized, AccT(0), rt);
+  const bool nx = a.x_mean != nullptr, nr = a.res_mean != nullptr;
+  const RowRange rr = tile_rows(p);
+  for (int64_t r = rr.begin + threadIdx.y; r < rr.end; r += kRowGroups) {
+    AccT v[V];
+    load_row<T>(a.x + r * p.C, cb, lane, p.C, p.vectorized, v);
+    if (nx) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] = (v[j] - xm[j]) * xs[j] + xt[j];
+    }
+    if (a.res != nullptr) {
+      AccT w[V];
+      load_row<T>(a.res + r * p.C, cb, lane, p.C, p.vectorized, w);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] += nr ? (w[j] - rm[j]) * rs[j] + rt[j] : w[j];
+    }
+    store_row<T>(a.u + r * p.C, cb, lane, p.C, p.vectorized, v);
+  }
+}
+
+template <typename T>
+struct EpilogueForwardArgs {
+  const T* pre;           // p = u W^T + b, [rows, C]
+  T* out;
+  acc_t<T>* part_mean;    // [tiles][C], null without statistics
+  acc_t<T>* part_m2;
+};
+
+template <typename T, ActKind A>
+__global__ void __launch_bounds__(kThreads)
+    pw_epilogue_forward_kernel(const EpilogueForwardArgs<T> a, const Plan p) {
+  using AccT = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  constexpr int kBlockC = kLanes * V;
+  const int lane = threadIdx.x, group = threadIdx.y, cb = blockIdx.y;
+  const bool stats = a.part_mean != nullptr;
+  Welford<AccT> w[V];
+  const RowRange rr = tile_rows(p);
+  for (int64_t r = rr.begin + group; r < rr.end; r += kRowGroups) {
+    AccT v[V];
+    load_row<T>(a.pre + r * p.C, cb, lane, p.C, p.vectorized, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = act_forward<A, AccT>(v[j]);
+    store_row<T>(a.out + r * p.C, cb, lane, p.C, p.vectorized, v);
+    if (stats) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) w[j].push(v[j]);
+    }
+  }
+  if (!stats) return;
+  // Merge the row groups' states in group order. Every row group of a tile saw a number of rows
+  // fixed by the tile, so the counts travel through shared memory with the moments.
+  __shared__ __align__(16) AccT s_mean[kRowGroups * kBlockC];
+  __shared__ __align__(16) AccT s_m2[kRowGroups * kBlockC];
+  __shared__ int s_n[kRowGroups];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int local = lane_channel<T>(0, lane, j, p.vectorized);
+    s_mean[group * kBlockC + local] = w[j].mean;
+    s_m2[group * kBlockC + local] = w[j].m2;
+  }
+  if (lane == 0) s_n[group] = w[0].n;
+  __syncthreads();
+  for (int local = group * kLanes + lane; local < kBlockC; local += kThreads) {
+    const int c = cb * kBlockC + local;
+    if (c >= p.C) continue;
+    int64_t n = 0;
+    AccT mean = AccT(0), m2 = AccT(0);
+    for (int g = 0; g < kRowGroups; ++g)
+      channel_stats::chan_merge(n, mean, m2, int64_t(s_n[g]), s_mean[g * kBlockC + local],
+                                s_m2[g * kBlockC + local]);
+    a.part_mean[int64_t(blockIdx.x) * p.C + c] = mean;
+    a.part_m2[int64_t(blockIdx.x) * p.C + c] = m2;
+  }
+}
+
+template <typename T>
+struct EpilogueBackwardArgs {
+  const T* grad_out;
+  const T* pre;
+  const acc_t<T>* grad_mean;  // [C] or null
+  const acc_t<T>* grad_var;   // [C] or null
+  const acc_t<T>* mean;       // [C], needed with grad_var
+  T* grad_pre;                // dP
+  acc_t<T>* part_grad_b;      // [tiles][C]
+};
+
+template <typename T, ActKind A>
+__global__ void __launch_bounds__(kThreads)
+    pw_epilogue_backward_kernel(const EpilogueBackwardArgs<T> a, const Plan p) {
+  using AccT = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  __shared__ __align__(16) AccT s_red[kRowGroups * kLanes * V];
+  const int lane = threadIdx.x, cb = blockIdx.y;
+  const AccT inv_count = AccT(1) / static_cast<AccT>(p.rows > 0 ? p.rows : 1);
+  AccT gm[V], gv[V], mu[V], const_term[V], lin_term[V];
+  load_channels<T>(a.grad_mean, cb, lane, p.C, p.vectorized, AccT(0), gm);
+  load_channels<T>(a.grad_var, cb, lane, p.C, p.vectorized, AccT(0), gv);
+  load_channels<T>(a.mean, cb, lane, p.C, p.vectorized, AccT(0), mu);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    lin_term[j] = AccT(2) * gv[j] * inv_count;
+    const_term[j] = gm[j] * inv_count - lin_term[j] * mu[j];
+  }
+  const bool need_o = a.grad_var != nullptr;
+  AccT db[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) db[j] = AccT(0);
+  const RowRange rr = tile_rows(p);
+  for (int64_t r = rr.begin + threadIdx.y; r < rr.end; r += kRowGroups) {
+    AccT pv[V], d[V];
+    load_row<T>(a.pre + r * p.C, cb, lane, p.C, p.vectorized, pv);
+    load_row<T>(a.grad_out + r * p.C, cb, lane, p.C, p.vectorized, d);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const ActAt<A, AccT> at(pv[j]);
+      AccT dO = d[j] + const_term[j];
+      if (need_o) dO += lin_term[j] * round_to_storage<T>(at.value());
+      d[j] = at.backward(dO);
+    }
+    store_row<T>(a.grad_pre + r * p.C, cb, lane, p.C, p.vectorized, d);
+#pragma unroll
+    for (int j = 0; j < V; ++j) db[j] += d[j];  // the stored (rounded) dP, as the GEMMs see it
+  }
+  write_partial_sums<T>(db, s_red, p, cb, a.part_grad_b);
+}
+
+template <typename T>
+struct ThroughNormsArgs {
+  const T* grad_u;         // dU = dP W, [rows, C]
+  const T* x;
+  const acc_t<T>* x_mean;  // null: no norm on x
+  const acc_t<T>* x_scale;
+  const T* res;            // null: no residual
+  const acc_t<T>* res_mean;  // null: no norm on res
+  const acc_t<T>* res_scale;
+  T* grad_x;               // null: grad_x is dU itself (no norm on x)
+  T* grad_res;             // null: no residual, or grad_res is dU itself
+  acc_t<T>* part_sum;      // [tiles][C]: sum dU
+  acc_t<T>* part_sum_xc;   // [tiles][C]: sum dU (x - mean_x), with a norm on x
+  acc_t<T>* part_sum_rc;   // [tiles][C]: sum dU (res - mean_res), with a norm on res
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) pw_through_norms_kernel(const ThroughNormsArgs<T> a,
+                                                                    const Plan p) {
+  using AccT = acc_t<T>;
+  constexpr int V = kVecWidth<T>;
+  __shared__ __align__(16) AccT s_red[kRowGroups * kLanes * V];
+  const int lane = threadIdx.x, cb = blockIdx.y;
+  const bool nx = a.x_mean != nullptr, nr = a.res != nullptr && a.res_mean != nullptr;
+  AccT xm[V], xs[V], rm[V], rs[V], s0[V], s1[V], s2[V];
+  load_channels<T>(a.x_mean, cb, lane, p.C, p.vectorized, AccT(0), xm);
+  load_channels<T>(a.x_scale, cb, lane, p.C, p.vectorized, AccT(1), xs);
+  load_channels<T>(a.res_mean, cb, lane, p.C, p.vectorized, AccT(0), rm);
+  load_channels<T>(a.res_scale, cb, lane, p.C, p.vectorized, AccT(1), rs);
+#pragma unroll
+  for (int j = 0; j < V; ++j) s0[j] = s1[j] = s2[j] = AccT(0);
+  const RowRange rr = tile_rows(p);
+  for (int64_t r = rr.begin + threadIdx.y; r < rr.end; r += kRowGroups) {
+    const int64_t off = r * p.C;
+    AccT du[V];
+    load_row<T>(a.grad_u + off, cb, lane, p.C, p.vectorized, du);
+#pragma unroll
+    for (int j = 0; j < V; ++j) s0[j] += du[j];
+    if (nx) {
+      AccT v[V], g[V];
+      load_row<T>(a.x + off, cb, lane, p.C, p.vectorized, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        s1[j] = fma_acc(du[j], v[j] - xm[j], s1[j]);
+        g[j] = du[j] * xs[j];
+      }
+      store_row<T>(a.grad_x + off, cb, lane, p.C, p.vectorized, g);
+    }
+    if (a.grad_res != nullptr) {
+      AccT g[V];
+      if (nr) {
+        AccT v[V];
+        load_row<T>(a.res + off, cb, lane, p.C, p.vectorized, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          s2[j] = fma_acc(du[j], v[j] - rm[j], s2[j]);
+          g[j] = du[j] * rs[j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) g[j] = du[j];  // a copy: the op's outputs may not alias
+      }
+      store_row<T>(a.grad_res + off, cb, lane, p.C, p.vectorized, g);
+    }
+  }
+  write_partial_sums<T>(s0, s_red, p, cb, a.part_sum);
+  if (nx) write_partial_sums<T>(s1, s_red, p, cb, a.part_sum_xc);
+  if (nr) write_partial_sums<T>(s2, s_red, p, cb, a.part_sum_rc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+inline dim3 grid_of(const Plan& p) { return dim3(unsigned(p.tiles), unsigned(p.channel_blocks)); }
+inline dim3 block_of() { return dim3(kLanes, kRowGroups); }
+
+template <typename T>
+inline cudaError_t launch_prologue(const Plan& p, const PrologueArgs<T>& a, cudaStream_t stream) {
+  if (!p.valid) return cudaErrorInvalidValue;
+  if (p.tiles == 0 || p.C == 0) return cudaSuccess;
+  pw_prologue_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  return cudaGetLastError();
+}
+
+// Workspace of the forward statistics: part_mean and part_m2, [tiles][C] each.
+template <typename T>
+inline size_t forward_workspace_bytes(const Plan& p) {
+  return 2 * align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
+}
+
+// act(pre) into out, and with mean_out the batch statistics (mean, biased var) of out.
+template <typename T>
+inline cudaError_t launch_epilogue_forward(const Plan& p, const T* pre, T* out, ActKind act,
+                                           acc_t<T>* mean_out, acc_t<T>* var_out, void* ws,
+                                           cudaStream_t stream) {
+  using AccT = acc_t<T>;
+  if (!p.valid) return cudaErrorInvalidValue;
+  EpilogueForwardArgs<T> a{pre, out, nullptr, nullptr};
+  if (mean_out != nullptr && p.tiles > 0) {
+    if (ws == nullptr) return cudaErrorInvalidValue;
+    a.part_mean = static_cast<AccT*>(ws);
+    a.part_m2 = reinterpret_cast<AccT*>(static_cast<char*>(ws) +
+                                        align_up(size_t(p.tiles) * size_t(p.C) * sizeof(AccT), 256));
+  }
+  if (p.tiles > 0 && p.C > 0) {
+    if (act == ActKind::GELU) {
+      pw_epilogue_forward_kernel<T, ActKind::GELU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+    } else {
+      pw_epilogue_forward_kernel<T, ActKind::ReLU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (mean_out == nullptr || p.C == 0) return cudaSuccess;
+  const channel_stats::TileCounts counts{p.rows, p.rows_per_tile, nullptr};
+  return channel_stats::launch_finalize<AccT>(a.part_mean, a.part_m2, nullptr, counts, p.tiles,
+                                              p.C, mean_out, var_out, nullptr, nullptr, 0.0,
+                                              stream);
+}
+
+// Workspace of the bias gradient: [tiles][C].
+template <typename T>
+inline size_t backward_epilogue_workspace_bytes(const Plan& p) {
+  return align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
+}
+
+// dP into a.grad_pre and sum dP into grad_bias ([C], T). a.part_grad_b is set from ws.
+template <typename T>
+inline cudaError_t launch_epilogue_backward(const Plan& p, EpilogueBackwardArgs<T> a, ActKind act,
+                                            T* grad_bias, void* ws, cudaStream_t stream) {
+  using AccT = acc_t<T>;
+  if (!p.valid) return cudaErrorInvalidValue;
+  if (p.C == 0) return cudaSuccess;
+  if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
+  if (ws == nullptr) return cudaErrorInvalidValue;
+  a.part_grad_b = static_cast<AccT*>(ws);
+  if (act == ActKind::GELU) {
+    pw_epilogue_backward_kernel<T, ActKind::GELU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  } else {
+    pw_epilogue_backward_kernel<T, ActKind::ReLU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_sum_parts<AccT, T>(a.part_grad_b, p.tiles, p.C, grad_bias, stream);
+}
+
+// Workspace of the norms' sums: three [tiles][C] regions.
+template <typename T>
+inline size_t through_norms_workspace_bytes(const Plan& p) {
+  return 3 * align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
+}
+
+// grad_x / grad_res and the sums: sum_du always, sum_du_xc with a norm on x, sum_du_rc with a
+// norm on res ([C] AccT each). a.part_* are set from ws.
+template <typename T>
+inline cudaError_t launch_through_norms(const Plan& p, ThroughNormsArgs<T> a, acc_t<T>* sum_du,
+                                        acc_t<T>* sum_du_xc, acc_t<T>* sum_du_rc, void* ws,
+                                        cudaStream_t stream) {
+  using AccT = acc_t<T>;
+  if (!p.valid) return cudaErrorInvalidValue;
+  if (p.C == 0) return cudaSuccess;
+  const bool nx = a.x_mean != nullptr, nr = a.res != nullptr && a.res_mean != nullptr;
+  if (p.tiles == 0) {
+    cudaError_t err = cudaMemsetAsync(sum_du, 0, size_t(p.C) * sizeof(AccT), stream);
+    if (err == cudaSuccess && nx) err = cudaMemsetAsync(sum_du_xc, 0, size_t(p.C) * sizeof(AccT), stream);
+    if (err == cudaSuccess && nr) err = cudaMemsetAsync(sum_du_rc, 0, size_t(p.C) * sizeof(AccT), stream);
+    return err;
+  }
+  if (ws == nullptr) return cudaErrorInvalidValue;
+  const size_t region = align_up(size_t(p.tiles) * size_t(p.C) * sizeof(AccT), 256);
+  char* base = static_cast<char*>(ws);
+  a.part_sum = reinterpret_cast<AccT*>(base);
+  a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
+  a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
+  pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if ((err = launch_sum_parts<AccT, AccT>(a.part_sum, p.tiles, p.C, sum_du, stream)) != cudaSuccess)
+    return err;
+  if (nx && (err = launch_sum_parts<AccT, AccT>(a.part_sum_xc, p.tiles, p.C, sum_du_xc, stream)) !=
+                cudaSuccess)
+    return err;
+  if (nr) return launch_sum_parts<AccT, AccT>(a.part_sum_rc, p.tiles, p.C, sum_du_rc, stream);
+  return cudaSuccess;
+}
+
+}  // namespace pw
+}  // namespace cuda
+}  // namespace convmixer_kernels
