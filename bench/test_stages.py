@@ -13,14 +13,26 @@ to head; every row records the device, torch (and triton) versions and the shape
 "fwd" is a training forward (with batch statistics); "fwd+bwd" adds the backward of a loss on
 the output and the statistics. The eager contenders compute exactly what the fused stage does,
 one op at a time (norm applied as a separate elementwise pass, as BatchNorm2d would, then the
-conv, the activation and var_mean).
+conv, the activation and var_mean). For the pw stage, "matmul" is the bare GEMMs of the same
+shape and nothing else, the yardstick a fused GEMM stage is read against: [N·H·W, C] x [C, C]ᵀ
+forward, plus the dgrad and wgrad GEMMs for fwd+bwd.
+
+Every row also records the stage's unavoidable work (convmixer_kernels.roofline.stage_cost:
+bytes moved and FLOPs, the same for every contender of a group) and the device's ceilings
+measured once per session, so achieved bandwidth and the fraction of the roofline floor can be
+read off the JSON:
+
+    python -m convmixer_kernels.bench.stages_report bench/results/stages.json
 """
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from convmixer_kernels import roofline
 from convmixer_kernels.bench.cli import environment
 from convmixer_kernels.ops import Norm, available_backends, dw_stage, pw_stage
 
@@ -40,6 +52,9 @@ MODELS = GPU_MODELS if GPU else CPU_MODELS
 FUSED = [f"fused-{b}" for b in available_backends()
          if b == DEVICE.type or (GPU and b == "triton")]
 CONTENDERS = [*FUSED, "eager-nchw", "eager-channels_last", *(["compile"] if GPU else [])]
+# (stage, contender): the bare GEMMs only where the stage is a GEMM.
+CASES = [(stage, c) for stage in ("dw", "pw")
+         for c in CONTENDERS + (["matmul"] if stage == "pw" else [])]
 PASSES = ["fwd", "fwd+bwd"]
 DTYPE = torch.bfloat16 if GPU else torch.float32
 
@@ -87,6 +102,25 @@ def _inputs(stage, batch, dim, side, k, layout):
     return x, weight, bias, _norm(dim, DEVICE), extra
 
 
+def bare_gemms(x, weight, grad_out, mode):
+    """The pw stage's GEMMs alone, on the same channels_last operands viewed as matrices (no
+    copies): forward [M, Cin] x [Cout, Cin]ᵀ; for fwd+bwd also dgrad [M, Cout] x [Cout, Cin]
+    and wgrad [M, Cout]ᵀ x [M, Cin]."""
+    a = x.detach().permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    w = weight.detach().view(weight.shape[0], weight.shape[1])
+    torch.matmul(a, w.t())
+    if mode == "fwd+bwd":
+        g = grad_out.permute(0, 2, 3, 1).reshape(-1, grad_out.shape[1])
+        torch.matmul(g, w)
+        torch.matmul(g.t(), a)
+
+
+@functools.lru_cache(maxsize=None)
+def ceilings() -> roofline.Ceilings:
+    """This device's bandwidth and FLOP rates, measured once per session."""
+    return roofline.measure_ceilings(DEVICE, DTYPE)
+
+
 def _stage_fn(stage, contender, act):
     if contender.startswith("fused-"):
         backend = contender.split("-", 1)[1]
@@ -103,36 +137,45 @@ def _stage_fn(stage, contender, act):
     return torch.compile(fn) if contender == "compile" else fn
 
 
-@pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("model", MODELS, ids=lambda m: m[0])
 @pytest.mark.parametrize("mode", PASSES)
-@pytest.mark.parametrize("stage", ["dw", "pw"])
-def test_stage(benchmark, stage, mode, model, contender):
+@pytest.mark.parametrize("stage,contender", CASES, ids=lambda v: v)
+def test_stage(benchmark, stage, contender, mode, model):
     name, batch, dim, side, k, act = model
     layout = "nchw" if contender == "eager-nchw" else "channels_last"
     x, weight, bias, norm, extra = _inputs(stage, batch, dim, side, k, layout)
-    fn = _stage_fn(stage, contender, act)
     leaves = [x, weight, bias]
     if mode == "fwd+bwd":
         for t in leaves:
             t.requires_grad_()
         grad_out = torch.randn_like(x)
 
+    if contender == "matmul":
+        def run():
+            bare_gemms(x, weight, grad_out if mode == "fwd+bwd" else None, mode)
+    else:
+        fn = _stage_fn(stage, contender, act)
+
+        def run():
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn(*leaves, norm, **extra)
+            else:
+                out, mean, var = fn(*leaves, norm, **extra)
+                torch.autograd.grad((out, mean.sum() + var.sum()), leaves, (grad_out, None))
+
     def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                fn(*leaves, norm, **extra)
-        else:
-            out, mean, var = fn(*leaves, norm, **extra)
-            torch.autograd.grad((out, mean.sum() + var.sum()), leaves, (grad_out, None))
+        run()
         if GPU:
             torch.cuda.synchronize()
 
     step()  # compile, autotune, warm the allocator
+    cost = roofline.stage_cost(stage, mode, batch * side * side, dim, dim, k, DTYPE)
     benchmark.group = f"{stage} stage {mode}, {name} ({batch}x{dim}x{side}x{side}, k{k}, {act})"
     benchmark.extra_info.update(environment(DEVICE))
     benchmark.extra_info.update({"stage": stage, "pass": mode, "model": name, "batch": batch,
                                  "dim": dim, "tokens": side, "kernel_size": k, "act": act,
                                  "dtype": str(DTYPE), "contender": contender,
-                                 "layout": layout})
+                                 "layout": layout, "stage_cost": cost.as_dict(),
+                                 "ceilings": ceilings().as_dict()})
     benchmark.pedantic(step, rounds=20 if GPU else 5, iterations=1, warmup_rounds=3 if GPU else 1)

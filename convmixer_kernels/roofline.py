@@ -9,6 +9,8 @@ depthwise conv's FLOPs (forward, and the two backward convolutions) run on the v
 cores. Activation bytes count full passes over an N·H·W·C tensor: ~13 per block for the fused
 data flow of DESIGN.md §4 (forward 5, backward 8) and ~40 for eager PyTorch's separate kernels.
 Ceilings are measured on the device (a large copy, a large matmul), not read off a datasheet.
+The same counts split per stage and pass (stage_cost, stage_floor_seconds) give each row of
+bench/test_stages.py its floor.
 """
 from __future__ import annotations
 
@@ -65,6 +67,60 @@ def model_cost(model, batch: int, image_size: int, dtype: torch.dtype) -> StepCo
     kernel = model.blocks[0][0].fn[0].kernel_size[0] if len(model.blocks) else 1
     return step_cost(model.num_features, len(model.blocks), kernel, conv.kernel_size[0], batch,
                      image_size, dtype, conv.in_channels)
+
+
+# Per stage and pass (bench/test_stages.py): the bytes a fused stage cannot avoid moving, as
+# full reads or writes of an activation-sized tensor, [N·H·W, C] rows, plus its weights:
+#
+#   dw fwd   read x, write out                                              2 passes of C
+#   dw bwd   read grad_out and x (a = dwconv(norm(x)) is recomputed), write grad_x      3
+#   pw fwd   read x and the residual, write out                  2 of Cin, 1 of Cout
+#   pw bwd   read grad_out, x and the residual (u is recomputed), write grad_x and
+#            grad_res                                            4 of Cin, 1 of Cout
+#
+# Square, the two stages add up to FUSED_PASSES_PER_BLOCK (forward 2 + 3, backward 3 + 5).
+# The pw stage's saved pre-activation (written by a training forward, read by the backward) is
+# an implementation's choice, trading two passes for a GEMM, so it is not part of the floor;
+# nor are the per-channel vectors (norms, statistics, bias: O(C) bytes). FLOPs count the
+# multiply-adds of the convolutions (2 per tap): forward 1x, backward 2x (dgrad and wgrad),
+# on the matrix units for pw, on the vector/CUDA cores for dw, as step_cost does.
+STAGE_PASSES = {("dw", "fwd"): (2, 0), ("dw", "bwd"): (3, 0),
+                ("pw", "fwd"): (2, 1), ("pw", "bwd"): (4, 1)}  # (passes of Cin, of Cout)
+
+
+@dataclass
+class StageCost:
+    bytes: float
+    flops: float
+    matrix: bool  # whether the FLOPs run on the matrix units (pw) or the vector units (dw)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def stage_cost(stage: str, mode: str, rows: int, cin: int, cout: int, kernel_size: int,
+               dtype: torch.dtype) -> StageCost:
+    """Unavoidable work of one stage call: `mode` "fwd" or "fwd+bwd", `rows` = N·H·W; for the
+    dw stage cout == cin."""
+    elem = _DTYPE_BYTES[dtype]
+    passes = ("fwd", "bwd") if mode == "fwd+bwd" else (mode,)
+    if stage == "dw":
+        weight, macs = cin * kernel_size ** 2, rows * cin * kernel_size ** 2
+    else:
+        weight, macs = cin * cout, rows * cin * cout
+    moved, flops = 0.0, 0.0
+    for p in passes:
+        n_in, n_out = STAGE_PASSES[(stage, p)]
+        moved += rows * (n_in * cin + n_out * cout) * elem
+        # the weight is read; the backward also writes its gradient
+        moved += weight * elem * (1 if p == "fwd" else 2)
+        flops += 2 * macs * (1 if p == "fwd" else 2)
+    return StageCost(bytes=moved, flops=flops, matrix=stage == "pw")
+
+
+def stage_floor_seconds(cost: StageCost, ceilings: Ceilings) -> float:
+    rate = ceilings.matmul_rate if cost.matrix else ceilings.vector_rate
+    return max(cost.bytes / ceilings.bandwidth, cost.flops / rate)
 
 
 def floor_seconds(cost: StepCost, ceilings: Ceilings, fused: bool = True) -> float:
