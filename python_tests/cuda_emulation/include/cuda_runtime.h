@@ -1,0 +1,3 @@
+// Stand-in for CUDA's <cuda_runtime.h> in the CPU emulation (see ../cuda_emu.h).
+#pragma once
+#include "../cuda_emu.h"
