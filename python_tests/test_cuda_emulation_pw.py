@@ -1,0 +1,257 @@
+"""The CUDA pw-stage kernels (csrc/cuda/kernels/pw_stage.cuh) run on the CPU under EMULATION.
+
+Each fused kernel around the stage's GEMMs is driven through csrc/cuda/check/pw_stage_check.cu
+with CPU tensors as device memory (python_tests/cuda_emulation), and compared with its formula in
+docs/OPS.md evaluated in float64: the prologue (norms + residual), the forward epilogue (act and
+the statistics of the stored output), the backward epilogue (dP and the bias gradient) and the
+norm-gradient kernel, for widths that fill channel blocks exactly and widths that do not, both
+load paths, and every storage dtype. The GEMMs themselves are cuBLAS's, run by the torch launcher
+and tested on a GPU (python_tests/test_cuda_gpu.py).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cuda_emulation import Guarded, bind, load_check_library, ptr, reverse_cta_order
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+ACT_CODE = {"gelu": 0, "relu": 1}
+P, LL, SZ = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_size_t
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (rows, channels): one row; a partial row tile; exact and partial channel blocks (a block is
+# 32 lanes x 16 bytes: 128 float32, 256 bfloat16 channels); widths that are not a multiple of the
+# 16-byte vector (scalar path).
+SHAPES = [(1, 16), (7, 24), (300, 37), (130, 256), (70, 264)]
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def vec_width(dtype):
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+# Relative to the largest magnitude of the reference: one rounding to the storage dtype plus
+# float32 accumulation over at most a few hundred rows (float32 2e-6), 2^-8 (bfloat16), 2^-11
+# (float16). A wrong channel, row or tile would be off by order one.
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def assert_close(actual, expected, dtype, what):
+    bound = TOL[dtype] * (float(expected.double().abs().max()) + 1e-30)
+    err = (actual.double() - expected.double()).abs()
+    bad = ~(err <= bound)
+    assert not bad.any(), (f"{what}: {int(bad.sum())}/{err.numel()} off, max error "
+                           f"{float(err.max()):.3g} > {bound:.3g}")
+
+
+class PwKernels:
+    def __init__(self):
+        self.lib = load_check_library("pw_stage_check.cu")
+        self.prologue_fn = bind(self.lib, "convmixer_pw_prologue", ctypes.c_int,
+                                [ctypes.c_int, LL, LL] + [P] * 9 + [P])
+        self.forward_fn = bind(self.lib, "convmixer_pw_epilogue_forward", ctypes.c_int,
+                               [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, SZ,
+                                ctypes.POINTER(SZ), P])
+        self.backward_fn = bind(self.lib, "convmixer_pw_epilogue_backward", ctypes.c_int,
+                                [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, P, P, P, SZ,
+                                 ctypes.POINTER(SZ), P])
+        self.norms_fn = bind(self.lib, "convmixer_pw_through_norms", ctypes.c_int,
+                             [ctypes.c_int, LL, LL] + [P] * 13 + [SZ, ctypes.POINTER(SZ), P])
+
+    @staticmethod
+    def _workspace(size):
+        return Guarded((max(size.value, 1),), torch.uint8)
+
+    def prologue(self, x, nx, res, nr, offset=0):
+        rows, c = x.shape
+        xg = Guarded.like(x, offset)
+        rg = Guarded.like(res, offset) if res is not None else None
+        u = Guarded((rows, c), x.dtype, offset)
+        nx = nx or (None, None, None)
+        nr = nr or (None, None, None)
+        rc = self.prologue_fn(DTYPE_CODE[x.dtype], rows, c, ptr(xg.tensor), *map(ptr, nx),
+                              ptr(rg.tensor) if rg else None, *map(ptr, nr), ptr(u.tensor), None)
+        assert rc == 0
+        u.check()
+        return u.tensor.clone()
+
+    def epilogue_forward(self, pre, act, stats=True, offset=0):
+        rows, c = pre.shape
+        code = DTYPE_CODE[pre.dtype]
+        size = SZ(0)
+        assert self.forward_fn(code, ACT_CODE[act], rows, c, None, None, None, None, None, 0,
+                               ctypes.byref(size), None) == 0
+        ws = self._workspace(size)
+        pg = Guarded.like(pre, offset)
+        out = Guarded((rows, c), pre.dtype, offset)
+        mean, var = Guarded((c,), acc_dtype(pre.dtype)), Guarded((c,), acc_dtype(pre.dtype))
+        rc = self.forward_fn(code, ACT_CODE[act], rows, c, ptr(pg.tensor), ptr(out.tensor),
+                             ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
+                             ptr(ws.tensor), ws.tensor.numel(), None, None)
+        assert rc == 0
+        for g in (pg, out, ws, mean, var):
+            g.check()
+        return out.tensor.clone(), mean.tensor.clone(), var.tensor.clone()
+
+    def epilogue_backward(self, grad_out, pre, gm, gv, mean, act):
+        rows, c = pre.shape
+        code = DTYPE_CODE[pre.dtype]
+        size = SZ(0)
+        assert self.backward_fn(code, ACT_CODE[act], rows, c, None, None, None, None, None, None,
+                                None, None, 0, ctypes.byref(size), None) == 0
+        ws = self._workspace(size)
+        dp, db = Guarded((rows, c), pre.dtype), Guarded((c,), pre.dtype)
+        rc = self.backward_fn(code, ACT_CODE[act], rows, c, ptr(grad_out), ptr(pre), ptr(gm),
+                              ptr(gv), ptr(mean), ptr(dp.tensor), ptr(db.tensor), ptr(ws.tensor),
+                              ws.tensor.numel(), None, None)
+        assert rc == 0
+        for g in (dp, db, ws):
+            g.check()
+        return dp.tensor.clone(), db.tensor.clone()
+
+    def through_norms(self, du, x, nx, res, nr, write_x, write_res):
+        rows, c = du.shape
+        code = DTYPE_CODE[du.dtype]
+        acc = acc_dtype(du.dtype)
+        size = SZ(0)
+        assert self.norms_fn(code, rows, c, *([None] * 13), 0, ctypes.byref(size), None) == 0
+        ws = self._workspace(size)
+        gx = Guarded((rows, c), du.dtype) if write_x else None
+        gr = Guarded((rows, c), du.dtype) if write_res else None
+        sums = [Guarded((c,), acc) for _ in range(3)]
+        xm, xs = nx[:2] if nx else (None, None)
+        rm, rs = nr[:2] if nr else (None, None)
+        rc = self.norms_fn(code, rows, c, ptr(du), ptr(x), ptr(xm), ptr(xs), ptr(res), ptr(rm),
+                           ptr(rs), ptr(gx.tensor) if gx else None, ptr(gr.tensor) if gr else None,
+                           *(ptr(s.tensor) for s in sums), ptr(ws.tensor), ws.tensor.numel(), None,
+                           None)
+        assert rc == 0
+        for g in (gx, gr, ws, *sums):
+            if g is not None:
+                g.check()
+        return (gx.tensor.clone() if gx else None, gr.tensor.clone() if gr else None,
+                *(s.tensor.clone() for s in sums))
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return PwKernels()
+
+
+def rand(shape, dtype, seed, scale=1.0, offset=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def make_norm(c, dtype, seed):
+    acc = acc_dtype(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    return ((torch.randn(c, generator=gen, dtype=torch.float64) * 0.5).to(acc),
+            (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(acc),
+            (torch.randn(c, generator=gen, dtype=torch.float64) * 0.5).to(acc))
+
+
+def apply_norm(v, norm):
+    if norm is None:
+        return v.double()
+    m, s, t = (q.double() for q in norm)
+    return (v.double() - m) * s + t
+
+
+def act64(act, p):
+    return F.gelu(p) if act == "gelu" else F.relu(p)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_prologue(kernels, dtype, shape):
+    rows, c = shape
+    x, res = rand(shape, dtype, 1), rand(shape, dtype, 2)
+    nx, nr = make_norm(c, dtype, 3), make_norm(c, dtype, 4)
+    for args in ((nx, res, nr), (nx, res, None), (None, res, None), (nx, None, None)):
+        u = kernels.prologue(x, args[0], args[1], args[2])
+        ref = apply_norm(x, args[0]) + (apply_norm(args[1], args[2]) if args[1] is not None else 0)
+        assert_close(u, ref, dtype, f"u with norms {args[0] is not None}/{args[2] is not None}")
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_epilogue_forward(kernels, dtype, shape, act):
+    pre = rand(shape, dtype, 5, scale=2.0, offset=0.3)
+    out, mean, var = kernels.epilogue_forward(pre, act)
+    ref = act64(act, pre.double())
+    assert_close(out, ref, dtype, "out")
+    # The statistics are of the output as stored (docs/OPS.md).
+    var_ref, mean_ref = torch.var_mean(out.double(), dim=0, unbiased=False)
+    stat_tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close(mean, mean_ref, torch.float64 if dtype == torch.float64 else torch.float32, "mean")
+    assert (var.double() - var_ref).abs().max() <= stat_tol * (float(var_ref.max()) + 1e-30)
+    _, mean_eval, _ = kernels.epilogue_forward(pre, act, stats=False)
+    assert torch.isnan(mean_eval).all(), "statistics written although none were asked for"
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_epilogue_backward(kernels, dtype, shape, act):
+    rows, c = shape
+    acc = acc_dtype(dtype)
+    pre = rand(shape, dtype, 6, scale=2.0)
+    grad_out = rand(shape, dtype, 7)
+    gm, gv = rand((c,), acc, 8), rand((c,), acc, 9)
+    out = act64(act, pre.double()).to(dtype)
+    mean = out.double().mean(0).to(acc)
+    dp, db = kernels.epilogue_backward(grad_out, pre, gm, gv, mean, act)
+    # dO = grad_out + gm / M + gv * 2 (o - mean) / M, through act' at p, in float64.
+    p64 = pre.double().requires_grad_()
+    o64 = act64(act, p64)
+    d_o = grad_out.double() + gm.double() / rows + gv.double() * 2 * (out.double() - mean.double()) / rows
+    (ref,) = torch.autograd.grad(o64, p64, d_o)
+    assert_close(dp, ref, dtype, "dP")
+    # The bias gradient sums the stored dP (what the GEMMs see).
+    assert_close(db, dp.double().sum(0), dtype, "grad_bias")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_through_norms(kernels, dtype, shape):
+    rows, c = shape
+    du, x, res = rand(shape, dtype, 10), rand(shape, dtype, 11, offset=1.0), rand(shape, dtype, 12)
+    nx, nr = make_norm(c, dtype, 13), make_norm(c, dtype, 14)
+    gx, gr, s0, s1, s2 = kernels.through_norms(du, x, nx, res, nr, True, True)
+    d = du.double()
+    assert_close(gx, d * nx[1].double(), dtype, "grad_x")
+    assert_close(gr, d * nr[1].double(), dtype, "grad_res")
+    assert_close(s0, d.sum(0), dtype, "sum dU")
+    assert_close(s1, (d * (x.double() - nx[0].double())).sum(0), dtype, "sum dU (x - mean)")
+    assert_close(s2, (d * (res.double() - nr[0].double())).sum(0), dtype, "sum dU (res - mean)")
+    # Residual without a norm: grad_res is a copy of dU; the x norm's sums still come out.
+    _, gr, s0b, s1b, _ = kernels.through_norms(du, x, nx, res, None, True, True)
+    assert torch.equal(gr, du)
+    assert torch.equal(s0b, s0) and torch.equal(s1b, s1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scalar_path_is_bitwise_the_vector_path(kernels, dtype):
+    shape = (150, 2 * 32 * vec_width(dtype))  # two full channel blocks
+    pre = rand(shape, dtype, 15)
+    a = kernels.epilogue_forward(pre, "gelu")
+    b = kernels.epilogue_forward(pre, "gelu", offset=1)  # off the 16-byte boundary: scalar loads
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_results_do_not_depend_on_cta_order(kernels):
+    pre = rand((300, 37), torch.float32, 16)
+    a = kernels.epilogue_forward(pre, "gelu")
+    with reverse_cta_order(kernels.lib):
+        b = kernels.epilogue_forward(pre, "gelu")
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
