@@ -411,3 +411,13 @@ def test_dw_forward_beyond_int32_indexing(layout):
     stored_mean, stored_var = stats_of_stored(got)
     assert_close_direct(mean.index_select(0, chans), stored_mean, torch.float32, name="mean")
     assert_close_direct(var.index_select(0, chans), stored_var, torch.float32, name="var")
+
+
+def test_float64_tile_beyond_shared_memory_is_a_clear_error():
+    """float64 with k >= 13 needs more than sm_90's 227 KiB of shared memory per block in the
+    backward: the op refuses it up front with a ValueError naming dtype and kernel size, rather
+    than failing at launch."""
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, device=CUDA)
+    w = torch.randn(4, 1, 15, 15, dtype=torch.float64, device=CUDA)
+    with pytest.raises(ValueError, match="kernel size 15"):
+        dw_stage(x, w, None, backend="cuda")
