@@ -63,23 +63,99 @@ PwGeometry check_pw(const char* op, const at::Tensor& x, const std::optional<at:
 }
 
 void check_like_output(const char* op, const char* name, const at::Tensor& t,
-                       at::IntArrayRef sizes, at::ScalarType dtype) {
+                       at::IntArrayRef sizes, const at::Tensor& x) {
   TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ",
                     t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " dtype ", t.scalar_type(),
-                   " differs from x dtype ", dtype);
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
 }
 
 StatGrads check_stat_grads(const char* op, const std::optional<at::Tensor>& grad_mean,
                            const std::optional<at::Tensor>& grad_var,
                            const std::optional<at::Tensor>& mean, int64_t channels,
-                           at::ScalarType acc_dtype) {
+                           at::ScalarType acc_dtype, const at::Device& device) {
   StatGrads s{stat_vector(op, "grad_mean", grad_mean, channels, acc_dtype),
               stat_vector(op, "grad_var", grad_var, channels, acc_dtype),
               stat_vector(op, "mean", mean, channels, acc_dtype)};
   TORCH_CHECK_VALUE(!s.grad_var.has_value() || s.mean.has_value(), op,
                     ": grad_var needs the forward's mean");
+  // A kernel reads these through raw pointers of x's device.
+  for (const auto* t : {&s.grad_mean, &s.grad_var, &s.mean}) {
+    TORCH_CHECK_VALUE(!t->has_value() || (*t)->device() == device, op,
+                      ": statistics vectors are on ", (*t)->device(), " but x is on ", device);
+  }
   return s;
+}
+
+DwArgs check_dw_stage(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
+                      const std::optional<at::Tensor>& x_scale,
+                      const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, c10::string_view act, bool stats) {
+  DwArgs a;
+  a.g = check_dw(op, x, weight, bias);
+  a.act = parse_act(act);
+  a.acc = acc_dtype_for(x.scalar_type());
+  a.norm = make_norm(op, "x", x_mean, x_scale, x_shift, a.g.C, a.acc, x.device());
+  TORCH_CHECK_VALUE(!stats || a.g.count() != 1, op,
+                    ": expected more than 1 value per channel when training, got input size ",
+                    x.sizes());
+  return a;
+}
+
+DwArgs check_dw_stage_backward(const char* op, const at::Tensor& grad_out,
+                               const std::optional<at::Tensor>& grad_mean,
+                               const std::optional<at::Tensor>& grad_var, const at::Tensor& x,
+                               const std::optional<at::Tensor>& x_mean,
+                               const std::optional<at::Tensor>& x_scale,
+                               const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& mean, c10::string_view act) {
+  DwArgs a = check_dw_stage(op, x, x_mean, x_scale, x_shift, weight, bias, act, false);
+  check_like_output(op, "grad_out", grad_out, x.sizes(), x);
+  a.sg = check_stat_grads(op, grad_mean, grad_var, mean, a.g.C, a.acc, x.device());
+  return a;
+}
+
+PwArgs check_pw_stage(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
+                      const std::optional<at::Tensor>& x_scale,
+                      const std::optional<at::Tensor>& x_shift,
+                      const std::optional<at::Tensor>& res,
+                      const std::optional<at::Tensor>& res_mean,
+                      const std::optional<at::Tensor>& res_scale,
+                      const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, c10::string_view act, bool stats) {
+  PwArgs a;
+  a.g = check_pw(op, x, res, weight, bias);
+  a.act = parse_act(act);
+  a.acc = acc_dtype_for(x.scalar_type());
+  a.nx = make_norm(op, "x", x_mean, x_scale, x_shift, a.g.Cin, a.acc, x.device());
+  a.nr = make_norm(op, "res", res_mean, res_scale, res_shift, a.g.Cin, a.acc, x.device());
+  TORCH_CHECK_VALUE(res.has_value() || !a.nr.defined(), op, ": a res norm needs res");
+  TORCH_CHECK_VALUE(!stats || a.g.rows() != 1, op,
+                    ": expected more than 1 value per channel when training, got input size ",
+                    x.sizes());
+  return a;
+}
+
+PwArgs check_pw_stage_backward(
+    const char* op, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_mean,
+    const std::optional<at::Tensor>& grad_var, const at::Tensor& x,
+    const std::optional<at::Tensor>& x_mean, const std::optional<at::Tensor>& x_scale,
+    const std::optional<at::Tensor>& x_shift, const std::optional<at::Tensor>& res,
+    const std::optional<at::Tensor>& res_mean, const std::optional<at::Tensor>& res_scale,
+    const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
+    const std::optional<at::Tensor>& mean, c10::string_view act) {
+  PwArgs a = check_pw_stage(op, x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift,
+                            weight, bias, act, false);
+  const auto out_sizes = a.out_sizes();
+  check_like_output(op, "grad_out", grad_out, out_sizes, x);
+  a.sg = check_stat_grads(op, grad_mean, grad_var, mean, a.g.Cout, a.acc, x.device());
+  a.have_pre_act = present(pre_act);
+  if (a.have_pre_act) check_like_output(op, "pre_act", *pre_act, out_sizes, x);
+  return a;
 }
 
 }  // namespace convmixer_kernels

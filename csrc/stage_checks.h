@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <vector>
 
 namespace convmixer_kernels {
 
@@ -32,18 +33,73 @@ struct PwGeometry {
 PwGeometry check_pw(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& res,
                     const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
-// A backward op's grad_out (or pre_act): the forward output's sizes and x's dtype.
+// A backward op's grad_out (or pre_act): the forward output's sizes, x's dtype and device.
 void check_like_output(const char* op, const char* name, const at::Tensor& t,
-                       at::IntArrayRef sizes, at::ScalarType dtype);
+                       at::IntArrayRef sizes, const at::Tensor& x);
 
 // The statistics' gradients and the forward's mean of a backward op, as [channels] vectors of the
-// accumulation dtype (nullopt when absent or empty); grad_var needs mean.
+// accumulation dtype on `device` (nullopt when absent or empty); grad_var needs mean.
 struct StatGrads {
   std::optional<at::Tensor> grad_mean, grad_var, mean;
 };
 StatGrads check_stat_grads(const char* op, const std::optional<at::Tensor>& grad_mean,
                            const std::optional<at::Tensor>& grad_var,
                            const std::optional<at::Tensor>& mean, int64_t channels,
-                           at::ScalarType acc_dtype);
+                           at::ScalarType acc_dtype, const at::Device& device);
+
+// A stage op's arguments, checked and parsed: what every backend's implementation starts from.
+// The backward variants also check grad_out (shape, dtype, device), the statistics' gradients and
+// the forward's mean (via check_stat_grads, on x's device) and, for pw, pre_act.
+struct DwArgs {
+  DwGeometry g;
+  Act act;
+  at::ScalarType acc;  // accumulation dtype of the norm and statistics vectors
+  Norm norm;
+  StatGrads sg;        // backward only
+};
+
+DwArgs check_dw_stage(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
+                      const std::optional<at::Tensor>& x_scale,
+                      const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, c10::string_view act, bool stats);
+
+DwArgs check_dw_stage_backward(const char* op, const at::Tensor& grad_out,
+                               const std::optional<at::Tensor>& grad_mean,
+                               const std::optional<at::Tensor>& grad_var, const at::Tensor& x,
+                               const std::optional<at::Tensor>& x_mean,
+                               const std::optional<at::Tensor>& x_scale,
+                               const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& mean, c10::string_view act);
+
+struct PwArgs {
+  PwGeometry g;
+  Act act;
+  at::ScalarType acc;
+  Norm nx, nr;
+  StatGrads sg;               // backward only
+  bool have_pre_act = false;  // backward only: a non-empty pre_act was given
+  std::vector<int64_t> out_sizes() const { return {g.N, g.Cout, g.H, g.W}; }
+  std::vector<int64_t> in_sizes() const { return {g.N, g.Cin, g.H, g.W}; }
+};
+
+PwArgs check_pw_stage(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
+                      const std::optional<at::Tensor>& x_scale,
+                      const std::optional<at::Tensor>& x_shift,
+                      const std::optional<at::Tensor>& res,
+                      const std::optional<at::Tensor>& res_mean,
+                      const std::optional<at::Tensor>& res_scale,
+                      const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, c10::string_view act, bool stats);
+
+PwArgs check_pw_stage_backward(
+    const char* op, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_mean,
+    const std::optional<at::Tensor>& grad_var, const at::Tensor& x,
+    const std::optional<at::Tensor>& x_mean, const std::optional<at::Tensor>& x_scale,
+    const std::optional<at::Tensor>& x_shift, const std::optional<at::Tensor>& res,
+    const std::optional<at::Tensor>& res_mean, const std::optional<at::Tensor>& res_scale,
+    const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
+    const std::optional<at::Tensor>& mean, c10::string_view act);
 
 }  // namespace convmixer_kernels

@@ -280,14 +280,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
     bool stats) {
-  const char* op = "dw_stage";
-  const DwGeometry g = check_dw(op, x_in, weight_in, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm norm = make_norm(op, "x", x_mean, x_scale, x_shift, g.C, acc, x_in.device());
-  TORCH_CHECK_VALUE(!stats || g.count() != 1, op,
-                    ": expected more than 1 value per channel when training, got input size ",
-                    x_in.sizes());
+  const DwArgs a = check_dw_stage("dw_stage", x_in, x_mean, x_scale, x_shift, weight_in, bias_in,
+                                  act_name, stats);
+  const DwGeometry& g = a.g;
+  const Act act = a.act;
+  const auto acc = a.acc;
+  const Norm& norm = a.norm;
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto weight = weight_in.contiguous();
@@ -312,16 +310,16 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& x_shift, const at::Tensor& weight_in,
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& mean_in,
                   c10::string_view act_name) {
-  const char* op = "dw_stage_backward";
-  const DwGeometry g = check_dw(op, x_in, weight_in, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm norm = make_norm(op, "x", x_mean, x_scale, x_shift, g.C, acc, x_in.device());
-  check_like_output(op, "grad_out", grad_out_in, x_in.sizes(), x_in.scalar_type());
-  const StatGrads sg = check_stat_grads(op, grad_mean_in, grad_var_in, mean_in, g.C, acc);
-  const auto& grad_mean = sg.grad_mean;
-  const auto& grad_var = sg.grad_var;
-  const auto& mean = sg.mean;
+  const DwArgs a = check_dw_stage_backward("dw_stage_backward", grad_out_in, grad_mean_in,
+                                           grad_var_in, x_in, x_mean, x_scale, x_shift, weight_in,
+                                           bias_in, mean_in, act_name);
+  const DwGeometry& g = a.g;
+  const Act act = a.act;
+  const auto acc = a.acc;
+  const Norm& norm = a.norm;
+  const auto& grad_mean = a.sg.grad_mean;
+  const auto& grad_var = a.sg.grad_var;
+  const auto& mean = a.sg.mean;
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);

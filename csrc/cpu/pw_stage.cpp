@@ -206,16 +206,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
     bool stats, bool keep_pre_act) {
-  const char* op = "pw_stage";
-  const PwGeometry g = check_pw(op, x_in, res_in, weight, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm nx = make_norm(op, "x", x_mean, x_scale, x_shift, g.Cin, acc, x_in.device());
-  const Norm nr = make_norm(op, "res", res_mean, res_scale, res_shift, g.Cin, acc, x_in.device());
-  TORCH_CHECK_VALUE(res_in.has_value() || !nr.defined(), op, ": a res norm needs res");
-  TORCH_CHECK_VALUE(!stats || g.rows() != 1, op,
-                    ": expected more than 1 value per channel when training, got input size ",
-                    x_in.sizes());
+  const PwArgs a = check_pw_stage("pw_stage", x_in, x_mean, x_scale, x_shift, res_in, res_mean,
+                                  res_scale, res_shift, weight, bias_in, act_name, stats);
+  const PwGeometry& g = a.g;
+  const Act act = a.act;
+  const auto acc = a.acc;
+  const Norm &nx = a.nx, &nr = a.nr;
 
   const auto x2d = rows_view(x_in);
   const auto r2d = res_in.has_value() ? std::optional<at::Tensor>(rows_view(*res_in)) : std::nullopt;
@@ -248,20 +244,18 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name) {
-  const char* op = "pw_stage_backward";
-  const PwGeometry g = check_pw(op, x_in, res_in, weight, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm nx = make_norm(op, "x", x_mean, x_scale, x_shift, g.Cin, acc, x_in.device());
-  const Norm nr = make_norm(op, "res", res_mean, res_scale, res_shift, g.Cin, acc, x_in.device());
-  const std::vector<int64_t> out_sizes{g.N, g.Cout, g.H, g.W};
-  check_like_output(op, "grad_out", grad_out, out_sizes, x_in.scalar_type());
-  const StatGrads sg = check_stat_grads(op, grad_mean_in, grad_var_in, mean_in, g.Cout, acc);
-  const auto& grad_mean = sg.grad_mean;
-  const auto& grad_var = sg.grad_var;
-  const auto& mean = sg.mean;
-  const bool have_pre_act = present(pre_act_in);
-  if (have_pre_act) check_like_output(op, "pre_act", *pre_act_in, out_sizes, x_in.scalar_type());
+  const PwArgs a = check_pw_stage_backward("pw_stage_backward", grad_out, grad_mean_in,
+                                           grad_var_in, x_in, x_mean, x_scale, x_shift, res_in,
+                                           res_mean, res_scale, res_shift, weight, bias_in,
+                                           pre_act_in, mean_in, act_name);
+  const PwGeometry& g = a.g;
+  const Act act = a.act;
+  const auto acc = a.acc;
+  const Norm &nx = a.nx, &nr = a.nr;
+  const auto& grad_mean = a.sg.grad_mean;
+  const auto& grad_var = a.sg.grad_var;
+  const auto& mean = a.sg.mean;
+  const bool have_pre_act = a.have_pre_act;
 
   const auto x2d = rows_view(x_in);
   const auto r2d = res_in.has_value() ? std::optional<at::Tensor>(rows_view(*res_in)) : std::nullopt;

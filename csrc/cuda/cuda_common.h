@@ -5,6 +5,7 @@
 
 #include "../ops.h"
 #include "../stage_checks.h"
+#include "kernels/elementwise.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -30,6 +31,11 @@ struct KernelType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
+// The kernels' compile-time activation for the op's act argument.
+inline cuda::ActKind kernel_act(Act act) {
+  return act == Act::GELU ? cuda::ActKind::GELU : cuda::ActKind::ReLU;
+}
+
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
@@ -42,15 +48,6 @@ inline const P* ptr_or_null(const std::optional<at::Tensor>& t) {
 template <typename P>
 inline const P* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? static_cast<const P*>(t.data_ptr()) : nullptr;
-}
-
-// Statistics vectors come from autograd on x's device; a CPU one would be read as device memory.
-inline void check_same_device(const char* op, const char* name,
-                              const std::optional<at::Tensor>& t, const at::Device& device) {
-  if (t.has_value() && t->defined()) {
-    TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " is on ", t->device(),
-                      " but x is on ", device);
-  }
 }
 
 // A workspace of `bytes` device bytes (a [0] tensor when none is needed).

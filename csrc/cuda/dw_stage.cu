@@ -11,9 +11,6 @@ namespace {
 
 namespace dw = ::convmixer_kernels::cuda::dw;
 using ::convmixer_kernels::cuda::acc_t;
-using ::convmixer_kernels::cuda::ActKind;
-
-ActKind kernel_act(Act act) { return act == Act::GELU ? ActKind::GELU : ActKind::ReLU; }
 
 template <typename T>
 dw::Plan plan_for(const char* op, const DwGeometry& g, const at::Tensor& x) {
@@ -29,13 +26,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
     const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
     c10::string_view act_name, bool stats) {
   const char* op = "dw_stage";
-  const DwGeometry g = check_dw(op, x_in, weight_in, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm norm = make_norm(op, "x", x_mean, x_scale, x_shift, g.C, acc, x_in.device());
-  TORCH_CHECK_VALUE(!stats || g.count() != 1, op,
-                    ": expected more than 1 value per channel when training, got input size ",
-                    x_in.sizes());
+  const DwArgs a = check_dw_stage(op, x_in, x_mean, x_scale, x_shift, weight_in, bias_in, act_name,
+                                  stats);
+  const DwGeometry& g = a.g;
+  const auto acc = a.acc;
+  const Norm& norm = a.norm;
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -60,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
     args.bias = ptr_or_null<T>(bias);
     args.out = static_cast<T*>(out.data_ptr());
     args.vectorized = dw::can_vectorize<T>(x.data_ptr(), g.C);
-    check_launch(dw::launch_forward<T>(plan, args, kernel_act(act),
+    check_launch(dw::launch_forward<T>(plan, args, kernel_act(a.act),
                                        stats ? static_cast<AccT*>(mean.data_ptr()) : nullptr,
                                        stats ? static_cast<AccT*>(var.data_ptr()) : nullptr,
                                        ws.numel() > 0 ? ws.data_ptr() : nullptr, stream),
@@ -78,17 +73,12 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& bias_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name) {
   const char* op = "dw_stage_backward";
-  const DwGeometry g = check_dw(op, x_in, weight_in, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm norm = make_norm(op, "x", x_mean, x_scale, x_shift, g.C, acc, x_in.device());
-  check_like_output(op, "grad_out", grad_out_in, x_in.sizes(), x_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_out_in.device() == x_in.device(), op, ": grad_out is on ",
-                    grad_out_in.device(), " but x is on ", x_in.device());
-  const StatGrads sg = check_stat_grads(op, grad_mean_in, grad_var_in, mean_in, g.C, acc);
-  check_same_device(op, "grad_mean", sg.grad_mean, x_in.device());
-  check_same_device(op, "grad_var", sg.grad_var, x_in.device());
-  check_same_device(op, "mean", sg.mean, x_in.device());
+  const DwArgs a = check_dw_stage_backward(op, grad_out_in, grad_mean_in, grad_var_in, x_in, x_mean,
+                                           x_scale, x_shift, weight_in, bias_in, mean_in, act_name);
+  const DwGeometry& g = a.g;
+  const auto acc = a.acc;
+  const Norm& norm = a.norm;
+  const StatGrads& sg = a.sg;
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -128,7 +118,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
     args.vectorized_x = dw::can_vectorize<T>(x.data_ptr(), g.C) &&
                         dw::can_vectorize<T>(grad_pre.data_ptr(), g.C);
     check_launch(
-        dw::launch_backward<T>(plan, args, kernel_act(act), static_cast<T*>(grad_weight.data_ptr()),
+        dw::launch_backward<T>(plan, args, kernel_act(a.act), static_cast<T*>(grad_weight.data_ptr()),
                                static_cast<T*>(grad_bias.data_ptr()),
                                norm.defined() ? static_cast<AccT*>(sum_dx.data_ptr()) : nullptr,
                                norm.defined() ? static_cast<AccT*>(sum_dx_xc.data_ptr()) : nullptr,

@@ -11,9 +11,6 @@ namespace {
 
 namespace pw = ::convmixer_kernels::cuda::pw;
 using ::convmixer_kernels::cuda::acc_t;
-using ::convmixer_kernels::cuda::ActKind;
-
-ActKind kernel_act(Act act) { return act == Act::GELU ? ActKind::GELU : ActKind::ReLU; }
 
 // The [rows, C] row-major matrix of an NHWC tensor (a view when x is channels_last already).
 at::Tensor rows_of(const at::Tensor& t) {
@@ -69,15 +66,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const at::Tensor& weight, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
     bool stats, bool keep_pre_act) {
   const char* op = "pw_stage";
-  const PwGeometry g = check_pw(op, x_in, res_in, weight, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm nx = make_norm(op, "x", x_mean, x_scale, x_shift, g.Cin, acc, x_in.device());
-  const Norm nr = make_norm(op, "res", res_mean, res_scale, res_shift, g.Cin, acc, x_in.device());
-  TORCH_CHECK_VALUE(res_in.has_value() || !nr.defined(), op, ": a res norm needs res");
-  TORCH_CHECK_VALUE(!stats || g.rows() != 1, op,
-                    ": expected more than 1 value per channel when training, got input size ",
-                    x_in.sizes());
+  const PwArgs args = check_pw_stage(op, x_in, x_mean, x_scale, x_shift, res_in, res_mean,
+                                     res_scale, res_shift, weight, bias_in, act_name, stats);
+  const PwGeometry& g = args.g;
+  const Act act = args.act;
+  const auto acc = args.acc;
+  const Norm &nx = args.nx, &nr = args.nr;
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -85,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   const auto r2d = res_in.has_value() ? rows_of(*res_in) : at::Tensor();
   const auto w2d = weight.reshape({g.Cout, g.Cin});
   const auto bias = bias_in.has_value() ? *bias_in : at::Tensor();
-  const std::vector<int64_t> out_sizes{g.N, g.Cout, g.H, g.W};
+  const std::vector<int64_t> out_sizes = args.out_sizes();
   auto out2d = at::empty({g.rows(), g.Cout}, x_in.options());
   at::Tensor mean = stats ? at::empty({g.Cout}, x_in.options().dtype(acc)) : empty_output(x_in, acc);
   at::Tensor var = stats ? at::empty({g.Cout}, x_in.options().dtype(acc)) : empty_output(x_in, acc);
@@ -122,25 +116,16 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name) {
   const char* op = "pw_stage_backward";
-  const PwGeometry g = check_pw(op, x_in, res_in, weight, bias_in);
-  const Act act = parse_act(act_name);
-  const auto acc = acc_dtype_for(x_in.scalar_type());
-  const Norm nx = make_norm(op, "x", x_mean, x_scale, x_shift, g.Cin, acc, x_in.device());
-  const Norm nr = make_norm(op, "res", res_mean, res_scale, res_shift, g.Cin, acc, x_in.device());
-  TORCH_CHECK_VALUE(res_in.has_value() || !nr.defined(), op, ": a res norm needs res");
-  const std::vector<int64_t> out_sizes{g.N, g.Cout, g.H, g.W};
-  check_like_output(op, "grad_out", grad_out, out_sizes, x_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == x_in.device(), op, ": grad_out is on ",
-                    grad_out.device(), " but x is on ", x_in.device());
-  const StatGrads sg = check_stat_grads(op, grad_mean_in, grad_var_in, mean_in, g.Cout, acc);
-  check_same_device(op, "grad_mean", sg.grad_mean, x_in.device());
-  check_same_device(op, "grad_var", sg.grad_var, x_in.device());
-  check_same_device(op, "mean", sg.mean, x_in.device());
-  const bool have_pre_act = present(pre_act_in);
-  if (have_pre_act) {
-    check_like_output(op, "pre_act", *pre_act_in, out_sizes, x_in.scalar_type());
-    check_same_device(op, "pre_act", pre_act_in, x_in.device());
-  }
+  const PwArgs args = check_pw_stage_backward(op, grad_out, grad_mean_in, grad_var_in, x_in, x_mean,
+                                              x_scale, x_shift, res_in, res_mean, res_scale,
+                                              res_shift, weight, bias_in, pre_act_in, mean_in,
+                                              act_name);
+  const PwGeometry& g = args.g;
+  const Act act = args.act;
+  const auto acc = args.acc;
+  const Norm &nx = args.nx, &nr = args.nr;
+  const StatGrads& sg = args.sg;
+  const bool have_pre_act = args.have_pre_act;
   const c10::cuda::CUDAGuard guard(x_in.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -149,7 +134,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const auto w2d = weight.reshape({g.Cout, g.Cin});
   const auto bias = bias_in.has_value() ? *bias_in : at::Tensor();
   const auto go2d = rows_of(grad_out);
-  const std::vector<int64_t> in_sizes{g.N, g.Cin, g.H, g.W};
+  const std::vector<int64_t> in_sizes = args.in_sizes();
   auto grad_bias = at::empty({g.Cout}, weight.options());
   at::Tensor grad_x, grad_res = empty_output(x_in, x_in.scalar_type()), grad_w;
   at::Tensor sum_du = at::empty({g.Cin}, x_in.options().dtype(acc));

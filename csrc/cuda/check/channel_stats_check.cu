@@ -3,6 +3,7 @@
 // cuda_kernels_check) reports registers and spills for each one without torch or a GPU.
 // Nothing here may include torch or ATen (DESIGN.md §8).
 #include "../kernels/channel_stats.cuh"
+#include "dtype_codes.cuh"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -79,11 +80,5 @@ extern "C" int convmixer_channel_stats(int dtype, const void* x, long long rows,
         static_cast<AccT*>(var_out), static_cast<AccT*>(running_mean),
         static_cast<AccT*>(running_var), momentum, stream));
   };
-  switch (dtype) {
-    case 0: return run(float{});
-    case 1: return run(double{});
-    case 2: return run(__half{});
-    case 3: return run(__nv_bfloat16{});
-    default: return int(cudaErrorInvalidValue);
-  }
+  return convmixer_kernels::cuda::dispatch_dtype_code(dtype, run);
 }

@@ -6,26 +6,12 @@
 // the CPU emulation tests (python_tests/cuda_emulation) call them through ctypes.
 // dtype: 0 float, 1 double, 2 half, 3 bfloat16; act: 0 GELU, 1 ReLU. Norm and statistics vectors
 // are float (double for dtype 1). Returns a cudaError_t value.
+#include "dtype_codes.cuh"
 #include "../kernels/dw_stage.cuh"
 
 namespace dw = convmixer_kernels::cuda::dw;
 using convmixer_kernels::cuda::acc_t;
 using convmixer_kernels::cuda::ActKind;
-
-namespace {
-
-template <typename F>
-int dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: return f(float{});
-    case 1: return f(double{});
-    case 2: return f(__half{});
-    case 3: return f(__nv_bfloat16{});
-    default: return int(cudaErrorInvalidValue);
-  }
-}
-
-}  // namespace
 
 extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long N, long long C,
                                     long long H, long long W, int K, const void* norm_mean,
@@ -34,7 +20,7 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
                                     void* mean_out, void* var_out, void* workspace,
                                     size_t workspace_bytes, size_t* workspace_bytes_out,
                                     cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto tag) -> int {
+  return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
     const dw::Plan plan = dw::make_plan<T>(N, C, H, W, K);
@@ -67,7 +53,7 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      void* sum_dx, void* sum_dx_xc, void* workspace,
                                      size_t workspace_bytes, size_t* workspace_bytes_out,
                                      cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto tag) -> int {
+  return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
     const dw::Plan plan = dw::make_plan<T>(N, C, H, W, K);

@@ -7,6 +7,7 @@
 // (python_tests/cuda_emulation). dtype: 0 float, 1 double, 2 half, 3 bfloat16; act: 0 GELU,
 // 1 ReLU; per-channel vectors are float (double for dtype 1). A null output pointer only reports
 // the workspace size. Returns a cudaError_t value.
+#include "dtype_codes.cuh"
 #include "../kernels/pw_stage.cuh"
 
 namespace pw = convmixer_kernels::cuda::pw;
@@ -14,17 +15,6 @@ using convmixer_kernels::cuda::acc_t;
 using convmixer_kernels::cuda::ActKind;
 
 namespace {
-
-template <typename F>
-int dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: return f(float{});
-    case 1: return f(double{});
-    case 2: return f(__half{});
-    case 3: return f(__nv_bfloat16{});
-    default: return int(cudaErrorInvalidValue);
-  }
-}
 
 bool aligned(std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs)
@@ -40,7 +30,7 @@ extern "C" int convmixer_pw_prologue(int dtype, long long rows, long long C, con
                                      const void* x_mean, const void* x_scale, const void* x_shift,
                                      const void* res, const void* res_mean, const void* res_scale,
                                      const void* res_shift, void* u, cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto tag) -> int {
+  return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
     const pw::Plan plan = pw::make_plan<T>(rows, C, aligned({x, res, u}));
@@ -59,7 +49,7 @@ extern "C" int convmixer_pw_epilogue_forward(int dtype, int act, long long rows,
                                              void* var_out, void* workspace,
                                              size_t workspace_bytes, size_t* workspace_bytes_out,
                                              cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto tag) -> int {
+  return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
     const pw::Plan plan = pw::make_plan<T>(rows, C, aligned({pre, out}));
@@ -80,7 +70,7 @@ extern "C" int convmixer_pw_epilogue_backward(int dtype, int act, long long rows
                                               const void* mean, void* grad_pre, void* grad_bias,
                                               void* workspace, size_t workspace_bytes,
                                               size_t* workspace_bytes_out, cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto tag) -> int {
+  return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
     const pw::Plan plan = pw::make_plan<T>(rows, C, aligned({grad_out, pre, grad_pre}));
@@ -105,7 +95,7 @@ extern "C" int convmixer_pw_through_norms(int dtype, long long rows, long long C
                                           void* sum_du, void* sum_du_xc, void* sum_du_rc,
                                           void* workspace, size_t workspace_bytes,
                                           size_t* workspace_bytes_out, cudaStream_t stream) {
-  return dispatch_dtype(dtype, [&](auto tag) -> int {
+  return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
     const pw::Plan plan = pw::make_plan<T>(rows, C, aligned({grad_u, x, res, grad_x, grad_res}));

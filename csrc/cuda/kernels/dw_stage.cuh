@@ -245,6 +245,30 @@ __device__ __forceinline__ void correlate(const AccT* s_in, const SmemLayout& l,
   }
 }
 
+// Where a thread works: its lane's channel, its warp's kRY x kRX strip of every tile, and the CTA's
+// run of tiles [t_begin, t_end).
+struct Place {
+  int lane, group, strip_y, strip_x, c0, c;
+  int64_t t_begin, t_end;
+  __device__ __forceinline__ explicit Place(const Shape& s)
+      : lane(int(threadIdx.x) % kCB),
+        group(int(threadIdx.x) / kCB),
+        strip_y((group / kGroupsX) * kRY),
+        strip_x((group % kGroupsX) * kRX),
+        c0(int(blockIdx.y) * kCB),
+        c(c0 + lane),
+        t_begin(int64_t(blockIdx.x) * s.tiles_per_part),
+        t_end(t_begin + s.tiles_per_part < s.tiles ? t_begin + s.tiles_per_part : s.tiles) {}
+};
+
+template <typename AccT>
+__device__ __forceinline__ void fill_strip(AccT (&acc)[kRY][kRX], AccT v) {
+#pragma unroll
+  for (int r = 0; r < kRY; ++r)
+#pragma unroll
+    for (int x = 0; x < kRX; ++x) acc[r][x] = v;
+}
+
 // Fixed-order sum over the CTA's warps of one value per thread: returns the total to the threads
 // of warp 0 (others get garbage). s_red: kGroups * kCB values; the caller syncs before reuse.
 template <typename AccT>
@@ -326,9 +350,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int K = kK > 0 ? kK : s.K;
   const int pad = K / 2;
   const SmemLayout l = smem_layout(K, Kernel::Forward);
-  const int lane = threadIdx.x % kCB, group = threadIdx.x / kCB;
-  const int strip_y = (group / kGroupsX) * kRY, strip_x = (group % kGroupsX) * kRX;
-  const int c0 = int(blockIdx.y) * kCB, c = c0 + lane;
+  const Place me(s);
+  const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   const bool stats = args.part_mean != nullptr;
 
   stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, false);
@@ -337,25 +360,20 @@ __global__ void __launch_bounds__(kThreads, 2)
                                         args.norm_shift, c0, s.C);
   Welford<AccT> welford;
 
-  const int64_t t_begin = int64_t(blockIdx.x) * s.tiles_per_part;
-  const int64_t t_end = t_begin + s.tiles_per_part < s.tiles ? t_begin + s.tiles_per_part : s.tiles;
-  for (int64_t tile = t_begin; tile < t_end; ++tile) {
+  for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
     __syncthreads();  // the previous tile's readers are done (and norm/taps are staged)
     stage_tile<T>(smem + l.in, l, args.x, s, t, c0, pad, s_norm, args.vectorized);
     __syncthreads();
     AccT acc[kRY][kRX];
-#pragma unroll
-    for (int r = 0; r < kRY; ++r)
-#pragma unroll
-      for (int x = 0; x < kRX; ++x) acc[r][x] = bias;
-    correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, strip_y, strip_x, acc);
+    fill_strip(acc, bias);
+    correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
-      const int y = t.y0 + strip_y + r;
+      const int y = t.y0 + me.strip_y + r;
 #pragma unroll
       for (int x = 0; x < kRX; ++x) {
-        const int xx = t.x0 + strip_x + x;
+        const int xx = t.x0 + me.strip_x + x;
         if (y >= s.H || xx >= s.W || c >= s.C) continue;
         const T o = from_acc<T>(act_forward<A, AccT>(acc[r][x]));
         args.out[((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c] = o;
@@ -402,9 +420,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int K = kK > 0 ? kK : s.K;
   const int pad = K / 2;
   const SmemLayout l = smem_layout(K, Kernel::BackwardData);
-  const int lane = threadIdx.x % kCB, group = threadIdx.x / kCB;
-  const int strip_y = (group / kGroupsX) * kRY, strip_x = (group % kGroupsX) * kRX;
-  const int c0 = int(blockIdx.y) * kCB, c = c0 + lane;
+  const Place me(s);
+  const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   AccT* s_in = smem + l.in;
   AccT* s_dA = smem + l.dA;
   AccT* s_gw = smem + l.grad_w;
@@ -427,25 +444,20 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool need_o = args.grad_var != nullptr;
   AccT grad_b = AccT(0);
 
-  const int64_t t_begin = int64_t(blockIdx.x) * s.tiles_per_part;
-  const int64_t t_end = t_begin + s.tiles_per_part < s.tiles ? t_begin + s.tiles_per_part : s.tiles;
-  for (int64_t tile = t_begin; tile < t_end; ++tile) {
+  for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
     __syncthreads();
     stage_tile<T>(s_in, l, args.x, s, t, c0, pad, s_norm, args.vectorized_x);
     __syncthreads();
     AccT acc[kRY][kRX];
-#pragma unroll
-    for (int r = 0; r < kRY; ++r)
-#pragma unroll
-      for (int x = 0; x < kRX; ++x) acc[r][x] = bias;
-    correlate<kK, AccT>(s_in, l, K, smem + l.weights, strip_y, strip_x, acc);
+    fill_strip(acc, bias);
+    correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
-      const int y = t.y0 + strip_y + r;
+      const int y = t.y0 + me.strip_y + r;
 #pragma unroll
       for (int x = 0; x < kRX; ++x) {
-        const int xx = t.x0 + strip_x + x;
+        const int xx = t.x0 + me.strip_x + x;
         AccT dA = AccT(0);
         if (y < s.H && xx < s.W && c < s.C) {
           const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
@@ -456,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           args.grad_pre[off] = from_acc<T>(dA);
         }
         grad_b += dA;
-        s_dA[((strip_y + r) * kTW + strip_x + x) * kCB + lane] = dA;
+        s_dA[((me.strip_y + r) * kTW + me.strip_x + x) * kCB + lane] = dA;
       }
     }
     __syncthreads();  // s_dA complete
@@ -513,9 +525,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int K = kK > 0 ? kK : s.K;
   const int pad = K / 2;
   const SmemLayout l = smem_layout(K, Kernel::BackwardInput);
-  const int lane = threadIdx.x % kCB, group = threadIdx.x / kCB;
-  const int strip_y = (group / kGroupsX) * kRY, strip_x = (group % kGroupsX) * kRX;
-  const int c0 = int(blockIdx.y) * kCB, c = c0 + lane;
+  const Place me(s);
+  const int group = me.group, c0 = me.c0, c = me.c;
 
   stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, true);
   const bool norm = args.norm_mean != nullptr;
@@ -523,26 +534,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   const AccT scale = norm && c < s.C ? args.norm_scale[c] : AccT(1);
   AccT sum_dx = AccT(0), sum_dx_xc = AccT(0);
 
-  const int64_t t_begin = int64_t(blockIdx.x) * s.tiles_per_part;
-  const int64_t t_end = t_begin + s.tiles_per_part < s.tiles ? t_begin + s.tiles_per_part : s.tiles;
-  for (int64_t tile = t_begin; tile < t_end; ++tile) {
+  for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
     __syncthreads();
     // grad_pre is ours (fresh allocation): aligned whenever x is, and C is the same.
     stage_tile<T>(smem + l.in, l, args.grad_pre, s, t, c0, pad, nullptr, args.vectorized_x);
     __syncthreads();
     AccT acc[kRY][kRX];
-#pragma unroll
-    for (int r = 0; r < kRY; ++r)
-#pragma unroll
-      for (int x = 0; x < kRX; ++x) acc[r][x] = AccT(0);
-    correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, strip_y, strip_x, acc);
+    fill_strip(acc, AccT(0));
+    correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
-      const int y = t.y0 + strip_y + r;
+      const int y = t.y0 + me.strip_y + r;
 #pragma unroll
       for (int x = 0; x < kRX; ++x) {
-        const int xx = t.x0 + strip_x + x;
+        const int xx = t.x0 + me.strip_x + x;
         if (y >= s.H || xx >= s.W || c >= s.C) continue;
         const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
         const AccT dx = acc[r][x];
