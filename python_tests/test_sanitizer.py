@@ -1,6 +1,7 @@
-"""compute-sanitizer memcheck over bench/sanitize.py's small fused step on the CUDA backend:
-no out-of-bounds or misaligned access, no device-side fault. (The other tools and the Triton
-backend: bash bench/run_sanitizers.sh OUT_DIR.)
+"""compute-sanitizer over bench/sanitize.py's small fused step on the CUDA backend: memcheck (no
+out-of-bounds or misaligned access, no device-side fault), racecheck (no shared-memory hazard
+between the threads of a CTA: the kernels' __syncthreads placement) and synccheck. (initcheck and
+the Triton backend: bash bench/run_sanitizers.sh OUT_DIR.)
 
 Skips without a CUDA GPU, without the CUDA kernels built, without compute-sanitizer on PATH,
 or without the source tree's bench/ directory (the driver script lives there).
@@ -39,12 +40,13 @@ def _skip_reason():
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
 
-def test_memcheck_reports_no_errors_on_cuda_step(tmp_path):
-    log = tmp_path / "memcheck.log"
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck", "synccheck"])
+def test_sanitizer_reports_no_errors_on_cuda_step(tmp_path, tool):
+    log = tmp_path / f"{tool}.log"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
     result = subprocess.run(
-        [SANITIZER, "--tool", "memcheck", "--log-file", str(log), "--error-exitcode", "1",
+        [SANITIZER, "--tool", tool, "--log-file", str(log), "--error-exitcode", "1",
          sys.executable, str(SCRIPT), "--backend", "cuda"],
         capture_output=True, text=True, timeout=1200, env=env)
     report = log.read_text() if log.exists() else ""
