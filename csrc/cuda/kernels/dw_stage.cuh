@@ -67,7 +67,8 @@ struct Shape {
 // elements, so all region starts stay 16-byte aligned.
 struct SmemLayout {
   int in_h = 0, in_w = 0;  // staged tile + halo
-  size_t in = 0, weights = 0, dA = 0, grad_w = 0, norm = 0, total = 0;  // element offsets; total
+  size_t in = 0, weights = 0, dA = 0, grad_w = 0, norm = 0;  // region offsets
+  size_t total = 0;                                         // elements in all
 };
 
 enum class Kernel { Forward, BackwardData, BackwardInput };
@@ -105,10 +106,10 @@ constexpr bool kRegisterTaps = kK > 0 && kK <= kMaxRegK && sizeof(AccT) == 4;
 // Device building blocks
 // ---------------------------------------------------------------------------------------------
 
-// Which tile the loop is on, and where this thread's strip sits in it.
+// Which tile the loop is on: its image and the image coordinates of its first output pixel.
 struct TileCoord {
   int64_t n;
-  int y0, x0;  // image coordinates of the tile's first output pixel
+  int y0, x0;
 };
 
 __device__ __forceinline__ TileCoord tile_coord(const Shape& s, int64_t tile) {
