@@ -151,8 +151,17 @@ __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const Sm
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = AccT(0);
       }
+      AccT* dst = s_in + pix * kCB + lane0;
+      if constexpr (sizeof(AccT) == 4 && V % 4 == 0) {
+        // 16-byte stores: with scalar ones the 32 threads of a warp, 8 floats apart, would hit
+        // 4 banks (an 8-way conflict per store); float4 stores leave a 2-way conflict.
 #pragma unroll
-      for (int j = 0; j < V; ++j) s_in[pix * kCB + lane0 + j] = v[j];
+        for (int j = 0; j < V; j += 4)
+          *reinterpret_cast<float4*>(dst + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < V; ++j) dst[j] = v[j];
+      }
     }
   } else {
     for (int item = threadIdx.x; item < pixels * kCB; item += kThreads) {
