@@ -368,7 +368,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   const AccT bias = args.bias != nullptr && c < s.C ? to_acc(args.bias[c]) : AccT(0);
   const AccT* s_norm = stage_norm<AccT>(smem + l.norm, args.norm_mean, args.norm_scale,
                                         args.norm_shift, c0, s.C);
-  Welford<AccT> welford;
+  // This thread's running (count, mean, M2) of its channel over its strips of the part's tiles.
+  int n_run = 0;
+  AccT mean_run = AccT(0), m2_run = AccT(0);
 
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
@@ -387,7 +389,34 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (y >= s.H || xx >= s.W || c >= s.C) continue;
         const T o = from_acc<T>(act_forward<A, AccT>(acc[r][x]));
         args.out[((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c] = o;
-        if (stats) welford.push(to_acc(o));
+        acc[r][x] = to_acc(o);  // the stored value, for the statistics
+      }
+    }
+    if (stats) {
+      // The strip's own mean and M2 by two passes over registers (one division per tile, not
+      // one reciprocal per value as a Welford update would cost), then Chan's merge.
+      int n_strip = 0;
+      AccT sum = AccT(0);
+#pragma unroll
+      for (int r = 0; r < kRY; ++r)
+#pragma unroll
+        for (int x = 0; x < kRX; ++x)
+          if (t.y0 + me.strip_y + r < s.H && t.x0 + me.strip_x + x < s.W) {
+            ++n_strip;
+            sum += acc[r][x];
+          }
+      if (n_strip > 0 && c < s.C) {
+        const AccT mean_strip = channel_stats::acc_div(sum, static_cast<AccT>(n_strip));
+        AccT m2_strip = AccT(0);
+#pragma unroll
+        for (int r = 0; r < kRY; ++r)
+#pragma unroll
+          for (int x = 0; x < kRX; ++x)
+            if (t.y0 + me.strip_y + r < s.H && t.x0 + me.strip_x + x < s.W) {
+              const AccT d = acc[r][x] - mean_strip;
+              m2_strip = fma_acc(d, d, m2_strip);
+            }
+        channel_stats::chan_merge(n_run, mean_run, m2_run, n_strip, mean_strip, m2_strip);
       }
     }
   }
@@ -398,9 +427,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   int* s_n = reinterpret_cast<int*>(smem + l.in);
   AccT* s_mean = smem + l.in + kGroups * kCB;
   AccT* s_m2 = s_mean + kGroups * kCB;
-  s_n[group * kCB + lane] = welford.n;
-  s_mean[group * kCB + lane] = welford.mean;
-  s_m2[group * kCB + lane] = welford.m2;
+  s_n[group * kCB + lane] = n_run;
+  s_mean[group * kCB + lane] = mean_run;
+  s_m2[group * kCB + lane] = m2_run;
   __syncthreads();
   if (group != 0) return;
   int64_t n = 0;
@@ -637,7 +666,7 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K) {
   if (parts > s.tiles) parts = s.tiles;
   s.tiles_per_part = parts > 0 ? (s.tiles + parts - 1) / parts : 0;
   s.parts = s.tiles_per_part > 0 ? (s.tiles + s.tiles_per_part - 1) / s.tiles_per_part : 0;
-  // Per-part pixel counts are int (Welford, TileCounts): keep them well inside.
+  // Per-part pixel counts are int (the statistics' counts, TileCounts): keep them well inside.
   if (s.tiles_per_part * kTH * kTW > (int64_t(1) << 30)) {
     p.error = "too many pixels per part";
     return p;

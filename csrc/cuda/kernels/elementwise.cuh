@@ -1,5 +1,5 @@
 // Per-element maths shared by the CUDA stage kernels: storage <-> accumulation conversions, the
-// activations and their derivatives, and per-thread Welford statistics. Torch-free (DESIGN.md §8).
+// activations and their derivatives. Torch-free (DESIGN.md §8).
 //
 // The activations follow docs/OPS.md exactly as PyTorch's CUDA kernels compute them in opmath:
 // GELU is the erf form 0.5 v (1 + erf(v / sqrt 2)) and its derivative cdf + v pdf; ReLU keeps NaN
@@ -75,20 +75,6 @@ __device__ __forceinline__ AccT act_forward(AccT a) {
   if constexpr (A == ActKind::GELU) return AccT(0.5) * a * (AccT(1) + erf_acc(a * AccT(kSqrtHalf)));
   return a < AccT(0) ? AccT(0) : a;
 }
-
-// One thread's running (count, mean, M2) for one channel. Counts stay int: a thread sees at most
-// a part's pixels, which the plans keep far below 2^31.
-template <typename AccT>
-struct Welford {
-  int n = 0;
-  AccT mean = AccT(0), m2 = AccT(0);
-  __device__ __forceinline__ void push(AccT v) {
-    ++n;
-    const AccT d = v - mean;
-    mean = channel_stats::acc_fma(d, channel_stats::acc_rcp(static_cast<AccT>(n)), mean);
-    m2 = channel_stats::acc_fma(d, v - mean, m2);
-  }
-};
 
 // Fused multiply-add in the accumulation type (explicit, so the convolution sums do not depend on
 // the compiler's contraction choices).

@@ -240,7 +240,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kBlockC = kLanes * V;
   const int lane = threadIdx.x, group = threadIdx.y, cb = blockIdx.y;
   const bool stats = a.part_mean != nullptr;
-  Welford<AccT> w[V];
+  channel_stats::WelfordVec<AccT, V> w;  // one count and reciprocal per row for all V channels
+  w.init();
   const RowRange rr = tile_rows(p);
   for (int64_t r = rr.begin + group; r < rr.end; r += kRowGroups) {
     AccT v[V];
@@ -248,10 +249,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = act_forward<A, AccT>(v[j]);
     store_row<T>(a.out + r * p.C, cb, lane, p.C, p.vectorized, v);
-    if (stats) {
-#pragma unroll
-      for (int j = 0; j < V; ++j) w[j].push(v[j]);
-    }
+    if (stats) w.push(v);
   }
   if (!stats) return;
   // Merge the row groups' states in group order. Every row group of a tile saw a number of rows
@@ -262,10 +260,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const int local = lane_channel<T>(0, lane, j, p.vectorized);
-    s_mean[group * kBlockC + local] = w[j].mean;
-    s_m2[group * kBlockC + local] = w[j].m2;
+    s_mean[group * kBlockC + local] = w.mean[j];
+    s_m2[group * kBlockC + local] = w.m2[j];
   }
-  if (lane == 0) s_n[group] = w[0].n;
+  if (lane == 0) s_n[group] = w.count;
   __syncthreads();
   for (int local = group * kLanes + lane; local < kBlockC; local += kThreads) {
     const int c = cb * kBlockC + local;
