@@ -173,6 +173,26 @@ CASES = [
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 @pytest.mark.parametrize("dtype,k,shape", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_forward_and_backward(kernels, dtype, k, shape, act):
+    check_forward_backward(kernels, dtype, k, shape, act)
+
+
+@pytest.mark.parametrize("target_ctas", [1, 4], ids=lambda n: f"target{n}")
+@pytest.mark.parametrize("dtype,k,shape", [(torch.float32, 9, (3, 40, 16, 16)),
+                                           (torch.float32, 11, (2, 33, 20, 9)),
+                                           (torch.bfloat16, 5, (2, 64, 17, 17))],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_ctas_walking_several_tiles(kernels, dtype, k, shape, target_ctas):
+    # The real plan (2048 CTAs) gives every small test shape one tile per CTA. A lower target
+    # makes each CTA walk a run of tiles, as the paper shapes do on a GPU: the statistics merged
+    # across tiles, dW accumulated in shared memory across tiles, the barriers between tiles.
+    kernels.lib.convmixer_dw_set_target_ctas(ctypes.c_longlong(target_ctas))
+    try:
+        check_forward_backward(kernels, dtype, k, shape, "gelu")
+    finally:
+        kernels.lib.convmixer_dw_set_target_ctas(ctypes.c_longlong(0))
+
+
+def check_forward_backward(kernels, dtype, k, shape, act):
     x, norm, weight, bias = make_inputs(shape, k, dtype, seed=k + shape[1])
     out, mean, var = kernels.forward(x, norm, weight, bias, act, stats=True)
     ref_out, ref_mean, ref_var = reference_forward(x, norm, weight, bias, act)

@@ -13,6 +13,14 @@ namespace dw = convmixer_kernels::cuda::dw;
 using convmixer_kernels::cuda::acc_t;
 using convmixer_kernels::cuda::ActKind;
 
+// The CTA-count target the entry points plan with; tests lower it (convmixer_dw_set_target_ctas)
+// so that small shapes still give CTAs several tiles to walk.
+static long long g_target_ctas = dw::kTargetCtas;
+
+extern "C" void convmixer_dw_set_target_ctas(long long n) {
+  g_target_ctas = n > 0 ? n : dw::kTargetCtas;
+}
+
 extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long N, long long C,
                                     long long H, long long W, int K, const void* norm_mean,
                                     const void* norm_scale, const void* norm_shift,
@@ -23,7 +31,7 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
   return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
-    const dw::Plan plan = dw::make_plan<T>(N, C, H, W, K);
+    const dw::Plan plan = dw::make_plan<T>(N, C, H, W, K, g_target_ctas);
     if (!plan.valid) return int(cudaErrorInvalidValue);
     if (workspace_bytes_out != nullptr) *workspace_bytes_out = plan.ws_forward;
     if (out == nullptr) return int(cudaSuccess);
@@ -56,7 +64,7 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
   return convmixer_kernels::cuda::dispatch_dtype_code(dtype, [&](auto tag) -> int {
     using T = decltype(tag);
     using AccT = acc_t<T>;
-    const dw::Plan plan = dw::make_plan<T>(N, C, H, W, K);
+    const dw::Plan plan = dw::make_plan<T>(N, C, H, W, K, g_target_ctas);
     if (!plan.valid) return int(cudaErrorInvalidValue);
     if (workspace_bytes_out != nullptr) *workspace_bytes_out = plan.ws_backward;
     if (grad_x == nullptr) return int(cudaSuccess);

@@ -630,9 +630,11 @@ inline bool can_vectorize(const void* p, int64_t C) {
 }
 
 // Partitions an [N, H, W, C] problem with odd kernel size K for storage type T. Pure host
-// arithmetic, so the caller can size the workspace first.
+// arithmetic, so the caller can size the workspace first. target_ctas is kTargetCtas except in
+// tests, which lower it to make a CTA walk several tiles on small shapes.
 template <typename T>
-inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K) {
+inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
+                      int64_t target_ctas = kTargetCtas) {
   using AccT = acc_t<T>;
   Plan p;
   if (N < 0 || C < 0 || H < 0 || W < 0) {
@@ -661,7 +663,7 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K) {
     p.error = "too many channels for the grid";
     return p;
   }
-  int64_t parts = kTargetCtas / (s.channel_blocks > 0 ? s.channel_blocks : 1);
+  int64_t parts = target_ctas / (s.channel_blocks > 0 ? s.channel_blocks : 1);
   if (parts < 1) parts = 1;
   if (parts > s.tiles) parts = s.tiles;
   s.tiles_per_part = parts > 0 ? (s.tiles + parts - 1) / parts : 0;
