@@ -34,6 +34,8 @@
 #include "elementwise.cuh"
 #include "partials.cuh"
 
+#include <type_traits>
+
 namespace convmixer_kernels {
 namespace cuda {
 namespace dw {
@@ -687,46 +689,38 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
   return p;
 }
 
-template <typename T, ActKind A>
-inline auto forward_kernel_for(int K) {
-  if constexpr (kRegisterTaps<3, acc_t<T>>) {
+// The instantiation of a kernel for kernel size K: a register-tap specialisation (k = 3, 5, 7, 9
+// with 32-bit accumulation) or the generic runtime-k one. kernel_of(std::integral_constant<int,
+// kK>) names the instantiation for kK.
+template <typename AccT, typename KernelOf>
+inline auto kernel_for_k(int K, KernelOf kernel_of) {
+  if constexpr (kRegisterTaps<3, AccT>) {
     switch (K) {
-      case 3: return &dw_forward_kernel<T, 3, A>;
-      case 5: return &dw_forward_kernel<T, 5, A>;
-      case 7: return &dw_forward_kernel<T, 7, A>;
-      case 9: return &dw_forward_kernel<T, 9, A>;
+      case 3: return kernel_of(std::integral_constant<int, 3>{});
+      case 5: return kernel_of(std::integral_constant<int, 5>{});
+      case 7: return kernel_of(std::integral_constant<int, 7>{});
+      case 9: return kernel_of(std::integral_constant<int, 9>{});
       default: break;
     }
   }
-  return &dw_forward_kernel<T, 0, A>;
+  return kernel_of(std::integral_constant<int, 0>{});
+}
+
+template <typename T, ActKind A>
+inline auto forward_kernel_for(int K) {
+  return kernel_for_k<acc_t<T>>(K, [](auto k) { return &dw_forward_kernel<T, decltype(k)::value, A>; });
 }
 
 template <typename T, ActKind A>
 inline auto backward_data_kernel_for(int K) {
-  if constexpr (kRegisterTaps<3, acc_t<T>>) {
-    switch (K) {
-      case 3: return &dw_backward_data_kernel<T, 3, A>;
-      case 5: return &dw_backward_data_kernel<T, 5, A>;
-      case 7: return &dw_backward_data_kernel<T, 7, A>;
-      case 9: return &dw_backward_data_kernel<T, 9, A>;
-      default: break;
-    }
-  }
-  return &dw_backward_data_kernel<T, 0, A>;
+  return kernel_for_k<acc_t<T>>(
+      K, [](auto k) { return &dw_backward_data_kernel<T, decltype(k)::value, A>; });
 }
 
 template <typename T>
 inline auto backward_input_kernel_for(int K) {
-  if constexpr (kRegisterTaps<3, acc_t<T>>) {
-    switch (K) {
-      case 3: return &dw_backward_input_kernel<T, 3>;
-      case 5: return &dw_backward_input_kernel<T, 5>;
-      case 7: return &dw_backward_input_kernel<T, 7>;
-      case 9: return &dw_backward_input_kernel<T, 9>;
-      default: break;
-    }
-  }
-  return &dw_backward_input_kernel<T, 0>;
+  return kernel_for_k<acc_t<T>>(
+      K, [](auto k) { return &dw_backward_input_kernel<T, decltype(k)::value>; });
 }
 
 // Workspace regions of the forward: part_mean, part_m2 ([parts][C] AccT), part_count ([parts] int).
