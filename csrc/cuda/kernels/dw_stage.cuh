@@ -448,10 +448,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // Backward, step 1: recompute a on each tile, form dA, write it, and accumulate dW and db.
 //
-// The recompute is the forward's (register taps for the specialised k); dW[i][j] = sum over the tile of dA[y][x] * in[y + i][x + j]. Warp g owns the tap rows
-// i = g, g + 8 of every channel, sums them over the whole tile from dA staged in shared memory, and
-// adds them into its own slots of s_grad_w: each slot has one writer, so no atomics and a fixed
-// order. (At k = 9 warp 0 owns two rows and the others one: a known imbalance to tune.)
+// The recompute is the forward's (register taps for the specialised k). dW[i][j] = sum over the
+// tile of dA[y][x] * in[y + i][x + j]: warp g owns the tap rows i = g, g + 8 of every channel,
+// sums them over the whole tile from dA staged in shared memory, and adds them into its own slots
+// of s_grad_w: each slot has one writer, so no atomics and a fixed order. (At k = 9 warp 0 owns
+// two rows and the others one: a known imbalance to tune.)
 template <typename T, int kK, ActKind A>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_data_kernel(const BackwardArgs<T> args, const Shape s) {
