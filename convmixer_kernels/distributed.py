@@ -9,9 +9,9 @@ a *differentiable* collective and merged with Chan's parallel formula,
     n = Σ n_i,   mean = Σ n_i·mean_i / n,   var = Σ n_i·(var_i + (mean_i - mean)²) / n,
 
 which only ever adds centred quantities, so it keeps the precision of the local statistics
-(DESIGN.md §6) where a merge of raw Σx and Σx² would cancel catastrophically in fp32. The merged
-statistics feed the Norm and the running-statistics update alike (with the global count for the
-unbiased correction). Because the gather is differentiable, autograd routes each process's
+(docs/DESIGN.md §6) where a merge of raw Σx and Σx² would cancel catastrophically in fp32. The
+merged statistics feed the Norm and the running-statistics update alike (with the global count
+for the unbiased correction). Because the gather is differentiable, autograd routes each process's
 gradient with respect to the global statistics back to the processes that contributed to them
 (a sum over ranks), which is exactly SyncBatchNorm's backward: no hand-written formula.
 """

@@ -7,7 +7,8 @@ The floor of a step is what the device's ceilings allow for the work it cannot a
 GEMM FLOPs (the 1×1 convs and the stem, forward, dgrad and wgrad) run on the matrix units; the
 depthwise conv's FLOPs (forward, and the two backward convolutions) run on the vector/CUDA
 cores. Activation bytes count full passes over an N·H·W·C tensor: ~13 per block for the fused
-data flow of DESIGN.md §4 (forward 5, backward 8) and ~40 for eager PyTorch's separate kernels.
+data flow of docs/DESIGN.md §4 (forward 5, backward 8, as §5 counts them) and ~40 for eager
+PyTorch's separate kernels.
 Ceilings are measured on the device (a large copy, a large matmul), not read off a datasheet.
 The same counts split per stage and pass (stage_cost, stage_floor_seconds) give each row of
 bench/test_stages.py its floor.

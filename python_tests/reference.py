@@ -6,7 +6,7 @@ conv is ``F.conv2d(groups=C)``, the pointwise conv ``F.conv2d`` with a 1×1 weig
 activation ``F.gelu`` (exact erf) or ``F.relu``, the statistics ``torch.var_mean(unbiased=False)``
 of the stored output in the accumulation dtype. Run on float64 copies of the inputs it is the
 ground truth; run in the inputs' own dtype it is "eager in the same dtype", the yardstick of the
-low-precision rule (DESIGN.md §6).
+low-precision rule (docs/DESIGN.md §6).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ DIRECT_TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
 }
 
-# Low precision (DESIGN.md §6, as FlashAttention's tests): the fused result's error against the
+# Low precision (docs/DESIGN.md §6, as FlashAttention's tests): the fused result's error against the
 # float64 reference may be at most RULE_FACTOR × the error of eager PyTorch in the same dtype
 # against that reference, plus a tiny absolute floor (relative to the reference's magnitude)
 # that only matters when eager happens to be exact.
@@ -185,7 +185,7 @@ def rule_errors(actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
 def assert_close_rule(actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor,
                       name: str = "tensor", factor: float = RULE_FACTOR,
                       eager_ref64: Optional[torch.Tensor] = None) -> None:
-    """DESIGN.md §6: err(fused) <= factor · err(eager same dtype) + floor, vs float64.
+    """docs/DESIGN.md §6: err(fused) <= factor · err(eager same dtype) + floor, vs float64.
 
     `actual` and `eager` may be of any dtype (statistics come in float32 for low-precision
     activations); both are measured in float64.

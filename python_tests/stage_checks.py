@@ -2,7 +2,7 @@
 
 A *case* is the inputs of one dw_stage or pw_stage call (leaves to differentiate, named by
 kind), its activation and whether it computes batch statistics. `check_case` runs it on a
-backend and checks, per docs/OPS.md and DESIGN.md §6:
+backend and checks, per docs/OPS.md and docs/DESIGN.md §6:
 
 * forward: `out` (dtype, channels_last) against the float64 reference, directly in float32 and
   float64, by the §6 rule in bfloat16/float16; `mean`/`var` against the exact statistics of the

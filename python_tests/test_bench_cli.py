@@ -61,7 +61,8 @@ def test_roofline_counts():
     cost = roofline.step_cost(dim=768, depth=32, kernel_size=7, patch_size=7, batch=128,
                               image_size=224, dtype=roofline.torch.bfloat16)
     m = 128 * 32 * 32
-    # DESIGN.md §5: ConvMixer-768/32 batch 128 is ~464 GFLOP of GEMM and ~30 GFLOP of dw per block
+    # docs/DESIGN.md §5: ConvMixer-768/32 batch 128 is ~464 GFLOP of GEMM and ~30 GFLOP of dw
+    # per block
     assert cost.gemm_flops / 32 == pytest.approx(3 * 2 * m * 768 * 768, rel=0.01)
     assert 460e9 < 3 * 2 * m * 768 * 768 < 470e9
     assert cost.dw_flops / 32 == pytest.approx(3 * 2 * m * 768 * 49)

@@ -3,7 +3,7 @@ run-to-run determinism, the fused model against the eager one, torch.compile ove
 indexing beyond 2**32 elements.
 
 Tolerances are python_tests/reference.py's: float32 and float64 directly against a float64
-reference, bfloat16/float16 by the DESIGN.md §6 rule (the fused error at most 2x eager
+reference, bfloat16/float16 by the docs/DESIGN.md §6 rule (the fused error at most 2x eager
 PyTorch's in the same dtype), float64 gradcheck on tiny shapes. Shapes are odd on purpose:
 channel counts that are not multiples of 8 or 32 (partial vectors and channel blocks),
 spatial sizes and row counts that are not multiples of any tile.
@@ -120,7 +120,7 @@ def test_dw_stage_gradcheck_float64(case, stats):
 
 
 def test_dw_stats_of_large_offset():
-    """|mean| >> std: the statistics survive cancellation (DESIGN.md §6: shifted sums or
+    """|mean| >> std: the statistics survive cancellation (docs/DESIGN.md §6: shifted sums or
     Welford merged with Chan's formula, never a naive Σx² − (Σx)²/n in float32)."""
     gen = torch.Generator().manual_seed(6)
     x = randn(3, 37, 15, 17, gen=gen, scale=1e-2).to(CUDA)
@@ -310,7 +310,7 @@ def test_model_eval_float32():
 
 
 def test_model_training_step_bf16_autocast():
-    """One bfloat16-autocast training step against a float64 copy of the model, DESIGN.md §6:
+    """One bfloat16-autocast training step against a float64 copy of the model, docs/DESIGN.md §6:
     the fused error is at most 2x eager's (same autocast) for the logits, the updated running
     statistics (per channel: RMS, see reference.py), and the whole parameter gradient taken as
     one vector (relative 2-norm error: the step the optimizer takes).

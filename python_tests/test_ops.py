@@ -1,6 +1,6 @@
 """The fused ops against the eager reference (python_tests/reference.py), docs/OPS.md.
 
-Forward values in float64/float32 (direct tolerances) and bfloat16/float16 (the DESIGN.md §6
+Forward values in float64/float32 (direct tolerances) and bfloat16/float16 (the docs/DESIGN.md §6
 rule), float64 gradcheck of every differentiable input, float32 gradients, opcheck of the four
 raw ops, determinism, NaN propagation and empty batches.
 """
@@ -254,7 +254,7 @@ def test_pw_stage_same_under_no_grad():
 
 def test_stats_of_large_offset():
     """Statistics of an activation with |mean| >> std are not destroyed by cancellation
-    (DESIGN.md §6: shifted sums, never a naive Σx² − (Σx)²/n in fp32)."""
+    (docs/DESIGN.md §6: shifted sums, never a naive Σx² − (Σx)²/n in fp32)."""
     gen = _gen(6)
     n, c, h, w = 3, 5, 15, 17
     x = randn(n, c, h, w, gen=gen, scale=1e-2)

@@ -1,5 +1,5 @@
 """GPU-only checks of the Triton backend: every autotuning configuration compiled and correct,
-bfloat16/float16 under the DESIGN.md §6 rule, larger shapes, run-to-run determinism, and
+bfloat16/float16 under the docs/DESIGN.md §6 rule, larger shapes, run-to-run determinism, and
 torch.compile (inductor) over ConvMixer(fused=True, backend="triton").
 
 They skip without a CUDA device (the interpreter cannot run bfloat16, compiles nothing, and

@@ -7,7 +7,7 @@ the outputs, the statistics, and the gradients of every input through sum(output
 cotangents), which routes grad_mean and grad_var through the backward ops.
 
 float32 and float64 compare directly with the float64 reference (reference.DIRECT_TOL);
-float16 follows the DESIGN.md §6 rule against eager float16. bfloat16 is GPU-only
+float16 follows the docs/DESIGN.md §6 rule against eager float16. bfloat16 is GPU-only
 (test_triton_gpu.py): the interpreter cannot compute it.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def check_against_reference(fn, leaves, out_shape, c_out, stats, dtype, seed=0):
     out = got[0].cpu()
     assert out.dtype == dtype and out.shape == out_shape
     assert got[0].is_contiguous(memory_format=torch.channels_last)
-    if dtype == torch.float16:  # DESIGN.md §6: at most 2x eager float16's error
+    if dtype == torch.float16:  # docs/DESIGN.md §6: at most 2x eager float16's error
         eager, eager_grads = run_with_grads(fn("ref"), leaves,
                                             cotangents(out_shape, c_out, stats, seed, "cpu"))
         assert_close_rule(out, eager[0], ref[0], name="out")
@@ -311,7 +311,7 @@ def test_pw_stage_backward_recomputes_pre_act():
 
 
 def test_statistics_of_large_offset():
-    """|mean| >> std: the shifted two-level moments keep the variance (DESIGN.md §6)."""
+    """|mean| >> std: the shifted two-level moments keep the variance (docs/DESIGN.md §6)."""
     gen = _gen(7)
     n, c, h, w = 3, 5, 9, 11
     x = randn(n, c, h, w, gen=gen, scale=1e-2)

@@ -85,7 +85,7 @@ def merge_tile_moments(run_n, run_mean, run_m2, v, valid, shift):
 
     `shift` is a sample of each channel's data, so the shifted values are of the order of the
     spread, not of the mean, and the tile's own mean and M2 (two passes over registers) lose
-    nothing when |mean| >> std (DESIGN.md §6). The host adds the shift back in float64.
+    nothing when |mean| >> std (docs/DESIGN.md §6). The host adds the shift back in float64.
     """
     keep = valid[:, None]
     d = v - shift[None, :]

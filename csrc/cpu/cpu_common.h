@@ -89,7 +89,7 @@ std::vector<double> reduce_rows(int64_t rows, int64_t C, int nacc, const Body& b
 
 // Mean and biased variance from shifted sums: s1 = Σ(v - K), s2 = Σ(v - K)^2 over `count`
 // values per channel. The shift K is a sample of the data, so the subtraction below loses
-// little even when |mean| >> std (DESIGN.md §6).
+// little even when |mean| >> std (docs/DESIGN.md §6).
 inline std::tuple<at::Tensor, at::Tensor> stats_from_shifted_sums(
     const std::vector<double>& shift, const double* s1, const double* s2, int64_t C, int64_t count,
     const at::TensorOptions& options) {

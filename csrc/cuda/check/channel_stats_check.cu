@@ -1,7 +1,7 @@
 // Compile check for csrc/cuda/kernels/channel_stats.cuh: explicitly instantiates every kernel the
 // launchers can pick, for every storage dtype, so that `nvcc -Xptxas -v` (the CMake target
 // cuda_kernels_check) reports registers and spills for each one without torch or a GPU.
-// Nothing here may include torch or ATen (DESIGN.md §8).
+// Nothing here may include torch or ATen (docs/DESIGN.md §8).
 #include "../kernels/channel_stats.cuh"
 #include "dtype_codes.cuh"
 

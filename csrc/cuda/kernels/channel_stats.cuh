@@ -3,10 +3,10 @@
 //
 // This header is deliberately torch-free (CUDA runtime + cuda_fp16/cuda_bf16 only): a CPU build of
 // torch ships incomplete CUDA headers, and keeping kernels here lets nvcc compile-check them and
-// report registers/spills on a machine without a GPU (DESIGN.md §8). The torch launchers in
+// report registers/spills on a machine without a GPU (docs/DESIGN.md §8). The torch launchers in
 // csrc/cuda/*.cu wrap these with tensors and the current stream.
 //
-// Numerics (DESIGN.md §6): never Σx² − (Σx)²/n. Each thread runs Welford over its rows, the
+// Numerics (docs/DESIGN.md §6): never Σx² − (Σx)²/n. Each thread runs Welford over its rows, the
 // per-thread states are merged with Chan's formula inside the CTA, and the per-tile partials are
 // merged again with Chan's formula by a second kernel. Every merge happens in an order fixed by
 // (rows, channels, dtype) alone, so the result is bitwise reproducible run to run and from one GPU

@@ -1,4 +1,4 @@
-// The depthwise stage of a ConvMixer block on NHWC activations (docs/OPS.md, DESIGN.md §4):
+// The depthwise stage of a ConvMixer block on NHWC activations (docs/OPS.md, docs/DESIGN.md §4):
 //
 //   forward   out = act(dwconv_k(norm(x)) + b), and per-channel partial statistics of out
 //   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), recomputing a;
@@ -8,8 +8,8 @@
 //             3. fixed-order sums of the per-part partials (sum_parts_kernel), and the shared
 //                statistics finalize (channel_stats.cuh)
 //
-// Torch-free (DESIGN.md §8): the launcher csrc/cuda/dw_stage.cu wraps these with tensors, and the
-// cuda_kernels_check target compiles them here with -Xptxas -v.
+// Torch-free (docs/DESIGN.md §8): the launcher csrc/cuda/dw_stage.cu wraps these with tensors,
+// and the cuda_kernels_check target compiles them here with -Xptxas -v.
 //
 // Tiling. A CTA owns kCB = 32 consecutive channels (one per lane, so every shared-memory access
 // of a warp reads 32 consecutive words: no bank conflicts) and walks a run of spatial tiles of

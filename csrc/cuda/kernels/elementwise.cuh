@@ -1,5 +1,5 @@
 // Per-element maths shared by the CUDA stage kernels: storage <-> accumulation conversions, the
-// activations and their derivatives. Torch-free (DESIGN.md §8).
+// activations and their derivatives. Torch-free (docs/DESIGN.md §8).
 //
 // The activations follow docs/OPS.md exactly as PyTorch's CUDA kernels compute them in opmath:
 // GELU is the erf form 0.5 v (1 + erf(v / sqrt 2)) and its derivative cdf + v pdf; ReLU keeps NaN

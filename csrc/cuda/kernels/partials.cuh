@@ -1,7 +1,7 @@
 // The second level of every per-channel reduction in the stage kernels: a CTA writes its partial
 // sums as one row of a [parts][n] array, and sum_parts_kernel adds the rows in part order. No
 // float atomics, and the order depends only on the shape, so results are bitwise reproducible.
-// Torch-free (DESIGN.md §8).
+// Torch-free (docs/DESIGN.md §8).
 #pragma once
 
 #include "elementwise.cuh"

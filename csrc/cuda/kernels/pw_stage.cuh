@@ -1,4 +1,4 @@
-// The fused kernels around the pointwise stage's GEMMs (docs/OPS.md, DESIGN.md §4), on NHWC
+// The fused kernels around the pointwise stage's GEMMs (docs/OPS.md, docs/DESIGN.md §4), on NHWC
 // activations viewed as row-major [rows = N*H*W, channels] matrices:
 //
 //   prologue          u  = norm_x(x) + norm_res(res), rounded to storage   (the GEMM's A operand)
@@ -20,7 +20,7 @@
 // the same channels with the same rows in the same order, so they give bitwise-identical results.
 // Per-channel sums are merged over the 8 row groups in order, then over tiles in order
 // (partials.cuh, or the statistics finalize of channel_stats.cuh): deterministic, no atomics.
-// Torch-free (DESIGN.md §8).
+// Torch-free (docs/DESIGN.md §8).
 #pragma once
 
 #include "elementwise.cuh"
