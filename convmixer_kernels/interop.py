@@ -2,8 +2,8 @@
 
 Our module tree and state_dict keys are timm's, so a timm checkpoint loads as it is once the
 architecture is known; `infer_config` reads dim, depth, kernel, patch, input channels and classes
-off the tensor shapes. The activation leaves no trace in the weights: it comes from the caller,
-from the known timm model it matches, or timm's default (GELU).
+off the tensor shapes. The activation leaves no trace in the weights: it comes from the caller or
+from the known timm model it matches, and is never guessed.
 
 timm stays optional. Nothing here imports it at module level; `register_timm_models` adds
 ``fused_convmixer_*`` entry points to timm's registry, and `install_timm_hook` arranges for that
@@ -21,20 +21,12 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .model import ConvMixer
+from .model import ARCHITECTURES, ConvMixer, architecture_args
 from .ops.backend import check_backend
+from .pretrained import pretrained_cfg
 
 __all__ = ["from_timm", "fuse", "infer_config", "install_timm_hook", "register_timm_models"]
 
-# timm's ConvMixer models (and the paper's CIFAR model) with the activation they use.
-KNOWN_MODELS = {
-    "convmixer_1536_20": dict(dim=1536, depth=20, kernel_size=9, patch_size=7, act="gelu"),
-    "convmixer_768_32": dict(dim=768, depth=32, kernel_size=7, patch_size=7, act="relu"),
-    "convmixer_1024_20_ks9_p14": dict(dim=1024, depth=20, kernel_size=9, patch_size=14,
-                                      act="gelu"),
-    "convmixer_256_8": dict(dim=256, depth=8, kernel_size=5, patch_size=2, act="gelu"),
-}
-TIMM_DEFAULT_ACT = "gelu"  # timm's ConvMixer(act_layer=nn.GELU)
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.0\.fn\.0\.weight$")
 
 
@@ -77,16 +69,17 @@ def infer_config(state_dict: Mapping) -> ConvMixerConfig:
                            in_chans=in_chans, num_classes=head.shape[0] if head is not None else 0)
 
 
-def _act_for(cfg: ConvMixerConfig, model_name: Optional[str]) -> str:
+def _known_model(cfg: ConvMixerConfig, model_name: Optional[str]) -> Optional[str]:
+    """The paper model a state_dict is, by its timm name ("convmixer_768_32.in1k") or shapes."""
     if model_name is not None:
-        base = model_name.split(".")[0].removeprefix("fused_")  # "convmixer_768_32.in1k"
-        if base in KNOWN_MODELS:
-            return KNOWN_MODELS[base]["act"]
+        base = model_name.split(".")[0].removeprefix("fused_")
+        if base in ARCHITECTURES:
+            return base
     arch = (cfg.dim, cfg.depth, cfg.kernel_size, cfg.patch_size)
-    for known in KNOWN_MODELS.values():
+    for name, known in ARCHITECTURES.items():
         if arch == (known["dim"], known["depth"], known["kernel_size"], known["patch_size"]):
-            return known["act"]
-    return TIMM_DEFAULT_ACT
+            return name
+    return None
 
 
 def _module_act(module: nn.Module) -> str:
@@ -117,7 +110,7 @@ def _check_conv(conv, what: str, channels: tuple, kernel: int, groups: int, stri
 
 def _structure(model: nn.Module) -> tuple[str, nn.Module]:
     """Checks that `model` is a ConvMixer in timm's layout; returns (act, its pooling module)."""
-    # timm >= 0.9 calls it global_pool (SelectAdaptivePool2d), older timm and we call it pooling
+    # timm >= 0.9 (and we) call it global_pool (SelectAdaptivePool2d), older timm pooling
     pooling = getattr(model, "global_pool", None)
     if pooling is None:
         pooling = getattr(model, "pooling", None)
@@ -177,12 +170,15 @@ def _adopt(model: nn.Module, fused: bool, backend: Optional[str]) -> ConvMixer:
     out = ConvMixer(dim=cfg.dim, depth=0, kernel_size=cfg.kernel_size, patch_size=cfg.patch_size,
                     in_chans=cfg.in_chans, num_classes=0, act=act, fused=fused,
                     backend=backend or "auto")
-    out.stem, out.blocks, out.pooling = model.stem, model.blocks, pooling
+    out.stem, out.blocks, out.global_pool = model.stem, model.blocks, pooling
     out.head_drop, out.head = model.head_drop, model.head
     out.num_classes = getattr(model, "num_classes", cfg.num_classes)
-    for attr in ("pretrained_cfg", "default_cfg"):
-        if hasattr(model, attr):
-            setattr(out, attr, getattr(model, attr))
+    feat_mult = getattr(pooling, "feat_mult", None)
+    out.head_hidden_size = cfg.dim * (feat_mult() if callable(feat_mult) else 1)
+    out.grad_checkpointing = getattr(model, "grad_checkpointing", False)
+    out.refresh_feature_info()
+    if hasattr(model, "pretrained_cfg"):
+        out.pretrained_cfg = out.default_cfg = model.pretrained_cfg
     return out.train(model.training)
 
 
@@ -192,11 +188,13 @@ def from_timm(model_or_state_dict, *, act: Optional[str] = None, model_name: Opt
 
     A module is adopted as `fuse` does (shared parameters; `act` is read from its layers).
     A state_dict (or a checkpoint holding one under 'state_dict'/'model', with or without
-    DDP's 'module.' prefix) gives a new ConvMixer with the inferred architecture, loaded
-    strictly. `act` must be given for weights trained with another activation than the known
-    model they match; otherwise it is that model's (from `model_name`, e.g.
-    "convmixer_768_32.in1k", or the shapes), else timm's default GELU. `kwargs` go to ConvMixer
-    (e.g. drop_rate, sync_bn).
+    DDP's 'module.' prefix) gives a new ConvMixer with the inferred architecture, holding the
+    state_dict's own values in their own dtype and device (loaded strictly, copied).
+
+    The weights do not say which activation they were trained with. It is the known timm
+    model's (named by `model_name`, e.g. "convmixer_768_32.in1k", or matched by the shapes);
+    for any other architecture `act` is required. `kwargs` go to ConvMixer (e.g. drop_rate,
+    sync_bn).
     """
     if isinstance(model_or_state_dict, nn.Module):
         if act is not None or kwargs:
@@ -207,45 +205,58 @@ def from_timm(model_or_state_dict, *, act: Optional[str] = None, model_name: Opt
                         f"{type(model_or_state_dict).__name__}")
     sd = _unwrap_state_dict(model_or_state_dict)
     cfg = infer_config(sd)
-    ref = sd["stem.0.weight"]
+    known = _known_model(cfg, model_name)
+    if act is None:
+        if known is None:
+            names = ", ".join(ARCHITECTURES)
+            raise ValueError(
+                f"from_timm: a ConvMixer with dim={cfg.dim}, depth={cfg.depth}, "
+                f"kernel_size={cfg.kernel_size}, patch_size={cfg.patch_size} is none of the known "
+                f"models ({names}), and its weights do not record the activation: pass "
+                "act='gelu' or act='relu'")
+        act = ARCHITECTURES[known]["act"]
+    # Built on the meta device, then given the state_dict's tensors (copies): no rounding
+    # through the default dtype, and no second allocation.
     model = ConvMixer(dim=cfg.dim, depth=cfg.depth, kernel_size=cfg.kernel_size,
                       patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                      num_classes=cfg.num_classes, act=act or _act_for(cfg, model_name),
-                      fused=fused, backend=backend, **kwargs)
-    model.load_state_dict(sd, strict=True)
-    return model.to(device=ref.device, dtype=ref.dtype)
+                      num_classes=cfg.num_classes, act=act, fused=fused, backend=backend,
+                      device="meta", **kwargs)
+    model.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True,
+                          assign=True)
+    if known is not None:
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg(known)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
 # timm registry.
 
-TIMM_NAMES = {f"fused_{name}": name for name in KNOWN_MODELS}
-_OUR_KWARGS = ("backend", "sync_bn", "fused")
-_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+TIMM_NAMES = {f"fused_{name}": name for name in ARCHITECTURES}
+_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id")
 
 
 def _timm_entrypoint(name: str):
     base = TIMM_NAMES[name]
 
     def create(pretrained: bool = False, **kwargs) -> ConvMixer:
-        ours = {k: kwargs.pop(k) for k in _OUR_KWARGS if k in kwargs}
-        fused = ours.pop("fused", True)
-        sync_bn = ours.pop("sync_bn", False)
-        import timm  # only ever called by timm itself
-        if timm.models.is_model(base):
-            # timm builds its own model (pretrained weights, pretrained_cfg, every timm option);
-            # we adopt its modules.
-            model = from_timm(timm.create_model(base, pretrained=pretrained, **kwargs),
-                              fused=fused, backend=ours.get("backend", "auto"))
-        else:
-            if pretrained:
-                raise RuntimeError(f"timm has no pretrained weights for {base}")
-            from . import model as models
-            for k in _TIMM_ONLY:
-                kwargs.pop(k, None)
-            model = getattr(models, base)(fused=fused, **ours, **kwargs)
-        model.sync_bn = sync_bn
-        return model
+        # timm's own builder does for our class what it does for its ConvMixer: the
+        # pretrained_cfg (with any overlay), weights from the hub, a URL or a local file,
+        # features_only through forward_intermediates (out_indices: timm's default, the last 3).
+        from timm.models import build_model_with_cfg, is_model  # only ever called by timm
+        kwargs.setdefault("fused", True)
+        out_indices = kwargs.pop("out_indices", 3)
+        if not is_model(base):  # the CIFAR model: our configuration, and no published weights
+            if not kwargs.get("pretrained_cfg"):
+                kwargs["pretrained_cfg"] = pretrained_cfg(base)
+            overlay = kwargs.get("pretrained_cfg_overlay") or {}
+            if pretrained and not any(overlay.get(k) for k in _SOURCE_KEYS):
+                raise RuntimeError(
+                    f"{name}: there are no published weights for {base}; pass "
+                    "pretrained_cfg_overlay=dict(file=...) to load your own")
+        return build_model_with_cfg(
+            ConvMixer, base, pretrained,
+            feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+            **architecture_args(base, **kwargs))
 
     create.__name__ = create.__qualname__ = name
     create.__module__ = __name__

@@ -93,16 +93,42 @@ def test_from_timm_state_dict_loads_and_matches_eager():
 
 def test_activation_from_model_name_or_architecture():
     sd = convmixer_768_32(depth=1, num_classes=3).state_dict()  # ReLU in timm
-    assert from_timm(sd).act == "gelu"  # depth 1 matches no known model: timm's default GELU
     assert from_timm(sd, model_name="convmixer_768_32.in1k").act == "relu"
     assert from_timm(sd, model_name="fused_convmixer_768_32").act == "relu"
     assert from_timm(sd, act="relu").act == "relu"
-    meta = {k: v.to("meta") for k, v in convmixer_768_32(num_classes=3).state_dict().items()}
-    assert infer_config(meta).depth == 32
+    assert from_timm(sd, act="gelu").act == "gelu"  # the caller's word wins
+    full = {k: v.to("meta") for k, v in convmixer_768_32(num_classes=3).state_dict().items()}
+    assert infer_config(full).depth == 32
+    assert from_timm(full).act == "relu"  # the shapes are timm's convmixer_768_32
     with pytest.raises(ValueError, match="stem.0.weight"):
         from_timm({"encoder.weight": torch.zeros(3)})
     with pytest.raises(TypeError, match="nn.Module or a state_dict"):
         from_timm([1, 2])
+
+
+def test_from_timm_never_guesses_the_activation():
+    # depth 1 matches no known model: the weights cannot tell GELU from ReLU
+    sd = convmixer_768_32(depth=1, num_classes=3).state_dict()
+    with pytest.raises(ValueError, match=r"dim=768, depth=1.*act='gelu' or act='relu'"):
+        from_timm(sd)
+    with pytest.raises(ValueError, match="act must be one of"):
+        from_timm(sd, act="tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_from_timm_keeps_the_state_dicts_dtype_and_values(dtype):
+    torch.manual_seed(0)
+    src = _randomise_bn(TimmLikeConvMixer(dim=8, depth=2, kernel_size=5, patch_size=2,
+                                          num_classes=5)).to(dtype)
+    with torch.no_grad():  # values float32 cannot hold: a round trip through it would show
+        for p in src.parameters():
+            p.add_(torch.randn_like(p) * 1e-9)
+    sd = src.state_dict()
+    model = from_timm(sd, act="gelu")
+    for name, value in model.state_dict().items():
+        assert value.dtype == sd[name].dtype and torch.equal(value, sd[name]), name
+        assert value.data_ptr() != sd[name].data_ptr(), f"{name} shares the caller's storage"
+    assert model.pretrained_cfg["crop_pct"] == 0.96
 
 
 def test_fuse_our_model_in_place():
@@ -165,8 +191,14 @@ def list_models(pattern="*"):
     import fnmatch
     return sorted(n for n in _registry if fnmatch.fnmatch(n, pattern))
 def create_model(name, pretrained=False, **kwargs):
-    return _registry[name](pretrained=pretrained, pretrained_cfg=None,
-                           pretrained_cfg_overlay=None, cache_dir=None, **kwargs)
+    return _registry[name](pretrained=pretrained, **kwargs)
+def build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=None,
+                         pretrained_cfg_overlay=None, feature_cfg=None, cache_dir=None, **kwargs):
+    cfg = dict(pretrained_cfg or {}, **(pretrained_cfg_overlay or {}))
+    kwargs.setdefault("num_classes", cfg.get("num_classes", 1000))
+    model = model_cls(**kwargs)
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
 '''
 
 
@@ -181,11 +213,12 @@ def test_registry_hook_with_a_stand_in_timm(tmp_path, order):
     script = textwrap.dedent(f"""
         import sys
         {imports}
+        assert timm.__file__.startswith({str(tmp_path)!r}), timm.__file__  # never the real one
         print(timm.list_models("fused_*"))
         m = timm.create_model("fused_convmixer_256_8", depth=1, backend="cpu")
         print(type(m).__name__, m.fused, m.backend, len(m.blocks), m.num_classes)
         m = timm.create_model("fused_convmixer_768_32", depth=1, num_classes=3, sync_bn=True)
-        print(m.act, m.num_classes, m.sync_bn)
+        print(m.act, m.num_classes, m.sync_bn, m.pretrained_cfg["crop_pct"])
     """)
     env = {"PYTHONPATH": f"{tmp_path}:{':'.join(sys.path)}", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -195,13 +228,13 @@ def test_registry_hook_with_a_stand_in_timm(tmp_path, order):
     assert names == str(["fused_convmixer_1024_20_ks9_p14", "fused_convmixer_1536_20",
                          "fused_convmixer_256_8", "fused_convmixer_768_32"])
     assert built == "ConvMixer True cpu 1 10"
-    assert act == "relu 3 True"
+    assert act == "relu 3 True 0.96"
 
 
 def test_importing_us_never_imports_timm():
     script = ("import sys; sys.modules['timm'] = None\n"  # any import of timm would now fail
               "import convmixer_kernels as ck\n"
-              "m = ck.from_timm(ck.ConvMixer(8, 1, num_classes=2).state_dict())\n"
+              "m = ck.from_timm(ck.ConvMixer(8, 1, num_classes=2).state_dict(), act='gelu')\n"
               "print(m.fused)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          env={"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1"}, cwd=PACKAGE_PARENT,
@@ -224,7 +257,7 @@ def test_real_timm_models_convert_and_register():
     loaded = from_timm(src.state_dict(), act="relu").eval()
     torch.testing.assert_close(loaded(x), expected, rtol=1e-10, atol=1e-10)
     fused = fuse(src)
-    assert fused.stem is src.stem and fused.pooling is src.global_pool
+    assert fused.stem is src.stem and fused.global_pool is src.global_pool
     torch.testing.assert_close(fused(x), expected, rtol=1e-10, atol=1e-10)
 
     # timm was imported after us (by importorskip): the hook registered our names
