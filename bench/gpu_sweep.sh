@@ -38,7 +38,7 @@ environment() {
 
 phase_build() {
   TORCH_CUDA_ARCH_LIST=9.0 CONVMIXER_PTXAS_VERBOSE=1 "$PYTHON" -m pip install -v \
-    --no-build-isolation ".[test,triton,bench]" > "$OUT/build.log" 2>&1 || return 1
+    --no-build-isolation -e ".[test,triton,bench]" > "$OUT/build.log" 2>&1 || return 1
   (cd / && "$PYTHON" -c "import convmixer_kernels as ck; print(ck.available_backends())") \
     | tee "$OUT/backends.txt"
   grep -q "'cuda'" "$OUT/backends.txt"

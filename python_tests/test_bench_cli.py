@@ -44,9 +44,30 @@ def test_bench_reports_a_failing_contender_and_runs_the_others(monkeypatch, caps
     assert "fused-cpu" in table
 
 
+def test_grad_checkpointing_twins_report_the_memory_drop(tmp_path, capsys):
+    cli.main(["--batch-size", "2", "--image-size", "16", "--steps", "1", "--warmup", "0",
+              "--contenders", "eager-channels-last", "fused-cpu", "--grad-checkpointing",
+              "--no-memory", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["contender"] for r in data["results"]] == [
+        "eager-channels-last", "eager-channels-last+ckpt", "fused-cpu", "fused-cpu+ckpt"]
+    rows = {r["contender"]: r for r in data["grad_checkpointing"]}
+    assert set(rows) == {"eager-channels-last", "fused-cpu"}
+    for name, row in rows.items():
+        plain, ckpt = row["saved_mb"]
+        assert 0 < ckpt < plain, name  # only the blocks' inputs are kept
+        assert f"grad checkpointing, {name}: peak" in out
+    # the speed-up is over plain eager, never over a checkpointed twin
+    by_name = {r["contender"]: r for r in data["results"]}
+    assert by_name["eager-channels-last"]["speedup"] == 1.0
+
+
 def test_unknown_contender_is_a_usage_error():
     with pytest.raises(SystemExit):
         cli.main(["--contenders", "fused-nope"])
+    with pytest.raises(SystemExit):
+        cli.main(["--contenders", "compile+ckpt"])
 
 
 def test_convergence_curves_agree(tmp_path, capsys):

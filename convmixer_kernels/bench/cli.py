@@ -69,17 +69,42 @@ def _fmt(v: float, spec: str) -> str:
 
 
 def format_table(results) -> str:
-    head = (f"{'contender':<22}{'step ms':>9}{'images/s':>10}{'vs eager':>10}{'peak MB':>9}"
+    head = (f"{'contender':<26}{'step ms':>9}{'images/s':>10}{'vs eager':>10}{'peak MB':>9}"
             f"{'saved MB':>9}{'roofline':>9}")
     rows = [head, "-" * len(head)]
     for r in results:
         if r.error:
-            rows.append(f"{r.contender:<22}  failed: {r.error}")
+            rows.append(f"{r.contender:<26}  failed: {r.error}")
             continue
-        rows.append(f"{r.contender:<22}{_fmt(r.step_ms, '9.1f')}{_fmt(r.images_per_s, '10.1f')}"
+        rows.append(f"{r.contender:<26}{_fmt(r.step_ms, '9.1f')}{_fmt(r.images_per_s, '10.1f')}"
                     f"{_fmt(r.speedup, '9.2f')}x{_fmt(r.peak_mb, '9.0f')}"
                     f"{_fmt(r.saved_mb, '9.0f')}{_fmt(100 * r.roofline, '8.1f')}%")
     return "\n".join(rows)
+
+
+def checkpointing_summary(results) -> list[dict]:
+    """Each contender against its '+ckpt' twin: peak memory, saved bytes and step time."""
+    by_name = {r.contender: r for r in results if not r.error}
+    rows = []
+    for name, twin in by_name.items():
+        plain = by_name.get(cont.base_contender(name))
+        if name.endswith(cont.CKPT) and plain is not None:
+            rows.append({"contender": plain.contender,
+                         "peak_mb": [plain.peak_mb, twin.peak_mb],
+                         "saved_mb": [plain.saved_mb, twin.saved_mb],
+                         "step_ms": [plain.step_ms, twin.step_ms]})
+    return rows
+
+
+def format_checkpointing(rows) -> str:
+    lines = []
+    for r in rows:
+        (p0, p1), (s0, s1), (t0, t1) = r["peak_mb"], r["saved_mb"], r["step_ms"]
+        change = "" if p0 != p0 or p1 != p1 else f" ({100 * (p1 / p0 - 1):+.0f}%)"
+        lines.append(f"grad checkpointing, {r['contender']}: peak {_fmt(p0, '.0f')} -> "
+                     f"{_fmt(p1, '.0f')} MB{change}, saved for backward {s0:.0f} -> "
+                     f"{s1:.0f} MB, step {t1 / t0:.2f}x the time")
+    return "\n".join(lines)
 
 
 def _progress(total: int, desc: str):
@@ -104,6 +129,9 @@ def parse_args(argv=None):
     p.add_argument("--contenders", nargs="+",
                    help="any of: eager-nchw eager-channels-last compile compile-max-autotune "
                         "fused-<backend>, or 'all' (default: all but torch.compile on CPU)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="also run each eager and fused contender with gradient checkpointing "
+                        "(as '<contender>+ckpt') and report the peak-memory drop")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
     p.add_argument("--out", help="directory for results.json and throughput.png")
     p.add_argument("--seed", type=int, default=0)
@@ -124,7 +152,10 @@ def parse_args(argv=None):
         args.contenders = cont.default_contenders(device)
     elif args.contenders == ["all"]:
         args.contenders = known
-    unknown = [c for c in args.contenders if c not in known]
+    if args.grad_checkpointing:
+        args.contenders = cont.with_checkpointing(args.contenders)
+    unknown = [c for c in args.contenders if cont.base_contender(c) not in known
+               or (c.endswith(cont.CKPT) and cont.base_contender(c) in cont.COMPILED)]
     if unknown:
         p.error(f"unknown or unavailable contenders {unknown}; on {device} choose from {known}")
     return args, device
@@ -175,6 +206,9 @@ def main(argv=None) -> None:
              f"{args.dtype}, training step, {env['device']}, torch {env['torch']}")
     print(title)
     print(format_table(results))
+    ckpt = checkpointing_summary(results)
+    if ckpt:
+        print(format_checkpointing(ckpt))
     print(f"roofline floor {floor * 1e3:.1f} ms (bandwidth {ceilings.bandwidth / 1e9:.0f} GB/s, "
           f"matmul {ceilings.matmul_rate / 1e12:.2f} TFLOP/s, vector {ceilings.vector_rate / 1e12:.2f} "
           f"TFLOP/s measured here)")
@@ -186,7 +220,7 @@ def main(argv=None) -> None:
         write_json(os.path.join(args.out, "results.json"), {
             "config": {k: v for k, v in vars(args).items()}, "environment": env,
             "memory_measure": memory_measure, "ceilings": ceilings.as_dict(),
-            "step_cost": cost.as_dict(), "floor_ms": floor * 1e3,
+            "step_cost": cost.as_dict(), "floor_ms": floor * 1e3, "grad_checkpointing": ckpt,
             "results": [r.as_dict() for r in results]})
         if throughput_chart(results, title, os.path.join(args.out, "throughput.png")):
             print(f"wrote {args.out}/results.json and {args.out}/throughput.png")

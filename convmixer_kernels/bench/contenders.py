@@ -11,6 +11,23 @@ from ..ops import available_backends
 
 EAGER = ("eager-nchw", "eager-channels-last")
 COMPILED = ("compile", "compile-max-autotune")
+# "<contender>+ckpt": the same contender with model.set_grad_checkpointing(True)
+CKPT = "+ckpt"
+
+
+def base_contender(contender: str) -> str:
+    return contender.removesuffix(CKPT)
+
+
+def with_checkpointing(contenders: list[str]) -> list[str]:
+    """Each eager and fused contender followed by its gradient-checkpointing twin (torch.compile
+    contenders have none: the model would be compiled around the recompute)."""
+    out = []
+    for c in contenders:
+        out.append(c)
+        if c not in COMPILED and not c.endswith(CKPT) and f"{c}{CKPT}" not in contenders:
+            out.append(f"{c}{CKPT}")
+    return out
 
 
 def fused_contenders(device: torch.device) -> list[str]:
@@ -34,9 +51,11 @@ def build_model(contender: str, model_name: str, seed: int, device: torch.device
                 **overrides) -> torch.nn.Module:
     """The contender's model, initialised identically for every contender (same seed)."""
     torch.manual_seed(seed)
-    fused = contender.startswith("fused")
-    backend = contender.split("-", 1)[1] if fused else "auto"
+    name = base_contender(contender)
+    fused = name.startswith("fused")
+    backend = name.split("-", 1)[1] if fused else "auto"
     model = getattr(models, model_name)(fused=fused, backend=backend, **overrides).to(device)
+    model.set_grad_checkpointing(contender.endswith(CKPT))
     if contender != "eager-nchw":
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -86,5 +105,5 @@ def setup(contender: str, model_name: str, batch: int, image: int, dtype: torch.
         model = build_model(contender, model_name, seed, device)
         mode = None
     x, y = synthetic_batch(batch, image, model.num_classes, seed, device,
-                           channels_last=contender != "eager-nchw")
+                           channels_last=base_contender(contender) != "eager-nchw")
     return Setup(model, x, make_step(model, x, y, dtype, compile_mode=mode))

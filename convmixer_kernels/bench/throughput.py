@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .contenders import setup
+from .contenders import CKPT, setup
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Result:
     contender: str
     step_ms: float = float("nan")
     images_per_s: float = float("nan")
-    speedup: float = float("nan")       # over the best eager contender
+    speedup: float = float("nan")       # over the best eager contender (without checkpointing)
     peak_mb: float = float("nan")       # see `memory_measure` in the JSON
     saved_mb: float = float("nan")      # activation bytes autograd saves for the backward
     roofline: float = float("nan")      # fused step floor / measured step time
@@ -135,7 +135,9 @@ def run(contenders, model_name, batch, image, dtype, device, steps, warmup, seed
             r.peak_mb = (cuda_step_peak_mb(s.step, device) if device.type == "cuda"
                          else cpu_peak_rss_mb(c, model_name, batch, image, dtype, seed))
     ok = [r for r in results.values() if not r.error]
-    best_eager = min((r.step_ms for r in ok if r.contender.startswith("eager")), default=None)
+    best_eager = min((r.step_ms for r in ok
+                      if r.contender.startswith("eager") and not r.contender.endswith(CKPT)),
+                     default=None)
     for r in ok:
         if best_eager:
             r.speedup = best_eager / r.step_ms
