@@ -266,3 +266,99 @@ def test_real_timm_models_convert_and_register():
     assert isinstance(model, ConvMixer) and model.fused and model.act == "relu"
     assert model.pretrained_cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
     assert "convmixer_768_32" in timm.list_models("convmixer_*")  # timm's own, untouched
+
+
+def _real_timm():
+    timm = pytest.importorskip("timm")
+    return timm
+
+
+@pytest.mark.parametrize("name", ["convmixer_1536_20", "convmixer_768_32",
+                                  "convmixer_1024_20_ks9_p14"])
+def test_real_timm_pretrained_cfg_on_every_route(name):
+    timm = _real_timm()
+    import convmixer_kernels as ck
+    with torch.device("meta"):
+        theirs = timm.create_model(name)
+        ours = [getattr(ck, name)(), timm.create_model(f"fused_{name}"), fuse(theirs)]
+    for model in ours:
+        assert model.pretrained_cfg == theirs.pretrained_cfg
+        assert model.default_cfg == theirs.pretrained_cfg
+        assert (timm.data.resolve_data_config({}, model=model)
+                == timm.data.resolve_data_config({}, model=theirs))
+
+
+def test_real_timm_layer_decay_groups():
+    timm = _real_timm()
+    import timm.optim  # noqa: F401  (not imported by `import timm`)
+    with torch.device("meta"):
+        theirs = timm.create_model("convmixer_768_32")
+        ours = [convmixer_768_32(), timm.create_model("fused_convmixer_768_32"), fuse(theirs)]
+
+    def groups(model):
+        opt = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.7)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return sorted((g["lr_scale"], g["weight_decay"], tuple(sorted(names[id(p)]
+                       for p in g["params"]))) for g in opt.param_groups)
+
+    expected = groups(theirs)
+    assert len(expected) == 68
+    for model in ours:
+        assert groups(model) == expected
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_real_timm_features_only(fused):
+    timm = _real_timm()
+    torch.manual_seed(0)
+    theirs = timm.create_model("convmixer_768_32", features_only=True,
+                               out_indices=(0, 15, -1)).double().eval()
+    ours = timm.create_model("fused_convmixer_768_32", features_only=True, fused=fused,
+                             out_indices=(0, 15, -1)).double().eval()
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.feature_info.channels() == theirs.feature_info.channels() == [768] * 3
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    for a, b in zip(ours(x), theirs(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    default = timm.create_model("fused_convmixer_768_32", features_only=True)
+    assert default.feature_info.module_name() == ["blocks.29", "blocks.30", "blocks.31"]
+
+
+@pytest.mark.parametrize("pool", ["", "avg", "max", "avgmax", "catavgmax", "fast"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_real_timm_classifier_and_intermediates(pool, fused):
+    _real_timm()
+    from timm.models.convmixer import ConvMixer as TimmConvMixer
+    torch.manual_seed(0)
+    theirs = _randomise_bn(TimmConvMixer(dim=8, depth=3, kernel_size=3, patch_size=2,
+                                         num_classes=5)).double().eval()
+    ours = from_timm(theirs.state_dict(), act="gelu", fused=fused).eval()
+    classes = 4 if pool else 0  # a head on the unpooled map is no classifier, in timm either
+    for m in (theirs, ours):
+        m.reset_classifier(classes, global_pool=pool)
+    ours.head.load_state_dict(theirs.head.state_dict())
+    assert ours.head_hidden_size == theirs.head_hidden_size
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+    for kw in [{}, dict(indices=2), dict(indices=[0, -1], stop_early=True)]:
+        a, b = ours.forward_intermediates(x, **kw), theirs.forward_intermediates(x, **kw)
+        torch.testing.assert_close(a[0], b[0], rtol=1e-10, atol=1e-10)
+        for u, v in zip(a[1], b[1], strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-10)
+    assert ours.prune_intermediate_layers(2) == theirs.prune_intermediate_layers(2)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def test_real_timm_offline_pretrained_weights_from_a_local_file(tmp_path):
+    timm = _real_timm()
+    torch.manual_seed(0)
+    source = _randomise_bn(timm.create_model("convmixer_768_32"))
+    path = str(tmp_path / "convmixer_768_32.in1k.pth")
+    torch.save(source.state_dict(), path)
+    model = timm.create_model("fused_convmixer_768_32", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=path))
+    assert model.fused and model.pretrained_cfg["file"] == path
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(RuntimeError, match="no published weights"):
+        timm.create_model("fused_convmixer_256_8", pretrained=True)
