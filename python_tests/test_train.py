@@ -17,7 +17,7 @@ from PIL import Image
 from convmixer_kernels.train.augment import Augment
 from convmixer_kernels.train.cli import config_from_args, main
 from convmixer_kernels.train.data import EpochBatches, load_cifar10, load_image_folder
-from convmixer_kernels.train.loop import TrainConfig, train
+from convmixer_kernels.train.loop import TrainConfig, build_model, train
 
 TINY = ["--dim", "16", "--depth", "1", "--workers", "0", "--no-progress"]
 
@@ -236,6 +236,9 @@ def test_cli_options():
     resolved = cfg.resolved()
     assert resolved.model == "convmixer_256_8" and resolved.batch_size == 512
     assert config_from_args([]).fused is None
+    assert not config_from_args([]).grad_checkpointing
+    ckpt = config_from_args(["--grad-checkpointing", "--depth", "2", "--dim", "8"]).resolved()
+    assert build_model(ckpt, 10, torch.device("cpu")).grad_checkpointing
     with pytest.raises(SystemExit):
         config_from_args(["--randaugment", "lots"])
     with pytest.raises(SystemExit):

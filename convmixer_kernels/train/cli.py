@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+from ..activations import NAMES as ACTIVATIONS
 from ..ops.backend import BACKENDS
 from .loop import DATASET_DEFAULTS, MODELS, TrainConfig, train
 
@@ -61,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--depth", type=int, help="override the model's depth")
     m.add_argument("--kernel-size", type=int, help="override the depthwise kernel size")
     m.add_argument("--patch-size", type=int, help="override the patch size")
-    m.add_argument("--act", choices=("gelu", "relu"), help="override the activation")
+    m.add_argument("--act", choices=ACTIVATIONS, help="override the activation")
     m.add_argument("--drop-rate", type=float, default=d.drop_rate,
                    help="dropout before the head (default: %(default)s)")
     m.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
@@ -70,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
                    help="kernel backend for --fused (default: %(default)s)")
     m.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
                    help="synchronise BatchNorm statistics across processes (default: on)")
+    m.add_argument("--grad-checkpointing", action="store_true", default=d.grad_checkpointing,
+                   help="recompute each block in the backward: less activation memory, same "
+                        "results")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, help="default: 25 cifar10, 5 synthetic, 150 imagefolder")

@@ -64,6 +64,7 @@ class TrainConfig:
     fused: Optional[bool] = None         # None: fused when a backend runs on the device
     backend: str = "auto"
     sync_bn: bool = True                 # only acts with more than one process
+    grad_checkpointing: bool = False     # recompute each block in the backward (less memory)
     epochs: Optional[int] = None
     batch_size: Optional[int] = None     # per process
     lr: float = 0.01                     # the one-cycle peak
@@ -161,6 +162,7 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device):
     model = getattr(models, cfg.model)(fused=fused, num_classes=num_classes,
                                        drop_rate=cfg.drop_rate, backend=cfg.backend, **overrides)
     model = model.to(device)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.channels_last:
         # The fused stages read their weights in any layout and return contiguous gradients;
         # channels_last strides on their (size-1-dim) weights would only make DDP copy every
