@@ -5,7 +5,7 @@
 """
 from . import ops
 from ._extension import built_with_cuda
-from .distributed import SyncBatchNorm2d, convert_sync_batchnorm, revert_sync_batchnorm
+from .sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm, revert_sync_batchnorm
 from .interop import from_timm, fuse, install_timm_hook, register_timm_models
 from .model import (ConvMixer, convmixer_1024_20_ks9_p14, convmixer_1536_20, convmixer_256_8,
                     convmixer_768_32)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .distributed import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batch_stats,
+from .sync_batchnorm import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batch_stats,
                           revert_sync_batchnorm, sync_group)
 from .ops import Norm, apply_norm, bn_norm, dw_stage, pw_stage, uses_batch_stats
 from .ops.backend import check_backend

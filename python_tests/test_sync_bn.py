@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from convmixer_kernels import ConvMixer
-from convmixer_kernels.distributed import SyncBatchNorm2d, merge_batch_stats
+from convmixer_kernels.sync_batchnorm import SyncBatchNorm2d, merge_batch_stats
 
 WORLD = 2
 CFG = dict(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=4, act="gelu")

@@ -26,7 +26,7 @@ def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
     """The Norm that applies `bn` to the activation whose batch statistics are (mean, var).
 
     `count` is the number of values per channel behind the statistics (a 0-d tensor when it
-    was gathered across processes, see convmixer_kernels.distributed); `dtype` is the
+    was gathered across processes, see convmixer_kernels.sync_batchnorm); `dtype` is the
     accumulation dtype of the norm vectors. Updates running statistics when training.
     """
     if uses_batch_stats(bn):
