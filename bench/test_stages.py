@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from convmixer_kernels import roofline
+from convmixer_kernels.activations import ACTIVATIONS
 from convmixer_kernels.bench.cli import environment
 from convmixer_kernels.ops import Norm, available_backends, dw_stage, pw_stage
 
@@ -64,19 +65,16 @@ def _norm_eager(v, norm):
     return ((v.float() - mean) * scale + shift).to(v.dtype)
 
 
-_ACTS = {"gelu": F.gelu, "relu": F.relu}
-
-
 def eager_dw(x, weight, bias, norm, act):
-    out = _ACTS[act](F.conv2d(_norm_eager(x, norm), weight, bias, padding=weight.shape[-1] // 2,
-                              groups=x.shape[1]))
+    out = ACTIVATIONS[act].functional(F.conv2d(_norm_eager(x, norm), weight, bias,
+                                               padding=weight.shape[-1] // 2, groups=x.shape[1]))
     var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
     return out, mean, var
 
 
 def eager_pw(x, weight, bias, norm, res, res_norm, act):
     u = _norm_eager(x, norm) + _norm_eager(res, res_norm)
-    out = _ACTS[act](F.conv2d(u, weight, bias))
+    out = ACTIVATIONS[act].functional(F.conv2d(u, weight, bias))
     var, mean = torch.var_mean(out.float(), dim=(0, 2, 3), unbiased=False)
     return out, mean, var
 

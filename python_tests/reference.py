@@ -3,7 +3,8 @@
 The reference is written the way eager PyTorch computes a ConvMixer block, one op at a time:
 the norm is materialised in the activation dtype (as BatchNorm2d's output is), the depthwise
 conv is ``F.conv2d(groups=C)``, the pointwise conv ``F.conv2d`` with a 1×1 weight, the
-activation ``F.gelu`` (exact erf) or ``F.relu``, the statistics ``torch.var_mean(unbiased=False)``
+activation its table entry's ``functional`` (convmixer_kernels.activations: ``F.gelu``, exact erf,
+or ``F.relu``), the statistics ``torch.var_mean(unbiased=False)``
 of the stored output in the accumulation dtype. Run on float64 copies of the inputs it is the
 ground truth; run in the inputs' own dtype it is "eager in the same dtype", the yardstick of the
 low-precision rule (docs/DESIGN.md §6).
@@ -15,7 +16,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-ACTS = {"gelu": F.gelu, "relu": F.relu}
+from convmixer_kernels.activations import ACTIVATIONS
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -43,7 +45,7 @@ def _stats(out: torch.Tensor, stats: bool):
 
 def _act(act):
     """An activation by name, or a callable (e.g. a ReLU with a given mask, see relu_with_mask)."""
-    return act if callable(act) else ACTS[act]
+    return act if callable(act) else ACTIVATIONS[act].functional
 
 
 def relu_with_mask(mask: torch.Tensor):
@@ -58,6 +60,23 @@ def relu_with_mask(mask: torch.Tensor):
     def act(a):
         return a * mask.to(a.dtype)
     return act
+
+
+# The activations whose derivative jumps, each with its maths under given on/off decisions, read
+# off an implementation's output (see relu_with_mask).
+_UNDER_DECISIONS = {"relu": lambda out: relu_with_mask(out > 0)}
+
+
+def has_decisions(act: str) -> bool:
+    """Whether low-precision comparisons of `act` need act_as_decided."""
+    return act in _UNDER_DECISIONS
+
+
+def act_as_decided(act: str, out: torch.Tensor):
+    """What the float64 reference computes `act` as when judging the implementation whose output
+    is `out`: `act` itself, or, where its derivative jumps, the same maths under `out`'s
+    decisions."""
+    return _UNDER_DECISIONS[act](out) if has_decisions(act) else act
 
 
 def ref_dw_stage(x, weight, bias=None, *, act="gelu", x_norm=None, stats=True):

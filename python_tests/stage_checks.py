@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from convmixer_kernels.ops import Norm, dw_stage, pw_stage
-from reference import (LOW_PRECISION, acc_dtype, assert_close_direct, assert_close_rule,
-                       ref_dw_stage, ref_pw_stage, relu_with_mask, stats_of_stored)
+from reference import (LOW_PRECISION, acc_dtype, act_as_decided, assert_close_direct,
+                       assert_close_rule, ref_dw_stage, ref_pw_stage, stats_of_stored)
 
 # Optional inputs of the pw stage, as in test_ops.PW_PARTS: "block" is every block after the
 # first (BN1 on x, BN2 of the previous block on the residual, bias).
@@ -172,8 +172,8 @@ def check_case(case: Case, backend: str) -> None:
         eager, eager_grads = run(call(case, "ref"), case.leaves, _cast_cots(cots64, dtype))
         # ReLU: each implementation against float64 under its own on/off decisions (see
         # reference.relu_with_mask), so a flip at 0 does not count as rounding error.
-        act64 = relu_with_mask(out > 0) if case.act == "relu" else case.act
-        act64_e = relu_with_mask(eager[0] > 0) if case.act == "relu" else case.act
+        act64 = act_as_decided(case.act, out)
+        act64_e = act_as_decided(case.act, eager[0])
         ref, ref_grads = run(call(case, "ref", act64), leaves64, cots64)
         ref_e, ref_grads_e = run(call(case, "ref", act64_e), leaves64, cots64)
         assert_close_rule(out, eager[0], ref[0], name="out", eager_ref64=ref_e[0])

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from convmixer_kernels import ConvMixer
+from convmixer_kernels.activations import NAMES
 from convmixer_kernels.ops import Norm, available_backends, backend, dw_stage
 from model_checks import assert_close_scaled, assert_models_agree, train_steps
 from reference import (RULE_FACTOR, acc_dtype, assert_close_direct, assert_close_rule,
@@ -45,7 +46,7 @@ pytestmark = pytest.mark.skipif(
 
 CUDA = "cuda"
 KERNELS = [1, 3, 5, 7, 9, 15]
-ACTS = ["gelu", "relu"]
+ACTS = list(NAMES)
 LOW = [torch.bfloat16, torch.float16]
 
 

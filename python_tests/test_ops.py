@@ -9,16 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from convmixer_kernels.activations import NAMES
 from convmixer_kernels.ops import Norm, dw_stage, pw_stage
-from reference import (LOW_PRECISION, acc_dtype, assert_close, assert_close_direct,
-                       assert_close_rule, ref_dw_stage, ref_pw_stage, relu_with_mask,
-                       stats_of_stored, to64)
+from reference import (LOW_PRECISION, acc_dtype, act_as_decided, assert_close,
+                       assert_close_direct, assert_close_rule, has_decisions, ref_dw_stage,
+                       ref_pw_stage, stats_of_stored, to64)
 
 _ops = torch.ops.convmixer_kernels
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 KERNELS = [1, 3, 5, 7, 9, 15]
-ACTS = ["gelu", "relu"]
+ACTS = list(NAMES)
 # (N, C, H, W): odd, non-square spatial sizes; C not a multiple of 8 or 32 (and 40 > one
 # 32-lane channel block of the CPU dw kernel); the last has H and W smaller than most kernels.
 DW_SHAPES = [(2, 5, 7, 11), (3, 12, 9, 5), (2, 40, 3, 5)]
@@ -398,13 +399,13 @@ def _compare_grads(dtype, act, fused_fn, ref_fn, leaves, cots64):
             assert_close_direct(f, r, dtype, name=f"grad[{i}]")
         return
     eager = _grads(ref_fn(act), leaves, cots)
-    if act == "relu":
+    if has_decisions(act):
         # Each implementation against float64 under its own ReLU decisions (relu_with_mask).
         with torch.no_grad():
             fused_out = _first(fused_fn(act)(*leaves))
             eager_out = _first(ref_fn(act)(*leaves))
-        ref64 = _grads(ref_fn(relu_with_mask(fused_out > 0)), to64(leaves), cots64)
-        eager_ref64 = _grads(ref_fn(relu_with_mask(eager_out > 0)), to64(leaves), cots64)
+        ref64 = _grads(ref_fn(act_as_decided(act, fused_out)), to64(leaves), cots64)
+        eager_ref64 = _grads(ref_fn(act_as_decided(act, eager_out)), to64(leaves), cots64)
     else:
         ref64 = eager_ref64 = _grads(ref_fn(act), to64(leaves), cots64)
     for i, (f, e, r, r_e) in enumerate(zip(fused, eager, ref64, eager_ref64)):

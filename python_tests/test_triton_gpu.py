@@ -21,9 +21,10 @@ pytestmark = pytest.mark.skipif(
     reason=str(DEVICE) if KERNELS is None else "needs a CUDA GPU (compiled Triton kernels)")
 
 from convmixer_kernels import ConvMixer  # noqa: E402
+from convmixer_kernels.activations import NAMES  # noqa: E402
 from convmixer_kernels.ops import Norm, dw_stage, pw_stage  # noqa: E402
-from reference import (LOW_PRECISION, acc_dtype, assert_close_direct,  # noqa: E402
-                       assert_close_rule, ref_dw_stage, ref_pw_stage, relu_with_mask,
+from reference import (LOW_PRECISION, acc_dtype, act_as_decided,  # noqa: E402
+                       assert_close_direct, assert_close_rule, ref_dw_stage, ref_pw_stage,
                        stats_of_stored)
 
 
@@ -104,8 +105,8 @@ def compare(call, leaves, out_shape, c_out, dtype, act):
         eager, eager_grads = grads_of(call(act, True, "ref"), leaves, cots)
         # ReLU: each implementation against float64 under its own on/off decisions (see
         # reference.relu_with_mask), so a flip at 0 does not count as rounding error.
-        act64 = relu_with_mask(got[0] > 0) if act == "relu" else act
-        act64_e = relu_with_mask(eager[0] > 0) if act == "relu" else act
+        act64 = act_as_decided(act, got[0])
+        act64_e = act_as_decided(act, eager[0])
         ref, ref_grads = grads_of(call(act64, True, "ref"), leaves64, cots64)
         ref_e, ref_grads_e = grads_of(call(act64_e, True, "ref"), leaves64, cots64)
         assert_close_rule(got[0], eager[0], ref[0], name="out", eager_ref64=ref_e[0])
@@ -152,7 +153,7 @@ def test_every_pw_config(monkeypatch, index):
 # Low precision, larger shapes, determinism
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("k", [3, 9])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_dw_stage_low_precision(dtype, k, act):
@@ -160,7 +161,7 @@ def test_dw_stage_low_precision(dtype, k, act):
     compare(dw_call, dw_inputs(shape, k, dtype, seed=k), shape, 96, dtype, act)
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_pw_stage_low_precision(dtype, act):
     shape = (4, 192, 160, 15, 13)
@@ -211,7 +212,7 @@ def _assert_close(a, b, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 def test_compiled_fused_model_inductor(act):
     """torch.compile(inductor, fullgraph) over the fused model: the Triton ops stay opaque
     custom ops in the graph; outputs and gradients match eager float32."""

@@ -11,7 +11,11 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-ACTIVATIONS = ("gelu", "relu")
+from ..activations import NAMES, check_act
+
+# The activations' names, for convmixer_kernels/model.py's check until it reads
+# convmixer_kernels.activations itself; nothing else here uses it.
+ACTIVATIONS = NAMES
 MAX_KERNEL_SIZE = 15
 
 
@@ -26,11 +30,6 @@ class Norm(NamedTuple):
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics and norm vectors are kept in for activations of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_act(op: str, act: str) -> None:
-    if act not in ACTIVATIONS:
-        raise ValueError(f"{op}: act must be one of {ACTIVATIONS}, got {act!r}")
 
 
 def check_activation(op: str, name: str, t, channels: Optional[int] = None) -> None:
