@@ -2,18 +2,31 @@
 // The contract (shapes, maths, what each output means) is docs/OPS.md.
 #pragma once
 
+#include "activation.h"
+
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace convmixer_kernels {
 
-enum class Act { GELU, ReLU };
+// The activation an op's `act` string names; a ValueError naming `op`, the string and the
+// activations (csrc/activation.h) otherwise.
+Act parse_act(const char* op, c10::string_view name);
 
-// Parses the `act` string argument of every op ("gelu" or "relu").
-Act parse_act(c10::string_view name);
+// dispatch_act (activation.h) for the torch code, where `act` came from parse_act: a value that is
+// no activation is an internal error rather than a silent choice of one.
+template <typename F>
+decltype(auto) dispatch_act(Act act, F&& f) {
+  return dispatch_act(act, std::forward<F>(f), [act]() -> decltype(f(ActTag<kActs[0]>{})) {
+    TORCH_INTERNAL_ASSERT(false, "convmixer_kernels: activation code ", static_cast<int>(act),
+                          " is not in csrc/activation.h");
+  });
+}
 
 // A per-channel normalisation applied on load: (v - mean) * scale + shift.
 // Either all three are defined or none is.

@@ -4,13 +4,18 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
+
 namespace convmixer_kernels {
 
-Act parse_act(c10::string_view name) {
-  if (name == "gelu") return Act::GELU;
-  if (name == "relu") return Act::ReLU;
-  TORCH_CHECK_VALUE(false, "convmixer_kernels: act must be 'gelu' or 'relu', got '",
-                    std::string(name), "'");
+Act parse_act(const char* op, c10::string_view name) {
+  if (const std::optional<Act> act = act_from_name(name)) return *act;
+  // Spelled as Python's check_act spells it (convmixer_kernels/activations.py).
+  std::string names;
+  for (const Act a : kActs) {
+    names += std::string(names.empty() ? "'" : ", '") + act_name(a) + "'";
+  }
+  TORCH_CHECK_VALUE(false, op, ": act must be one of (", names, "), got '", std::string(name), "'");
 }
 
 at::ScalarType acc_dtype_for(at::ScalarType storage) {

@@ -95,7 +95,7 @@ DwArgs check_dw_stage(const char* op, const at::Tensor& x, const std::optional<a
                       const std::optional<at::Tensor>& bias, c10::string_view act, bool stats) {
   DwArgs a;
   a.g = check_dw(op, x, weight, bias);
-  a.act = parse_act(act);
+  a.act = parse_act(op, act);
   a.acc = acc_dtype_for(x.scalar_type());
   a.norm = make_norm(op, "x", x_mean, x_scale, x_shift, a.g.C, a.acc, x.device());
   TORCH_CHECK_VALUE(!stats || a.g.count() != 1, op,
@@ -128,7 +128,7 @@ PwArgs check_pw_stage(const char* op, const at::Tensor& x, const std::optional<a
                       const std::optional<at::Tensor>& bias, c10::string_view act, bool stats) {
   PwArgs a;
   a.g = check_pw(op, x, res, weight, bias);
-  a.act = parse_act(act);
+  a.act = parse_act(op, act);
   a.acc = acc_dtype_for(x.scalar_type());
   a.nx = make_norm(op, "x", x_mean, x_scale, x_shift, a.g.Cin, a.acc, x.device());
   a.nr = make_norm(op, "res", res_mean, res_scale, res_shift, a.g.Cin, a.acc, x.device());

@@ -14,12 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from convmixer_kernels import ConvMixer, available_backends
+from convmixer_kernels.activations import NAMES
 from convmixer_kernels.ops import Norm, dw_stage, pw_stage
 
 _ops = torch.ops.convmixer_kernels
 
 N, C, H, W, K = 2, 5, 6, 7, 3
 COUT = 4
+
+
+def _bad_act(op, act):
+    """The message of every layer (Python checks, C++ and Triton ops) for an unknown `act`."""
+    return rf"{op}: act must be one of {re.escape(str(NAMES))}, got {re.escape(repr(act))}"
 
 
 def _x(c=C, dtype=torch.float32, n=N, h=H, w=W):
@@ -102,8 +108,9 @@ DW_BAD = [
      r"x_norm must be a \(mean, scale, shift\) triple"),
     ("norm_not_tensor", dict(x_norm=Norm(torch.zeros(C), 1.0, torch.zeros(C))), TypeError,
      r"x_norm.scale must be a tensor"),
-    ("act", dict(act="tanh"), ValueError, r"act must be one of \('gelu', 'relu'\), got 'tanh'"),
-    ("act_case", dict(act="GELU"), ValueError, r"act must be one of"),
+    ("act", dict(act="tanh"), ValueError, _bad_act("dw_stage", "tanh")),
+    ("act_case", dict(act="GELU"), ValueError, _bad_act("dw_stage", "GELU")),
+    ("act_none", dict(act=None), ValueError, _bad_act("dw_stage", None)),
     ("backend_foo", dict(backend="foo"), ValueError, r"unknown backend 'foo'"),
 ]
 
@@ -180,7 +187,7 @@ PW_BAD = [
      r"residual_norm.mean must be torch.float32"),
     ("residual_norm_on_meta", dict(residual_norm=_norm(device="meta")), ValueError,
      r"residual_norm.mean is on meta but x is on cpu"),
-    ("act", dict(act="silu"), ValueError, r"act must be one of \('gelu', 'relu'\), got 'silu'"),
+    ("act", dict(act="sigmoid"), ValueError, _bad_act("pw_stage", "sigmoid")),
     ("backend_foo", dict(backend="foo"), ValueError, r"unknown backend 'foo'"),
 ]
 
@@ -293,7 +300,9 @@ RAW_BAD = [
     ("dw_norm_dtype", lambda: _raw_dw(x_mean=torch.zeros(C), x_scale=torch.ones(C),
                                       x_shift=torch.zeros(C, dtype=torch.float64)),
      TypeError, r"norm vectors must be Float"),
-    ("dw_act", lambda: _raw_dw(act="swish"), ValueError, r"act must be 'gelu' or 'relu'"),
+    ("dw_act", lambda: _raw_dw(act="swish"), ValueError, _bad_act("dw_stage", "swish")),
+    ("dw_act_case", lambda: _raw_dw(act="ReLU"), ValueError, _bad_act("dw_stage", "ReLU")),
+    ("pw_act", lambda: _raw_pw(act="swish"), ValueError, _bad_act("pw_stage", "swish")),
     ("dw_one_value", lambda: _raw_dw(x=_x(n=1, h=1, w=1)), ValueError,
      r"expected more than 1 value per channel when training"),
     ("pw_channels", lambda: _raw_pw(weight=_pw_w(cin=C - 1)), ValueError,
@@ -359,6 +368,10 @@ RAW_BAD += [
     ("pw_bwd_mean_shape",
      lambda: _ops.pw_stage_backward(*_pw_backward_args(mean=torch.zeros(C))),
      ValueError, rf"mean must be \[{COUT}\]"),
+    ("dw_bwd_act", lambda: _ops.dw_stage_backward(*_dw_backward_args(act="")),
+     ValueError, _bad_act("dw_stage_backward", "")),
+    ("pw_bwd_act", lambda: _ops.pw_stage_backward(*_pw_backward_args(act="gelu ")),
+     ValueError, _bad_act("pw_stage_backward", "gelu ")),
 ]
 
 
@@ -391,7 +404,8 @@ def test_model_bad_kernel_size(kernel_size):
 def test_model_bad_backend_and_act():
     with pytest.raises(ValueError, match=r"unknown backend 'nope'"):
         ConvMixer(dim=8, depth=1, kernel_size=3, backend="nope")
-    with pytest.raises(ValueError, match=r"act must be one of \('gelu', 'relu'\), got 'tanh'"):
+    with pytest.raises(ValueError, match=r"act must be one of " + re.escape(str(NAMES)) +
+                       r", got 'tanh'"):
         ConvMixer(dim=8, depth=1, kernel_size=3, act="tanh")
     ConvMixer(dim=8, depth=1, kernel_size=3, backend="cpu", act="relu", fused=True)
 

@@ -15,10 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cuda_emulation import Guarded, bind, load_check_library, ptr, reverse_cta_order
+from convmixer_kernels.activations import ACTIVATIONS, NAMES
+from cuda_emulation import Guarded, bind, launch_log, load_check_library, ptr, reverse_cta_order
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-ACT_CODE = {"gelu": 0, "relu": 1}
+# Codes csrc/activation.h does not have.
+UNKNOWN_ACT_CODES = [-1, max(a.code for a in ACTIVATIONS.values()) + 1]
 P = ctypes.c_void_p
 LL = ctypes.c_longlong
 SZ = ctypes.c_size_t
@@ -26,6 +28,11 @@ SZ = ctypes.c_size_t
 
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def act_code(act):
+    """The entry points' code of an activation name; an int passes as it is (an unknown code)."""
+    return act if isinstance(act, int) else ACTIVATIONS[act].code
 
 
 class DwKernels:
@@ -55,13 +62,13 @@ class DwKernels:
         xg.tensor.copy_(x.permute(0, 2, 3, 1))
         size = SZ(0)
         code = DTYPE_CODE[dtype]
-        assert self.fwd(code, ACT_CODE[act], ptr(xg.tensor), n, c, h, w, k, *([None] * 9),
+        assert self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, *([None] * 9),
                         0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         out = Guarded((n, h, w, c), dtype)
         mean, var = Guarded((c,), acc), Guarded((c,), acc)
         nm, ns, nt = norm if norm is not None else (None, None, None)
-        rc = self.fwd(code, ACT_CODE[act], ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
+        rc = self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
                       ptr(weight.contiguous()), ptr(bias), ptr(out.tensor),
                       ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
                       ptr(ws.tensor), ws.tensor.numel(), None, None)
@@ -80,7 +87,7 @@ class DwKernels:
         xg, gog = nhwc(x), nhwc(grad_out)
         size = SZ(0)
         code = DTYPE_CODE[dtype]
-        args_head = (code, ACT_CODE[act])
+        args_head = (code, act_code(act))
         assert self.bwd(*args_head, None, None, None, None, None, n, c, h, w, k, *([None] * 11),
                         None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
@@ -132,7 +139,7 @@ def reference_forward(x, norm, weight, bias, act):
         v = (v - m) * s + t
     a = F.conv2d(v, weight.double(), None if bias is None else bias.double(),
                  padding=weight.shape[-1] // 2, groups=x.shape[1])
-    out = F.gelu(a) if act == "gelu" else F.relu(a)
+    out = ACTIVATIONS[act].functional(a)
     var, mean = torch.var_mean(out, dim=(0, 2, 3), unbiased=False)
     return out, mean, var
 
@@ -170,7 +177,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("dtype,k,shape", CASES, ids=lambda v: str(v).replace("torch.", ""))
 def test_forward_and_backward(kernels, dtype, k, shape, act):
     check_forward_backward(kernels, dtype, k, shape, act)
@@ -253,9 +260,27 @@ def test_float64_tiles_too_large_for_shared_memory_are_refused(kernels):
     # 227 KiB of shared memory per block. The plan says so (the torch launcher turns that into a
     # ValueError naming dtype and kernel size) instead of launching a kernel that cannot start.
     size = SZ(0)
-    rc = kernels.fwd(DTYPE_CODE[torch.float64], 0, None, 1, 5, 4, 15, 13, *([None] * 9), 0,
-                     ctypes.byref(size), None)
+    rc = kernels.fwd(DTYPE_CODE[torch.float64], act_code("gelu"), None, 1, 5, 4, 15, 13,
+                     *([None] * 9), 0, ctypes.byref(size), None)
     assert rc == 1  # cudaErrorInvalidValue
+
+
+@pytest.mark.parametrize("code", UNKNOWN_ACT_CODES)
+def test_unknown_activation_code_is_refused(kernels, code):
+    # An activation code the C++ list lacks is an error before any kernel runs, never another
+    # activation's kernels.
+    x, norm, weight, bias = make_inputs((2, 8, 5, 6), 3, torch.float32, seed=2)
+    launch_log(kernels.lib)
+    with pytest.raises(AssertionError, match=r"returned cudaError 1\b"):
+        kernels.forward(x, norm, weight, bias, code, stats=True)
+    assert launch_log(kernels.lib) == []
+    out, mean, _ = kernels.forward(x, norm, weight, bias, "gelu", stats=True)
+    launch_log(kernels.lib)
+    c = x.shape[1]
+    with pytest.raises(AssertionError, match=r"returned cudaError 1\b"):
+        kernels.backward(torch.ones_like(out), torch.ones(c), torch.ones(c), mean, x, norm, weight,
+                         bias, code)
+    assert launch_log(kernels.lib) == []
 
 
 def test_scalar_loads_match_vector_loads_bitwise(kernels):

@@ -14,12 +14,13 @@ import ctypes
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from cuda_emulation import Guarded, bind, load_check_library, ptr, reverse_cta_order
+from convmixer_kernels.activations import ACTIVATIONS, NAMES
+from cuda_emulation import Guarded, bind, launch_log, load_check_library, ptr, reverse_cta_order
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-ACT_CODE = {"gelu": 0, "relu": 1}
+# Codes csrc/activation.h does not have.
+UNKNOWN_ACT_CODES = [-1, max(a.code for a in ACTIVATIONS.values()) + 1]
 P, LL, SZ = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_size_t
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (rows, channels): one row; a partial row tile; exact and partial channel blocks (a block is
@@ -30,6 +31,11 @@ SHAPES = [(1, 16), (7, 24), (300, 37), (130, 256), (70, 264)]
 
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def act_code(act):
+    """The entry points' code of an activation name; an int passes as it is (an unknown code)."""
+    return act if isinstance(act, int) else ACTIVATIONS[act].code
 
 
 def vec_width(dtype):
@@ -85,16 +91,16 @@ class PwKernels:
         rows, c = pre.shape
         code = DTYPE_CODE[pre.dtype]
         size = SZ(0)
-        assert self.forward_fn(code, ACT_CODE[act], rows, c, None, None, None, None, None, 0,
+        assert self.forward_fn(code, act_code(act), rows, c, None, None, None, None, None, 0,
                                ctypes.byref(size), None) == 0
         ws = self._workspace(size)
         pg = Guarded.like(pre, offset)
         out = Guarded((rows, c), pre.dtype, offset)
         mean, var = Guarded((c,), acc_dtype(pre.dtype)), Guarded((c,), acc_dtype(pre.dtype))
-        rc = self.forward_fn(code, ACT_CODE[act], rows, c, ptr(pg.tensor), ptr(out.tensor),
+        rc = self.forward_fn(code, act_code(act), rows, c, ptr(pg.tensor), ptr(out.tensor),
                              ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
                              ptr(ws.tensor), ws.tensor.numel(), None, None)
-        assert rc == 0
+        assert rc == 0, f"convmixer_pw_epilogue_forward returned cudaError {rc}"
         for g in (pg, out, ws, mean, var):
             g.check()
         return out.tensor.clone(), mean.tensor.clone(), var.tensor.clone()
@@ -103,14 +109,14 @@ class PwKernels:
         rows, c = pre.shape
         code = DTYPE_CODE[pre.dtype]
         size = SZ(0)
-        assert self.backward_fn(code, ACT_CODE[act], rows, c, None, None, None, None, None, None,
+        assert self.backward_fn(code, act_code(act), rows, c, None, None, None, None, None, None,
                                 None, None, 0, ctypes.byref(size), None) == 0
         ws = self._workspace(size)
         dp, db = Guarded((rows, c), pre.dtype), Guarded((c,), pre.dtype)
-        rc = self.backward_fn(code, ACT_CODE[act], rows, c, ptr(grad_out), ptr(pre), ptr(gm),
+        rc = self.backward_fn(code, act_code(act), rows, c, ptr(grad_out), ptr(pre), ptr(gm),
                               ptr(gv), ptr(mean), ptr(dp.tensor), ptr(db.tensor), ptr(ws.tensor),
                               ws.tensor.numel(), None, None)
-        assert rc == 0
+        assert rc == 0, f"convmixer_pw_epilogue_backward returned cudaError {rc}"
         for g in (dp, db, ws):
             g.check()
         return dp.tensor.clone(), db.tensor.clone()
@@ -165,7 +171,7 @@ def apply_norm(v, norm):
 
 
 def act64(act, p):
-    return F.gelu(p) if act == "gelu" else F.relu(p)
+    return ACTIVATIONS[act].functional(p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -180,7 +186,7 @@ def test_prologue(kernels, dtype, shape):
         assert_close(u, ref, dtype, f"u with norms {args[0] is not None}/{args[2] is not None}")
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
 def test_epilogue_forward(kernels, dtype, shape, act):
@@ -197,7 +203,7 @@ def test_epilogue_forward(kernels, dtype, shape, act):
     assert torch.isnan(mean_eval).all(), "statistics written although none were asked for"
 
 
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
 def test_epilogue_backward(kernels, dtype, shape, act):
@@ -236,6 +242,21 @@ def test_through_norms(kernels, dtype, shape):
     _, gr, s0b, s1b, _ = kernels.through_norms(du, x, nx, res, None, True, True)
     assert torch.equal(gr, du)
     assert torch.equal(s0b, s0) and torch.equal(s1b, s1)
+
+
+@pytest.mark.parametrize("code", UNKNOWN_ACT_CODES)
+def test_unknown_activation_code_is_refused(kernels, code):
+    # An activation code the C++ list lacks is an error before any kernel runs, never another
+    # activation's kernels.
+    rows, c = SHAPES[2]
+    pre, grad_out = rand((rows, c), torch.float32, 17), rand((rows, c), torch.float32, 18)
+    stat = rand((c,), torch.float32, 19)
+    launch_log(kernels.lib)
+    with pytest.raises(AssertionError, match=r"returned cudaError 1\b"):
+        kernels.epilogue_forward(pre, code)
+    with pytest.raises(AssertionError, match=r"returned cudaError 1\b"):
+        kernels.epilogue_backward(grad_out, pre, stat, stat, stat, code)
+    assert launch_log(kernels.lib) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

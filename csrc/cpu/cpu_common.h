@@ -18,32 +18,25 @@ namespace cpu {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// act(a). ReLU keeps NaN (as torch.relu): only lanes with a < 0 become zero.
+// The lane policy of the activation maths (csrc/activation.h) on Vectorized lanes.
 template <typename T>
-inline Vec<T> act_forward(Act act, const Vec<T>& a) {
-  if (act == Act::ReLU) return Vec<T>::blendv(a, Vec<T>(T(0)), a < Vec<T>(T(0)));
-  const Vec<T> half(T(0.5)), one(T(1)), inv_sqrt2(T(M_SQRT1_2));
-  return half * a * (one + (a * inv_sqrt2).erf());
+struct VecMath {
+  using V = Vec<T>;
+  static V c(double v) { return V(T(v)); }
+  static V erf(const V& v) { return v.erf(); }
+  static V exp(const V& v) { return v.exp(); }
+  static V where(const V& mask, const V& x, const V& y) { return V::blendv(y, x, mask); }
+};
+
+// act(a) on the lanes of `a`.
+template <Act A, typename T>
+inline Vec<T> act_forward(const Vec<T>& a) {
+  return ActMath<A>::template forward<VecMath<T>>(a);
 }
 
-// act and its derivative at one point, for the backward passes, which need both act(a) (the
-// statistics' gradient involves the stored output) and act'(a): GELU's erf, the costly part,
-// is evaluated once for the two.
-template <typename T>
-struct ActAt {
-  Act act;
-  Vec<T> a, cdf;
-  ActAt(Act act_, const Vec<T>& a_) : act(act_), a(a_) {
-    if (act == Act::GELU) cdf = Vec<T>(T(0.5)) * (Vec<T>(T(1)) + (a * Vec<T>(T(M_SQRT1_2))).erf());
-  }
-  Vec<T> value() const { return act == Act::ReLU ? act_forward(act, a) : a * cdf; }
-  // dy * act'(a). ReLU follows threshold_backward: zero where a <= 0, dy elsewhere (NaN passes).
-  Vec<T> backward(const Vec<T>& dy) const {
-    if (act == Act::ReLU) return Vec<T>::blendv(dy, Vec<T>(T(0)), a <= Vec<T>(T(0)));
-    const Vec<T> pdf = Vec<T>(T(0.3989422804014327)) * (Vec<T>(T(-0.5)) * a * a).exp();
-    return dy * (cdf + a * pdf);
-  }
-};
+// act(a) and dy * act'(a) at the same lanes, for the backward passes (activation.h).
+template <Act A, typename T>
+using ActAt = typename ActMath<A>::template At<VecMath<T>>;
 
 // Rounds `n` opmath values to the storage dtype in place, so that what follows (statistics,
 // derivatives) sees exactly the values stored. A no-op for float and double storage.

@@ -88,9 +88,9 @@ struct DwBlock {
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, Act A>
 void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
-                const at::Tensor& weight, const at::Tensor* bias, Act act, bool stats,
+                const at::Tensor& weight, const at::Tensor* bias, bool stats,
                 at::Tensor& out, at::Tensor& mean, at::Tensor& var) {
   using Block = DwBlock<scalar_t>;
   using opmath_t = typename Block::opmath_t;
@@ -119,7 +119,7 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
         for (int64_t y = 0; y < g.H; ++y) {
           for (int64_t xx = 0; xx < g.W; ++xx) {
             block.correlate(block.pad_buf.data(), block.w, y, xx, init, acc);
-            for (int v = 0; v < kVecs; ++v) act_forward(act, acc[v]).store(vals + v * V::size());
+            for (int v = 0; v < kVecs; ++v) act_forward<A>(acc[v]).store(vals + v * V::size());
             round_to_storage<scalar_t>(vals, block.cb);
             scalar_t* dst = op + ((n * g.H + y) * g.W + xx) * g.C + block.c0;
             for (int64_t l = 0; l < block.cb; ++l) dst[l] = static_cast<scalar_t>(vals[l]);
@@ -147,11 +147,11 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, Act A>
 void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tensor* grad_mean,
                  const at::Tensor* grad_var, const at::Tensor& x, const Norm& norm,
                  const at::Tensor& weight, const at::Tensor* bias, const at::Tensor* mean,
-                 Act act, at::Tensor& grad_x, std::vector<double>& norm_sums,
+                 at::Tensor& grad_x, std::vector<double>& norm_sums,
                  std::vector<double>& grad_w, std::vector<double>& grad_b) {
   using Block = DwBlock<scalar_t>;
   using opmath_t = typename Block::opmath_t;
@@ -210,7 +210,7 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
             opmath_t* da = dA.data() + ((y + g.pad) * g.Wp() + xx + g.pad) * kCB;
             for (int v = 0; v < kVecs; ++v) {
               const int64_t off = v * V::size();
-              const ActAt<opmath_t> at_a(act, acc[v]);
+              const ActAt<A, opmath_t> at_a(acc[v]);
               V dO = V::loadu(d_vals + off) + V::loadu(const_term + off);
               if (need_o) {
                 // The statistics were of the output as stored: round act(a) before using it.
@@ -283,7 +283,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
   const DwArgs a = check_dw_stage("dw_stage", x_in, x_mean, x_scale, x_shift, weight_in, bias_in,
                                   act_name, stats);
   const DwGeometry& g = a.g;
-  const Act act = a.act;
   const auto acc = a.acc;
   const Norm& norm = a.norm;
 
@@ -293,7 +292,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
   auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   at::Tensor mean = empty_output(x, acc), var = empty_output(x, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stage_cpu", [&] {
-    dw_forward<scalar_t>(g, x, norm, weight, bias ? &*bias : nullptr, act, stats, out, mean, var);
+    dispatch_act(a.act, [&](auto act) {
+      dw_forward<scalar_t, decltype(act)::value>(g, x, norm, weight, bias ? &*bias : nullptr,
+                                                 stats, out, mean, var);
+    });
   });
   if (stats) {
     mean = mean.to(acc);
@@ -314,7 +316,6 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, weight_in,
                                            bias_in, mean_in, act_name);
   const DwGeometry& g = a.g;
-  const Act act = a.act;
   const auto acc = a.acc;
   const Norm& norm = a.norm;
   const auto& grad_mean = a.sg.grad_mean;
@@ -328,10 +329,12 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
   std::vector<double> norm_sums(2 * g.C, 0.0), grad_w(g.C * g.k * g.k, 0.0), grad_b(g.C, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stage_backward_cpu", [&] {
-    dw_backward<scalar_t>(g, grad_out, grad_mean ? &*grad_mean : nullptr,
-                          grad_var ? &*grad_var : nullptr, x, norm, weight,
-                          bias ? &*bias : nullptr, mean ? &*mean : nullptr, act, grad_x, norm_sums,
-                          grad_w, grad_b);
+    dispatch_act(a.act, [&](auto act) {
+      dw_backward<scalar_t, decltype(act)::value>(
+          g, grad_out, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr, x,
+          norm, weight, bias ? &*bias : nullptr, mean ? &*mean : nullptr, grad_x, norm_sums,
+          grad_w, grad_b);
+    });
   });
   auto as_tensor = [&](const std::vector<double>& v, int64_t offset, at::IntArrayRef sizes,
                        at::ScalarType dtype) {

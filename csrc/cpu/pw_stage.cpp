@@ -67,8 +67,8 @@ inline void load_row(const scalar_t* src, opmath_t* dst, int64_t n) {
 }
 
 // out = act(p), and the shifted sums of out (as stored) when stats are asked for.
-template <typename scalar_t>
-void epilogue_forward(const PwGeometry& g, Act act, bool stats, const at::Tensor& p2d,
+template <typename scalar_t, Act A>
+void epilogue_forward(const PwGeometry& g, bool stats, const at::Tensor& p2d,
                       at::Tensor& out2d, at::Tensor& mean, at::Tensor& var) {
   using opmath_t = at::opmath_type<scalar_t>;
   using V = Vec<opmath_t>;
@@ -80,8 +80,8 @@ void epilogue_forward(const PwGeometry& g, Act act, bool stats, const at::Tensor
   auto activate = [&](int64_t r, opmath_t* vals) {
     load_row(pp + r * C, vals, C);
     int64_t c = 0;
-    for (; c + V::size() <= C; c += V::size()) act_forward(act, V::loadu(vals + c)).store(vals + c);
-    if (c < C) act_forward(act, V::loadu(vals + c, C - c)).store(vals + c, C - c);
+    for (; c + V::size() <= C; c += V::size()) act_forward<A>(V::loadu(vals + c)).store(vals + c);
+    if (c < C) act_forward<A>(V::loadu(vals + c, C - c)).store(vals + c, C - c);
     round_to_storage<scalar_t>(vals, C);
   };
   std::vector<double> shift(C, 0.0);
@@ -112,8 +112,8 @@ void epilogue_forward(const PwGeometry& g, Act act, bool stats, const at::Tensor
 
 // dP = (grad_out + grad_mean/M + grad_var·2(o - mean)/M) · act'(p), rounded to storage; and
 // Σ dP per channel (the bias gradient).
-template <typename scalar_t>
-std::vector<double> epilogue_backward(const PwGeometry& g, Act act, const at::Tensor& go2d,
+template <typename scalar_t, Act A>
+std::vector<double> epilogue_backward(const PwGeometry& g, const at::Tensor& go2d,
                                       const at::Tensor& p2d, const at::Tensor* grad_mean,
                                       const at::Tensor* grad_var, const at::Tensor* mean,
                                       at::Tensor& dp2d) {
@@ -139,7 +139,7 @@ std::vector<double> epilogue_backward(const PwGeometry& g, Act act, const at::Te
       load_row(pp + r * C, pv.data(), C);
       load_row(gop + r * C, dv.data(), C);
       auto step = [&](int64_t c, int64_t n) {
-        const ActAt<opmath_t> at_p(act, V::loadu(&pv[c], n));
+        const ActAt<A, opmath_t> at_p(V::loadu(&pv[c], n));
         V dO = V::loadu(&dv[c], n) + V::loadu(&const_term[c], n);
         if (need_o) {
           // The statistics were of the output as stored: round act(p) before using it.
@@ -209,7 +209,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   const PwArgs a = check_pw_stage("pw_stage", x_in, x_mean, x_scale, x_shift, res_in, res_mean,
                                   res_scale, res_shift, weight, bias_in, act_name, stats);
   const PwGeometry& g = a.g;
-  const Act act = a.act;
   const auto acc = a.acc;
   const Norm &nx = a.nx, &nr = a.nr;
 
@@ -222,7 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "pw_stage_cpu", [&] {
     const auto u = prologue<scalar_t>(g, x2d, nx, r2d ? &*r2d : nullptr, nr);
     const auto p2d = gemm_pre_act(u, w2d, bias_in);
-    epilogue_forward<scalar_t>(g, act, stats, p2d, out2d, mean, var);
+    dispatch_act(a.act, [&](auto act) {
+      epilogue_forward<scalar_t, decltype(act)::value>(g, stats, p2d, out2d, mean, var);
+    });
     pre_act = keep_pre_act ? from_rows(p2d, out_sizes) : empty_output(x_in, x_in.scalar_type());
   });
   if (stats) {
@@ -249,7 +250,6 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                                            res_mean, res_scale, res_shift, weight, bias_in,
                                            pre_act_in, mean_in, act_name);
   const PwGeometry& g = a.g;
-  const Act act = a.act;
   const auto acc = a.acc;
   const Norm &nx = a.nx, &nr = a.nr;
   const auto& grad_mean = a.sg.grad_mean;
@@ -268,8 +268,11 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
     const auto u = prologue<scalar_t>(g, x2d, nx, r2d ? &*r2d : nullptr, nr);
     const auto p2d = have_pre_act ? rows_view(*pre_act_in) : gemm_pre_act(u, w2d, bias_in);
     auto dp2d = at::empty({g.rows(), g.Cout}, x_in.options());
-    db = epilogue_backward<scalar_t>(g, act, go2d, p2d, grad_mean ? &*grad_mean : nullptr,
-                                     grad_var ? &*grad_var : nullptr, mean ? &*mean : nullptr, dp2d);
+    db = dispatch_act(a.act, [&](auto act) {
+      return epilogue_backward<scalar_t, decltype(act)::value>(
+          g, go2d, p2d, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr,
+          mean ? &*mean : nullptr, dp2d);
+    });
     grad_w = dp2d.t().mm(u).view(weight.sizes());
     dU = dp2d.mm(w2d);
     // Outputs may not alias: dU itself is returned at most once.

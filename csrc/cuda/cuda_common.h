@@ -31,11 +31,6 @@ struct KernelType<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// The kernels' compile-time activation for the op's act argument.
-inline cuda::ActKind kernel_act(Act act) {
-  return act == Act::GELU ? cuda::ActKind::GELU : cuda::ActKind::ReLU;
-}
-
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }

@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
     args.bias = ptr_or_null<T>(bias);
     args.out = static_cast<T*>(out.data_ptr());
     args.vectorized = dw::can_vectorize<T>(x.data_ptr(), g.C);
-    check_launch(dw::launch_forward<T>(plan, args, kernel_act(a.act),
+    check_launch(dw::launch_forward<T>(plan, args, a.act,
                                        stats ? static_cast<AccT*>(mean.data_ptr()) : nullptr,
                                        stats ? static_cast<AccT*>(var.data_ptr()) : nullptr,
                                        ws.numel() > 0 ? ws.data_ptr() : nullptr, stream),
@@ -118,7 +118,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
     args.vectorized_x = dw::can_vectorize<T>(x.data_ptr(), g.C) &&
                         dw::can_vectorize<T>(grad_pre.data_ptr(), g.C);
     check_launch(
-        dw::launch_backward<T>(plan, args, kernel_act(a.act), static_cast<T*>(grad_weight.data_ptr()),
+        dw::launch_backward<T>(plan, args, a.act, static_cast<T*>(grad_weight.data_ptr()),
                                static_cast<T*>(grad_bias.data_ptr()),
                                norm.defined() ? static_cast<AccT*>(sum_dx.data_ptr()) : nullptr,
                                norm.defined() ? static_cast<AccT*>(sum_dx_xc.data_ptr()) : nullptr,

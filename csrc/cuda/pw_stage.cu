@@ -92,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const pw::Plan plan = plan_for<T>(op, g.rows(), g.Cout, aligned16({&p2d, &out2d}));
     const at::Tensor ws = workspace(x_in, stats ? pw::forward_workspace_bytes<T>(plan) : 0);
     check_launch(pw::launch_epilogue_forward<T>(
-                     plan, ptr_or_null<T>(p2d), static_cast<T*>(out2d.data_ptr()), kernel_act(act),
+                     plan, ptr_or_null<T>(p2d), static_cast<T*>(out2d.data_ptr()), act,
                      stats ? static_cast<AccT*>(mean.data_ptr()) : nullptr,
                      stats ? static_cast<AccT*>(var.data_ptr()) : nullptr,
                      ws.numel() > 0 ? ws.data_ptr() : nullptr, stream),
@@ -154,7 +154,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                                     ptr_or_null<AccT>(sg.grad_mean), ptr_or_null<AccT>(sg.grad_var),
                                     ptr_or_null<AccT>(sg.mean),      static_cast<T*>(dp2d.data_ptr()),
                                     nullptr};
-      check_launch(pw::launch_epilogue_backward<T>(plan, a, kernel_act(act),
+      check_launch(pw::launch_epilogue_backward<T>(plan, a, act,
                                                    static_cast<T*>(grad_bias.data_ptr()),
                                                    ws.numel() > 0 ? ws.data_ptr() : nullptr, stream),
                    op);

@@ -1,17 +1,19 @@
 // Compile check for csrc/cuda/kernels/dw_stage.cuh: instantiates every kernel the launchers can pick
-// (4 storage types x k in {generic, 3, 5, 7, 9} x {GELU, ReLU}) so that `nvcc -Xptxas -v` reports
-// registers and spills for each, without torch or a GPU. Nothing here may include torch.
+// (4 storage types x k in {generic, 3, 5, 7, 9} x every activation of csrc/activation.h) so that
+// `nvcc -Xptxas -v` reports registers and spills for each, without torch or a GPU. Nothing here
+// may include torch.
 //
 // The extern "C" entry points drive the same launchers from plain pointers: the GPU smoke tests and
 // the CPU emulation tests (python_tests/cuda_emulation) call them through ctypes.
-// dtype: 0 float, 1 double, 2 half, 3 bfloat16; act: 0 GELU, 1 ReLU. Norm and statistics vectors
-// are float (double for dtype 1). Returns a cudaError_t value.
+// dtype: 0 float, 1 double, 2 half, 3 bfloat16; act: an activation code of csrc/activation.h
+// (convmixer_kernels.activations' `code`), cudaErrorInvalidValue for any other. Norm and
+// statistics vectors are float (double for dtype 1). Returns a cudaError_t value.
 #include "dtype_codes.cuh"
 #include "../kernels/dw_stage.cuh"
 
 namespace dw = convmixer_kernels::cuda::dw;
 using convmixer_kernels::cuda::acc_t;
-using convmixer_kernels::cuda::ActKind;
+using convmixer_kernels::Act;
 
 // The CTA-count target the entry points plan with; tests lower it (convmixer_dw_set_target_ctas)
 // so that small shapes still give CTAs several tiles to walk.
@@ -45,7 +47,7 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
     args.bias = static_cast<const T*>(bias);
     args.out = static_cast<T*>(out);
     args.vectorized = dw::can_vectorize<T>(x, C);
-    return int(dw::launch_forward<T>(plan, args, act == 0 ? ActKind::GELU : ActKind::ReLU,
+    return int(dw::launch_forward<T>(plan, args, static_cast<Act>(act),
                                      static_cast<AccT*>(mean_out), static_cast<AccT*>(var_out),
                                      workspace, stream));
   });
@@ -83,7 +85,7 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
     args.grad_pre = static_cast<T*>(grad_pre);
     args.grad_x = static_cast<T*>(grad_x);
     args.vectorized_x = dw::can_vectorize<T>(x, C) && dw::can_vectorize<T>(grad_pre, C);
-    return int(dw::launch_backward<T>(plan, args, act == 0 ? ActKind::GELU : ActKind::ReLU,
+    return int(dw::launch_backward<T>(plan, args, static_cast<Act>(act),
                                       static_cast<T*>(grad_weight), static_cast<T*>(grad_bias),
                                       static_cast<AccT*>(sum_dx), static_cast<AccT*>(sum_dx_xc),
                                       workspace, stream));

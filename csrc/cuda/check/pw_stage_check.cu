@@ -4,15 +4,16 @@
 //
 // The extern "C" entry points run each fused kernel from plain pointers (the GEMMs between them
 // belong to the torch launcher), for the GPU smoke tests and the CPU emulation tests
-// (python_tests/cuda_emulation). dtype: 0 float, 1 double, 2 half, 3 bfloat16; act: 0 GELU,
-// 1 ReLU; per-channel vectors are float (double for dtype 1). A null output pointer only reports
+// (python_tests/cuda_emulation). dtype: 0 float, 1 double, 2 half, 3 bfloat16; act: an activation
+// code of csrc/activation.h (convmixer_kernels.activations' `code`), cudaErrorInvalidValue for any
+// other; per-channel vectors are float (double for dtype 1). A null output pointer only reports
 // the workspace size. Returns a cudaError_t value.
 #include "dtype_codes.cuh"
 #include "../kernels/pw_stage.cuh"
 
 namespace pw = convmixer_kernels::cuda::pw;
 using convmixer_kernels::cuda::acc_t;
-using convmixer_kernels::cuda::ActKind;
+using convmixer_kernels::Act;
 
 namespace {
 
@@ -21,8 +22,6 @@ bool aligned(std::initializer_list<const void*> ptrs) {
     if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
 }
-
-ActKind act_of(int act) { return act == 0 ? ActKind::GELU : ActKind::ReLU; }
 
 }  // namespace
 
@@ -59,7 +58,7 @@ extern "C" int convmixer_pw_epilogue_forward(int dtype, int act, long long rows,
     if (out == nullptr) return int(cudaSuccess);
     if (mean_out != nullptr && workspace_bytes < need) return int(cudaErrorInvalidValue);
     return int(pw::launch_epilogue_forward<T>(plan, static_cast<const T*>(pre), static_cast<T*>(out),
-                                              act_of(act), static_cast<AccT*>(mean_out),
+                                              static_cast<Act>(act), static_cast<AccT*>(mean_out),
                                               static_cast<AccT*>(var_out), workspace, stream));
   });
 }
@@ -83,8 +82,8 @@ extern "C" int convmixer_pw_epilogue_backward(int dtype, int act, long long rows
                                   static_cast<const AccT*>(grad_mean),
                                   static_cast<const AccT*>(grad_var), static_cast<const AccT*>(mean),
                                   static_cast<T*>(grad_pre), nullptr};
-    return int(pw::launch_epilogue_backward<T>(plan, a, act_of(act), static_cast<T*>(grad_bias),
-                                               workspace, stream));
+    return int(pw::launch_epilogue_backward<T>(plan, a, static_cast<Act>(act),
+                                               static_cast<T*>(grad_bias), workspace, stream));
   });
 }
 

@@ -353,7 +353,7 @@ __device__ __forceinline__ const AccT* stage_norm(AccT* s_norm, const AccT* mean
 // Kernels
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, int kK, ActKind A>
+template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_forward_kernel(const ForwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
@@ -453,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 // sums them over the whole tile from dA staged in shared memory, and adds them into its own slots
 // of s_grad_w: each slot has one writer, so no atomics and a fixed order. (At k = 9 warp 0 owns
 // two rows and the others one: a known imbalance to tune.)
-template <typename T, int kK, ActKind A>
+template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_data_kernel(const BackwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
@@ -707,12 +707,12 @@ inline auto kernel_for_k(int K, KernelOf kernel_of) {
   return kernel_of(std::integral_constant<int, 0>{});
 }
 
-template <typename T, ActKind A>
+template <typename T, Act A>
 inline auto forward_kernel_for(int K) {
   return kernel_for_k<acc_t<T>>(K, [](auto k) { return &dw_forward_kernel<T, decltype(k)::value, A>; });
 }
 
-template <typename T, ActKind A>
+template <typename T, Act A>
 inline auto backward_data_kernel_for(int K) {
   return kernel_for_k<acc_t<T>>(
       K, [](auto k) { return &dw_backward_data_kernel<T, decltype(k)::value, A>; });
@@ -743,14 +743,20 @@ struct ForwardWorkspace {
 
 // Forward. args.part_* are set here from the workspace when mean_out is given (training), and
 // the statistics are finalised into mean_out / var_out ([C], biased variance). ws: plan.ws_forward
-// bytes of device memory (unused, may be null, without statistics).
+// bytes of device memory (unused, may be null, without statistics). Here and in launch_backward an
+// `act` that is no activation (a code from a check TU's caller) is cudaErrorInvalidValue before
+// anything runs.
 template <typename T>
-inline cudaError_t launch_forward(const Plan& p, ForwardArgs<T> args, ActKind act,
+inline cudaError_t launch_forward(const Plan& p, ForwardArgs<T> args, Act act,
                                   acc_t<T>* mean_out, acc_t<T>* var_out, void* ws,
                                   cudaStream_t stream) {
   using AccT = acc_t<T>;
   if (!p.valid) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
+  const auto kernel = dispatch_act(
+      act, [&](auto tag) { return forward_kernel_for<T, decltype(tag)::value>(s.K); },
+      [] { return nullptr; });
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   const bool stats = mean_out != nullptr;
   if (stats) {
     if (ws == nullptr && s.parts > 0) return cudaErrorInvalidValue;
@@ -763,8 +769,6 @@ inline cudaError_t launch_forward(const Plan& p, ForwardArgs<T> args, ActKind ac
     args.part_count = nullptr;
   }
   if (s.parts > 0 && s.C > 0) {
-    auto kernel = act == ActKind::GELU ? forward_kernel_for<T, ActKind::GELU>(s.K)
-                                       : forward_kernel_for<T, ActKind::ReLU>(s.K);
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(p.smem_forward));
     if (err != cudaSuccess) return err;
@@ -784,12 +788,16 @@ inline cudaError_t launch_forward(const Plan& p, ForwardArgs<T> args, ActKind ac
 // ([C][k*k], T), grad_bias ([C], T), and with a norm sum_dx / sum_dx_xc ([C], AccT) from which the
 // launcher forms the norm's gradients. ws: plan.ws_backward bytes.
 template <typename T>
-inline cudaError_t launch_backward(const Plan& p, BackwardArgs<T> args, ActKind act,
+inline cudaError_t launch_backward(const Plan& p, BackwardArgs<T> args, Act act,
                                    T* grad_weight, T* grad_bias, acc_t<T>* sum_dx,
                                    acc_t<T>* sum_dx_xc, void* ws, cudaStream_t stream) {
   using AccT = acc_t<T>;
   if (!p.valid) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
+  const auto data_kernel = dispatch_act(
+      act, [&](auto tag) { return backward_data_kernel_for<T, decltype(tag)::value>(s.K); },
+      [] { return nullptr; });
+  if (data_kernel == nullptr) return cudaErrorInvalidValue;
   const int64_t kk = int64_t(s.K) * s.K;
   const size_t pc = size_t(s.parts) * size_t(s.C);
   if (s.C == 0) return cudaSuccess;
@@ -814,8 +822,6 @@ inline cudaError_t launch_backward(const Plan& p, BackwardArgs<T> args, ActKind 
   args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
 
   const dim3 grid(unsigned(s.parts), unsigned(s.channel_blocks));
-  auto data_kernel = act == ActKind::GELU ? backward_data_kernel_for<T, ActKind::GELU>(s.K)
-                                          : backward_data_kernel_for<T, ActKind::ReLU>(s.K);
   cudaError_t err = cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(p.smem_backward_data));
   if (err != cudaSuccess) return err;

@@ -1,11 +1,9 @@
-// Per-element maths shared by the CUDA stage kernels: storage <-> accumulation conversions, the
-// activations and their derivatives. Torch-free (docs/DESIGN.md §8).
-//
-// The activations follow docs/OPS.md exactly as PyTorch's CUDA kernels compute them in opmath:
-// GELU is the erf form 0.5 v (1 + erf(v / sqrt 2)) and its derivative cdf + v pdf; ReLU keeps NaN
-// (only v < 0 becomes 0) and its derivative is 0 where v <= 0 (threshold_backward).
+// Per-element maths shared by the CUDA stage kernels: storage <-> accumulation conversions, and
+// the activations of csrc/activation.h on accumulation-type scalars. Torch-free
+// (docs/DESIGN.md §8).
 #pragma once
 
+#include "../../activation.h"
 #include "channel_stats.cuh"
 
 namespace convmixer_kernels {
@@ -15,10 +13,6 @@ using channel_stats::acc_t;
 using channel_stats::kVecWidth;
 using channel_stats::to_acc;
 using channel_stats::Unpack;
-
-// Which activation a kernel applies. A template parameter of the kernels: the choice is per
-// model, and a compile-time branch keeps erf out of the ReLU kernels entirely.
-enum class ActKind : int { GELU = 0, ReLU = 1 };
 
 // Storage value of an accumulation value, rounded to nearest even as PyTorch's casts are.
 template <typename T>
@@ -46,35 +40,26 @@ __device__ __forceinline__ double erf_acc(double v) { return erf(v); }
 __device__ __forceinline__ float exp_acc(float v) { return expf(v); }
 __device__ __forceinline__ double exp_acc(double v) { return exp(v); }
 
-constexpr double kSqrtHalf = 0.70710678118654752440;     // 1 / sqrt(2)
-constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
-
-// act(a) and, on demand, dy * act'(a) at the same point: the backward kernels need both (the
-// statistics' gradient involves the output), and GELU's erf is then evaluated once.
-template <ActKind A, typename AccT>
-struct ActAt {
-  AccT a, cdf;
-  __device__ __forceinline__ explicit ActAt(AccT a_) : a(a_), cdf(AccT(0)) {
-    if constexpr (A == ActKind::GELU) cdf = AccT(0.5) * (AccT(1) + erf_acc(a * AccT(kSqrtHalf)));
-  }
-  __device__ __forceinline__ AccT value() const {
-    if constexpr (A == ActKind::GELU) return a * cdf;
-    return a < AccT(0) ? AccT(0) : a;  // NaN compares false and passes through, as torch.relu
-  }
-  __device__ __forceinline__ AccT backward(AccT dy) const {
-    if constexpr (A == ActKind::GELU) {
-      const AccT pdf = AccT(kInvSqrt2Pi) * exp_acc(AccT(-0.5) * a * a);
-      return dy * (cdf + a * pdf);
-    }
-    return a <= AccT(0) ? AccT(0) : dy;
-  }
+// The lane policy of the activation maths (csrc/activation.h): one accumulation-type value per
+// thread. The activation is a template parameter of the kernels (Act A): the choice is per model,
+// and instantiating per activation keeps erf out of the ReLU kernels entirely.
+template <typename AccT>
+struct ScalarMath {
+  using V = AccT;
+  static __device__ __forceinline__ V c(double v) { return V(v); }
+  static __device__ __forceinline__ V erf(V v) { return erf_acc(v); }
+  static __device__ __forceinline__ V exp(V v) { return exp_acc(v); }
+  static __device__ __forceinline__ V where(bool mask, V x, V y) { return mask ? x : y; }
 };
 
-template <ActKind A, typename AccT>
+template <Act A, typename AccT>
 __device__ __forceinline__ AccT act_forward(AccT a) {
-  if constexpr (A == ActKind::GELU) return AccT(0.5) * a * (AccT(1) + erf_acc(a * AccT(kSqrtHalf)));
-  return a < AccT(0) ? AccT(0) : a;
+  return ActMath<A>::template forward<ScalarMath<AccT>>(a);
 }
+
+// act(a) and dy * act'(a) at one point, for the backward kernels (activation.h).
+template <Act A, typename AccT>
+using ActAt = typename ActMath<A>::template At<ScalarMath<AccT>>;
 
 // Fused multiply-add in the accumulation type (explicit, so the convolution sums do not depend on
 // the compiler's contraction choices).

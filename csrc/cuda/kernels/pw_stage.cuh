@@ -232,7 +232,7 @@ struct EpilogueForwardArgs {
   acc_t<T>* part_m2;
 };
 
-template <typename T, ActKind A>
+template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     pw_epilogue_forward_kernel(const EpilogueForwardArgs<T> a, const Plan p) {
   using AccT = acc_t<T>;
@@ -289,7 +289,7 @@ struct EpilogueBackwardArgs {
   acc_t<T>* part_grad_b;      // [tiles][C]
 };
 
-template <typename T, ActKind A>
+template <typename T, Act A>
 __global__ void __launch_bounds__(kThreads)
     pw_epilogue_backward_kernel(const EpilogueBackwardArgs<T> a, const Plan p) {
   using AccT = acc_t<T>;
@@ -420,13 +420,19 @@ inline size_t forward_workspace_bytes(const Plan& p) {
   return 2 * align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
 }
 
-// act(pre) into out, and with mean_out the batch statistics (mean, biased var) of out.
+// act(pre) into out, and with mean_out the batch statistics (mean, biased var) of out. Here and in
+// launch_epilogue_backward an `act` that is no activation (a code from a check TU's caller) is
+// cudaErrorInvalidValue before anything runs.
 template <typename T>
-inline cudaError_t launch_epilogue_forward(const Plan& p, const T* pre, T* out, ActKind act,
+inline cudaError_t launch_epilogue_forward(const Plan& p, const T* pre, T* out, Act act,
                                            acc_t<T>* mean_out, acc_t<T>* var_out, void* ws,
                                            cudaStream_t stream) {
   using AccT = acc_t<T>;
   if (!p.valid) return cudaErrorInvalidValue;
+  const auto kernel = dispatch_act(
+      act, [](auto tag) { return &pw_epilogue_forward_kernel<T, decltype(tag)::value>; },
+      [] { return nullptr; });
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   EpilogueForwardArgs<T> a{pre, out, nullptr, nullptr};
   if (mean_out != nullptr && p.tiles > 0) {
     if (ws == nullptr) return cudaErrorInvalidValue;
@@ -435,11 +441,7 @@ inline cudaError_t launch_epilogue_forward(const Plan& p, const T* pre, T* out, 
                                         align_up(size_t(p.tiles) * size_t(p.C) * sizeof(AccT), 256));
   }
   if (p.tiles > 0 && p.C > 0) {
-    if (act == ActKind::GELU) {
-      pw_epilogue_forward_kernel<T, ActKind::GELU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-    } else {
-      pw_epilogue_forward_kernel<T, ActKind::ReLU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-    }
+    kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -458,19 +460,19 @@ inline size_t backward_epilogue_workspace_bytes(const Plan& p) {
 
 // dP into a.grad_pre and sum dP into grad_bias ([C], T). a.part_grad_b is set from ws.
 template <typename T>
-inline cudaError_t launch_epilogue_backward(const Plan& p, EpilogueBackwardArgs<T> a, ActKind act,
+inline cudaError_t launch_epilogue_backward(const Plan& p, EpilogueBackwardArgs<T> a, Act act,
                                             T* grad_bias, void* ws, cudaStream_t stream) {
   using AccT = acc_t<T>;
   if (!p.valid) return cudaErrorInvalidValue;
+  const auto kernel = dispatch_act(
+      act, [](auto tag) { return &pw_epilogue_backward_kernel<T, decltype(tag)::value>; },
+      [] { return nullptr; });
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   if (p.C == 0) return cudaSuccess;
   if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
   if (ws == nullptr) return cudaErrorInvalidValue;
   a.part_grad_b = static_cast<AccT*>(ws);
-  if (act == ActKind::GELU) {
-    pw_epilogue_backward_kernel<T, ActKind::GELU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  } else {
-    pw_epilogue_backward_kernel<T, ActKind::ReLU><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  }
+  kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_sum_parts<AccT, T>(a.part_grad_b, p.tiles, p.C, grad_bias, stream);
