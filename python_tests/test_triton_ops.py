@@ -12,6 +12,8 @@ float16 follows the docs/DESIGN.md §6 rule against eager float16. bfloat16 is G
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -20,6 +22,7 @@ from triton_setup import load_kernels
 KERNELS, DEVICE = load_kernels()
 pytestmark = pytest.mark.skipif(KERNELS is None, reason=str(DEVICE))
 
+from convmixer_kernels.activations import NAMES  # noqa: E402
 from convmixer_kernels.ops import Norm, dw_stage, pw_stage  # noqa: E402
 from reference import (acc_dtype, assert_close_direct, assert_close_rule,  # noqa: E402
                        ref_dw_stage, ref_pw_stage, stats_of_stored, to64)
@@ -260,7 +263,7 @@ PW_SHAPE = (3, 40, 36, 5, 7)
 
 
 @pytest.mark.parametrize("stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("variant", ["both_norms_bias", "norm_residual"])
 def test_pw_stage_matches_reference(variant, act, stats):
     leaves = pw_leaves(PW_SHAPE, torch.float32, variant, seed=len(variant))
@@ -411,6 +414,32 @@ def test_opcheck_backward_ops_triton():
     gm, gv = on_device((randn(4, gen=gen), randn(4, gen=gen)))
     torch.library.opcheck(_ops.pw_stage_backward_triton.default,
                           (go, gm, gv, *args[:10], pre, mean, args[10]))
+
+
+@pytest.mark.parametrize("act", ["swish", "GELU", ""])
+def test_raw_ops_refuse_an_unknown_act(act):
+    """An `act` the table lacks is a ValueError naming the op, the value and the activations in
+    every raw op, before any kernel runs: never another activation's kernels."""
+    def refused(op):
+        return pytest.raises(ValueError,
+                             match=rf"^{op}: act must be one of {re.escape(str(NAMES))}, got "
+                                   rf"{re.escape(repr(act))}$")
+
+    x, m, s, t, w, b, good, _ = (a.detach() if isinstance(a, torch.Tensor) else a
+                                 for a in _raw_dw_args(True))
+    out, mean, _ = _ops.dw_stage_triton(x, m, s, t, w, b, good, True)
+    with refused("dw_stage"):
+        _ops.dw_stage_triton(x, m, s, t, w, b, act, True)
+    with refused("dw_stage_backward"):
+        _ops.dw_stage_backward_triton(torch.ones_like(out), None, None, x, m, s, t, w, b, mean,
+                                      act)
+    args = [a.detach() if isinstance(a, torch.Tensor) else a for a in _raw_pw_args(True)]
+    out, pre, mean, _ = _ops.pw_stage_triton(*args)
+    with refused("pw_stage"):
+        _ops.pw_stage_triton(*args[:10], act, *args[11:])
+    with refused("pw_stage_backward"):
+        _ops.pw_stage_backward_triton(torch.ones_like(out), None, None, *args[:10], pre, mean,
+                                      act)
 
 
 def test_meta_outputs_match_real():

@@ -1,5 +1,5 @@
-"""Pieces shared by the Triton stage kernels: activations, the norm-on-load, per-channel moments,
-and the host-side helpers (dtypes, launch sizes, the deterministic merge of per-program partials).
+"""Pieces shared by the Triton stage kernels: the norm-on-load, per-channel moments, and the
+host-side helpers (dtypes, launch sizes, the deterministic merge of per-program partials).
 
 Statistics and gradient sums are two-level reductions: each program reduces its own tiles in
 registers and writes one partial row, and the rows are merged afterwards in float64 by ordinary
@@ -30,35 +30,8 @@ if INTERPRET != isinstance(tl.cdiv, InterpretedFunction):
         "importing convmixer_kernels' Triton kernels; set (or unset) it before triton is first "
         "imported in this process")
 
-ACT_CODES = {"gelu": 0, "relu": 1}
-# Module-level values a kernel reads must be constexpr.
-_INV_SQRT2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
 # ---------------------------------------------------------------------------------------------
 # Device functions
-
-
-@triton.jit
-def act_fwd(a, ACT: tl.constexpr):
-    """act(a): exact erf GELU, or ReLU that keeps NaN (only a < 0 becomes zero, as torch.relu)."""
-    if ACT == 0:
-        return 0.5 * a * (1.0 + tl.erf(a * _INV_SQRT2))
-    else:
-        return tl.where(a < 0.0, 0.0, a)
-
-
-@triton.jit
-def act_bwd(a, dy, ACT: tl.constexpr):
-    """dy * act'(a). ReLU follows threshold_backward (zero where a <= 0) so NaN passes as in
-    PyTorch; GELU' = Φ(a) + a·φ(a)."""
-    if ACT == 0:
-        cdf = 0.5 * (1.0 + tl.erf(a * _INV_SQRT2))
-        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * a * a)
-        return dy * (cdf + a * pdf)
-    else:
-        return tl.where(a <= 0.0, 0.0, dy)
 
 
 @triton.jit

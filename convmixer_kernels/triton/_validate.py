@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import ACT_CODES, INTERPRET, acc_dtype
+from ..activations import check_act
+from ._common import INTERPRET, acc_dtype
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -39,11 +40,6 @@ def _check_norm(op: str, name: str, norm, x: torch.Tensor, channels: int) -> boo
     for part, v in zip(("mean", "scale", "shift"), norm):
         _check_same(op, x, f"{name}_{part}", v, (channels,), acc_dtype(x.dtype))
     return given == 3
-
-
-def check_act(op: str, act: str) -> None:
-    if act not in ACT_CODES:
-        raise ValueError(f"{op}: act must be one of {tuple(ACT_CODES)}, got {act!r}")
 
 
 def check_dw_args(op, x, norm, weight, bias, act) -> None:

@@ -18,9 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_CODES, INTERPRET, act_bwd, act_fwd, acc_dtype, check_runnable,
-                      first_row, load_channel_vector, merge_moments, merge_tile_moments, present,
-                      reduce_partials, stat_coefficients, store_moments, target_programs, tl_acc)
+from ..activations import ACTIVATIONS
+from ._activations import act_bwd, act_fwd
+from ._common import (INTERPRET, acc_dtype, check_runnable, first_row, load_channel_vector,
+                      merge_moments, merge_tile_moments, present, reduce_partials,
+                      stat_coefficients, store_moments, target_programs, tl_acc)
 from ._validate import check_dw_args
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
     args = (x, _vec_or(x_mean, wt), _vec_or(x_scale, wt), _vec_or(x_shift, wt), wt,
             _vec_or(bias, wt), out, scratch, part, geo.n, geo.c, geo.h, geo.w, geo.groups,
             geo.c_pad, geo.fwd_stride)
-    meta = dict(K=geo.k, ACT=ACT_CODES[act], HAS_NORM=x_mean is not None,
+    meta = dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None,
                 HAS_BIAS=bias is not None, STATS=stats, ACC=tl_acc(x.dtype))
     _launch(_fwd, _dw_fwd_kernel, geo.groups, geo.c, args, meta)
     if not stats:
@@ -417,7 +419,7 @@ def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     args = (grad_out, coef if coef is not None else wt, x, _vec_or(x_mean, wt),
             _vec_or(x_scale, wt), _vec_or(x_shift, wt), wt, _vec_or(bias, wt), grad_x, scratch,
             dw_part, vec_part, n, c, h, w, geo.groups, geo.c_pad, geo.bwd_stride)
-    meta = dict(K=geo.k, ACT=ACT_CODES[act], HAS_NORM=has_norm, HAS_BIAS=bias is not None,
+    meta = dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=has_norm, HAS_BIAS=bias is not None,
                 HAS_COEF=coef is not None, NEED_O=present(grad_var), ACC=tl_acc(x.dtype))
     _launch(_bwd, _dw_bwd_kernel, geo.groups, c, args, meta)
 

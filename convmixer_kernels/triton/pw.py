@@ -15,9 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (ACT_CODES, INTERPRET, act_bwd, act_fwd, acc_dtype, check_runnable,
-                      first_row, merge_moments, merge_tile_moments, present, reduce_partials,
-                      stat_coefficients, store_moments, target_programs, tl_acc)
+from ..activations import ACTIVATIONS
+from ._activations import act_bwd, act_fwd
+from ._common import (INTERPRET, acc_dtype, check_runnable, first_row, merge_moments,
+                      merge_tile_moments, present, reduce_partials, stat_coefficients,
+                      store_moments, target_programs, tl_acc)
 from ._validate import check_pw_args
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +329,7 @@ def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
         bias.contiguous() if bias is not None else w2d,
         out if out is not None else x, pre if pre is not None else x, part, m, cin, cout, c_part,
         HAS_XNORM=x_norm[0] is not None, HAS_RES=res is not None,
-        HAS_RNORM=res_norm[0] is not None, HAS_BIAS=bias is not None, ACT=ACT_CODES[act],
+        HAS_RNORM=res_norm[0] is not None, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act].code,
         STATS=stats, STORE_OUT=out is not None, KEEP_PRE=pre is not None,
         ACC=tl_acc(x.dtype), BLOCK_M=block_m)
     return part[:, :, :cout] if stats else None
@@ -377,7 +379,7 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     db_part = torch.empty((m_tiles, cout), dtype=acc, device=x.device)
     _dp[lambda meta: (m_tiles, triton.cdiv(cout, meta["BLOCK_N"]))](
         grad_out, pre, coef if coef is not None else w2d, d_p, db_part, m, cout,
-        ACT=ACT_CODES[act], HAS_COEF=coef is not None, NEED_O=present(grad_var),
+        ACT=ACTIVATIONS[act].code, HAS_COEF=coef is not None, NEED_O=present(grad_var),
         ACC=tl_acc(x.dtype), BLOCK_M=block_m)
 
     xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
