@@ -5,7 +5,8 @@ argument checks (``check_act``), the training CLI's choices, the Triton kernels 
 constexpr is an entry's ``code``), the eager layers (``Activation.layer``,
 ``activation_of_layer``) and the tests' references (``Activation.functional``). The C++ side
 has its own list, csrc/activation.h, whose enum values are the codes here;
-python_tests/test_activations.py checks that the two agree.
+python_tests/test_activations.py checks that the two agree. Adding an activation:
+docs/EXTENDING.md.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 // The activations of the ops, for every C++ backend: the one list of them, the dispatch from a
-// runtime value to a template parameter, and the maths of each.
+// runtime value to a template parameter, and the maths of each. Adding one: docs/EXTENDING.md.
 //
 // Torch-free and CUDA-runtime-free (docs/DESIGN.md §8): the CPU kernels, the CUDA kernel
 // headers, the torch launchers and the check TUs all include it. Python's table is

@@ -3,7 +3,8 @@ the two device functions the kernels call, selected by the ``ACT`` constexpr (an
 ``code``).
 
 A code with no branch here fails when the kernel is compiled (or, under the interpreter, run):
-a value the table lacks never computes another activation.
+a value the table lacks never computes another activation. Adding an activation:
+docs/EXTENDING.md.
 """
 from __future__ import annotations
 
