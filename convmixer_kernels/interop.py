@@ -21,6 +21,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from .activations import ACTIVATIONS, activation_of_layer
 from .model import ARCHITECTURES, ConvMixer, architecture_args
 from .ops.backend import check_backend
 from .pretrained import pretrained_cfg
@@ -83,12 +84,12 @@ def _known_model(cfg: ConvMixerConfig, model_name: Optional[str]) -> Optional[st
 
 
 def _module_act(module: nn.Module) -> str:
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.GELU) and module.approximate == "none":
-        return "gelu"
-    raise ValueError(f"unsupported activation {module!r}: the fused ops implement nn.ReLU and "
-                     "the exact (erf) nn.GELU")
+    spec = activation_of_layer(module)
+    if spec is None:
+        implemented = " and ".join(a.description for a in ACTIVATIONS.values())
+        raise ValueError(f"unsupported activation {module!r}: the fused ops implement "
+                         f"{implemented}")
+    return spec.name
 
 
 def _is_bn(m) -> bool:

@@ -23,30 +23,25 @@ from .sync_batchnorm import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batc
                           revert_sync_batchnorm, sync_group)
 from .ops import Norm, apply_norm, bn_norm, dw_stage, pw_stage, uses_batch_stats
 from .ops.backend import check_backend
-from .ops.checks import ACTIVATIONS, acc_dtype
+from .activations import ACTIVATIONS, NAMES, activation_of_layer, check_act
+from .ops.checks import acc_dtype
 from .pooling import GlobalPool
 from .pretrained import pretrained_cfg
-
-_ACT_LAYERS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
 def resolve_act(act: Optional[str], act_layer=None) -> str:
     """The activation's name from ours (`act="relu"`) or timm's spelling (`act_layer=nn.ReLU`)."""
     names = []
     if act is not None:
-        if act not in ACTIVATIONS:
-            raise ValueError(f"ConvMixer: act must be one of {ACTIVATIONS}, got {act!r}")
-        names.append(act)
+        names.append(check_act("ConvMixer", act).name)
     if act_layer is not None:
-        if isinstance(act_layer, str):
-            name = act_layer.lower()
-        else:
-            name = next((n for n, cls in _ACT_LAYERS.items() if act_layer is cls), None)
-        if name not in ACTIVATIONS:
-            raise ValueError(
-                f"ConvMixer: act_layer must be one of {[c.__name__ for c in _ACT_LAYERS.values()]}"
-                f" (the fused ops implement those), got {act_layer!r}")
-        names.append(name)
+        spec = (ACTIVATIONS.get(act_layer.lower()) if isinstance(act_layer, str)
+                else activation_of_layer(act_layer))
+        if spec is None:
+            layers = ", ".join(a.description for a in ACTIVATIONS.values())
+            raise ValueError(f"ConvMixer: act_layer must be one of {layers} (what the fused ops "
+                             f"implement) or their names {NAMES}, got {act_layer!r}")
+        names.append(spec.name)
     if len(set(names)) > 1:
         raise ValueError(f"ConvMixer: act={act!r} and act_layer={act_layer!r} disagree")
     return names[0] if names else "gelu"  # timm's default, nn.GELU
@@ -124,7 +119,7 @@ class ConvMixer(nn.Module):
             raise ValueError(f"ConvMixer: kernel_size must be odd and in [1, 15], got {kernel_size}")
         check_backend(backend)
         dd = dict(device=device, dtype=dtype)
-        act_layer = _ACT_LAYERS[act]
+        act_layer = ACTIVATIONS[act].layer
         self.act = act
         self.fused = fused
         self.backend = backend
