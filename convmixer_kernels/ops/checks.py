@@ -11,11 +11,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from ..activations import NAMES, check_act
+from ..activations import check_act
 
-# The activations' names, for convmixer_kernels/model.py's check until it reads
-# convmixer_kernels.activations itself; nothing else here uses it.
-ACTIVATIONS = NAMES
 MAX_KERNEL_SIZE = 15
 
 
