@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from .activations import ACTIVATIONS, activation_of_layer
+from .activations import ACTIVATIONS, NAMES, activation_of_layer
 from .model import ARCHITECTURES, ConvMixer, architecture_args
 from .ops.backend import check_backend
 from .pretrained import pretrained_cfg
@@ -214,7 +214,7 @@ def from_timm(model_or_state_dict, *, act: Optional[str] = None, model_name: Opt
                 f"from_timm: a ConvMixer with dim={cfg.dim}, depth={cfg.depth}, "
                 f"kernel_size={cfg.kernel_size}, patch_size={cfg.patch_size} is none of the known "
                 f"models ({names}), and its weights do not record the activation: pass "
-                "act='gelu' or act='relu'")
+                + " or ".join(f"act={n!r}" for n in NAMES))
         act = ARCHITECTURES[known]["act"]
     # Built on the meta device, then given the state_dict's tensors (copies): no rounding
     # through the default dtype, and no second allocation.

@@ -13,6 +13,7 @@ import torch
 
 from model_checks import assert_close_scaled, assert_models_agree, train_steps
 
+from convmixer_kernels.activations import NAMES
 from convmixer_kernels import (ConvMixer, convmixer_1024_20_ks9_p14, convmixer_1536_20,
                                convmixer_256_8, convmixer_768_32)
 
@@ -33,7 +34,7 @@ def assert_close(a, b, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", NAMES)
 @pytest.mark.parametrize("kernel_size", [1, 3, 5, 7, 9])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_training_matches_eager(dtype, act, kernel_size, channels_last):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from convmixer_kernels import ConvMixer, convmixer_1536_20, convmixer_256_8, convmixer_768_32
+from convmixer_kernels.activations import ACTIVATIONS
 from convmixer_kernels.pooling import POOL_TYPES
 
 CFG = dict(dim=8, depth=3, kernel_size=3, patch_size=2, num_classes=5)
@@ -86,6 +87,8 @@ def test_constructor_global_pool_and_bad_pool_type():
 
 
 def test_activation_by_timm_spelling():
+    for spec in ACTIVATIONS.values():
+        assert ConvMixer(**CFG, act_layer=spec.module).act == spec.name
     assert ConvMixer(**CFG, act_layer=nn.ReLU).act == "relu"
     assert ConvMixer(**CFG, act_layer=nn.GELU, act="gelu").act == "gelu"
     assert ConvMixer(**CFG).act == "gelu"  # timm's default
