@@ -1,10 +1,13 @@
-// Declarations shared by the op schemas and every backend's implementation.
+// What every backend's implementation of the ops shares, and the CPU implementations
+// (registered by csrc/cpu/register_cpu.cpp). The op schemas are csrc/ops_schema.cpp; the checks
+// that turn an op's arguments into its implementation's inputs are csrc/stage_checks.h.
 // The contract (shapes, maths, what each output means) is docs/OPS.md.
 #pragma once
 
 #include "activation.h"
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <c10/util/string_view.h>
 
@@ -13,10 +16,6 @@
 #include <utility>
 
 namespace convmixer_kernels {
-
-// The activation an op's `act` string names; a ValueError naming `op`, the string and the
-// activations (csrc/activation.h) otherwise.
-Act parse_act(const char* op, c10::string_view name);
 
 // dispatch_act (activation.h) for the torch code, where `act` came from parse_act: a value that is
 // no activation is an internal error rather than a silent choice of one.
@@ -35,26 +34,10 @@ struct Norm {
   bool defined() const { return mean.defined(); }
 };
 
-// Builds a Norm from the three optional schema arguments, checking that they come as a set of
-// [channels] vectors of dtype `acc_dtype` on x's device.
-Norm make_norm(const char* op, const char* name, const std::optional<at::Tensor>& mean,
-               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
-               int64_t channels, at::ScalarType acc_dtype, const at::Device& device);
-
-// A statistics input of a backward op (grad_mean, grad_var, the forward's mean): nullopt when
-// absent or empty, else checked to be [channels] and cast to `acc_dtype`.
-std::optional<at::Tensor> stat_vector(const char* op, const char* name,
-                                      const std::optional<at::Tensor>& t, int64_t channels,
-                                      at::ScalarType acc_dtype);
-
-// The accumulation dtype for a storage dtype: double for double, float otherwise.
-at::ScalarType acc_dtype_for(at::ScalarType storage);
-
 // An empty [0] tensor, the value of an output that the call did not ask for.
-at::Tensor empty_output(const at::Tensor& like, at::ScalarType dtype);
-
-// True when an optional tensor argument is present and non-empty.
-inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->numel() > 0; }
+inline at::Tensor empty_output(const at::Tensor& like, at::ScalarType dtype) {
+  return at::empty({0}, like.options().dtype(dtype));
+}
 
 namespace cpu {
 

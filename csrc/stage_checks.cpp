@@ -1,8 +1,67 @@
+// The checks of csrc/stage_checks.h, and the parsing of the arguments they share (act, the norm
+// vectors, the statistics vectors).
 #include "stage_checks.h"
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 namespace convmixer_kernels {
+
+Act parse_act(const char* op, c10::string_view name) {
+  if (const std::optional<Act> act = act_from_name(name)) return *act;
+  // Spelled as Python's check_act spells it (convmixer_kernels/activations.py).
+  std::string names;
+  for (const Act a : kActs) {
+    names += std::string(names.empty() ? "'" : ", '") + act_name(a) + "'";
+  }
+  TORCH_CHECK_VALUE(false, op, ": act must be one of (", names, "), got '", std::string(name), "'");
+}
+
+namespace {
+
+// True when an optional tensor argument is present and non-empty.
+bool present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() && t->numel() > 0;
+}
+
+// The accumulation dtype for a storage dtype: double for double, float otherwise.
+at::ScalarType acc_dtype_for(at::ScalarType storage) {
+  return storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A statistics input of a backward op (grad_mean, grad_var, the forward's mean): nullopt when
+// absent or empty, else checked to be [channels] and cast to `acc_dtype`.
+std::optional<at::Tensor> stat_vector(const char* op, const char* name,
+                                      const std::optional<at::Tensor>& t, int64_t channels,
+                                      at::ScalarType acc_dtype) {
+  if (!present(t)) return std::nullopt;
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, op, ": ", name, " must be [",
+                    channels, "], got ", t->sizes());
+  return t->to(acc_dtype).contiguous();
+}
+
+// A Norm from the three optional schema arguments, checked to come as a set of [channels] vectors
+// of dtype `acc_dtype` on x's device.
+Norm make_norm(const char* op, const char* name, const std::optional<at::Tensor>& mean,
+               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
+               int64_t channels, at::ScalarType acc_dtype, const at::Device& device) {
+  const int given = int(mean.has_value()) + int(scale.has_value()) + int(shift.has_value());
+  TORCH_CHECK_VALUE(given == 0 || given == 3, op, ": ", name,
+                    "_mean, ", name, "_scale and ", name, "_shift must be given together");
+  if (given == 0) return {};
+  for (const at::Tensor* t : {&*mean, &*scale, &*shift}) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == channels, op, ": ", name,
+                      " norm vectors must have shape [", channels, "], got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == acc_dtype, op, ": ", name, " norm vectors must be ",
+                     acc_dtype, ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " norm vectors are on ",
+                      t->device(), " but the input is on ", device);
+  }
+  return {mean->contiguous(), scale->contiguous(), shift->contiguous()};
+}
+
+}  // namespace
 
 DwGeometry check_dw(const char* op, const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias) {

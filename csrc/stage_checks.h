@@ -13,6 +13,10 @@
 
 namespace convmixer_kernels {
 
+// The activation an op's `act` string names; a ValueError naming `op`, the string and the
+// activations (csrc/activation.h) otherwise.
+Act parse_act(const char* op, c10::string_view name);
+
 struct DwGeometry {
   int64_t N, C, H, W, k, pad;
   int64_t Hp() const { return H + 2 * pad; }

@@ -1,53 +1,58 @@
-// What the torch launchers in csrc/cuda/*.cu share: ATen <-> CUDA type mapping, error checks and
-// raw pointers of optional tensors. Only these launchers include torch; the kernels they call are
-// in the torch-free headers under kernels/.
+// What the torch launchers in csrc/cuda/*.cu share: tensors to the launch entries of
+// kernels/*_launch.cuh (storage type codes, raw pointers, the workspace) on the current stream.
+// Only these launchers include torch; the entries and the kernels are torch-free.
 #pragma once
 
 #include "../ops.h"
 #include "../stage_checks.h"
-#include "kernels/elementwise.cuh"
+#include "kernels/launch.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace convmixer_kernels {
 namespace cuda_ops {
 
-// The kernels' storage type for an ATen scalar type (bit-identical layouts).
-template <typename scalar_t>
-struct KernelType {
-  using type = scalar_t;
-};
-template <>
-struct KernelType<at::Half> {
-  using type = __half;
-};
-template <>
-struct KernelType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
+// The launch entries' code of a tensor's storage type (the stage checks admit only these four).
+inline cuda::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cuda::DType::Float32;
+    case at::kDouble: return cuda::DType::Float64;
+    case at::kHalf: return cuda::DType::Float16;
+    case at::kBFloat16: return cuda::DType::BFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "convmixer_kernels: no CUDA kernels for dtype ", t.scalar_type());
+  }
+}
 
-inline void check_launch(cudaError_t err, const char* op) {
+inline const void* ptr_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr() : nullptr;
+}
+
+inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+inline void* out_ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+inline cuda::NormPtrs norm_ptrs(const Norm& n) {
+  return {ptr_or_null(n.mean), ptr_or_null(n.scale), ptr_or_null(n.shift)};
+}
+
+// Runs one launch entry on the current stream: a ValueError naming `op`, `what` and the reason when
+// the kernels cannot take the call, the workspace it needs (none when `with_workspace` is false: a
+// forward without statistics), the launch, a RuntimeError if that fails.
+template <typename Call, typename... What>
+void launch_entry(const char* op, const Call& call, const at::Tensor& like, bool with_workspace,
+                  const What&... what) {
+  const cuda::Requirements need = requirements(call);
+  TORCH_CHECK_VALUE(need.valid, op, ": the CUDA kernels cannot run ", what..., ": ", need.error);
+  const size_t bytes = with_workspace ? need.workspace_bytes : 0;
+  at::Tensor ws;
+  if (bytes > 0) ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  const cudaError_t err = cuda::launch(call, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
+                                       at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
-}
-
-template <typename P>
-inline const P* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? static_cast<const P*>(t->data_ptr()) : nullptr;
-}
-
-template <typename P>
-inline const P* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? static_cast<const P*>(t.data_ptr()) : nullptr;
-}
-
-// A workspace of `bytes` device bytes (a [0] tensor when none is needed).
-inline at::Tensor workspace(const at::Tensor& like, size_t bytes) {
-  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
 }  // namespace cuda_ops

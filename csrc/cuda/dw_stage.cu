@@ -1,7 +1,7 @@
-// CUDA implementation of dw_stage and dw_stage_backward (docs/OPS.md): checks, allocation and
-// the launch of the kernels in kernels/dw_stage.cuh on the current stream.
+// CUDA implementation of dw_stage and dw_stage_backward (docs/OPS.md): checks, allocation, and the
+// stage's launch entries (kernels/dw_launch.cuh) on the current stream.
 #include "cuda_common.h"
-#include "kernels/dw_stage.cuh"
+#include "kernels/dw_launch.cuh"
 
 #include <torch/library.h>
 
@@ -10,14 +10,16 @@ namespace cuda_ops {
 namespace {
 
 namespace dw = ::convmixer_kernels::cuda::dw;
-using ::convmixer_kernels::cuda::acc_t;
 
-template <typename T>
-dw::Plan plan_for(const char* op, const DwGeometry& g, const at::Tensor& x) {
-  const dw::Plan plan = dw::make_plan<T>(g.N, g.C, g.H, g.W, int(g.k));
-  TORCH_CHECK_VALUE(plan.valid, op, ": the CUDA kernels cannot run input ", x.sizes(), " of dtype ",
-                    x.scalar_type(), " with kernel size ", g.k, ": ", plan.error);
-  return plan;
+dw::Problem problem_of(const DwGeometry& g, const at::Tensor& x) {
+  dw::Problem p;
+  p.dtype = dtype_of(x);
+  p.N = g.N;
+  p.C = g.C;
+  p.H = g.H;
+  p.W = g.W;
+  p.K = int(g.k);
+  return p;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
@@ -29,38 +31,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
   const DwArgs a = check_dw_stage(op, x_in, x_mean, x_scale, x_shift, weight_in, bias_in, act_name,
                                   stats);
   const DwGeometry& g = a.g;
-  const auto acc = a.acc;
-  const Norm& norm = a.norm;
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor mean = stats ? at::empty({g.C}, x.options().dtype(acc)) : empty_output(x, acc);
-  at::Tensor var = stats ? at::empty({g.C}, x.options().dtype(acc)) : empty_output(x, acc);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor mean = stats ? at::empty({g.C}, x.options().dtype(a.acc)) : empty_output(x, a.acc);
+  at::Tensor var = stats ? at::empty({g.C}, x.options().dtype(a.acc)) : empty_output(x, a.acc);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stage_cuda", [&] {
-    using T = typename KernelType<scalar_t>::type;
-    using AccT = acc_t<T>;
-    const dw::Plan plan = plan_for<T>(op, g, x);
-    const at::Tensor ws = workspace(x, stats ? plan.ws_forward : 0);
-    dw::ForwardArgs<T> args{};
-    args.x = ptr_or_null<T>(x);
-    args.norm_mean = ptr_or_null<AccT>(norm.mean);
-    args.norm_scale = ptr_or_null<AccT>(norm.scale);
-    args.norm_shift = ptr_or_null<AccT>(norm.shift);
-    args.weight = ptr_or_null<T>(weight);
-    args.bias = ptr_or_null<T>(bias);
-    args.out = static_cast<T*>(out.data_ptr());
-    args.vectorized = dw::can_vectorize<T>(x.data_ptr(), g.C);
-    check_launch(dw::launch_forward<T>(plan, args, a.act,
-                                       stats ? static_cast<AccT*>(mean.data_ptr()) : nullptr,
-                                       stats ? static_cast<AccT*>(var.data_ptr()) : nullptr,
-                                       ws.numel() > 0 ? ws.data_ptr() : nullptr, stream),
-                 op);
-  });
+  dw::Forward c;
+  c.problem = problem_of(g, x);
+  c.act = a.act;
+  c.x = x.data_ptr();
+  c.norm = norm_ptrs(a.norm);
+  c.weight = weight.data_ptr();
+  c.bias = ptr_or_null(bias);
+  c.out = out.data_ptr();
+  c.mean = stats ? mean.data_ptr() : nullptr;
+  c.var = stats ? var.data_ptr() : nullptr;
+  launch_entry(op, c, x, stats, "input ", x.sizes(), " of dtype ", x.scalar_type(),
+               " with kernel size ", g.k);
   return {out, mean, var};
 }
 
@@ -76,9 +67,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   const DwArgs a = check_dw_stage_backward(op, grad_out_in, grad_mean_in, grad_var_in, x_in, x_mean,
                                            x_scale, x_shift, weight_in, bias_in, mean_in, act_name);
   const DwGeometry& g = a.g;
-  const auto acc = a.acc;
   const Norm& norm = a.norm;
-  const StatGrads& sg = a.sg;
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -92,42 +81,32 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   auto grad_bias = at::empty({g.C}, weight.options());
   at::Tensor sum_dx, sum_dx_xc;
   if (norm.defined()) {
-    sum_dx = at::empty({g.C}, x.options().dtype(acc));
-    sum_dx_xc = at::empty({g.C}, x.options().dtype(acc));
+    sum_dx = at::empty({g.C}, x.options().dtype(a.acc));
+    sum_dx_xc = at::empty({g.C}, x.options().dtype(a.acc));
   }
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stage_backward_cuda", [&] {
-    using T = typename KernelType<scalar_t>::type;
-    using AccT = acc_t<T>;
-    const dw::Plan plan = plan_for<T>(op, g, x);
-    const at::Tensor ws = workspace(x, plan.ws_backward);
-    dw::BackwardArgs<T> args{};
-    args.grad_out = ptr_or_null<T>(grad_out);
-    args.grad_mean = ptr_or_null<AccT>(sg.grad_mean);
-    args.grad_var = ptr_or_null<AccT>(sg.grad_var);
-    args.mean = ptr_or_null<AccT>(sg.mean);
-    args.x = ptr_or_null<T>(x);
-    args.norm_mean = ptr_or_null<AccT>(norm.mean);
-    args.norm_scale = ptr_or_null<AccT>(norm.scale);
-    args.norm_shift = ptr_or_null<AccT>(norm.shift);
-    args.weight = ptr_or_null<T>(weight);
-    args.bias = ptr_or_null<T>(bias);
-    args.grad_pre = static_cast<T*>(grad_pre.data_ptr());
-    args.grad_x = static_cast<T*>(grad_x.data_ptr());
-    args.vectorized_x = dw::can_vectorize<T>(x.data_ptr(), g.C) &&
-                        dw::can_vectorize<T>(grad_pre.data_ptr(), g.C);
-    check_launch(
-        dw::launch_backward<T>(plan, args, a.act, static_cast<T*>(grad_weight.data_ptr()),
-                               static_cast<T*>(grad_bias.data_ptr()),
-                               norm.defined() ? static_cast<AccT*>(sum_dx.data_ptr()) : nullptr,
-                               norm.defined() ? static_cast<AccT*>(sum_dx_xc.data_ptr()) : nullptr,
-                               ws.numel() > 0 ? ws.data_ptr() : nullptr, stream),
-        op);
-  });
+  dw::Backward c;
+  c.problem = problem_of(g, x);
+  c.act = a.act;
+  c.grad_out = grad_out.data_ptr();
+  c.grad_mean = ptr_or_null(a.sg.grad_mean);
+  c.grad_var = ptr_or_null(a.sg.grad_var);
+  c.mean = ptr_or_null(a.sg.mean);
+  c.x = x.data_ptr();
+  c.norm = norm_ptrs(norm);
+  c.weight = weight.data_ptr();
+  c.bias = ptr_or_null(bias);
+  c.grad_pre = grad_pre.data_ptr();
+  c.grad_x = grad_x.data_ptr();
+  c.grad_weight = grad_weight.data_ptr();
+  c.grad_bias = grad_bias.data_ptr();
+  c.sum_dx = out_ptr_or_null(sum_dx);
+  c.sum_dx_xc = out_ptr_or_null(sum_dx_xc);
+  launch_entry(op, c, x, true, "input ", x.sizes(), " of dtype ", x.scalar_type(),
+               " with kernel size ", g.k);
 
-  at::Tensor g_mean = empty_output(x, acc), g_scale = empty_output(x, acc),
-             g_shift = empty_output(x, acc);
+  at::Tensor g_mean = empty_output(x, a.acc), g_scale = empty_output(x, a.acc),
+             g_shift = empty_output(x, a.acc);
   if (norm.defined()) {
     g_mean = -sum_dx * norm.scale;
     g_scale = sum_dx_xc;

@@ -6,11 +6,12 @@ out-of-range array indices) and what it cannot (races, concurrency between CTAs,
 bit-exact agreement with a GPU where the kernel does not use explicitly rounded intrinsics).
 
 A kernel becomes testable here through a check TU in csrc/cuda/check/ (what nvcc compile-checks
-anyway) with an extern "C" entry that takes raw pointers and returns a cudaError_t as int, like
-convmixer_channel_stats in channel_stats_check.cu. Usage from a test:
+anyway) with an extern "C" entry that takes raw pointers, calls the kernel's launch entry (the one
+the torch launcher calls, csrc/cuda/kernels/*_launch.cuh) and returns a cudaError_t as int, like
+convmixer_dw_forward in dw_stage_check.cu. Usage from a test:
 
     lib = load_check_library("dw_stage_check.cu")     # compiled once, cached by content hash
-    fn = bind(lib, "convmixer_dw_stage", ctypes.c_int, [ctypes.c_void_p, ...])
+    fn = bind(lib, "convmixer_dw_forward", ctypes.c_int, [ctypes.c_int, ...])
     out = Guarded((rows, channels), torch.float32)    # poisoned bands catch out-of-bounds writes
     assert fn(ptr(x), ptr(out.tensor), ...) == 0
     out.check()

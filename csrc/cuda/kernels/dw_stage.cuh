@@ -8,8 +8,8 @@
 //             3. fixed-order sums of the per-part partials (sum_parts_kernel), and the shared
 //                statistics finalize (channel_stats.cuh)
 //
-// Torch-free (docs/DESIGN.md §8): the launcher csrc/cuda/dw_stage.cu wraps these with tensors,
-// and the cuda_kernels_check target compiles them here with -Xptxas -v.
+// The kernels and what they share with the host (Shape, SmemLayout); the plan and the launch entry
+// are in dw_launch.cuh. Torch-free (docs/DESIGN.md §8).
 //
 // Tiling. A CTA owns kCB = 32 consecutive channels (one per lane, so every shared-memory access
 // of a warp reads 32 consecutive words: no bank conflicts) and walks a run of spatial tiles of
@@ -31,10 +31,9 @@
 // the 8 warps in warp order, then over parts in part order (sum_parts_kernel / finalize).
 #pragma once
 
+#include "channel_stats.cuh"
 #include "elementwise.cuh"
 #include "partials.cuh"
-
-#include <type_traits>
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -54,7 +53,8 @@ constexpr int kMaxRegK = 9;              // largest k whose k*k taps live in reg
 constexpr int64_t kTargetCtas = 2048;
 constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90's opt-in limit per block
 
-// The shape and its partition, computed on the host (make_plan) and passed to every kernel.
+// The shape and its partition, computed on the host (make_plan, dw_launch.cuh) and passed to every
+// kernel.
 struct Shape {
   int64_t N = 0;
   int H = 0, W = 0, C = 0, K = 0;
@@ -611,241 +611,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     args.part_sum_dx[int64_t(blockIdx.x) * s.C + c] = total;
     args.part_sum_dx_xc[int64_t(blockIdx.x) * s.C + c] = total_c;
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Host side
-// ---------------------------------------------------------------------------------------------
-
-struct Plan {
-  Shape shape;
-  bool valid = false;
-  const char* error = "";         // why not valid
-  size_t smem_forward = 0, smem_backward_data = 0, smem_backward_input = 0;  // bytes
-  // Workspace, in bytes, each region 256-byte aligned (see the offsets below).
-  size_t ws_forward = 0, ws_backward = 0;
-};
-
-// Whether the 16-byte path may read `p`: every pixel's channel run starts 16-byte aligned.
-template <typename T>
-inline bool can_vectorize(const void* p, int64_t C) {
-  return C % kVecWidth<T> == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
-// Partitions an [N, H, W, C] problem with odd kernel size K for storage type T. Pure host
-// arithmetic, so the caller can size the workspace first. target_ctas is kTargetCtas except in
-// tests, which lower it to make a CTA walk several tiles on small shapes.
-template <typename T>
-inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
-                      int64_t target_ctas = kTargetCtas) {
-  using AccT = acc_t<T>;
-  Plan p;
-  if (N < 0 || C < 0 || H < 0 || W < 0) {
-    p.error = "negative size";
-    return p;
-  }
-  if (K < 1 || K > kMaxK || K % 2 == 0) {
-    p.error = "kernel size must be odd and in [1, 15]";
-    return p;
-  }
-  if (H > (1 << 30) || W > (1 << 30) || C > (1 << 30)) {
-    p.error = "a dimension exceeds 2^30";
-    return p;
-  }
-  Shape& s = p.shape;
-  s.N = N;
-  s.C = int(C);
-  s.H = int(H);
-  s.W = int(W);
-  s.K = K;
-  s.tiles_h = int((H + kTH - 1) / kTH);
-  s.tiles_w = int((W + kTW - 1) / kTW);
-  s.tiles = N * s.tiles_h * s.tiles_w;
-  s.channel_blocks = int((C + kCB - 1) / kCB);
-  if (s.channel_blocks > 65535) {
-    p.error = "too many channels for the grid";
-    return p;
-  }
-  int64_t parts = target_ctas / (s.channel_blocks > 0 ? s.channel_blocks : 1);
-  if (parts < 1) parts = 1;
-  if (parts > s.tiles) parts = s.tiles;
-  s.tiles_per_part = parts > 0 ? (s.tiles + parts - 1) / parts : 0;
-  s.parts = s.tiles_per_part > 0 ? (s.tiles + s.tiles_per_part - 1) / s.tiles_per_part : 0;
-  // Per-part pixel counts are int (the statistics' counts, TileCounts): keep them well inside.
-  if (s.tiles_per_part * kTH * kTW > (int64_t(1) << 30)) {
-    p.error = "too many pixels per part";
-    return p;
-  }
-  p.smem_forward = smem_layout(K, Kernel::Forward).total * sizeof(AccT);
-  p.smem_backward_data = smem_layout(K, Kernel::BackwardData).total * sizeof(AccT);
-  p.smem_backward_input = smem_layout(K, Kernel::BackwardInput).total * sizeof(AccT);
-  if (p.smem_backward_data > kMaxDynamicSmem || p.smem_forward > kMaxDynamicSmem) {
-    p.error = "the tile for this kernel size and dtype does not fit in shared memory";
-    return p;
-  }
-  const size_t pc = size_t(s.parts) * size_t(C);
-  p.ws_forward = 2 * align_up(pc * sizeof(AccT), 256) + align_up(size_t(s.parts) * sizeof(int), 256);
-  p.ws_backward = align_up(pc * size_t(K) * K * sizeof(AccT), 256) + 3 * align_up(pc * sizeof(AccT), 256);
-  p.valid = true;
-  return p;
-}
-
-// The instantiation of a kernel for kernel size K: a register-tap specialisation (k = 3, 5, 7, 9
-// with 32-bit accumulation) or the generic runtime-k one. kernel_of(std::integral_constant<int,
-// kK>) names the instantiation for kK.
-template <typename AccT, typename KernelOf>
-inline auto kernel_for_k(int K, KernelOf kernel_of) {
-  if constexpr (kRegisterTaps<3, AccT>) {
-    switch (K) {
-      case 3: return kernel_of(std::integral_constant<int, 3>{});
-      case 5: return kernel_of(std::integral_constant<int, 5>{});
-      case 7: return kernel_of(std::integral_constant<int, 7>{});
-      case 9: return kernel_of(std::integral_constant<int, 9>{});
-      default: break;
-    }
-  }
-  return kernel_of(std::integral_constant<int, 0>{});
-}
-
-template <typename T, Act A>
-inline auto forward_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(K, [](auto k) { return &dw_forward_kernel<T, decltype(k)::value, A>; });
-}
-
-template <typename T, Act A>
-inline auto backward_data_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(
-      K, [](auto k) { return &dw_backward_data_kernel<T, decltype(k)::value, A>; });
-}
-
-template <typename T>
-inline auto backward_input_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(
-      K, [](auto k) { return &dw_backward_input_kernel<T, decltype(k)::value>; });
-}
-
-// Workspace regions of the forward: part_mean, part_m2 ([parts][C] AccT), part_count ([parts] int).
-template <typename T>
-struct ForwardWorkspace {
-  acc_t<T>* part_mean;
-  acc_t<T>* part_m2;
-  int* part_count;
-  ForwardWorkspace(const Plan& p, void* ws) {
-    const size_t pc = size_t(p.shape.parts) * size_t(p.shape.C);
-    char* base = static_cast<char*>(ws);
-    part_mean = reinterpret_cast<acc_t<T>*>(base);
-    base += align_up(pc * sizeof(acc_t<T>), 256);
-    part_m2 = reinterpret_cast<acc_t<T>*>(base);
-    base += align_up(pc * sizeof(acc_t<T>), 256);
-    part_count = reinterpret_cast<int*>(base);
-  }
-};
-
-// Forward. args.part_* are set here from the workspace when mean_out is given (training), and
-// the statistics are finalised into mean_out / var_out ([C], biased variance). ws: plan.ws_forward
-// bytes of device memory (unused, may be null, without statistics). Here and in launch_backward an
-// `act` that is no activation (a code from a check TU's caller) is cudaErrorInvalidValue before
-// anything runs.
-template <typename T>
-inline cudaError_t launch_forward(const Plan& p, ForwardArgs<T> args, Act act,
-                                  acc_t<T>* mean_out, acc_t<T>* var_out, void* ws,
-                                  cudaStream_t stream) {
-  using AccT = acc_t<T>;
-  if (!p.valid) return cudaErrorInvalidValue;
-  const Shape& s = p.shape;
-  const auto kernel = dispatch_act(
-      act, [&](auto tag) { return forward_kernel_for<T, decltype(tag)::value>(s.K); },
-      [] { return nullptr; });
-  if (kernel == nullptr) return cudaErrorInvalidValue;
-  const bool stats = mean_out != nullptr;
-  if (stats) {
-    if (ws == nullptr && s.parts > 0) return cudaErrorInvalidValue;
-    ForwardWorkspace<T> w(p, ws);
-    args.part_mean = w.part_mean;
-    args.part_m2 = w.part_m2;
-    args.part_count = w.part_count;
-  } else {
-    args.part_mean = args.part_m2 = nullptr;
-    args.part_count = nullptr;
-  }
-  if (s.parts > 0 && s.C > 0) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(p.smem_forward));
-    if (err != cudaSuccess) return err;
-    const dim3 grid(unsigned(s.parts), unsigned(s.channel_blocks));
-    kernel<<<grid, kThreads, p.smem_forward, stream>>>(args, s);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if (!stats || s.C == 0) return cudaSuccess;
-  const channel_stats::TileCounts counts{0, 0, args.part_count};
-  return channel_stats::launch_finalize<AccT>(args.part_mean, args.part_m2, nullptr, counts,
-                                              s.parts, s.C, mean_out, var_out, nullptr, nullptr,
-                                              0.0, stream);
-}
-
-// Backward. Outputs: args.grad_x (and args.grad_pre, scratch of x's shape), grad_weight
-// ([C][k*k], T), grad_bias ([C], T), and with a norm sum_dx / sum_dx_xc ([C], AccT) from which the
-// launcher forms the norm's gradients. ws: plan.ws_backward bytes.
-template <typename T>
-inline cudaError_t launch_backward(const Plan& p, BackwardArgs<T> args, Act act,
-                                   T* grad_weight, T* grad_bias, acc_t<T>* sum_dx,
-                                   acc_t<T>* sum_dx_xc, void* ws, cudaStream_t stream) {
-  using AccT = acc_t<T>;
-  if (!p.valid) return cudaErrorInvalidValue;
-  const Shape& s = p.shape;
-  const auto data_kernel = dispatch_act(
-      act, [&](auto tag) { return backward_data_kernel_for<T, decltype(tag)::value>(s.K); },
-      [] { return nullptr; });
-  if (data_kernel == nullptr) return cudaErrorInvalidValue;
-  const int64_t kk = int64_t(s.K) * s.K;
-  const size_t pc = size_t(s.parts) * size_t(s.C);
-  if (s.C == 0) return cudaSuccess;
-  if (s.parts == 0) {
-    // No pixels: every gradient sum is empty.
-    cudaError_t err = cudaMemsetAsync(grad_weight, 0, size_t(s.C) * kk * sizeof(T), stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(grad_bias, 0, size_t(s.C) * sizeof(T), stream);
-    if (err == cudaSuccess && args.norm_mean != nullptr) {
-      err = cudaMemsetAsync(sum_dx, 0, size_t(s.C) * sizeof(AccT), stream);
-      if (err == cudaSuccess) err = cudaMemsetAsync(sum_dx_xc, 0, size_t(s.C) * sizeof(AccT), stream);
-    }
-    return err;
-  }
-  if (ws == nullptr) return cudaErrorInvalidValue;
-  char* base = static_cast<char*>(ws);
-  args.part_grad_w = reinterpret_cast<AccT*>(base);
-  base += align_up(pc * kk * sizeof(AccT), 256);
-  args.part_grad_b = reinterpret_cast<AccT*>(base);
-  base += align_up(pc * sizeof(AccT), 256);
-  args.part_sum_dx = reinterpret_cast<AccT*>(base);
-  base += align_up(pc * sizeof(AccT), 256);
-  args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
-
-  const dim3 grid(unsigned(s.parts), unsigned(s.channel_blocks));
-  cudaError_t err = cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(p.smem_backward_data));
-  if (err != cudaSuccess) return err;
-  data_kernel<<<grid, kThreads, p.smem_backward_data, stream>>>(args, s);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  auto input_kernel = backward_input_kernel_for<T>(s.K);
-  err = cudaFuncSetAttribute(input_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(p.smem_backward_input));
-  if (err != cudaSuccess) return err;
-  input_kernel<<<grid, kThreads, p.smem_backward_input, stream>>>(args, s);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  if ((err = launch_sum_parts<AccT, T>(args.part_grad_w, s.parts, int64_t(s.C) * kk, grad_weight,
-                                       stream)) != cudaSuccess)
-    return err;
-  if ((err = launch_sum_parts<AccT, T>(args.part_grad_b, s.parts, s.C, grad_bias, stream)) !=
-      cudaSuccess)
-    return err;
-  if (args.norm_mean == nullptr) return cudaSuccess;
-  if ((err = launch_sum_parts<AccT, AccT>(args.part_sum_dx, s.parts, s.C, sum_dx, stream)) !=
-      cudaSuccess)
-    return err;
-  return launch_sum_parts<AccT, AccT>(args.part_sum_dx_xc, s.parts, s.C, sum_dx_xc, stream);
 }
 
 }  // namespace dw

@@ -1,18 +1,13 @@
-// Per-element maths shared by the CUDA stage kernels: storage <-> accumulation conversions, and
+// Per-element maths shared by the CUDA stage kernels: accumulation -> storage rounding, FMA, and
 // the activations of csrc/activation.h on accumulation-type scalars. Torch-free
 // (docs/DESIGN.md §8).
 #pragma once
 
 #include "../../activation.h"
-#include "channel_stats.cuh"
+#include "types.cuh"
 
 namespace convmixer_kernels {
 namespace cuda {
-
-using channel_stats::acc_t;
-using channel_stats::kVecWidth;
-using channel_stats::to_acc;
-using channel_stats::Unpack;
 
 // Storage value of an accumulation value, rounded to nearest even as PyTorch's casts are.
 template <typename T>

@@ -9,8 +9,6 @@
 namespace convmixer_kernels {
 namespace cuda {
 
-inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
-
 // out[i] = sum over parts p (in order) of part[p][i], converted to OutT.
 template <typename AccT, typename OutT>
 __global__ void sum_parts_kernel(const AccT* __restrict__ part, int64_t parts, int64_t n,

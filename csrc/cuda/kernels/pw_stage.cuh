@@ -20,9 +20,10 @@
 // the same channels with the same rows in the same order, so they give bitwise-identical results.
 // Per-channel sums are merged over the 8 row groups in order, then over tiles in order
 // (partials.cuh, or the statistics finalize of channel_stats.cuh): deterministic, no atomics.
-// Torch-free (docs/DESIGN.md §8).
+// The plan and the launch entries are in pw_launch.cuh. Torch-free (docs/DESIGN.md §8).
 #pragma once
 
+#include "channel_stats.cuh"
 #include "elementwise.cuh"
 #include "partials.cuh"
 
@@ -33,10 +34,12 @@ namespace pw {
 constexpr int kLanes = 32;
 constexpr int kRowGroups = 8;
 constexpr int kThreads = kLanes * kRowGroups;
-constexpr int64_t kTargetCtas = 2048;   // fixed, not the SM count: see channel_stats.cuh
+// CTA-count target of the partition: a constant, not the SM count, so that the partition (and
+// every rounding of every sum) depends on the shape alone.
+constexpr int64_t kTargetCtas = 2048;
 constexpr int64_t kMinRowsPerTile = 64;
 
-// The partition of a [rows, C] problem, shared by every kernel of a call.
+// The partition of a [rows, C] problem, shared by every kernel of a call (make_plan, pw_launch.cuh).
 struct Plan {
   int64_t rows = 0;
   int C = 0;
@@ -46,32 +49,6 @@ struct Plan {
   bool vectorized = false;
   bool valid = false;
 };
-
-// vectorized: every matrix the kernels touch is 16-byte aligned and C % V == 0 (the launcher
-// checks the pointers). The partition does not depend on it.
-template <typename T>
-inline Plan make_plan(int64_t rows, int64_t C, bool vectorized) {
-  constexpr int V = kVecWidth<T>;
-  Plan p;
-  if (rows < 0 || C < 0 || C > (int64_t(1) << 30)) return p;
-  p.rows = rows;
-  p.C = int(C);
-  p.vectorized = vectorized && C % V == 0;
-  const int64_t block_c = int64_t(kLanes) * V;
-  p.channel_blocks = int((C + block_c - 1) / block_c);
-  if (p.channel_blocks > 65535) return p;
-  int64_t target = kTargetCtas / (p.channel_blocks > 0 ? p.channel_blocks : 1);
-  if (target < 1) target = 1;
-  int64_t rpt = (rows + target - 1) / target;
-  if (rpt < kMinRowsPerTile) rpt = kMinRowsPerTile;
-  rpt = (rpt + kRowGroups - 1) / kRowGroups * kRowGroups;
-  if (rpt > (int64_t(1) << 30)) return p;
-  p.rows_per_tile = int(rpt);
-  p.tiles = (rows + rpt - 1) / rpt;
-  if (p.tiles > 0x7fffffff) return p;
-  p.valid = true;
-  return p;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread access to V channels of a row
@@ -397,125 +374,6 @@ __global__ void __launch_bounds__(kThreads) pw_through_norms_kernel(const Throug
   write_partial_sums<T>(s0, s_red, p, cb, a.part_sum);
   if (nx) write_partial_sums<T>(s1, s_red, p, cb, a.part_sum_xc);
   if (nr) write_partial_sums<T>(s2, s_red, p, cb, a.part_sum_rc);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Host side
-// ---------------------------------------------------------------------------------------------
-
-inline dim3 grid_of(const Plan& p) { return dim3(unsigned(p.tiles), unsigned(p.channel_blocks)); }
-inline dim3 block_of() { return dim3(kLanes, kRowGroups); }
-
-template <typename T>
-inline cudaError_t launch_prologue(const Plan& p, const PrologueArgs<T>& a, cudaStream_t stream) {
-  if (!p.valid) return cudaErrorInvalidValue;
-  if (p.tiles == 0 || p.C == 0) return cudaSuccess;
-  pw_prologue_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  return cudaGetLastError();
-}
-
-// Workspace of the forward statistics: part_mean and part_m2, [tiles][C] each.
-template <typename T>
-inline size_t forward_workspace_bytes(const Plan& p) {
-  return 2 * align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
-}
-
-// act(pre) into out, and with mean_out the batch statistics (mean, biased var) of out. Here and in
-// launch_epilogue_backward an `act` that is no activation (a code from a check TU's caller) is
-// cudaErrorInvalidValue before anything runs.
-template <typename T>
-inline cudaError_t launch_epilogue_forward(const Plan& p, const T* pre, T* out, Act act,
-                                           acc_t<T>* mean_out, acc_t<T>* var_out, void* ws,
-                                           cudaStream_t stream) {
-  using AccT = acc_t<T>;
-  if (!p.valid) return cudaErrorInvalidValue;
-  const auto kernel = dispatch_act(
-      act, [](auto tag) { return &pw_epilogue_forward_kernel<T, decltype(tag)::value>; },
-      [] { return nullptr; });
-  if (kernel == nullptr) return cudaErrorInvalidValue;
-  EpilogueForwardArgs<T> a{pre, out, nullptr, nullptr};
-  if (mean_out != nullptr && p.tiles > 0) {
-    if (ws == nullptr) return cudaErrorInvalidValue;
-    a.part_mean = static_cast<AccT*>(ws);
-    a.part_m2 = reinterpret_cast<AccT*>(static_cast<char*>(ws) +
-                                        align_up(size_t(p.tiles) * size_t(p.C) * sizeof(AccT), 256));
-  }
-  if (p.tiles > 0 && p.C > 0) {
-    kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if (mean_out == nullptr || p.C == 0) return cudaSuccess;
-  const channel_stats::TileCounts counts{p.rows, p.rows_per_tile, nullptr};
-  return channel_stats::launch_finalize<AccT>(a.part_mean, a.part_m2, nullptr, counts, p.tiles,
-                                              p.C, mean_out, var_out, nullptr, nullptr, 0.0,
-                                              stream);
-}
-
-// Workspace of the bias gradient: [tiles][C].
-template <typename T>
-inline size_t backward_epilogue_workspace_bytes(const Plan& p) {
-  return align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
-}
-
-// dP into a.grad_pre and sum dP into grad_bias ([C], T). a.part_grad_b is set from ws.
-template <typename T>
-inline cudaError_t launch_epilogue_backward(const Plan& p, EpilogueBackwardArgs<T> a, Act act,
-                                            T* grad_bias, void* ws, cudaStream_t stream) {
-  using AccT = acc_t<T>;
-  if (!p.valid) return cudaErrorInvalidValue;
-  const auto kernel = dispatch_act(
-      act, [](auto tag) { return &pw_epilogue_backward_kernel<T, decltype(tag)::value>; },
-      [] { return nullptr; });
-  if (kernel == nullptr) return cudaErrorInvalidValue;
-  if (p.C == 0) return cudaSuccess;
-  if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
-  if (ws == nullptr) return cudaErrorInvalidValue;
-  a.part_grad_b = static_cast<AccT*>(ws);
-  kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return launch_sum_parts<AccT, T>(a.part_grad_b, p.tiles, p.C, grad_bias, stream);
-}
-
-// Workspace of the norms' sums: three [tiles][C] regions.
-template <typename T>
-inline size_t through_norms_workspace_bytes(const Plan& p) {
-  return 3 * align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
-}
-
-// grad_x / grad_res and the sums: sum_du always, sum_du_xc with a norm on x, sum_du_rc with a
-// norm on res ([C] AccT each). a.part_* are set from ws.
-template <typename T>
-inline cudaError_t launch_through_norms(const Plan& p, ThroughNormsArgs<T> a, acc_t<T>* sum_du,
-                                        acc_t<T>* sum_du_xc, acc_t<T>* sum_du_rc, void* ws,
-                                        cudaStream_t stream) {
-  using AccT = acc_t<T>;
-  if (!p.valid) return cudaErrorInvalidValue;
-  if (p.C == 0) return cudaSuccess;
-  const bool nx = a.x_mean != nullptr, nr = a.res != nullptr && a.res_mean != nullptr;
-  if (p.tiles == 0) {
-    cudaError_t err = cudaMemsetAsync(sum_du, 0, size_t(p.C) * sizeof(AccT), stream);
-    if (err == cudaSuccess && nx) err = cudaMemsetAsync(sum_du_xc, 0, size_t(p.C) * sizeof(AccT), stream);
-    if (err == cudaSuccess && nr) err = cudaMemsetAsync(sum_du_rc, 0, size_t(p.C) * sizeof(AccT), stream);
-    return err;
-  }
-  if (ws == nullptr) return cudaErrorInvalidValue;
-  const size_t region = align_up(size_t(p.tiles) * size_t(p.C) * sizeof(AccT), 256);
-  char* base = static_cast<char*>(ws);
-  a.part_sum = reinterpret_cast<AccT*>(base);
-  a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
-  a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
-  pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if ((err = launch_sum_parts<AccT, AccT>(a.part_sum, p.tiles, p.C, sum_du, stream)) != cudaSuccess)
-    return err;
-  if (nx && (err = launch_sum_parts<AccT, AccT>(a.part_sum_xc, p.tiles, p.C, sum_du_xc, stream)) !=
-                cudaSuccess)
-    return err;
-  if (nr) return launch_sum_parts<AccT, AccT>(a.part_sum_rc, p.tiles, p.C, sum_du_rc, stream);
-  return cudaSuccess;
 }
 
 }  // namespace pw

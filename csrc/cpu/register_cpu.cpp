@@ -1,0 +1,12 @@
+// The CPU implementations of the ops (csrc/cpu/dw_stage.cpp, pw_stage.cpp), registered for the
+// schemas of csrc/ops_schema.cpp.
+#include "../ops.h"
+
+#include <torch/library.h>
+
+TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) {
+  m.impl("dw_stage", &convmixer_kernels::cpu::dw_stage);
+  m.impl("dw_stage_backward", &convmixer_kernels::cpu::dw_stage_backward);
+  m.impl("pw_stage", &convmixer_kernels::cpu::pw_stage);
+  m.impl("pw_stage_backward", &convmixer_kernels::cpu::pw_stage_backward);
+}

@@ -1,0 +1,268 @@
+// The host side of the pointwise stage's fused kernels (pw_stage.cuh): the plan, and the one launch
+// entry per kernel (launch.cuh) that the torch launcher (csrc/cuda/pw_stage.cu, which runs the
+// GEMMs between them) and the check TU (csrc/cuda/check/pw_stage_check.cu, which the CPU emulation
+// tests drive) both call. Matrices are row-major [rows, C] of the storage type; per-channel vectors
+// [C] of the accumulation type. Torch-free (docs/DESIGN.md §8).
+#pragma once
+
+#include "launch.cuh"
+#include "pw_stage.cuh"
+
+namespace convmixer_kernels {
+namespace cuda {
+namespace pw {
+
+// vectorized: every matrix the kernels touch is 16-byte aligned and C % V == 0 (the launch entries
+// check the pointers). The partition does not depend on it.
+template <typename T>
+inline Plan make_plan(int64_t rows, int64_t C, bool vectorized) {
+  constexpr int V = kVecWidth<T>;
+  Plan p;
+  if (rows < 0 || C < 0 || C > (int64_t(1) << 30)) return p;
+  p.rows = rows;
+  p.C = int(C);
+  p.vectorized = vectorized && C % V == 0;
+  const int64_t block_c = int64_t(kLanes) * V;
+  p.channel_blocks = int((C + block_c - 1) / block_c);
+  if (p.channel_blocks > 65535) return p;
+  int64_t target = kTargetCtas / (p.channel_blocks > 0 ? p.channel_blocks : 1);
+  if (target < 1) target = 1;
+  int64_t rpt = (rows + target - 1) / target;
+  if (rpt < kMinRowsPerTile) rpt = kMinRowsPerTile;
+  rpt = (rpt + kRowGroups - 1) / kRowGroups * kRowGroups;
+  if (rpt > (int64_t(1) << 30)) return p;
+  p.rows_per_tile = int(rpt);
+  p.tiles = (rows + rpt - 1) / rpt;
+  if (p.tiles > 0x7fffffff) return p;
+  p.valid = true;
+  return p;
+}
+
+inline dim3 grid_of(const Plan& p) { return dim3(unsigned(p.tiles), unsigned(p.channel_blocks)); }
+inline dim3 block_of() { return dim3(kLanes, kRowGroups); }
+
+// One [tiles][C] region of per-tile partial sums in a workspace.
+template <typename T>
+inline size_t partials_bytes(const Plan& p) {
+  return align_up(size_t(p.tiles) * size_t(p.C) * sizeof(acc_t<T>), 256);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The launch entries
+// ---------------------------------------------------------------------------------------------
+
+struct Problem {
+  DType dtype = DType::Float32;
+  int64_t rows = 0, C = 0;
+};
+
+// The GEMM's A operand: u = norm_x(x) + norm_res(res), rounded to the storage type.
+struct Prologue {
+  static constexpr int kPartialRegions = 0;  // no workspace
+  Problem problem;
+  const void* x = nullptr;
+  NormPtrs x_norm;
+  const void* res = nullptr;  // null: no residual
+  NormPtrs res_norm;
+  void* u = nullptr;
+};
+
+// out = act(pre), and with `mean` the batch statistics (mean, biased var) of out as stored. The
+// workspace (part_mean, part_m2) is needed for the statistics only.
+struct EpilogueForward {
+  static constexpr int kPartialRegions = 2;
+  Problem problem;
+  Act act{};
+  const void* pre = nullptr;  // p = u W^T + b
+  void* out = nullptr;
+  void* mean = nullptr;       // null: no statistics
+  void* var = nullptr;
+};
+
+// dP = (grad_out + the statistics' terms) act'(pre) into grad_pre, and sum dP into grad_bias ([C],
+// storage type).
+struct EpilogueBackward {
+  static constexpr int kPartialRegions = 1;
+  Problem problem;
+  Act act{};
+  const void* grad_out = nullptr;
+  const void* pre = nullptr;
+  const void* grad_mean = nullptr;  // null: no such term
+  const void* grad_var = nullptr;   // null: no such term
+  const void* mean = nullptr;       // the forward's mean of out, needed with grad_var
+  void* grad_pre = nullptr;
+  void* grad_bias = nullptr;
+};
+
+// grad_x = dU scale_x and grad_res = dU scale_res (or a copy of dU without a norm on res), and the
+// sums: sum_du always, sum_du_xc with a norm on x, sum_du_rc with a norm on res ([C] each). The
+// norms' shift is not read.
+struct ThroughNorms {
+  static constexpr int kPartialRegions = 3;
+  Problem problem;
+  const void* grad_u = nullptr;  // dU = dP W
+  const void* x = nullptr;
+  NormPtrs x_norm;               // null mean: no norm on x
+  const void* res = nullptr;     // null: no residual
+  NormPtrs res_norm;             // null mean: no norm on res
+  void* grad_x = nullptr;        // null: not written (grad_x is dU itself without a norm on x)
+  void* grad_res = nullptr;      // null: not written (no residual, or grad_res is dU itself)
+  void* sum_du = nullptr;
+  void* sum_du_xc = nullptr;
+  void* sum_du_rc = nullptr;
+};
+
+// Whether the kernels can take a call of any of the four kinds, and the workspace it needs.
+template <typename Call>
+inline Requirements requirements(const Call& c) {
+  return dispatch_dtype(
+      c.problem.dtype,
+      [&](auto tag) {
+        using T = decltype(tag);
+        const Plan p = make_plan<T>(c.problem.rows, c.problem.C, false);
+        Requirements r;
+        r.valid = p.valid;
+        if (!p.valid) r.error = "a negative size, or more rows or channels than the grid takes";
+        else r.workspace_bytes = Call::kPartialRegions * partials_bytes<T>(p);
+        return r;
+      },
+      [] {
+        Requirements r;
+        r.error = "unknown storage type code";
+        return r;
+      });
+}
+
+// The plan of a call whose kernel touches the matrices `ptrs`: the 16-byte path when all allow it.
+template <typename T>
+inline Plan plan_for(const Problem& problem, std::initializer_list<const void*> ptrs) {
+  return make_plan<T>(problem.rows, problem.C, aligned16(ptrs));
+}
+
+// What cuda::launch (launch.cuh) runs for the storage type T. ws: requirements(c).workspace_bytes
+// of device memory (for EpilogueForward only with statistics; none for Prologue).
+template <typename T>
+inline cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t stream) {
+  using AccT = acc_t<T>;
+  const Plan p = plan_for<T>(c.problem, {c.x, c.res, c.u});
+  if (!p.valid) return cudaErrorInvalidValue;
+  if (p.tiles == 0 || p.C == 0) return cudaSuccess;
+  const PrologueArgs<T> a{static_cast<const T*>(c.x),
+                          static_cast<const AccT*>(c.x_norm.mean),
+                          static_cast<const AccT*>(c.x_norm.scale),
+                          static_cast<const AccT*>(c.x_norm.shift),
+                          static_cast<const T*>(c.res),
+                          static_cast<const AccT*>(c.res_norm.mean),
+                          static_cast<const AccT*>(c.res_norm.scale),
+                          static_cast<const AccT*>(c.res_norm.shift),
+                          static_cast<T*>(c.u)};
+  pw_prologue_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  return cudaGetLastError();
+}
+
+// Here and in the backward an `act` that is no activation (a code from a check TU's caller) is
+// cudaErrorInvalidValue before anything runs.
+template <typename T>
+inline cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes,
+                             cudaStream_t stream) {
+  using AccT = acc_t<T>;
+  const Plan p = plan_for<T>(c.problem, {c.pre, c.out});
+  if (!p.valid) return cudaErrorInvalidValue;
+  const auto kernel = dispatch_act(
+      c.act, [](auto tag) { return &pw_epilogue_forward_kernel<T, decltype(tag)::value>; },
+      [] { return nullptr; });
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  EpilogueForwardArgs<T> a{static_cast<const T*>(c.pre), static_cast<T*>(c.out), nullptr, nullptr};
+  if (c.mean != nullptr && p.tiles > 0) {
+    const size_t region = partials_bytes<T>(p);
+    if (ws == nullptr || ws_bytes < 2 * region) return cudaErrorInvalidValue;
+    a.part_mean = static_cast<AccT*>(ws);
+    a.part_m2 = reinterpret_cast<AccT*>(static_cast<char*>(ws) + region);
+  }
+  if (p.tiles > 0 && p.C > 0) {
+    kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (c.mean == nullptr || p.C == 0) return cudaSuccess;
+  const channel_stats::TileCounts counts{p.rows, p.rows_per_tile, nullptr};
+  return channel_stats::launch_finalize<AccT>(a.part_mean, a.part_m2, counts, p.tiles, p.C,
+                                              static_cast<AccT*>(c.mean),
+                                              static_cast<AccT*>(c.var), stream);
+}
+
+template <typename T>
+inline cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
+                             cudaStream_t stream) {
+  using AccT = acc_t<T>;
+  const Plan p = plan_for<T>(c.problem, {c.grad_out, c.pre, c.grad_pre});
+  if (!p.valid || ws_bytes < partials_bytes<T>(p)) return cudaErrorInvalidValue;
+  const auto kernel = dispatch_act(
+      c.act, [](auto tag) { return &pw_epilogue_backward_kernel<T, decltype(tag)::value>; },
+      [] { return nullptr; });
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  T* const grad_bias = static_cast<T*>(c.grad_bias);
+  if (p.C == 0) return cudaSuccess;
+  if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
+  if (ws == nullptr) return cudaErrorInvalidValue;
+  const EpilogueBackwardArgs<T> a{static_cast<const T*>(c.grad_out),
+                                  static_cast<const T*>(c.pre),
+                                  static_cast<const AccT*>(c.grad_mean),
+                                  static_cast<const AccT*>(c.grad_var),
+                                  static_cast<const AccT*>(c.mean),
+                                  static_cast<T*>(c.grad_pre),
+                                  static_cast<AccT*>(ws)};
+  kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_sum_parts<AccT, T>(a.part_grad_b, p.tiles, p.C, grad_bias, stream);
+}
+
+template <typename T>
+inline cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
+                             cudaStream_t stream) {
+  using AccT = acc_t<T>;
+  const Plan p = plan_for<T>(c.problem, {c.grad_u, c.x, c.res, c.grad_x, c.grad_res});
+  const size_t region = p.valid ? partials_bytes<T>(p) : 0;
+  if (!p.valid || ws_bytes < 3 * region) return cudaErrorInvalidValue;
+  if (p.C == 0) return cudaSuccess;
+  AccT* const sum_du = static_cast<AccT*>(c.sum_du);
+  AccT* const sum_du_xc = static_cast<AccT*>(c.sum_du_xc);
+  AccT* const sum_du_rc = static_cast<AccT*>(c.sum_du_rc);
+  ThroughNormsArgs<T> a{};
+  a.grad_u = static_cast<const T*>(c.grad_u);
+  a.x = static_cast<const T*>(c.x);
+  a.x_mean = static_cast<const AccT*>(c.x_norm.mean);
+  a.x_scale = static_cast<const AccT*>(c.x_norm.scale);
+  a.res = static_cast<const T*>(c.res);
+  a.res_mean = static_cast<const AccT*>(c.res_norm.mean);
+  a.res_scale = static_cast<const AccT*>(c.res_norm.scale);
+  a.grad_x = static_cast<T*>(c.grad_x);
+  a.grad_res = static_cast<T*>(c.grad_res);
+  const bool nx = a.x_mean != nullptr, nr = a.res != nullptr && a.res_mean != nullptr;
+  if (p.tiles == 0) {
+    cudaError_t err = cudaMemsetAsync(sum_du, 0, size_t(p.C) * sizeof(AccT), stream);
+    if (err == cudaSuccess && nx) err = cudaMemsetAsync(sum_du_xc, 0, size_t(p.C) * sizeof(AccT), stream);
+    if (err == cudaSuccess && nr) err = cudaMemsetAsync(sum_du_rc, 0, size_t(p.C) * sizeof(AccT), stream);
+    return err;
+  }
+  if (ws == nullptr) return cudaErrorInvalidValue;
+  char* base = static_cast<char*>(ws);
+  a.part_sum = reinterpret_cast<AccT*>(base);
+  a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
+  a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
+  pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if ((err = launch_sum_parts<AccT, AccT>(a.part_sum, p.tiles, p.C, sum_du, stream)) != cudaSuccess)
+    return err;
+  if (nx && (err = launch_sum_parts<AccT, AccT>(a.part_sum_xc, p.tiles, p.C, sum_du_xc, stream)) !=
+                cudaSuccess)
+    return err;
+  if (nr) return launch_sum_parts<AccT, AccT>(a.part_sum_rc, p.tiles, p.C, sum_du_rc, stream);
+  return cudaSuccess;
+}
+
+}  // namespace pw
+}  // namespace cuda
+}  // namespace convmixer_kernels
