@@ -7,6 +7,10 @@ torch reductions. No float atomics anywhere, so every result is the same from ru
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -94,10 +98,96 @@ def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+# SMs of the GPU that recorded launches are planned for (an H200), see recording().
+PLAN_SMS = 132
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs keep a GPU busy: a few per SM, so that one program's barrier or
     reduction stalls are hidden by the others'."""
+    if _RECORDING is not None:
+        return 4 * PLAN_SMS
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gpu_plan(t: torch.Tensor) -> bool:
+    """Whether launches on `t` are planned for a GPU (tile sizes, grid sizes): on CUDA tensors,
+    and on any tensor while recording; otherwise they are planned for the interpreter."""
+    return t.device.type == "cuda" or _RECORDING is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches, and recording them instead
+#
+# Every kernel start goes through launch(). Under recording() nothing runs: each start is kept
+# as a Launch (the raw jit function, its runtime arguments, its constexpr flags and the
+# configurations the autotuner would try for it), on CPU tensors and with the planning of a
+# GPU. tools/triton_compile_check.py compiles what the launchers record, and
+# convmixer_kernels.triton.compile_plan counts what a model's training step would compile.
+
+
+@dataclass
+class Launch:
+    name: str          # the kernel's function name
+    fn: object         # the triton.JITFunction
+    args: tuple        # runtime arguments, positional
+    meta: dict         # constexpr flags the launcher passes
+    configs: list      # triton.Config the autotuner would compile for this start
+    key: tuple         # the autotuner's cache key (None for a pinned config)
+
+
+_RECORDING: Optional[list] = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Within it, the launchers take CPU tensors, plan for an H200 and record their launches
+    into the yielded list instead of starting kernels (their outputs are left unwritten)."""
+    global _RECORDING
+    if INTERPRET:
+        raise RuntimeError("recording launches needs the compiled kernels: TRITON_INTERPRET "
+                           "must be unset when triton is first imported")
+    previous, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
+def autotune_key(tuner, args: tuple, meta: dict) -> tuple:
+    """The autotuner's cache key for a start, as triton.runtime.Autotuner.run forms it: the
+    named arguments' values, then the dtype of every tensor argument."""
+    named = {**dict(zip(tuner.arg_names, args)), **meta}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def launch(tuner, grid: Callable[[dict], tuple], args: tuple, meta: dict,
+           config: Optional[dict] = None) -> None:
+    """Starts `tuner` (a triton.autotune'd kernel) on grid(meta), or, with `config` (tile
+    constexprs plus num_warps/num_stages), its raw kernel with that configuration pinned."""
+    if _RECORDING is not None:
+        if config is not None:
+            cfg = dict(config)
+            configs = [triton.Config({k: v for k, v in cfg.items()
+                                      if k not in ("num_warps", "num_stages")},
+                                     num_warps=cfg.get("num_warps", 4),
+                                     num_stages=cfg.get("num_stages", 3))]
+            key = None
+        else:
+            named = dict(zip(tuner.arg_names, args))
+            configs = (tuner.early_config_prune(tuner.configs, named, **meta)
+                       if tuner.early_config_prune else list(tuner.configs))
+            key = autotune_key(tuner, args, meta)
+        fn = tuner.fn
+        _RECORDING.append(Launch(fn.__name__, fn, tuple(args), dict(meta), configs, key))
+        return
+    if config is None:
+        tuner[grid](*args, **meta)
+    else:
+        cfg = dict(config)
+        tuner.fn[grid(cfg)](*args, **meta, **cfg)
 
 
 def merge_moments(part: torch.Tensor, out_dtype: torch.dtype):
@@ -126,7 +216,7 @@ def check_runnable(op: str, *tensors) -> None:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cpu" and not INTERPRET:
+        if t.device.type == "cpu" and not INTERPRET and _RECORDING is None:
             raise RuntimeError(
                 f"{op}: the Triton backend runs CPU tensors only under Triton's interpreter, and "
                 "convmixer_kernels' Triton kernels were defined without it (TRITON_INTERPRET=1 "

@@ -20,9 +20,9 @@ import triton.language as tl
 
 from ..activations import ACTIVATIONS
 from ._activations import act_bwd, act_fwd
-from ._common import (INTERPRET, acc_dtype, check_runnable, first_row, load_channel_vector,
-                      merge_moments, merge_tile_moments, present, reduce_partials,
-                      stat_coefficients, store_moments, target_programs, tl_acc)
+from ._common import (INTERPRET, acc_dtype, check_runnable, first_row, gpu_plan, launch,
+                      load_channel_vector, merge_moments, merge_tile_moments, present,
+                      reduce_partials, stat_coefficients, store_moments, target_programs, tl_acc)
 from ._validate import check_dw_args
 
 # ---------------------------------------------------------------------------------------------
@@ -306,12 +306,11 @@ def _configs_in_use() -> list[dict]:
     return [cfg.kwargs for cfg in _CONFIGS]
 
 
-def _launch(tuned, raw, groups, c, args, meta):
-    if CONFIG_OVERRIDE is None:
-        tuned[lambda m: (groups, triton.cdiv(c, m["BLOCK_C"]))](*args, **meta)
-        return
-    cfg = {k: v for k, v in CONFIG_OVERRIDE.items() if k != "groups"}
-    raw[(groups, triton.cdiv(c, cfg["BLOCK_C"]))](*args, **meta, **cfg)
+def _launch(tuned, groups, c, args, meta):
+    cfg = None
+    if CONFIG_OVERRIDE is not None:
+        cfg = {k: v for k, v in CONFIG_OVERRIDE.items() if k != "groups"}
+    launch(tuned, lambda m: (groups, triton.cdiv(c, m["BLOCK_C"])), args, meta, cfg)
 
 
 class _Geometry:
@@ -329,7 +328,7 @@ class _Geometry:
                         * triton.cdiv(self.w, cf["BLOCK_W"]) for cf in cfgs)
         if CONFIG_OVERRIDE is not None and "groups" in CONFIG_OVERRIDE:
             want = CONFIG_OVERRIDE["groups"]
-        elif x.device.type == "cuda":
+        elif gpu_plan(x):
             min_bc = min(cf["BLOCK_C"] for cf in cfgs)
             want = triton.cdiv(target_programs(x.device), triton.cdiv(self.c, min_bc))
         else:  # the interpreter: more than one group, so the cross-program merge is exercised
@@ -380,7 +379,7 @@ def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
             geo.c_pad, geo.fwd_stride)
     meta = dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None,
                 HAS_BIAS=bias is not None, STATS=stats, ACC=tl_acc(x.dtype))
-    _launch(_fwd, _dw_fwd_kernel, geo.groups, geo.c, args, meta)
+    _launch(_fwd, geo.groups, geo.c, args, meta)
     if not stats:
         empty = x.new_empty((0,), dtype=acc)
         return out, empty, empty.clone()
@@ -421,7 +420,7 @@ def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
             dw_part, vec_part, n, c, h, w, geo.groups, geo.c_pad, geo.bwd_stride)
     meta = dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=has_norm, HAS_BIAS=bias is not None,
                 HAS_COEF=coef is not None, NEED_O=present(grad_var), ACC=tl_acc(x.dtype))
-    _launch(_bwd, _dw_bwd_kernel, geo.groups, c, args, meta)
+    _launch(_bwd, geo.groups, c, args, meta)
 
     grad_w = reduce_partials(dw_part[:, :, :c], weight.dtype).t().contiguous().view(weight.shape)
     grad_b = reduce_partials(vec_part[0, :, :c], weight.dtype)
