@@ -57,10 +57,11 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import compute_cache_key, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from convmixer_kernels.activations import NAMES  # noqa: E402
 from convmixer_kernels.triton import _common, dw, pw  # noqa: E402
+from convmixer_kernels.triton._plan import compilations  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # the NVIDIA backend compiles capability 90 as sm_90a
 SMEM_LIMIT = 232448                 # bytes of shared memory one H200 block may use (227 KiB)
@@ -164,8 +165,6 @@ def defined_kernels():
 
 def collect(shapes=("aligned",)):
     """Every distinct compilation the launchers request, keyed as triton's JIT cache keys it."""
-    backend = make_backend(TARGET)
-    binders = {}
     jobs = {}
     for shape_name in shapes:
         dw_shape, pw_shape = SHAPES[shape_name]
@@ -174,18 +173,13 @@ def collect(shapes=("aligned",)):
             for flags, call in calls:
                 with _common.recording() as launches:
                     call()
-                for ln in launches:
-                    if ln.fn not in binders:
-                        binders[ln.fn] = create_function_from_signature(ln.fn.signature,
-                                                                        ln.fn.params, backend)
-                    for cfg in ln.configs:
-                        kwargs = {**ln.meta, **cfg.all_kwargs()}
-                        _, spec, options = binders[ln.fn](*ln.args, **kwargs)
-                        key = ln.name + compute_cache_key({}, spec, options)
-                        if key not in jobs:
-                            jobs[key] = Job(ln.name, _config_name(cfg), str(dtype)[6:],
-                                            dict(flags, shape=shape_name, **_meta_flags(ln.meta)),
-                                            ln.fn, ln.args, kwargs, key)
+                for comp in compilations(launches):
+                    if comp.key not in jobs:
+                        ln, cfg = comp.launch, comp.config
+                        jobs[comp.key] = Job(
+                            ln.name, _config_name(cfg), str(dtype)[6:],
+                            dict(flags, shape=shape_name, **_meta_flags(ln.meta)), ln.fn,
+                            ln.args, {**ln.meta, **cfg.all_kwargs()}, comp.key)
     return list(jobs.values())
 
 

@@ -94,6 +94,30 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dtype_class(dtype: torch.dtype) -> int:
+    """The bits of a storage dtype, which pick the kernels' configuration tables: 16 (bfloat16,
+    float16: tensor-core dots), 32 (IEEE float32 dots on the FMA units), 64."""
+    return {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}[dtype]
+
+
+def tuned(kernel, table: dict, key: list, dtype_arg: str, interpret_config):
+    """triton.autotune of `kernel` over the configurations of `table` ({dtype class: [Config]}),
+    each start trying only those of the dtype class of its argument `dtype_arg`. The tables
+    hold what compiles for sm_90a without spills and within an H200 block's shared memory
+    (tools/triton_compile_check.py checks every entry), so a config that fits one dtype never
+    runs another. Under the interpreter, `interpret_config` alone (it cannot autotune)."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret_config], key=key)(kernel)
+    union = [cfg for cfgs in table.values() for cfg in cfgs]
+
+    def by_dtype(configs, named_args, **kwargs):
+        allowed = {id(cfg) for cfg in table[dtype_class(named_args[dtype_arg].dtype)]}
+        return [cfg for cfg in configs if id(cfg) in allowed]
+
+    return triton.autotune(configs=union, key=key,
+                           prune_configs_by={"early_config_prune": by_dtype})(kernel)
+
+
 def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 

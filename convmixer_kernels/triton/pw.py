@@ -17,9 +17,9 @@ import triton.language as tl
 
 from ..activations import ACTIVATIONS
 from ._activations import act_bwd, act_fwd
-from ._common import (INTERPRET, acc_dtype, check_runnable, first_row, gpu_plan, launch,
-                      merge_moments, merge_tile_moments, present, reduce_partials,
-                      stat_coefficients, store_moments, target_programs, tl_acc)
+from ._common import (acc_dtype, check_runnable, gpu_plan, launch, merge_moments,
+                      merge_tile_moments, present, reduce_partials, stat_coefficients,
+                      store_moments, target_programs, tl_acc, tuned)
 from ._validate import check_pw_args
 
 # ---------------------------------------------------------------------------------------------
@@ -57,11 +57,10 @@ def _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, rows, 
 
 
 @triton.jit
-def _tile_moments(part_ptr, pid_m, n_rows, C, v, valid, cs, ACC: tl.constexpr):
+def _tile_moments(part_ptr, pid_m, n_rows, C, v, valid, cs, shift, ACC: tl.constexpr):
     """This M-tile's moments per channel into row pid_m of the [4, tiles, C] partials, shifted
-    by the tile's first row (always a valid row)."""
+    by `shift` (a sample of each channel's values)."""
     zero = tl.zeros(cs.shape, dtype=ACC)
-    shift = first_row(v)
     cnt, mean, m2 = merge_tile_moments(zero, zero, zero, v, valid, shift)
     store_moments(part_ptr, pid_m * C + cs, n_rows * C, cnt, shift, mean, m2)
 
@@ -109,20 +108,49 @@ def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
         # out_dtype: tl.dot accumulates in float32 unless told (triton 3.6 then refuses a
         # float64 accumulator).
         acc = tl.dot(u, w, acc, input_precision="ieee", out_dtype=ACC)
+    # The epilogue runs on the two column halves one after the other: on the whole tile the
+    # GELU, two stores and the statistics kept too much live at once (255 registers and
+    # spills at BLOCK_N = 128 with 8 warps).
+    half_a, half_b = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)),
+                                         (0, 2, 1)))
+    ns_a = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    tile = (pid_m * BLOCK_M).to(tl.int64) * Cout
+    _fwd_epilogue(half_a, ns_a, rmask, tile, b_ptr, out_ptr, pre_ptr, part_ptr, pid_m, m_tiles,
+                  Cout, C_PART, HAS_BIAS, ACT, STATS, STORE_OUT, KEEP_PRE, ACC, BLOCK_M)
+    _fwd_epilogue(half_b, ns_a + BLOCK_N // 2, rmask, tile, b_ptr, out_ptr, pre_ptr, part_ptr,
+                  pid_m, m_tiles, Cout, C_PART, HAS_BIAS, ACT, STATS, STORE_OUT, KEEP_PRE, ACC,
+                  BLOCK_M)
+
+
+@triton.jit
+def _fwd_epilogue(acc, ns, rmask, tile, b_ptr, out_ptr, pre_ptr, part_ptr, pid_m, m_tiles, Cout,
+                  C_PART, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
+                  STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """Bias, p, act, stores and statistics of the output columns `ns` of an M-tile whose rows
+    start at offset `tile`."""
+    nmask = ns < Cout
     if HAS_BIAS:
         acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(ACC)[None, :]
     # p is rounded to storage before the act, as eager's conv output is; the backward then
     # sees the same p whether it reads pre_act or recomputes it.
     p = acc.to(out_ptr.dtype.element_ty)
     mask = rmask[:, None] & nmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * Cout + ns[None, :]
+    # int32 offsets within the tile from its 64-bit row base: int64 offsets would cost two
+    # registers per element.
+    offs = tl.arange(0, BLOCK_M)[:, None] * Cout + ns[None, :]
     if KEEP_PRE:
-        tl.store(pre_ptr + offs, p, mask=mask)
+        tl.store(pre_ptr + tile + offs, p, mask=mask)
     if STORE_OUT:
         o = act_fwd(p.to(ACC), ACT).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, o, mask=mask)
+        tl.store(out_ptr + tile + offs, o, mask=mask)
         if STATS:
-            _tile_moments(part_ptr, pid_m, m_tiles, C_PART, o.to(ACC), rmask, ns, ACC)
+            # The shift is the tile's first row (always a valid row) as just stored, read
+            # back through L1 after a barrier: the same values first_row() would extract,
+            # without a cross-warp reduction over the tile.
+            tl.debug_barrier()
+            shift = tl.load(out_ptr + tile + ns, mask=nmask, other=0.0).to(ACC)
+            _tile_moments(part_ptr, pid_m, m_tiles, C_PART, o.to(ACC), rmask, ns, shift, ACC)
 
 
 @triton.jit
@@ -233,39 +261,46 @@ def _pw_dgrad_kernel(dp_ptr, w_ptr, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 
-def _gemm_configs(n_name: str, k_name: str):
-    if INTERPRET:
-        # One config (no autotuning under the interpreter); 16 is tl.dot's minimum on GPUs.
-        return [triton.Config({n_name: 16, k_name: 16}, num_warps=1)]
-    return [triton.Config({n_name: bn, k_name: bk}, num_warps=nw, num_stages=ns)
-            for bn, bk, nw, ns in ((64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                   (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 4))]
+def _configs(names, rows):
+    return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1])
+            for r in rows]
 
 
-def _elementwise_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn, nw in ((32, 4), (64, 4),
-                                                                        (128, 8))]
+# Per dtype class (_common.dtype_class), (tile sizes..., num_warps, num_stages) with BLOCK_M =
+# 128: 16-bit dots run on the tensor cores (wgmma), float32 (IEEE, never TF32) and float64 dots
+# on the FMA units, where the accumulator tile lives in registers and must be smaller. Every
+# entry compiles for sm_90a without spills and within 227 KiB of shared memory, in the
+# heaviest flag combination (tools/triton_compile_check.py); the fewer per class, the fewer
+# compilations a training step pays (convmixer_kernels.triton.compile_plan).
+_GEMM_TILES = {16: ((128, 64, 8, 3),),
+               32: ((64, 32, 8, 2),),
+               64: ((32, 16, 8, 2),)}
+_DP_TILES = {16: ((64, 8, 1),), 32: ((64, 8, 1),), 64: ((32, 8, 1),)}
+_WGRAD_TILES = {16: ((128, 128, 64, 8, 3),),
+                32: ((64, 64, 32, 8, 2),),
+                64: ((32, 32, 16, 8, 2),)}
+_INTERPRET_GEMM = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)
 
 
-def _wgrad_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_MK": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_CO": bo, "BLOCK_CI": bi, "BLOCK_MK": bk}, num_warps=nw,
-                          num_stages=ns)
-            for bo, bi, bk, nw, ns in ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
-                                       (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
-                                       (128, 128, 64, 8, 4))]
+def _table(names, tiles):
+    return {cls: _configs(names, rows) for cls, rows in tiles.items()}
 
 
-_WGRAD_CONFIGS = _wgrad_configs()
-_FWD_CONFIGS = _gemm_configs("BLOCK_N", "BLOCK_K")
-_fwd = triton.autotune(configs=_FWD_CONFIGS, key=["Cin", "Cout"])(_pw_fwd_kernel)
-_dp = triton.autotune(configs=_elementwise_configs(), key=["Cout"])(_pw_dp_kernel)
-_wgrad = triton.autotune(configs=_WGRAD_CONFIGS, key=["Cin", "Cout"])(_pw_wgrad_kernel)
-_dgrad = triton.autotune(configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
-                         key=["Cin", "Cout"])(_pw_dgrad_kernel)
+# The autotuners' keys hold every constexpr flag: a configuration chosen for one variant of a
+# kernel is never reused for another (which may use more registers); the dtypes are added by
+# triton itself.
+_PW_FLAGS = ["HAS_XNORM", "HAS_RES", "HAS_RNORM"]
+_fwd = tuned(_pw_fwd_kernel, _table(("BLOCK_N", "BLOCK_K"), _GEMM_TILES),
+             ["Cin", "Cout", *_PW_FLAGS, "HAS_BIAS", "ACT", "STATS", "STORE_OUT", "KEEP_PRE"],
+             "x_ptr", _INTERPRET_GEMM)
+_dp = tuned(_pw_dp_kernel, _table(("BLOCK_N",), _DP_TILES),
+            ["Cout", "ACT", "HAS_COEF", "NEED_O"], "dp_ptr",
+            triton.Config({"BLOCK_N": 16}, num_warps=1))
+_wgrad = tuned(_pw_wgrad_kernel, _table(("BLOCK_CO", "BLOCK_CI", "BLOCK_MK"), _WGRAD_TILES),
+               ["Cin", "Cout", *_PW_FLAGS], "x_ptr",
+               triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_MK": 16}, num_warps=1))
+_dgrad = tuned(_pw_dgrad_kernel, _table(("BLOCK_N", "BLOCK_K"), _GEMM_TILES),
+               ["Cin", "Cout", *_PW_FLAGS], "x_ptr", _INTERPRET_GEMM)
 
 
 def _group_m(x: torch.Tensor) -> int:
@@ -284,7 +319,7 @@ def _block_m(x: torch.Tensor) -> int:
 def _m_per_split(m: int, cin: int, cout: int, x: torch.Tensor) -> int:
     """Rows of M per wgrad split: enough splits to fill the device, each a whole number of the
     largest BLOCK_MK so that only the last split ends in a partial block."""
-    step = max(cfg.kwargs["BLOCK_MK"] for cfg in _WGRAD_CONFIGS)
+    step = max(cfg.kwargs["BLOCK_MK"] for cfg in _wgrad.configs)
     if gpu_plan(x):
         tiles = triton.cdiv(cout, 128) * triton.cdiv(cin, 128)
         splits = max(1, min(triton.cdiv(target_programs(x.device), tiles), triton.cdiv(m, 4096)))
@@ -341,7 +376,7 @@ def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
     block_m = _block_m(x)
     m_tiles = triton.cdiv(m, block_m)
     # Partial rows padded to whole N-tiles of any config: the epilogue stores them unmasked.
-    widest = max(cfg.kwargs["BLOCK_N"] for cfg in _FWD_CONFIGS)
+    widest = max(cfg.kwargs["BLOCK_N"] for cfg in _fwd.configs)
     c_part = triton.cdiv(cout, widest) * widest
     part = (torch.empty((4, m_tiles, c_part), dtype=acc_dtype(x.dtype), device=x.device)
             if stats else w2d)
