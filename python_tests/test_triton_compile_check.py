@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "triton_compile_check.py")
 # The kernels every launcher path reaches; the tool itself also fails when a module-level
 # autotuned kernel is never recorded.
-KERNELS = {"_dw_fwd_kernel", "_dw_bwd_kernel", "_pw_fwd_kernel", "_pw_dp_kernel",
+KERNELS = {"_dw_conv_kernel", "_dw_wgrad_kernel", "_pw_fwd_kernel", "_pw_dp_kernel",
            "_pw_wgrad_kernel", "_pw_dgrad_kernel"}
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,

@@ -55,15 +55,14 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from convmixer_kernels.activations import NAMES  # noqa: E402
 from convmixer_kernels.triton import _common, dw, pw  # noqa: E402
-from convmixer_kernels.triton._plan import compilations  # noqa: E402
+from convmixer_kernels.triton._plan import _target, compilations  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)  # the NVIDIA backend compiles capability 90 as sm_90a
+TARGET = _target()  # GPUTarget("cuda", 90, 32): the NVIDIA backend compiles it as sm_90a
 SMEM_LIMIT = 232448                 # bytes of shared memory one H200 block may use (227 KiB)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 KS = (3, 5, 7, 9, 15)
@@ -157,10 +156,8 @@ SHAPES = {"aligned": ((2, 32, 16, 16), (2, 32, 32, 8, 8)),
 
 
 def defined_kernels():
-    """The kernels the Triton modules define for their launchers (the autotuned ones)."""
-    from triton.runtime.autotuner import Autotuner
-    return {obj.fn.__name__ for mod in (dw, pw) for obj in vars(mod).values()
-            if isinstance(obj, Autotuner)}
+    """The kernels the Triton modules' launchers start, as the modules list them."""
+    return set(dw.LAUNCHED) | set(pw.LAUNCHED)
 
 
 def collect(shapes=("aligned",)):
@@ -189,18 +186,21 @@ def _meta_flags(meta):
 
 def _weight(job):
     """How much a compilation has switched on: its true flags, GELU (the heavier activation)
-    and its kernel size."""
+    and its kernel size (within a group: unrolled or not)."""
     on = sum(v is True for v in job.flags.values())
     return (on + (job.flags.get("act") == "gelu"), job.flags.get("k", 0))
 
 
 def sample(jobs):
-    """Every (kernel, configuration, dtype) once, with the flags that switch most on; then
-    every value of every launcher flag and of k at least once per kernel."""
+    """Every (kernel, configuration, dtype, code path) once, with the flags that switch most
+    on; then every value of every launcher flag and of k at least once per kernel."""
     chosen = {}
     by_group = defaultdict(list)
     for j in jobs:
-        by_group[(j.kernel, j.config, j.dtype)].append(j)
+        # Separate code paths get their own heaviest member: the dw conv kernel's pass (EPI)
+        # and unrolled taps (k <= 9) against the runtime tap loop.
+        path = (j.flags.get("EPI"), j.flags.get("K", 0) > 9)
+        by_group[(j.kernel, j.config, j.dtype, path)].append(j)
     for group in by_group.values():
         best = max(group, key=_weight)
         chosen[best.key] = best

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -187,31 +188,33 @@ def autotune_key(tuner, args: tuple, meta: dict) -> tuple:
     return tuple(key)
 
 
-def launch(tuner, grid: Callable[[dict], tuple], args: tuple, meta: dict,
+def _pinned(config: dict):
+    cfg = dict(config)
+    return triton.Config({k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")},
+                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+
+
+def launch(kernel, grid: Callable[[dict], tuple], args: tuple, meta: dict,
            config: Optional[dict] = None) -> None:
-    """Starts `tuner` (a triton.autotune'd kernel) on grid(meta), or, with `config` (tile
-    constexprs plus num_warps/num_stages), its raw kernel with that configuration pinned."""
+    """Starts `kernel` on grid(meta). `kernel` is a triton.autotune'd kernel (its autotuner
+    picks the configuration) or, with `config` (tile constexprs plus num_warps/num_stages), a
+    raw jit kernel or an autotuned one's, with that configuration pinned."""
+    tuner = kernel if isinstance(kernel, Autotuner) else None
+    fn = tuner.fn if tuner is not None else kernel
     if _RECORDING is not None:
         if config is not None:
-            cfg = dict(config)
-            configs = [triton.Config({k: v for k, v in cfg.items()
-                                      if k not in ("num_warps", "num_stages")},
-                                     num_warps=cfg.get("num_warps", 4),
-                                     num_stages=cfg.get("num_stages", 3))]
-            key = None
+            configs, key = [_pinned(config)], None
         else:
             named = dict(zip(tuner.arg_names, args))
             configs = (tuner.early_config_prune(tuner.configs, named, **meta)
                        if tuner.early_config_prune else list(tuner.configs))
             key = autotune_key(tuner, args, meta)
-        fn = tuner.fn
         _RECORDING.append(Launch(fn.__name__, fn, tuple(args), dict(meta), configs, key))
         return
     if config is None:
         tuner[grid](*args, **meta)
     else:
-        cfg = dict(config)
-        tuner.fn[grid(cfg)](*args, **meta, **cfg)
+        fn[grid(config)](*args, **meta, **config)
 
 
 def merge_moments(part: torch.Tensor, out_dtype: torch.dtype):

@@ -286,6 +286,7 @@ def _table(names, tiles):
     return {cls: _configs(names, rows) for cls, rows in tiles.items()}
 
 
+LAUNCHED = ("_pw_fwd_kernel", "_pw_dp_kernel", "_pw_wgrad_kernel", "_pw_dgrad_kernel")
 # The autotuners' keys hold every constexpr flag: a configuration chosen for one variant of a
 # kernel is never reused for another (which may use more registers); the dtypes are added by
 # triton itself.
