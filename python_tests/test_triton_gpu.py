@@ -131,9 +131,9 @@ def _single_config(monkeypatch, autotuner, config):
 @pytest.mark.parametrize("k", [3, 7, 9])
 @pytest.mark.parametrize("cls", sorted(KERNELS.dw._TILES) if KERNELS else [32])
 def test_every_dw_config(monkeypatch, cls, k):
-    bh, bw, bc, nw = KERNELS.dw._TILES[cls]
+    bh, bw, bc, nw, maxnreg = KERNELS.dw._TILES[cls]
     monkeypatch.setattr(KERNELS.dw, "CONFIG_OVERRIDE",
-                        dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw))
+                        dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw, maxnreg=maxnreg))
     shape = (3, 80, 19, 23)  # odd sizes: partial tiles and a partial channel block
     compare(dw_call, dw_inputs(shape, k, torch.float32, seed=k), shape, 80, torch.float32,
             "gelu" if k != 7 else "relu")

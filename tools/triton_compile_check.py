@@ -86,7 +86,8 @@ class Job:
 
 def _config_name(cfg) -> str:
     tiles = ",".join(f"{k}={v}" for k, v in cfg.kwargs.items())
-    return f"{tiles} w{cfg.num_warps} s{cfg.num_stages}"
+    regs = f" r{cfg.maxnreg}" if cfg.maxnreg else ""
+    return f"{tiles} w{cfg.num_warps} s{cfg.num_stages}{regs}"
 
 
 def _t(shape, dtype):

@@ -188,10 +188,14 @@ def autotune_key(tuner, args: tuple, meta: dict) -> tuple:
     return tuple(key)
 
 
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
 def _pinned(config: dict):
-    cfg = dict(config)
-    return triton.Config({k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")},
-                         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    return triton.Config({k: v for k, v in config.items() if k not in _OPTIONS},
+                         num_warps=config.get("num_warps", 4),
+                         num_stages=config.get("num_stages", 3),
+                         maxnreg=config.get("maxnreg"))
 
 
 def launch(kernel, grid: Callable[[dict], tuple], args: tuple, meta: dict,

@@ -147,11 +147,11 @@ def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_
             if STATS:  # of the output as stored (rounded), per docs/OPS.md
                 if t == pid_g:
                     # The shift, a sample of each channel: the first tile's first pixel (a
-                    # tile's origin is always inside) as just stored, read back after a
-                    # barrier rather than extracted by a reduction over the tile.
+                    # tile's origin is always inside) as just stored, read back (from L2)
+                    # after a barrier rather than extracted by a reduction over the tile.
                     tl.debug_barrier()
                     run_shift = tl.load(out_ptr + ((n * H + y0) * W + x0) * C + cs,
-                                        mask=cmask, other=0.0).to(ACC)
+                                        mask=cmask, other=0.0, cache_modifier=".cg").to(ACC)
                 run_n, run_a, run_b = merge_tile_moments(run_n, run_a, run_b, o.to(ACC), valid,
                                                          run_shift)
         elif EPI == EPI_DA:
@@ -229,13 +229,17 @@ def _dw_wgrad_kernel(da_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, dw_part_ptr,
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 
-# (BLOCK_H, BLOCK_W, BLOCK_C, num_warps) per dtype class (_common.dtype_class), for the conv
-# kernel; the dW kernel takes BLOCK_C from it. One entry per class: the host must know the
-# configuration (it sizes G and the partials from it), and one configuration per kernel variant
-# keeps a training step's compilations few (compile_plan). Each compiles for sm_90a without
-# spills (tools/triton_compile_check.py).
-_TILES = {16: (8, 8, 32, 8), 32: (8, 8, 32, 8), 64: (8, 8, 16, 4)}
-_INTERPRET_TILE = (8, 16, 16, 1)
+# (BLOCK_H, BLOCK_W, BLOCK_C, num_warps, maxnreg) per dtype class (_common.dtype_class), for
+# the conv kernel; the dW kernel takes BLOCK_C, num_warps and maxnreg from it. One entry per
+# class: the host must know the configuration (it sizes G and the partials from it), and one
+# configuration per kernel variant keeps a training step's compilations few (compile_plan).
+# Each compiles for sm_90a without spills (tools/triton_compile_check.py): 8 warps, because 4
+# left the k = 9 forward with statistics short of registers; maxnreg = 255 because ptxas' own
+# register target at 8 warps (80 to 168 in some variants) spilled a few bytes. The k = 9
+# variants then take up to 255 registers, one 8-warp program per SM: whether a smaller tile
+# at higher occupancy is faster is for a GPU to measure.
+_TILES = {16: (8, 8, 32, 8, 255), 32: (8, 8, 32, 8, 255), 64: (8, 8, 16, 4, None)}
+_INTERPRET_TILE = (8, 16, 16, 1, None)
 LAUNCHED = ("_dw_conv_kernel", "_dw_wgrad_kernel")
 
 # Tests pin a configuration here, e.g. {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": 16,
@@ -247,10 +251,14 @@ CONFIG_OVERRIDE: Optional[dict] = None
 def config_for(x: torch.Tensor) -> dict:
     """The conv kernel's configuration for a launch on x."""
     if CONFIG_OVERRIDE is not None:
-        return {k: CONFIG_OVERRIDE[k] for k in ("BLOCK_H", "BLOCK_W", "BLOCK_C", "num_warps")
-                if k in CONFIG_OVERRIDE}
-    bh, bw, bc, nw = _TILES[dtype_class(x.dtype)] if gpu_plan(x) else _INTERPRET_TILE
-    return dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw)
+        return {k: v for k, v in CONFIG_OVERRIDE.items()
+                if k in ("BLOCK_H", "BLOCK_W", "BLOCK_C", "num_warps", "maxnreg")
+                and v is not None}
+    bh, bw, bc, nw, maxnreg = _TILES[dtype_class(x.dtype)] if gpu_plan(x) else _INTERPRET_TILE
+    cfg = dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw)
+    if maxnreg is not None:
+        cfg["maxnreg"] = maxnreg
+    return cfg
 
 
 class _Geometry:
@@ -380,7 +388,7 @@ def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     launch(_dw_wgrad_kernel, lambda m: (progs, geo.c_blocks),
            (d_a, x, xm, xs, xt, dw_part, db_part, *shape, geo.c_pad, per_prog),
            dict(K=geo.k, HAS_NORM=has_norm, ACC=tl_acc(x.dtype), BLOCK_T=geo.block_t),
-           dict(BLOCK_C=geo.cfg["BLOCK_C"], num_warps=geo.cfg["num_warps"]))
+           {k: v for k, v in geo.cfg.items() if k in ("BLOCK_C", "num_warps", "maxnreg")})
 
     k2 = geo.k * geo.k
     grad_w = reduce_partials(dw_part[:, :k2, :c], weight.dtype).t().contiguous().view(

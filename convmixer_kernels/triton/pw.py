@@ -146,10 +146,11 @@ def _fwd_epilogue(acc, ns, rmask, tile, b_ptr, out_ptr, pre_ptr, part_ptr, pid_m
         tl.store(out_ptr + tile + offs, o, mask=mask)
         if STATS:
             # The shift is the tile's first row (always a valid row) as just stored, read
-            # back through L1 after a barrier: the same values first_row() would extract,
-            # without a cross-warp reduction over the tile.
+            # back after a barrier (from L2: .cg, never a stale L1 line): the same values
+            # first_row() would extract, without a cross-warp reduction over the tile.
             tl.debug_barrier()
-            shift = tl.load(out_ptr + tile + ns, mask=nmask, other=0.0).to(ACC)
+            shift = tl.load(out_ptr + tile + ns, mask=nmask, other=0.0,
+                            cache_modifier=".cg").to(ACC)
             _tile_moments(part_ptr, pid_m, m_tiles, C_PART, o.to(ACC), rmask, ns, shift, ACC)
 
 
