@@ -124,21 +124,22 @@ def compare(call, leaves, out_shape, c_out, dtype, act):
 
 def _single_config(monkeypatch, autotuner, config):
     monkeypatch.setattr(autotuner, "configs", [config])
+    monkeypatch.setattr(autotuner, "early_config_prune", None)  # the per-dtype tables
     monkeypatch.setattr(autotuner, "cache", {})
 
 
 @pytest.mark.parametrize("k", [3, 7, 9])
-@pytest.mark.parametrize("index", range(len(KERNELS.dw._CONFIGS)) if KERNELS else [0])
-def test_every_dw_config(monkeypatch, index, k):
-    cfg = KERNELS.dw._CONFIGS[index]
-    _single_config(monkeypatch, KERNELS.dw._fwd, cfg)
-    _single_config(monkeypatch, KERNELS.dw._bwd, cfg)
+@pytest.mark.parametrize("cls", sorted(KERNELS.dw._TILES) if KERNELS else [32])
+def test_every_dw_config(monkeypatch, cls, k):
+    bh, bw, bc, nw, maxnreg = KERNELS.dw._TILES[cls]
+    monkeypatch.setattr(KERNELS.dw, "CONFIG_OVERRIDE",
+                        dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw, maxnreg=maxnreg))
     shape = (3, 80, 19, 23)  # odd sizes: partial tiles and a partial channel block
     compare(dw_call, dw_inputs(shape, k, torch.float32, seed=k), shape, 80, torch.float32,
             "gelu" if k != 7 else "relu")
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(3))
 def test_every_pw_config(monkeypatch, index):
     pw = KERNELS.pw
     for tuner in (pw._fwd, pw._dp, pw._wgrad, pw._dgrad):

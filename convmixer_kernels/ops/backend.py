@@ -120,13 +120,20 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _triton_recording() -> bool:
+    """convmixer_kernels.triton.recording() is on: the launchers record CPU tensors' launches
+    for a GPU instead of running anything (compile_plan, tools/triton_compile_check.py)."""
+    common = sys.modules.get(_TRITON_MODULE + "._common")
+    return common is not None and common._RECORDING is not None
+
+
 def _resolve_triton(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton"
     if device.type != "cpu":
         raise ValueError(f"backend 'triton' cannot run tensors on {device}")
     # Under torch.compile, as in check_backend: the kernels' launcher checks at run time.
-    if torch.compiler.is_compiling() or _triton_interpreting():
+    if torch.compiler.is_compiling() or _triton_interpreting() or _triton_recording():
         return "triton"
     raise RuntimeError(
         "backend 'triton' runs CPU tensors only under Triton's interpreter: set "

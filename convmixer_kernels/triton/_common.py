@@ -7,9 +7,14 @@ torch reductions. No float atomics anywhere, so every result is the same from ru
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
 
@@ -90,14 +95,130 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def dtype_class(dtype: torch.dtype) -> int:
+    """The bits of a storage dtype, which pick the kernels' configuration tables: 16 (bfloat16,
+    float16: tensor-core dots), 32 (IEEE float32 dots on the FMA units), 64."""
+    return {torch.float16: 16, torch.bfloat16: 16, torch.float32: 32, torch.float64: 64}[dtype]
+
+
+def tuned(kernel, table: dict, key: list, dtype_arg: str, interpret_config):
+    """triton.autotune of `kernel` over the configurations of `table` ({dtype class: [Config]}),
+    each start trying only those of the dtype class of its argument `dtype_arg`. The tables
+    hold what compiles for sm_90a without spills and within an H200 block's shared memory
+    (tools/triton_compile_check.py checks every entry), so a config that fits one dtype never
+    runs another. Under the interpreter, `interpret_config` alone (it cannot autotune)."""
+    if INTERPRET:
+        return triton.autotune(configs=[interpret_config], key=key)(kernel)
+    union = [cfg for cfgs in table.values() for cfg in cfgs]
+
+    def by_dtype(configs, named_args, **kwargs):
+        allowed = {id(cfg) for cfg in table[dtype_class(named_args[dtype_arg].dtype)]}
+        return [cfg for cfg in configs if id(cfg) in allowed]
+
+    return triton.autotune(configs=union, key=key,
+                           prune_configs_by={"early_config_prune": by_dtype})(kernel)
+
+
 def tl_acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# SMs of the GPU that recorded launches are planned for (an H200), see recording().
+PLAN_SMS = 132
 
 
 def target_programs(device: torch.device) -> int:
     """How many programs keep a GPU busy: a few per SM, so that one program's barrier or
     reduction stalls are hidden by the others'."""
+    if _RECORDING is not None:
+        return 4 * PLAN_SMS
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gpu_plan(t: torch.Tensor) -> bool:
+    """Whether launches on `t` are planned for a GPU (tile sizes, grid sizes): on CUDA tensors,
+    and on any tensor while recording; otherwise they are planned for the interpreter."""
+    return t.device.type == "cuda" or _RECORDING is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches, and recording them instead
+#
+# Every kernel start goes through launch(). Under recording() nothing runs: each start is kept
+# as a Launch (the raw jit function, its runtime arguments, its constexpr flags and the
+# configurations the autotuner would try for it), on CPU tensors and with the planning of a
+# GPU. tools/triton_compile_check.py compiles what the launchers record, and
+# convmixer_kernels.triton.compile_plan counts what a model's training step would compile.
+
+
+@dataclass
+class Launch:
+    name: str          # the kernel's function name
+    fn: object         # the triton.JITFunction
+    args: tuple        # runtime arguments, positional
+    meta: dict         # constexpr flags the launcher passes
+    configs: list      # triton.Config the autotuner would compile for this start
+    key: tuple         # the autotuner's cache key (None for a pinned config)
+
+
+_RECORDING: Optional[list] = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Within it, the launchers take CPU tensors, plan for an H200 and record their launches
+    into the yielded list instead of starting kernels (their outputs are left unwritten)."""
+    global _RECORDING
+    if INTERPRET:
+        raise RuntimeError("recording launches needs the compiled kernels: TRITON_INTERPRET "
+                           "must be unset when triton is first imported")
+    previous, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = previous
+
+
+def autotune_key(tuner, args: tuple, meta: dict) -> tuple:
+    """The autotuner's cache key for a start, as triton.runtime.Autotuner.run forms it: the
+    named arguments' values, then the dtype of every tensor argument."""
+    named = {**dict(zip(tuner.arg_names, args)), **meta}
+    key = [named[k] for k in tuner.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+def _pinned(config: dict):
+    return triton.Config({k: v for k, v in config.items() if k not in _OPTIONS},
+                         num_warps=config.get("num_warps", 4),
+                         num_stages=config.get("num_stages", 3),
+                         maxnreg=config.get("maxnreg"))
+
+
+def launch(kernel, grid: Callable[[dict], tuple], args: tuple, meta: dict,
+           config: Optional[dict] = None) -> None:
+    """Starts `kernel` on grid(meta). `kernel` is a triton.autotune'd kernel (its autotuner
+    picks the configuration) or, with `config` (tile constexprs plus num_warps/num_stages), a
+    raw jit kernel or an autotuned one's, with that configuration pinned."""
+    tuner = kernel if isinstance(kernel, Autotuner) else None
+    fn = tuner.fn if tuner is not None else kernel
+    if _RECORDING is not None:
+        if config is not None:
+            configs, key = [_pinned(config)], None
+        else:
+            named = dict(zip(tuner.arg_names, args))
+            configs = (tuner.early_config_prune(tuner.configs, named, **meta)
+                       if tuner.early_config_prune else list(tuner.configs))
+            key = autotune_key(tuner, args, meta)
+        _RECORDING.append(Launch(fn.__name__, fn, tuple(args), dict(meta), configs, key))
+        return
+    if config is None:
+        tuner[grid](*args, **meta)
+    else:
+        fn[grid(config)](*args, **meta, **config)
 
 
 def merge_moments(part: torch.Tensor, out_dtype: torch.dtype):
@@ -126,7 +247,7 @@ def check_runnable(op: str, *tensors) -> None:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cpu" and not INTERPRET:
+        if t.device.type == "cpu" and not INTERPRET and _RECORDING is None:
             raise RuntimeError(
                 f"{op}: the Triton backend runs CPU tensors only under Triton's interpreter, and "
                 "convmixer_kernels' Triton kernels were defined without it (TRITON_INTERPRET=1 "

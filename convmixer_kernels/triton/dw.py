@@ -1,14 +1,26 @@
 """Triton kernels of the dw stage (docs/OPS.md): norm-on-load, depthwise k×k conv, bias, act,
-batch statistics; and its backward.
+batch statistics; and its backward, split as the CUDA backend's (docs/CUDA.md).
 
 Layout: activations are NHWC, so a program owns BLOCK_C contiguous channels of a BLOCK_H×BLOCK_W
-pixel tile and its loads and stores are [pixels, channels] blocks contiguous along channels (the
-taps themselves read a staged copy, see below). Programs are persistent
-along the pixel axis: program (g, c) walks tiles g, g+G, g+2G, ... of the whole batch, so all
-per-channel reductions (statistics, dW, db, the norm-gradient sums) first accumulate in the
-program and are written as one partial row per program, then merged in float64 on the host.
-The partial layouts depend on G and C only, never on the tile configuration, so autotuning may
-change tiles freely.
+pixel tile and every load and store is a [pixels, channels] block contiguous along channels.
+The conv reads its input straight from global memory, one shifted [pixels, channels] block per
+tap (neighbouring taps and tiles hit L1), with the input norm applied on load and zeros outside
+the image; each row of taps is unrolled (tl.static_range) up to k = 9.
+
+One conv kernel serves three passes, chosen by its EPI constexpr:
+  EPI_FWD  out = act(conv(norm(x)) + b), and the batch statistics of out;
+  EPI_DA   dA = dO·act'(a), with a recomputed and dO = grad_out + const + lin·o, into a tensor
+           in the storage dtype (as the CUDA backend's backward kernel 1);
+  EPI_DX   dX = conv(dA) with the taps rotated 180° (the transposed conv), grad_x = dX·scale,
+           and the input norm's sums Σ dX, Σ dX·(x - mean).
+dW and db come from a fourth kernel that walks a contiguous run of pixels per program with the
+[taps, channels] products accumulated in registers, reduced nowhere until its one store.
+
+Programs are persistent along the pixel axis: program (g, c) walks tiles g, g+G, ... of the
+whole batch, so the per-channel reductions accumulate in the program and are written as one
+partial row per program, then merged in float64 on the host (deterministic, no atomics). The
+configuration is chosen per dtype and kernel size from one table (no autotuning), so the host
+knows it and sizes G from it.
 """
 from __future__ import annotations
 
@@ -20,20 +32,20 @@ import triton.language as tl
 
 from ..activations import ACTIVATIONS
 from ._activations import act_bwd, act_fwd
-from ._common import (INTERPRET, acc_dtype, check_runnable, first_row, load_channel_vector,
-                      merge_moments, merge_tile_moments, present, reduce_partials,
-                      stat_coefficients, store_moments, target_programs, tl_acc)
+from ._common import (INTERPRET, acc_dtype, check_runnable, dtype_class, gpu_plan, launch,
+                      load_channel_vector, merge_moments, merge_tile_moments, present,
+                      reduce_partials, stat_coefficients, store_moments, target_programs, tl_acc)
 from ._validate import check_dw_args
+
+EPI_FWD = tl.constexpr(0)
+EPI_DA = tl.constexpr(1)
+EPI_DX = tl.constexpr(2)
+# Up to this kernel size a row of taps is unrolled; above it one runtime loop over all taps
+# keeps compile time and code size bounded.
+_UNROLL_K = tl.constexpr(9)
 
 # ---------------------------------------------------------------------------------------------
 # Device functions
-#
-# Each program stages norm(x) of its tile plus halo, zero-padded, in a private scratch of
-# [pixels, C_PAD] (ACC dtype; L1/L2-resident), and runs the k×k taps on it: a tap is then one
-# unmasked load and one FMA, instead of a bounds-checked load and a norm per tap (k² times the
-# norm's arithmetic). Barriers order each program's scratch writes and reads across its threads.
-# Scratch rows, weights and partials are padded to C_PAD channels (a multiple of every
-# BLOCK_C), so those accesses need no channel mask.
 
 
 @triton.jit
@@ -50,302 +62,240 @@ def _nhwc_offsets(n, ys, xs, cs, H, W, C):
 
 
 @triton.jit
-def _stage_normed(x_ptr, dst, n, y0, x0, EH: tl.constexpr, EW: tl.constexpr, H, W, C, C_PAD,
-                  cs, cmask, mean, scale, shift, HAS_NORM: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK_E: tl.constexpr):
-    """dst[e] = norm(x) at pixel (y0 + e // EW, x0 + e % EW) of image n, for e < EH·EW; exactly
-    zero outside the image, because "same" padding pads the normalised input (a border tap
-    must not contribute `shift`)."""
-    for e0 in range(0, EH * EW, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        ys = y0 + e // EW
-        xs = x0 + e % EW
-        inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+def _tap(acc, src_ptr, n, ys, xs, cs, cmask, H, W, C, wt_ptr, t, C_PAD, mean, scale, shift,
+         NORM: tl.constexpr, ACC: tl.constexpr):
+    """acc += w[t] · norm(src) at pixels (ys, xs): zero outside the image, because "same"
+    padding pads the normalised input (a border tap must not contribute `shift`)."""
+    inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+    mask = inside[:, None] & cmask[None, :]
+    v = tl.load(src_ptr + _nhwc_offsets(n, ys, xs, cs, H, W, C), mask=mask, other=0.0).to(ACC)
+    if NORM:
+        v = tl.where(mask, (v - mean[None, :]) * scale[None, :] + shift[None, :], 0.0)
+    return acc + v * tl.load(wt_ptr + t * C_PAD + cs)[None, :]
+
+
+@triton.jit
+def _conv(src_ptr, n, y0, x0, py, px, cs, cmask, H, W, C, wt_ptr, C_PAD, bias, mean, scale,
+          shift, NORM: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
+    """bias + Σ_ij w[i, j] · norm(src)[y + i - p, x + j - p] on the tile's pixels (y0 + py,
+    x0 + px); `wt_ptr` points at the [k·k, C_PAD] transposed taps."""
+    P = K // 2
+    acc = tl.zeros([py.shape[0], cs.shape[0]], dtype=ACC) + bias[None, :]
+    if K <= _UNROLL_K:
+        # One row of taps unrolled per step: unrolling all k² let the compiler hoist every
+        # tap's loads at once (81 blocks in flight at k = 9, thousands of bytes of spills).
+        for i in range(K):
+            for j in tl.static_range(K):
+                acc = _tap(acc, src_ptr, n, y0 + py + (i - P), x0 + px + (j - P), cs, cmask, H, W,
+                           C, wt_ptr, i * K + j, C_PAD, mean, scale, shift, NORM, ACC)
+    else:
+        for t in range(K * K):
+            acc = _tap(acc, src_ptr, n, y0 + py + (t // K - P), x0 + px + (t % K - P), cs,
+                       cmask, H, W, C, wt_ptr, t, C_PAD, mean, scale, shift, NORM, ACC)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_ptr, gout_ptr,
+                    coef_ptr, x_ptr, part_ptr, N, C, H, W, G, C_PAD,
+                    K: tl.constexpr, ACT: tl.constexpr, HAS_NORM: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_COEF: tl.constexpr,
+                    NEED_O: tl.constexpr, EPI: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The conv pass of kind EPI (see the module docstring). With EPI_DX, `src` is dA (no norm
+    on load, no bias) and HAS_NORM says whether x had a norm (its mean and scale at mean_ptr and
+    scale_ptr), which grad_x and the partial sums go through."""
+    pid_g = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    NORM_IN: tl.constexpr = HAS_NORM and EPI != EPI_DX
+    mean = load_channel_vector(mean_ptr, cs, cmask, HAS_NORM, 0.0, ACC)
+    scale = load_channel_vector(scale_ptr, cs, cmask, HAS_NORM, 1.0, ACC)
+    shift = load_channel_vector(shift_ptr, cs, cmask, NORM_IN, 0.0, ACC)
+    bias = load_channel_vector(b_ptr, cs, cmask, HAS_BIAS and EPI != EPI_DX, 0.0, ACC)
+    # EPI_DA: dO = grad_out + const + lin·o, the statistics' gradients folded per channel.
+    const = load_channel_vector(coef_ptr, cs, cmask, HAS_COEF and EPI == EPI_DA, 0.0, ACC)
+    lin = load_channel_vector(coef_ptr + C, cs, cmask, HAS_COEF and EPI == EPI_DA, 0.0, ACC)
+    # Per-channel accumulators over this program's tiles: the statistics (EPI_FWD) or
+    # Σ dX, Σ dX·(x - mean) (EPI_DX).
+    run_n = tl.zeros([BLOCK_C], dtype=ACC)
+    run_shift = tl.zeros([BLOCK_C], dtype=ACC)
+    run_a = tl.zeros([BLOCK_C], dtype=ACC)
+    run_b = tl.zeros([BLOCK_C], dtype=ACC)
+
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    py = p // BLOCK_W
+    px = p % BLOCK_W
+    tiles_w = tl.cdiv(W, BLOCK_W)
+    tiles_img = tl.cdiv(H, BLOCK_H) * tiles_w
+    for t in range(pid_g, N * tiles_img, G):
+        n, y0, x0 = _tile_origin(t, tiles_img, tiles_w, BLOCK_H, BLOCK_W)
+        a = _conv(src_ptr, n, y0, x0, py, px, cs, cmask, H, W, C, wt_ptr, C_PAD, bias, mean,
+                  scale, shift, NORM_IN, K, ACC)
+        ys = y0 + py
+        xs = x0 + px
+        valid = (ys < H) & (xs < W)
+        mask = valid[:, None] & cmask[None, :]
+        offs = _nhwc_offsets(n, ys, xs, cs, H, W, C)
+        if EPI == EPI_FWD:
+            o = act_fwd(a, ACT).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + offs, o, mask=mask)
+            if STATS:  # of the output as stored (rounded), per docs/OPS.md
+                if t == pid_g:
+                    # The shift, a sample of each channel: the first tile's first pixel (a
+                    # tile's origin is always inside) as just stored, read back (from L2)
+                    # after a barrier rather than extracted by a reduction over the tile.
+                    tl.debug_barrier()
+                    run_shift = tl.load(out_ptr + ((n * H + y0) * W + x0) * C + cs,
+                                        mask=cmask, other=0.0, cache_modifier=".cg").to(ACC)
+                run_n, run_a, run_b = merge_tile_moments(run_n, run_a, run_b, o.to(ACC), valid,
+                                                         run_shift)
+        elif EPI == EPI_DA:
+            d_o = tl.load(gout_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if HAS_COEF:
+                d_o += const[None, :]
+                if NEED_O:  # o as stored, since the statistics were of the stored output
+                    o = act_fwd(a, ACT).to(out_ptr.dtype.element_ty).to(ACC)
+                    d_o += lin[None, :] * o
+            tl.store(out_ptr + offs, act_bwd(a, d_o, ACT).to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            if HAS_NORM:
+                d_x = tl.where(mask, a, 0.0)
+                xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                run_a += tl.sum(d_x, axis=0)
+                run_b += tl.sum(d_x * (xv - mean[None, :]), axis=0)
+                a = d_x * scale[None, :]
+            tl.store(out_ptr + offs, a.to(out_ptr.dtype.element_ty), mask=mask)
+    row = pid_g * C_PAD + cs
+    if EPI == EPI_FWD:
+        if STATS:
+            store_moments(part_ptr, row, G * C_PAD, run_n, run_shift, run_a, run_b)
+    elif EPI == EPI_DX:
+        if HAS_NORM:
+            tl.store(part_ptr + row, run_a)
+            tl.store(part_ptr + G * C_PAD + row, run_b)
+
+
+@triton.jit
+def _dw_wgrad_kernel(da_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, dw_part_ptr, db_part_ptr,
+                     N, C, H, W, C_PAD, PIX_PER_PROG,
+                     K: tl.constexpr, HAS_NORM: tl.constexpr, ACC: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dW[t, c] = Σ_pixels dA[p, c] · norm(x)[p + tap t, c] and db[c] = Σ dA[p, c] over a
+    contiguous run of PIX_PER_PROG pixels (of the flattened N·H·W): one pixel per step, all
+    k·k taps of BLOCK_C channels at once, the products accumulated in registers where each
+    thread owns its own (tap, channel) entries, so no reduction across threads at all; one
+    partial row per program."""
+    P = K // 2
+    pid_g = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    taps = tl.arange(0, BLOCK_T)
+    ti = taps // K - P
+    tj = taps % K - P
+    tvalid = taps < K * K
+    mean = load_channel_vector(mean_ptr, cs, cmask, HAS_NORM, 0.0, ACC)
+    scale = load_channel_vector(scale_ptr, cs, cmask, HAS_NORM, 1.0, ACC)
+    shift = load_channel_vector(shift_ptr, cs, cmask, HAS_NORM, 0.0, ACC)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
+    d_b = tl.zeros([BLOCK_C], dtype=ACC)
+    hw = H * W
+    start = pid_g.to(tl.int64) * PIX_PER_PROG  # int64: N·H·W·C may pass 2^31
+    for i in range(0, tl.minimum(PIX_PER_PROG, N * hw - start)):
+        q = start + i
+        n = q // hw
+        y = (q % hw) // W
+        xq = q % W
+        d_a = tl.load(da_ptr + q * C + cs, mask=cmask, other=0.0).to(ACC)
+        ys = y + ti
+        xs = xq + tj
+        inside = tvalid & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
         mask = inside[:, None] & cmask[None, :]
         v = tl.load(x_ptr + _nhwc_offsets(n, ys, xs, cs, H, W, C), mask=mask,
                     other=0.0).to(ACC)
         if HAS_NORM:
             v = tl.where(mask, (v - mean[None, :]) * scale[None, :] + shift[None, :], 0.0)
-        tl.store(dst + e[:, None] * C_PAD + cs[None, :], v, mask=(e < EH * EW)[:, None])
-
-
-@triton.jit
-def _correlate(win, wts, bias, K: tl.constexpr, EW: tl.constexpr, C_PAD):
-    """bias + Σ_ij win[i·EW + j] · w[i, j]: `win` points at tap (0, 0) of each pixel's window
-    in the staged scratch, `wts` at the [k·k, C_PAD] transposed taps of this channel block."""
-    acc = tl.zeros(win.shape, dtype=bias.dtype) + bias[None, :]
-    for i in range(K):
-        for j in range(K):
-            acc += tl.load(win + (i * EW + j) * C_PAD) * tl.load(wts + (i * K + j) * C_PAD)[None, :]
-    return acc
-
-
-# ---------------------------------------------------------------------------------------------
-# Forward
-
-
-@triton.jit
-def _dw_fwd_kernel(x_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_ptr, scratch_ptr,
-                   part_ptr, N, C, H, W, G, C_PAD, E_STRIDE,
-                   K: tl.constexpr, ACT: tl.constexpr, HAS_NORM: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_E: tl.constexpr):
-    P = K // 2
-    EH = BLOCK_H + 2 * P
-    EW = BLOCK_W + 2 * P
-    pid_g = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    mean = load_channel_vector(mean_ptr, cs, cmask, HAS_NORM, 0.0, ACC)
-    scale = load_channel_vector(scale_ptr, cs, cmask, HAS_NORM, 1.0, ACC)
-    shift = load_channel_vector(shift_ptr, cs, cmask, HAS_NORM, 0.0, ACC)
-    bias = load_channel_vector(b_ptr, cs, cmask, HAS_BIAS, 0.0, ACC)
-    run_n = tl.zeros([BLOCK_C], dtype=ACC)
-    run_shift = tl.zeros([BLOCK_C], dtype=ACC)
-    run_mean = tl.zeros([BLOCK_C], dtype=ACC)
-    run_m2 = tl.zeros([BLOCK_C], dtype=ACC)
-
-    scratch = scratch_ptr + pid_g.to(tl.int64) * E_STRIDE * C_PAD
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    py = p // BLOCK_W
-    px = p % BLOCK_W
-    win = scratch + (py * EW + px)[:, None] * C_PAD + cs[None, :]
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    tiles_img = tl.cdiv(H, BLOCK_H) * tiles_w
-    for t in range(pid_g, N * tiles_img, G):
-        n, y0, x0 = _tile_origin(t, tiles_img, tiles_w, BLOCK_H, BLOCK_W)
-        _stage_normed(x_ptr, scratch, n, y0 - P, x0 - P, EH, EW, H, W, C, C_PAD, cs, cmask,
-                      mean, scale, shift, HAS_NORM, ACC, BLOCK_E)
-        tl.debug_barrier()
-        a = _correlate(win, wt_ptr + cs, bias, K, EW, C_PAD)
-        ys = y0 + py
-        xs = x0 + px
-        valid = (ys < H) & (xs < W)
-        o = act_fwd(a, ACT).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + _nhwc_offsets(n, ys, xs, cs, H, W, C), o,
-                 mask=valid[:, None] & cmask[None, :])
-        if STATS:  # of the output as stored (rounded), per docs/OPS.md
-            ov = o.to(ACC)
-            # The shift: the first tile's first pixel (a tile's origin is always inside).
-            run_shift = tl.where(t == pid_g, first_row(ov), run_shift)
-            run_n, run_mean, run_m2 = merge_tile_moments(run_n, run_mean, run_m2, ov, valid,
-                                                          run_shift)
-        tl.debug_barrier()  # the next tile's staging overwrites what this one read
-    if STATS:
-        store_moments(part_ptr, pid_g * C_PAD + cs, G * C_PAD, run_n, run_shift, run_mean,
-                      run_m2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward
-
-
-@triton.jit
-def _form_d_a(x_scr, da_scr, gout_ptr, wts, n, y0, x0, H, W, C, C_PAD, cs, cmask, bias, const,
-              lin, K: tl.constexpr, ACT: tl.constexpr, HAS_COEF: tl.constexpr,
-              NEED_O: tl.constexpr, ACC: tl.constexpr, BLOCK_H: tl.constexpr,
-              BLOCK_W: tl.constexpr, BLOCK_E: tl.constexpr):
-    """dA = dO·act'(a) on the tile plus a k//2 halo into da_scr, with a recomputed from the
-    staged norm(x) (tile plus 2·(k//2)) and dO = grad_out + const + lin·o. BLOCK_E pixels at a
-    time; the last chunk's overhang is clamped onto the last pixel, so its loads stay inside
-    the scratch, and is not stored."""
-    P = K // 2
-    EH1 = BLOCK_H + 2 * P
-    EW1 = BLOCK_W + 2 * P
-    EW2 = BLOCK_W + 4 * P
-    for e0 in range(0, EH1 * EW1, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        in_e = e < EH1 * EW1
-        e = tl.minimum(e, EH1 * EW1 - 1)
-        ey = e // EW1
-        ex = e % EW1
-        a = _correlate(x_scr + (ey * EW2 + ex)[:, None] * C_PAD + cs[None, :], wts, bias, K, EW2,
-                       C_PAD)
-        ys = y0 - P + ey
-        xs = x0 - P + ex
-        mask = (in_e & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W))[:, None] & cmask[None, :]
-        d_o = tl.load(gout_ptr + _nhwc_offsets(n, ys, xs, cs, H, W, C), mask=mask,
-                      other=0.0).to(ACC)
-        if HAS_COEF:
-            d_o += const[None, :]
-            if NEED_O:  # o as stored, since the statistics were of the stored output
-                o = act_fwd(a, ACT).to(gout_ptr.dtype.element_ty).to(ACC)
-                d_o += lin[None, :] * o
-        # Pixels outside the image are no outputs: dA is zero there, not act'(bias)·const.
-        d_a = tl.where(mask, act_bwd(a, d_o, ACT), 0.0)
-        tl.store(da_scr + e[:, None] * C_PAD + cs[None, :], d_a, mask=in_e[:, None])
-
-
-@triton.jit
-def _taps_backward(win_x, win_da, wts, dw_row, d_a, first, C_PAD, K: tl.constexpr,
-                   EW1: tl.constexpr, EW2: tl.constexpr):
-    """Per tap (i, j), for the tile's pixels: this program's dW row += Σ dA · norm(x)[y+i-p,
-    x+j-p] (stored on its first tile, added to after: only this program touches the row, so
-    no atomics, and autotuner reruns stay exact); and dX += dA[y-i+p, x-j+p] · w[i, j], the
-    transposed conv read from the mirrored window. Returns dX."""
-    d_x = tl.zeros(d_a.shape, dtype=d_a.dtype)
-    for i in range(K):
-        for j in range(K):
-            ptr = dw_row + (i * K + j) * C_PAD
-            g_w = tl.sum(d_a * tl.load(win_x + (i * EW2 + j) * C_PAD), axis=0)
-            tl.store(ptr, tl.where(first, g_w, tl.load(ptr) + g_w))
-            d_x += tl.load(win_da - (i * EW1 + j) * C_PAD) * tl.load(
-                wts + (i * K + j) * C_PAD)[None, :]
-    return d_x
-
-
-@triton.jit
-def _dw_bwd_kernel(gout_ptr, coef_ptr, x_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr,
-                   gx_ptr, scratch_ptr, dw_part_ptr, vec_part_ptr,
-                   N, C, H, W, G, C_PAD, E_STRIDE,
-                   K: tl.constexpr, ACT: tl.constexpr, HAS_NORM: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr, NEED_O: tl.constexpr,
-                   ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Per tile: stage norm(x) on the tile plus a 2·(k//2) halo; recompute a and form dA on the
-    tile plus a k//2 halo (the transposed conv of the tile's border pixels needs the halo's
-    dA), into a second scratch; then, for the tile's own pixels, accumulate dW and db and
-    write dX = conv_transposed(dA) through the input norm, with its BN-backward sums."""
-    P = K // 2
-    EW1 = BLOCK_W + 2 * P  # dA region: the tile plus P
-    EH2 = BLOCK_H + 4 * P  # norm(x) region: what a on the dA region reads
-    EW2 = BLOCK_W + 4 * P
-    pid_g = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    mean = load_channel_vector(mean_ptr, cs, cmask, HAS_NORM, 0.0, ACC)
-    scale = load_channel_vector(scale_ptr, cs, cmask, HAS_NORM, 1.0, ACC)
-    shift = load_channel_vector(shift_ptr, cs, cmask, HAS_NORM, 0.0, ACC)
-    bias = load_channel_vector(b_ptr, cs, cmask, HAS_BIAS, 0.0, ACC)
-    # dO = grad_out + const + lin·o: the statistics' gradients, folded per channel on the host.
-    const = load_channel_vector(coef_ptr, cs, cmask, HAS_COEF, 0.0, ACC)
-    lin = load_channel_vector(coef_ptr + C, cs, cmask, HAS_COEF, 0.0, ACC)
-    sum_db = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dx = tl.zeros([BLOCK_C], dtype=ACC)
-    sum_dxc = tl.zeros([BLOCK_C], dtype=ACC)
-
-    x_scr = scratch_ptr + pid_g.to(tl.int64) * E_STRIDE * C_PAD
-    da_scr = x_scr + EH2 * EW2 * C_PAD
-    wts = wt_ptr + cs
-    dw_row = dw_part_ptr + pid_g * (K * K * C_PAD) + cs
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    py = p // BLOCK_W
-    px = p % BLOCK_W
-    # Windows of the tile's pixels: tap (0, 0) in the norm(x) scratch, and the mirrored window
-    # dA[y - (i - P), x - (j - P)] of the transposed conv (tap (0, 0) at +2P, stepping back).
-    win_x = x_scr + ((py + P) * EW2 + (px + P))[:, None] * C_PAD + cs[None, :]
-    win_da = da_scr + ((py + 2 * P) * EW1 + (px + 2 * P))[:, None] * C_PAD + cs[None, :]
-    centre_da = da_scr + ((py + P) * EW1 + (px + P))[:, None] * C_PAD + cs[None, :]
-    tiles_w = tl.cdiv(W, BLOCK_W)
-    tiles_img = tl.cdiv(H, BLOCK_H) * tiles_w
-    for t in range(pid_g, N * tiles_img, G):
-        n, y0, x0 = _tile_origin(t, tiles_img, tiles_w, BLOCK_H, BLOCK_W)
-        _stage_normed(x_ptr, x_scr, n, y0 - 2 * P, x0 - 2 * P, EH2, EW2, H, W, C, C_PAD, cs,
-                      cmask, mean, scale, shift, HAS_NORM, ACC, BLOCK_E)
-        tl.debug_barrier()
-
-        _form_d_a(x_scr, da_scr, gout_ptr, wts, n, y0, x0, H, W, C, C_PAD, cs, cmask, bias,
-                  const, lin, K, ACT, HAS_COEF, NEED_O, ACC, BLOCK_H, BLOCK_W, BLOCK_E)
-        tl.debug_barrier()
-
-        # The tile's own pixels (dA is zero on those outside the image).
-        d_a = tl.load(centre_da)
-        sum_db += tl.sum(d_a, axis=0)
-        d_x = _taps_backward(win_x, win_da, wts, dw_row, d_a, t == pid_g, C_PAD, K, EW1, EW2)
-        ys = y0 + py
-        xs = x0 + px
-        mask = ((ys < H) & (xs < W))[:, None] & cmask[None, :]
-        offs = _nhwc_offsets(n, ys, xs, cs, H, W, C)
-        if HAS_NORM:
-            xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            d_x = tl.where(mask, d_x, 0.0)
-            sum_dx += tl.sum(d_x, axis=0)
-            sum_dxc += tl.sum(d_x * (xv - mean[None, :]), axis=0)
-            g = d_x * scale[None, :]
-        else:
-            g = d_x
-        tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()  # the next tile overwrites the scratches this one read
-
-    row = pid_g * C_PAD + cs
-    tl.store(vec_part_ptr + row, sum_db)
-    tl.store(vec_part_ptr + G * C_PAD + row, sum_dx)
-    tl.store(vec_part_ptr + 2 * G * C_PAD + row, sum_dxc)
+        acc += v * d_a[None, :]
+        d_b += d_a
+    tl.store(dw_part_ptr + pid_g * (BLOCK_T * C_PAD) + taps[:, None] * C_PAD + cs[None, :], acc)
+    tl.store(db_part_ptr + pid_g * C_PAD + cs, d_b)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 
-def _configs():
-    if INTERPRET:
-        # One config (the interpreter cannot autotune), with big blocks: the interpreter pays
-        # per operation, not per element. Tests pin smaller tilings through CONFIG_OVERRIDE.
-        return [triton.Config({"BLOCK_H": 8, "BLOCK_W": 16, "BLOCK_C": 16, "BLOCK_E": 512},
-                              num_warps=1, num_stages=1)]
-    # num_stages=1: no software pipelining of scratch loads across the barriers.
-    return [triton.Config({"BLOCK_H": bh, "BLOCK_W": bw, "BLOCK_C": bc, "BLOCK_E": bh * bw},
-                          num_warps=nw, num_stages=1)
-            for bh, bw, bc, nw in ((8, 8, 32, 4), (8, 16, 32, 4), (16, 16, 32, 8),
-                                   (4, 16, 64, 4), (8, 8, 64, 4), (16, 8, 16, 4))]
-
-
-_CONFIGS = _configs()
-_fwd = triton.autotune(configs=_CONFIGS, key=["C", "H", "W", "K"])(_dw_fwd_kernel)
-_bwd = triton.autotune(configs=_CONFIGS, key=["C", "H", "W", "K"])(_dw_bwd_kernel)
+# (BLOCK_H, BLOCK_W, BLOCK_C, num_warps, maxnreg) per dtype class (_common.dtype_class), for
+# the conv kernel; the dW kernel takes BLOCK_C, num_warps and maxnreg from it. One entry per
+# class: the host must know the configuration (it sizes G and the partials from it), and one
+# configuration per kernel variant keeps a training step's compilations few (compile_plan).
+# Each compiles for sm_90a without spills (tools/triton_compile_check.py): 8 warps, because 4
+# left the k = 9 forward with statistics short of registers; maxnreg = 255 because ptxas' own
+# register target at 8 warps (80 to 168 in some variants) spilled a few bytes. The k = 9
+# variants then take up to 255 registers, one 8-warp program per SM: whether a smaller tile
+# at higher occupancy is faster is for a GPU to measure.
+_TILES = {16: (8, 8, 32, 8, 255), 32: (8, 8, 32, 8, 255), 64: (8, 8, 16, 4, None)}
+_INTERPRET_TILE = (8, 16, 16, 1, None)
+LAUNCHED = ("_dw_conv_kernel", "_dw_wgrad_kernel")
 
 # Tests pin a configuration here, e.g. {"BLOCK_H": 8, "BLOCK_W": 8, "BLOCK_C": 16,
-# "BLOCK_E": 128, "num_warps": 1, "groups": 2}, to exercise tilings the autotuner would not
-# pick ("groups" sets G); None means autotune.
+# "num_warps": 1, "groups": 2}, to exercise tilings the table would not pick ("groups" sets G);
+# None means the table's. Other keys (BLOCK_E, of an earlier design) are ignored.
 CONFIG_OVERRIDE: Optional[dict] = None
 
 
-def _configs_in_use() -> list[dict]:
+def config_for(x: torch.Tensor) -> dict:
+    """The conv kernel's configuration for a launch on x."""
     if CONFIG_OVERRIDE is not None:
-        return [CONFIG_OVERRIDE]
-    return [cfg.kwargs for cfg in _CONFIGS]
-
-
-def _launch(tuned, raw, groups, c, args, meta):
-    if CONFIG_OVERRIDE is None:
-        tuned[lambda m: (groups, triton.cdiv(c, m["BLOCK_C"]))](*args, **meta)
-        return
-    cfg = {k: v for k, v in CONFIG_OVERRIDE.items() if k != "groups"}
-    raw[(groups, triton.cdiv(c, cfg["BLOCK_C"]))](*args, **meta, **cfg)
+        return {k: v for k, v in CONFIG_OVERRIDE.items()
+                if k in ("BLOCK_H", "BLOCK_W", "BLOCK_C", "num_warps", "maxnreg")
+                and v is not None}
+    bh, bw, bc, nw, maxnreg = _TILES[dtype_class(x.dtype)] if gpu_plan(x) else _INTERPRET_TILE
+    cfg = dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=nw)
+    if maxnreg is not None:
+        cfg["maxnreg"] = maxnreg
+    return cfg
 
 
 class _Geometry:
-    """Host-side sizes shared by the forward and backward launches. None of them depends on
-    which configuration the autotuner picks: G, C_PAD and the scratch stride are taken over all
-    configurations."""
+    """Host-side sizes shared by the forward and backward launches, from the configuration in
+    use: G (programs per channel block), C_PAD (a multiple of BLOCK_C: the taps and partials
+    need no channel mask)."""
 
     def __init__(self, x: torch.Tensor, k: int):
         self.n, self.c, self.h, self.w = x.shape
         self.k, self.p = k, k // 2
-        cfgs = _configs_in_use()
-        self.c_pad = triton.cdiv(self.c, max(cf["BLOCK_C"] for cf in cfgs)) * max(
-            cf["BLOCK_C"] for cf in cfgs)
-        max_tiles = max(self.n * triton.cdiv(self.h, cf["BLOCK_H"])
-                        * triton.cdiv(self.w, cf["BLOCK_W"]) for cf in cfgs)
+        self.cfg = config_for(x)
+        bc = self.cfg["BLOCK_C"]
+        self.c_blocks = triton.cdiv(self.c, bc)
+        self.c_pad = self.c_blocks * bc
+        tiles = (self.n * triton.cdiv(self.h, self.cfg["BLOCK_H"])
+                 * triton.cdiv(self.w, self.cfg["BLOCK_W"]))
         if CONFIG_OVERRIDE is not None and "groups" in CONFIG_OVERRIDE:
             want = CONFIG_OVERRIDE["groups"]
-        elif x.device.type == "cuda":
-            min_bc = min(cf["BLOCK_C"] for cf in cfgs)
-            want = triton.cdiv(target_programs(x.device), triton.cdiv(self.c, min_bc))
+        elif gpu_plan(x):
+            want = triton.cdiv(target_programs(x.device), self.c_blocks)
         else:  # the interpreter: more than one group, so the cross-program merge is exercised
             want = 3
-        self.groups = max(1, min(max_tiles, want))
-        self.fwd_stride = max(self._area(cf, 1) for cf in cfgs)
-        self.bwd_stride = max(self._area(cf, 1) + self._area(cf, 2) for cf in cfgs)
+        self.groups = max(1, min(tiles, want))
+        self.block_t = triton.next_power_of_2(k * k)
 
-    def _area(self, cfg, halos):
-        return (cfg["BLOCK_H"] + 2 * halos * self.p) * (cfg["BLOCK_W"] + 2 * halos * self.p)
-
-    def taps(self, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-        """The [k·k, C_PAD] transposed taps in the accumulation dtype, zero-padded."""
+    def taps(self, weight: torch.Tensor, acc: torch.dtype, rotate: bool = False) -> torch.Tensor:
+        """The [k·k, C_PAD] transposed taps in the accumulation dtype, zero-padded; rotated
+        180° for the transposed conv."""
+        w = weight.reshape(self.c, self.k * self.k)
+        if rotate:
+            w = w.flip(1)
         wt = torch.zeros((self.k * self.k, self.c_pad), dtype=acc, device=weight.device)
-        wt[:, :self.c] = weight.reshape(self.c, self.k * self.k).t()
+        wt[:, :self.c] = w.t()
         return wt
+
+    def conv(self, args, meta):
+        launch(_dw_conv_kernel, lambda m: (self.groups, self.c_blocks), args, meta, self.cfg)
 
 
 def _vec_or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
@@ -373,14 +323,13 @@ def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
         return out, nan, nan.clone()
     geo = _Geometry(x, weight.shape[-1])
     wt = geo.taps(weight, acc)
-    scratch = torch.empty(geo.groups * geo.fwd_stride * geo.c_pad, dtype=acc, device=x.device)
     part = torch.empty((4, geo.groups, geo.c_pad), dtype=acc, device=x.device) if stats else wt
-    args = (x, _vec_or(x_mean, wt), _vec_or(x_scale, wt), _vec_or(x_shift, wt), wt,
-            _vec_or(bias, wt), out, scratch, part, geo.n, geo.c, geo.h, geo.w, geo.groups,
-            geo.c_pad, geo.fwd_stride)
-    meta = dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None,
-                HAS_BIAS=bias is not None, STATS=stats, ACC=tl_acc(x.dtype))
-    _launch(_fwd, _dw_fwd_kernel, geo.groups, geo.c, args, meta)
+    geo.conv((x, _vec_or(x_mean, wt), _vec_or(x_scale, wt), _vec_or(x_shift, wt), wt,
+              _vec_or(bias, wt), out, x, wt, x, part, geo.n, geo.c, geo.h, geo.w, geo.groups,
+              geo.c_pad),
+             dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None,
+                  HAS_BIAS=bias is not None, STATS=stats, HAS_COEF=False, NEED_O=False,
+                  EPI=EPI_FWD, ACC=tl_acc(x.dtype)))
     if not stats:
         empty = x.new_empty((0,), dtype=acc)
         return out, empty, empty.clone()
@@ -412,22 +361,42 @@ def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     geo = _Geometry(x, weight.shape[-1])
     wt = geo.taps(weight, acc)
-    scratch = torch.empty(geo.groups * geo.bwd_stride * geo.c_pad, dtype=acc, device=x.device)
-    # Zero-initialised: a program with no tile never writes its dW rows.
-    dw_part = torch.zeros((geo.groups, geo.k * geo.k, geo.c_pad), dtype=acc, device=x.device)
-    vec_part = torch.empty((3, geo.groups, geo.c_pad), dtype=acc, device=x.device)
-    args = (grad_out, coef if coef is not None else wt, x, _vec_or(x_mean, wt),
-            _vec_or(x_scale, wt), _vec_or(x_shift, wt), wt, _vec_or(bias, wt), grad_x, scratch,
-            dw_part, vec_part, n, c, h, w, geo.groups, geo.c_pad, geo.bwd_stride)
-    meta = dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=has_norm, HAS_BIAS=bias is not None,
-                HAS_COEF=coef is not None, NEED_O=present(grad_var), ACC=tl_acc(x.dtype))
-    _launch(_bwd, _dw_bwd_kernel, geo.groups, c, args, meta)
+    xm, xs, xt = (_vec_or(v, wt) for v in (x_mean, x_scale, x_shift))
+    flags = dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=has_norm, STATS=False,
+                 ACC=tl_acc(x.dtype))
+    shape = (geo.n, geo.c, geo.h, geo.w)
 
-    grad_w = reduce_partials(dw_part[:, :, :c], weight.dtype).t().contiguous().view(weight.shape)
-    grad_b = reduce_partials(vec_part[0, :, :c], weight.dtype)
+    # 1. dA = dO·act'(a), a recomputed, in the storage dtype.
+    d_a = torch.empty_like(x, memory_format=torch.channels_last)
+    geo.conv((x, xm, xs, xt, wt, _vec_or(bias, wt), d_a, grad_out,
+              coef if coef is not None else wt, x, wt, *shape, geo.groups, geo.c_pad),
+             dict(flags, HAS_BIAS=bias is not None, HAS_COEF=coef is not None,
+                  NEED_O=present(grad_var), EPI=EPI_DA))
+
+    # 2. dX: the transposed conv of dA (the taps rotated 180°) through the input norm.
+    vec_part = torch.empty((2, geo.groups, geo.c_pad), dtype=acc, device=x.device)
+    geo.conv((d_a, xm, xs, xt, geo.taps(weight, acc, rotate=True), wt, grad_x, grad_out, wt, x,
+              vec_part, *shape, geo.groups, geo.c_pad),
+             dict(flags, HAS_BIAS=False, HAS_COEF=False, NEED_O=False, EPI=EPI_DX))
+
+    # 3. dW and db, each program over a contiguous run of pixels.
+    pixels = geo.n * geo.h * geo.w
+    per_prog = triton.cdiv(pixels, geo.groups)
+    progs = triton.cdiv(pixels, per_prog)
+    dw_part = torch.empty((progs, geo.block_t, geo.c_pad), dtype=acc, device=x.device)
+    db_part = torch.empty((progs, geo.c_pad), dtype=acc, device=x.device)
+    launch(_dw_wgrad_kernel, lambda m: (progs, geo.c_blocks),
+           (d_a, x, xm, xs, xt, dw_part, db_part, *shape, geo.c_pad, per_prog),
+           dict(K=geo.k, HAS_NORM=has_norm, ACC=tl_acc(x.dtype), BLOCK_T=geo.block_t),
+           {k: v for k, v in geo.cfg.items() if k in ("BLOCK_C", "num_warps", "maxnreg")})
+
+    k2 = geo.k * geo.k
+    grad_w = reduce_partials(dw_part[:, :k2, :c], weight.dtype).t().contiguous().view(
+        weight.shape)
+    grad_b = reduce_partials(db_part[:, :c], weight.dtype)
     if not has_norm:
         empty = x.new_empty((0,), dtype=acc)
         return grad_x, empty, empty.clone(), empty.clone(), grad_w, grad_b
-    sum_dx = reduce_partials(vec_part[1, :, :c], acc)
-    return (grad_x, -x_scale * sum_dx, reduce_partials(vec_part[2, :, :c], acc), sum_dx, grad_w,
+    sum_dx = reduce_partials(vec_part[0, :, :c], acc)
+    return (grad_x, -x_scale * sum_dx, reduce_partials(vec_part[1, :, :c], acc), sum_dx, grad_w,
             grad_b)

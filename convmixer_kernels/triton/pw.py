@@ -17,9 +17,9 @@ import triton.language as tl
 
 from ..activations import ACTIVATIONS
 from ._activations import act_bwd, act_fwd
-from ._common import (INTERPRET, acc_dtype, check_runnable, first_row, merge_moments,
+from ._common import (acc_dtype, check_runnable, gpu_plan, launch, merge_moments,
                       merge_tile_moments, present, reduce_partials, stat_coefficients,
-                      store_moments, target_programs, tl_acc)
+                      store_moments, target_programs, tl_acc, tuned)
 from ._validate import check_pw_args
 
 # ---------------------------------------------------------------------------------------------
@@ -57,13 +57,25 @@ def _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, rows, 
 
 
 @triton.jit
-def _tile_moments(part_ptr, pid_m, n_rows, C, v, valid, cs, ACC: tl.constexpr):
+def _tile_moments(part_ptr, pid_m, n_rows, C, v, valid, cs, shift, ACC: tl.constexpr):
     """This M-tile's moments per channel into row pid_m of the [4, tiles, C] partials, shifted
-    by the tile's first row (always a valid row)."""
+    by `shift` (a sample of each channel's values)."""
     zero = tl.zeros(cs.shape, dtype=ACC)
-    shift = first_row(v)
     cnt, mean, m2 = merge_tile_moments(zero, zero, zero, v, valid, shift)
     store_moments(part_ptr, pid_m * C + cs, n_rows * C, cnt, shift, mean, m2)
+
+
+@triton.jit
+def _grouped_tile(pid, m_tiles, n_tiles, GROUP_M: tl.constexpr):
+    """(M-tile, N-tile) of program `pid` in grouped order: GROUP_M consecutive M-tiles walk
+    all N-tiles together (M fastest within the group). The programs in flight then share a few
+    A row-blocks, read from HBM about once and then from L2, and all of B (the weights, which
+    stay L2-resident), instead of re-reading A once per N-tile as an M-fastest 2-D grid does."""
+    per_group = GROUP_M * n_tiles
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(m_tiles - first_m, GROUP_M)
+    r = pid % per_group
+    return first_m + r % rows_in_group, r // rows_in_group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,10 +88,12 @@ def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
                    HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
                    STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, ACC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
+                   GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), m_tiles, tl.cdiv(Cout, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     nmask = ns < Cout
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -91,22 +105,53 @@ def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
         w = tl.load(w_ptr + ns[None, :] * Cin + ks[:, None],
                     mask=kmask[:, None] & nmask[None, :], other=0.0)
         # IEEE fp32 products for float32: the contract is fp32 accuracy, which TF32 is not.
-        acc = tl.dot(u, w, acc, input_precision="ieee")
+        # out_dtype: tl.dot accumulates in float32 unless told (triton 3.6 then refuses a
+        # float64 accumulator).
+        acc = tl.dot(u, w, acc, input_precision="ieee", out_dtype=ACC)
+    # The epilogue runs on the two column halves one after the other: on the whole tile the
+    # GELU, two stores and the statistics kept too much live at once (255 registers and
+    # spills at BLOCK_N = 128 with 8 warps).
+    half_a, half_b = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)),
+                                         (0, 2, 1)))
+    ns_a = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    tile = (pid_m * BLOCK_M).to(tl.int64) * Cout
+    _fwd_epilogue(half_a, ns_a, rmask, tile, b_ptr, out_ptr, pre_ptr, part_ptr, pid_m, m_tiles,
+                  Cout, C_PART, HAS_BIAS, ACT, STATS, STORE_OUT, KEEP_PRE, ACC, BLOCK_M)
+    _fwd_epilogue(half_b, ns_a + BLOCK_N // 2, rmask, tile, b_ptr, out_ptr, pre_ptr, part_ptr,
+                  pid_m, m_tiles, Cout, C_PART, HAS_BIAS, ACT, STATS, STORE_OUT, KEEP_PRE, ACC,
+                  BLOCK_M)
+
+
+@triton.jit
+def _fwd_epilogue(acc, ns, rmask, tile, b_ptr, out_ptr, pre_ptr, part_ptr, pid_m, m_tiles, Cout,
+                  C_PART, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
+                  STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """Bias, p, act, stores and statistics of the output columns `ns` of an M-tile whose rows
+    start at offset `tile`."""
+    nmask = ns < Cout
     if HAS_BIAS:
         acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(ACC)[None, :]
     # p is rounded to storage before the act, as eager's conv output is; the backward then
     # sees the same p whether it reads pre_act or recomputes it.
     p = acc.to(out_ptr.dtype.element_ty)
     mask = rmask[:, None] & nmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * Cout + ns[None, :]
+    # int32 offsets within the tile from its 64-bit row base: int64 offsets would cost two
+    # registers per element.
+    offs = tl.arange(0, BLOCK_M)[:, None] * Cout + ns[None, :]
     if KEEP_PRE:
-        tl.store(pre_ptr + offs, p, mask=mask)
+        tl.store(pre_ptr + tile + offs, p, mask=mask)
     if STORE_OUT:
         o = act_fwd(p.to(ACC), ACT).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, o, mask=mask)
+        tl.store(out_ptr + tile + offs, o, mask=mask)
         if STATS:
-            _tile_moments(part_ptr, pid_m, tl.num_programs(0), C_PART, o.to(ACC), rmask, ns,
-                          ACC)
+            # The shift is the tile's first row (always a valid row) as just stored, read
+            # back after a barrier (from L2: .cg, never a stale L1 line): the same values
+            # first_row() would extract, without a cross-warp reduction over the tile.
+            tl.debug_barrier()
+            shift = tl.load(out_ptr + tile + ns, mask=nmask, other=0.0,
+                            cache_modifier=".cg").to(ACC)
+            _tile_moments(part_ptr, pid_m, m_tiles, C_PART, o.to(ACC), rmask, ns, shift, ACC)
 
 
 @triton.jit
@@ -158,7 +203,7 @@ def _pw_wgrad_kernel(dp_ptr, x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_pt
                       mask=mmask[:, None] & comask[None, :], other=0.0)
         u = _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, ms, cis, mmask,
                     cimask, Cin, HAS_XNORM, HAS_RES, HAS_RNORM, ACC)
-        acc = tl.dot(tl.trans(d_p), u, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(d_p), u, acc, input_precision="ieee", out_dtype=ACC)
     offs = (split * Cout + cos)[:, None] * Cin + cis[None, :]
     tl.store(gw_part_ptr + offs, acc, mask=comask[:, None] & cimask[None, :])
 
@@ -167,14 +212,15 @@ def _pw_wgrad_kernel(dp_ptr, x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_pt
 def _pw_dgrad_kernel(dp_ptr, w_ptr, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr, gx_ptr, gr_ptr,
                      part_ptr, M, Cin, Cout,
                      HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     ACC: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dU = dP·W, then through both norms in the epilogue: grad_x = dU·scale_x (dU without a
     norm), grad_res likewise, and this M-tile's BN-backward sums Σ dU, Σ dU·(x - mean_x),
     Σ dU·(res - mean_res) per input channel."""
-    pid_m = tl.program_id(0)
+    n_rows = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), n_rows, tl.cdiv(Cin, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cis = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cis = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     cimask = cis < Cin
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -185,12 +231,11 @@ def _pw_dgrad_kernel(dp_ptr, w_ptr, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr
                       mask=rmask[:, None] & comask[None, :], other=0.0)
         w = tl.load(w_ptr + cos[:, None] * Cin + cis[None, :],
                     mask=comask[:, None] & cimask[None, :], other=0.0)
-        acc = tl.dot(d_p, w, acc, input_precision="ieee")
+        acc = tl.dot(d_p, w, acc, input_precision="ieee", out_dtype=ACC)
     mask = rmask[:, None] & cimask[None, :]
     offs = rows.to(tl.int64)[:, None] * Cin + cis[None, :]
     # dU in the storage dtype, as the GEMM's output is stored in eager.
     d_u = tl.where(mask, acc.to(gx_ptr.dtype.element_ty).to(ACC), 0.0)
-    n_rows = tl.num_programs(0)
     row = pid_m * Cin + cis
     tl.store(part_ptr + row, tl.sum(d_u, axis=0), mask=cimask)
     if HAS_XNORM:
@@ -217,54 +262,69 @@ def _pw_dgrad_kernel(dp_ptr, w_ptr, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr
 # ---------------------------------------------------------------------------------------------
 # Launch configuration
 
-def _gemm_configs(n_name: str, k_name: str):
-    if INTERPRET:
-        # One config (no autotuning under the interpreter); 16 is tl.dot's minimum on GPUs.
-        return [triton.Config({n_name: 16, k_name: 16}, num_warps=1)]
-    return [triton.Config({n_name: bn, k_name: bk}, num_warps=nw, num_stages=ns)
-            for bn, bk, nw, ns in ((64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                   (128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 4, 4))]
+def _configs(names, rows):
+    return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1])
+            for r in rows]
 
 
-def _elementwise_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=nw) for bn, nw in ((32, 4), (64, 4),
-                                                                        (128, 8))]
+# Per dtype class (_common.dtype_class), (tile sizes..., num_warps, num_stages) with BLOCK_M =
+# 128: 16-bit dots run on the tensor cores (wgmma), float32 (IEEE, never TF32) and float64 dots
+# on the FMA units, where the accumulator tile lives in registers and must be smaller. Every
+# entry compiles for sm_90a without spills and within 227 KiB of shared memory, in the
+# heaviest flag combination (tools/triton_compile_check.py); the fewer per class, the fewer
+# compilations a training step pays (convmixer_kernels.triton.compile_plan).
+_GEMM_TILES = {16: ((128, 64, 8, 3),),
+               32: ((64, 32, 8, 2),),
+               64: ((32, 16, 8, 2),)}
+_DP_TILES = {16: ((64, 8, 1),), 32: ((64, 8, 1),), 64: ((32, 8, 1),)}
+_WGRAD_TILES = {16: ((128, 128, 64, 8, 3),),
+                32: ((64, 64, 32, 8, 2),),
+                64: ((32, 32, 16, 8, 2),)}
+_INTERPRET_GEMM = triton.Config({"BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)
 
 
-def _wgrad_configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_MK": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_CO": bo, "BLOCK_CI": bi, "BLOCK_MK": bk}, num_warps=nw,
-                          num_stages=ns)
-            for bo, bi, bk, nw, ns in ((64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
-                                       (128, 64, 64, 8, 3), (64, 128, 64, 4, 4),
-                                       (128, 128, 64, 8, 4))]
+def _table(names, tiles):
+    return {cls: _configs(names, rows) for cls, rows in tiles.items()}
 
 
-_WGRAD_CONFIGS = _wgrad_configs()
-_FWD_CONFIGS = _gemm_configs("BLOCK_N", "BLOCK_K")
-_fwd = triton.autotune(configs=_FWD_CONFIGS, key=["Cin", "Cout"])(_pw_fwd_kernel)
-_dp = triton.autotune(configs=_elementwise_configs(), key=["Cout"])(_pw_dp_kernel)
-_wgrad = triton.autotune(configs=_WGRAD_CONFIGS, key=["Cin", "Cout"])(_pw_wgrad_kernel)
-_dgrad = triton.autotune(configs=_gemm_configs("BLOCK_N", "BLOCK_K"),
-                         key=["Cin", "Cout"])(_pw_dgrad_kernel)
+LAUNCHED = ("_pw_fwd_kernel", "_pw_dp_kernel", "_pw_wgrad_kernel", "_pw_dgrad_kernel")
+# The autotuners' keys hold every constexpr flag: a configuration chosen for one variant of a
+# kernel is never reused for another (which may use more registers); the dtypes are added by
+# triton itself.
+_PW_FLAGS = ["HAS_XNORM", "HAS_RES", "HAS_RNORM"]
+_fwd = tuned(_pw_fwd_kernel, _table(("BLOCK_N", "BLOCK_K"), _GEMM_TILES),
+             ["Cin", "Cout", *_PW_FLAGS, "HAS_BIAS", "ACT", "STATS", "STORE_OUT", "KEEP_PRE"],
+             "x_ptr", _INTERPRET_GEMM)
+_dp = tuned(_pw_dp_kernel, _table(("BLOCK_N",), _DP_TILES),
+            ["Cout", "ACT", "HAS_COEF", "NEED_O"], "dp_ptr",
+            triton.Config({"BLOCK_N": 16}, num_warps=1))
+_wgrad = tuned(_pw_wgrad_kernel, _table(("BLOCK_CO", "BLOCK_CI", "BLOCK_MK"), _WGRAD_TILES),
+               ["Cin", "Cout", *_PW_FLAGS], "x_ptr",
+               triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_MK": 16}, num_warps=1))
+_dgrad = tuned(_pw_dgrad_kernel, _table(("BLOCK_N", "BLOCK_K"), _GEMM_TILES),
+               ["Cin", "Cout", *_PW_FLAGS], "x_ptr", _INTERPRET_GEMM)
+
+
+def _group_m(x: torch.Tensor) -> int:
+    """M-tiles per group of the GEMMs' program order (_grouped_tile): on a GPU 8 row-blocks of
+    128 rows share the L2 while they walk every N-tile; under the interpreter 3, so that the
+    test shapes end in a ragged group."""
+    return 8 if gpu_plan(x) else 3
 
 
 def _block_m(x: torch.Tensor) -> int:
     """Rows per M-tile; fixed per launch because it sets the partials' layout. Under the
     interpreter small enough that the test shapes span several M-tiles."""
-    return 128 if x.device.type == "cuda" else 32
+    return 128 if gpu_plan(x) else 32
 
 
-def _m_per_split(m: int, cin: int, cout: int, device: torch.device) -> int:
+def _m_per_split(m: int, cin: int, cout: int, x: torch.Tensor) -> int:
     """Rows of M per wgrad split: enough splits to fill the device, each a whole number of the
     largest BLOCK_MK so that only the last split ends in a partial block."""
-    step = max(cfg.kwargs["BLOCK_MK"] for cfg in _WGRAD_CONFIGS)
-    if device.type == "cuda":
+    step = max(cfg.kwargs["BLOCK_MK"] for cfg in _wgrad.configs)
+    if gpu_plan(x):
         tiles = triton.cdiv(cout, 128) * triton.cdiv(cin, 128)
-        splits = max(1, min(triton.cdiv(target_programs(device), tiles), triton.cdiv(m, 4096)))
+        splits = max(1, min(triton.cdiv(target_programs(x.device), tiles), triton.cdiv(m, 4096)))
     else:  # the interpreter: two splits, so the cross-split sum is exercised
         splits = 2
     return triton.cdiv(triton.cdiv(m, splits), step) * step
@@ -318,20 +378,22 @@ def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
     block_m = _block_m(x)
     m_tiles = triton.cdiv(m, block_m)
     # Partial rows padded to whole N-tiles of any config: the epilogue stores them unmasked.
-    widest = max(cfg.kwargs["BLOCK_N"] for cfg in _FWD_CONFIGS)
+    widest = max(cfg.kwargs["BLOCK_N"] for cfg in _fwd.configs)
     c_part = triton.cdiv(cout, widest) * widest
     part = (torch.empty((4, m_tiles, c_part), dtype=acc_dtype(x.dtype), device=x.device)
             if stats else w2d)
     xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
     rm, rs, rt = (_vec_or(v, w2d) for v in res_norm)
-    _fwd[lambda meta: (m_tiles, triton.cdiv(cout, meta["BLOCK_N"]))](
-        x, xm, xs, xt, res if res is not None else x, rm, rs, rt, w2d,
-        bias.contiguous() if bias is not None else w2d,
-        out if out is not None else x, pre if pre is not None else x, part, m, cin, cout, c_part,
-        HAS_XNORM=x_norm[0] is not None, HAS_RES=res is not None,
-        HAS_RNORM=res_norm[0] is not None, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act].code,
-        STATS=stats, STORE_OUT=out is not None, KEEP_PRE=pre is not None,
-        ACC=tl_acc(x.dtype), BLOCK_M=block_m)
+    launch(_fwd, lambda meta: (m_tiles * triton.cdiv(cout, meta["BLOCK_N"]),),
+           (x, xm, xs, xt, res if res is not None else x, rm, rs, rt, w2d,
+            bias.contiguous() if bias is not None else w2d,
+            out if out is not None else x, pre if pre is not None else x, part, m, cin, cout,
+            c_part),
+           dict(HAS_XNORM=x_norm[0] is not None, HAS_RES=res is not None,
+                HAS_RNORM=res_norm[0] is not None, HAS_BIAS=bias is not None,
+                ACT=ACTIVATIONS[act].code, STATS=stats, STORE_OUT=out is not None,
+                KEEP_PRE=pre is not None, ACC=tl_acc(x.dtype), GROUP_M=_group_m(x),
+                BLOCK_M=block_m))
     return part[:, :, :cout] if stats else None
 
 
@@ -377,27 +439,28 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
 
     d_p = torch.empty((m, cout), dtype=x.dtype, device=x.device)
     db_part = torch.empty((m_tiles, cout), dtype=acc, device=x.device)
-    _dp[lambda meta: (m_tiles, triton.cdiv(cout, meta["BLOCK_N"]))](
-        grad_out, pre, coef if coef is not None else w2d, d_p, db_part, m, cout,
-        ACT=ACTIVATIONS[act].code, HAS_COEF=coef is not None, NEED_O=present(grad_var),
-        ACC=tl_acc(x.dtype), BLOCK_M=block_m)
+    launch(_dp, lambda meta: (m_tiles, triton.cdiv(cout, meta["BLOCK_N"])),
+           (grad_out, pre, coef if coef is not None else w2d, d_p, db_part, m, cout),
+           dict(ACT=ACTIVATIONS[act].code, HAS_COEF=coef is not None, NEED_O=present(grad_var),
+                ACC=tl_acc(x.dtype), BLOCK_M=block_m))
 
     xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
     rm, rs, rt = (_vec_or(v, w2d) for v in res_norm)
     flags = dict(HAS_XNORM=has_xnorm, HAS_RES=res is not None, HAS_RNORM=has_rnorm,
                  ACC=tl_acc(x.dtype))
-    m_per_split = _m_per_split(m, cin, cout, x.device)
+    m_per_split = _m_per_split(m, cin, cout, x)
     splits = triton.cdiv(m, m_per_split)
     gw_part = torch.empty((splits, cout, cin), dtype=acc, device=x.device)
-    _wgrad[lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]), triton.cdiv(cin, meta["BLOCK_CI"]),
-                         splits)](
-        d_p, x, xm, xs, xt, res if res is not None else x, rm, rs, rt, gw_part, m, cin, cout,
-        m_per_split, **flags)
+    launch(_wgrad, lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]),
+                                 triton.cdiv(cin, meta["BLOCK_CI"]), splits),
+           (d_p, x, xm, xs, xt, res if res is not None else x, rm, rs, rt, gw_part, m, cin, cout,
+            m_per_split), flags)
 
     part = torch.empty((3, m_tiles, cin), dtype=acc, device=x.device)
-    _dgrad[lambda meta: (m_tiles, triton.cdiv(cin, meta["BLOCK_N"]))](
-        d_p, w2d, x, xm, xs, res if res is not None else x, rm, rs, grad_x,
-        grad_res if res is not None else grad_x, part, m, cin, cout, **flags, BLOCK_M=block_m)
+    launch(_dgrad, lambda meta: (m_tiles * triton.cdiv(cin, meta["BLOCK_N"]),),
+           (d_p, w2d, x, xm, xs, res if res is not None else x, rm, rs, grad_x,
+            grad_res if res is not None else grad_x, part, m, cin, cout),
+           dict(flags, GROUP_M=_group_m(x), BLOCK_M=block_m))
 
     grad_w = reduce_partials(gw_part, weight.dtype).reshape(weight.shape)
     grad_b = reduce_partials(db_part, weight.dtype)
