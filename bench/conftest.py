@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from convmixer_kernels.bench.cli import device_name
+from convmixer_kernels.benchmarking.cli import device_name
 
 
 @pytest.fixture

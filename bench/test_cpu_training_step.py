@@ -8,7 +8,7 @@ also records the activation memory saved for the backward (extra_info.saved_mb).
 import pytest
 import torch
 
-from convmixer_kernels.bench import EAGER, fused_contenders_for, saved_activation_bytes, setup
+from convmixer_kernels.benchmarking import EAGER, fused_contenders_for, saved_activation_bytes, setup
 
 CPU = torch.device("cpu")
 

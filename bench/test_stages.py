@@ -17,12 +17,12 @@ conv, the activation and var_mean). For the pw stage, "matmul" is the bare GEMMs
 shape and nothing else, the yardstick a fused GEMM stage is read against: [N·H·W, C] x [C, C]ᵀ
 forward, plus the dgrad and wgrad GEMMs for fwd+bwd.
 
-Every row also records the stage's unavoidable work (convmixer_kernels.roofline.stage_cost:
+Every row also records the stage's unavoidable work (convmixer_kernels.benchmarking.roofline.stage_cost:
 bytes moved and FLOPs, the same for every contender of a group) and the device's ceilings
 measured once per session, so achieved bandwidth and the fraction of the roofline floor can be
 read off the JSON:
 
-    python -m convmixer_kernels.bench.stages_report bench/results/stages.json
+    python -m convmixer_kernels.benchmarking.stages_report bench/results/stages.json
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convmixer_kernels import roofline
+from convmixer_kernels.benchmarking import roofline
 from convmixer_kernels.activations import ACTIVATIONS
-from convmixer_kernels.bench.cli import environment
+from convmixer_kernels.benchmarking.cli import environment
 from convmixer_kernels.ops import Norm, available_backends, dw_stage, pw_stage
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

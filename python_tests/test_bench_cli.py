@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from convmixer_kernels.bench import cli
-from convmixer_kernels import roofline
+from convmixer_kernels.benchmarking import cli
+from convmixer_kernels.benchmarking import roofline
 
 
 def test_bench_runs_every_default_contender_and_writes_results(tmp_path, capsys):
@@ -36,7 +36,7 @@ def test_bench_reports_a_failing_contender_and_runs_the_others(monkeypatch, caps
             raise RuntimeError("simulated backend failure")
         return real_setup(contender, *args, **kwargs)
 
-    monkeypatch.setattr("convmixer_kernels.bench.throughput.setup", broken)
+    monkeypatch.setattr("convmixer_kernels.benchmarking.throughput.setup", broken)
     cli.main(["--batch-size", "2", "--image-size", "8", "--steps", "1", "--warmup", "0",
               "--no-memory"])
     table = capsys.readouterr().out

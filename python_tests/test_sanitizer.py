@@ -1,7 +1,7 @@
-"""compute-sanitizer over bench/sanitize.py's small fused step on the CUDA backend: memcheck (no
+"""compute-sanitizer over tools/gpu/sanitize.py's small fused step on the CUDA backend: memcheck (no
 out-of-bounds or misaligned access, no device-side fault), racecheck (no shared-memory hazard
 between the threads of a CTA: the kernels' __syncthreads placement) and synccheck. (initcheck and
-the Triton backend: bash bench/run_sanitizers.sh OUT_DIR.)
+the Triton backend: bash tools/gpu/run_sanitizers.sh OUT_DIR.)
 
 Skips without a CUDA GPU, without the CUDA kernels built, without compute-sanitizer on PATH,
 or without the source tree's bench/ directory (the driver script lives there).
@@ -21,7 +21,7 @@ import convmixer_kernels
 from convmixer_kernels import available_backends
 
 SANITIZER = shutil.which("compute-sanitizer")
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "sanitize.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "gpu" / "sanitize.py"
 # The subprocess imports the package under test (the installed one in CI), as the other
 # subprocess tests do, not whatever the script's directory would resolve to.
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(convmixer_kernels.__file__))

@@ -1,5 +1,5 @@
-"""Per-stage roofline counts (convmixer_kernels.roofline.stage_cost) and the summary of a
-bench/test_stages.py run (python -m convmixer_kernels.bench.stages_report)."""
+"""Per-stage roofline counts (convmixer_kernels.benchmarking.roofline.stage_cost) and the summary of a
+bench/test_stages.py run (python -m convmixer_kernels.benchmarking.stages_report)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import convmixer_kernels
-from convmixer_kernels import roofline
-from convmixer_kernels.bench import stages_report
+from convmixer_kernels.benchmarking import roofline
+from convmixer_kernels.benchmarking import stages_report
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "test_stages.py"
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(convmixer_kernels.__file__))

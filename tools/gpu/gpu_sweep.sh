@@ -2,17 +2,17 @@
 # The GPU validation sweep in phases, each fitting one device call of a few minutes, every log and
 # JSON under OUT (the device tool's $OUT comes back to the workstation):
 #
-#   bash bench/gpu_sweep.sh OUT build      # CUDA build for sm_90 (TORCH_CUDA_ARCH_LIST=9.0)
-#   bash bench/gpu_sweep.sh OUT tests      # the whole python_tests suite, JUnit XML
-#   bash bench/gpu_sweep.sh OUT sanitize   # compute-sanitizer tools x {cuda, triton}
-#   bash bench/gpu_sweep.sh OUT stages     # per-stage pytest-benchmark JSON + report
-#   bash bench/gpu_sweep.sh OUT models     # python -m convmixer_kernels.bench, four paper models
-#   bash bench/gpu_sweep.sh OUT all        # all of the above, in that order
+#   bash tools/gpu/gpu_sweep.sh OUT build      # CUDA build for sm_90 (TORCH_CUDA_ARCH_LIST=9.0)
+#   bash tools/gpu/gpu_sweep.sh OUT tests      # the whole python_tests suite, JUnit XML
+#   bash tools/gpu/gpu_sweep.sh OUT sanitize   # compute-sanitizer tools x {cuda, triton}
+#   bash tools/gpu/gpu_sweep.sh OUT stages     # per-stage pytest-benchmark JSON + report
+#   bash tools/gpu/gpu_sweep.sh OUT models     # python -m convmixer_kernels.bench, four paper models
+#   bash tools/gpu/gpu_sweep.sh OUT all        # all of the above, in that order
 #
 # Every phase records nvidia-smi, torch/triton versions and the git commit in OUT/environment.txt.
 # A phase's exit status is its own; `all` runs on after a failing phase and fails at the end.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 if [ $# -lt 2 ]; then
   sed -n '2,13p' "$0" >&2
   exit 2
@@ -52,13 +52,13 @@ phase_tests() {
 }
 
 phase_sanitize() {
-  bash bench/run_sanitizers.sh "$OUT/sanitize" cuda triton
+  bash tools/gpu/run_sanitizers.sh "$OUT/sanitize" cuda triton
 }
 
 phase_stages() {
   pytest bench/test_stages.py --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$OUT/stages.json" > "$OUT/stages.log" 2>&1 || return 1
-  "$PYTHON" -m convmixer_kernels.bench.stages_report "$OUT/stages.json" --out "$OUT/stages.md"
+  "$PYTHON" -m convmixer_kernels.benchmarking.stages_report "$OUT/stages.json" --out "$OUT/stages.md"
 }
 
 phase_models() {

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs bench/sanitize.py (a tiny fused training step plus odd-shaped stages) under each
+# Runs tools/gpu/sanitize.py (a tiny fused training step plus odd-shaped stages) under each
 # compute-sanitizer tool for each backend, one log per pair, and exits non-zero if any run
 # reports an error or fails.
 #
-#   bash bench/run_sanitizers.sh OUT_DIR [BACKEND...]      # default backends: cuda triton
+#   bash tools/gpu/run_sanitizers.sh OUT_DIR [BACKEND...]      # default backends: cuda triton
 #
 # OUT_DIR/<tool>-<backend>.log is the sanitizer's report, .out the program's own output.
 # A run is clean when the program exits 0 and the report says "ERROR SUMMARY: 0 errors".

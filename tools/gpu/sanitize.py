@@ -1,7 +1,7 @@
 """A small fused ConvMixer training step for NVIDIA's compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python bench/sanitize.py --backend cuda
-    bash bench/run_sanitizers.sh OUT_DIR            # memcheck, racecheck, initcheck, synccheck
+    compute-sanitizer --tool memcheck python tools/gpu/sanitize.py --backend cuda
+    bash tools/gpu/run_sanitizers.sh OUT_DIR            # memcheck, racecheck, initcheck, synccheck
                                                     # x cuda, triton; exits non-zero on errors
 
 Runs, on one backend, every kernel of the fused path at least once: a training step (forward

@@ -54,7 +54,7 @@ def _sync(device: torch.device) -> None:
 
 _RSS_PROBE = """
 import json, sys, torch
-from convmixer_kernels.bench.contenders import setup
+from convmixer_kernels.benchmarking.contenders import setup
 a = json.loads(sys.argv[1])
 s = setup(a["contender"], a["model"], a["batch"], a["image"], getattr(torch, a["dtype"]),
           torch.device("cpu"), a["seed"])

@@ -1,4 +1,5 @@
-"""Training-throughput comparison and convergence check (`python -m convmixer_kernels.bench`)."""
+"""The training-step comparison behind `python -m convmixer_kernels.bench`: contenders, interleaved
+timing, memory, the roofline floor, the convergence check and their plots."""
 from .contenders import (COMPILED, EAGER, all_contenders, build_model, default_contenders,
                          make_step, setup, synthetic_batch)
 from .contenders import fused_contenders as fused_contenders_for

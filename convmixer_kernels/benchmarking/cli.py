@@ -3,7 +3,7 @@
 Trains the chosen ConvMixer on synthetic images (fixed seed) with every contender and prints
 one row each: median step time over timed steps after warm-up (device-synchronised), images/s,
 speed-up over the best eager contender, peak memory, activation memory saved for the backward,
-and the fraction of the roofline floor achieved (convmixer_kernels.roofline).
+and the fraction of the roofline floor achieved (convmixer_kernels.benchmarking.roofline).
 
     python -m convmixer_kernels.bench                          # CPU: ConvMixer-256/8, batch 32
     python -m convmixer_kernels.bench --model convmixer_768_32 --dtype bf16 --out results/
@@ -19,7 +19,7 @@ import subprocess
 
 import torch
 
-from .. import roofline
+from . import roofline
 from .. import model as models
 from . import contenders as cont
 from .convergence import train_side_by_side

@@ -1,7 +1,7 @@
 """Summary tables of a bench/test_stages.py run, from its pytest-benchmark JSON.
 
     pytest bench/test_stages.py --benchmark-only --benchmark-json=stages.json
-    python -m convmixer_kernels.bench.stages_report stages.json [--out stages.md]
+    python -m convmixer_kernels.benchmarking.stages_report stages.json [--out stages.md]
 
 One Markdown table per group (stage, pass, shape), one row per contender:
 
@@ -10,7 +10,7 @@ One Markdown table per group (stage, pass, shape), one row per contender:
   channels_last, whichever is faster in that group), over torch.compile and over the bare GEMMs
   of the same shape (pw only), as the other's time / this row's time: above 1 is faster,
   "-" when the group has no such contender;
-* GB/s: the stage's unavoidable bytes (extra_info.stage_cost, convmixer_kernels.roofline) over
+* GB/s: the stage's unavoidable bytes (extra_info.stage_cost, convmixer_kernels.benchmarking.roofline) over
   the time, so every contender of a group is measured against the same work;
 * HBM floor, roofline: the fraction of the floor achieved, floor / time, where the HBM floor
   is bytes / measured bandwidth and the roofline floor is the larger of that and FLOPs / the
@@ -22,7 +22,7 @@ import argparse
 import json
 from collections import defaultdict
 
-from ..roofline import Ceilings, StageCost, stage_floor_seconds
+from .roofline import Ceilings, StageCost, stage_floor_seconds
 
 EAGER_PREFIX = "eager-"
 
@@ -98,7 +98,7 @@ def format_markdown(summary: dict[str, list[dict]], header: str = "") -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m convmixer_kernels.bench.stages_report",
+    p = argparse.ArgumentParser(prog="python -m convmixer_kernels.benchmarking.stages_report",
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="pytest-benchmark JSON of bench/test_stages.py")
