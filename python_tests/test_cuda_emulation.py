@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from cuda_emulation import Guarded, bind, launch_log, load_check_library, ptr, reverse_cta_order
+from emulated_cuda import CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, vec_width
+from reference import acc_dtype
 
 c_int, c_ll, c_ptr = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
-CUDA_ERROR_INVALID_VALUE = 1
 CUDA_ERROR_INVALID_CONFIGURATION = 9
 
 # ------------------------------------------------------------------------------------------------
@@ -30,15 +31,6 @@ CUDA_ERROR_INVALID_CONFIGURATION = 9
 # ------------------------------------------------------------------------------------------------
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def vec_width(dtype):
-    return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 # Tolerances against a float64 reference computed on the stored (already rounded) inputs, so they
