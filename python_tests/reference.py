@@ -27,10 +27,11 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def ref_norm(v: torch.Tensor, norm: Optional[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """(v - mean) * scale + shift per channel, computed in the norm's dtype and stored in v's."""
+    """(v - mean) * scale + shift per channel (dim 1: [N, C, H, W] or [rows, C]), computed in
+    the norm's dtype and stored in v's."""
     if norm is None:
         return v
-    mean, scale, shift = (t.view(1, -1, 1, 1) for t in norm)
+    mean, scale, shift = (t.view(1, -1, *[1] * (v.dim() - 2)) for t in norm)
     return ((v.to(scale.dtype) - mean) * scale + shift).to(v.dtype)
 
 

@@ -21,9 +21,10 @@ import torch
 
 from convmixer_kernels.activations import ACTIVATIONS
 from cuda_emulation import Guarded, bind, launch_log, load_check_library, ptr
+from emulated_cuda import CUDA_ERROR_INVALID_VALUE, DTYPE_CODE
+from reference import acc_dtype
 
 c_int, c_ll, c_ptr = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
-CUDA_ERROR_INVALID_VALUE = 1
 CUDA_ERROR_INVALID_CONFIGURATION = 9
 
 # ------------------------------------------------------------------------------------------------
@@ -31,13 +32,6 @@ CUDA_ERROR_INVALID_CONFIGURATION = 9
 # small shapes do not reach: more than 256 tiles (its unrolled loop over tiles) and no rows at all.
 # It runs behind the pw stage's forward epilogue, driven through csrc/cuda/check/pw_stage_check.cu.
 # ------------------------------------------------------------------------------------------------
-
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 # Against a float64 reference computed on the stored output, so they measure only the statistics'
 # accumulation error. With float accumulation (u = 6e-8), Welford chains of at most a few dozen rows

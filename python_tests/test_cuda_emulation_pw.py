@@ -17,29 +17,16 @@ import torch
 
 from convmixer_kernels.activations import ACTIVATIONS, NAMES
 from cuda_emulation import Guarded, bind, launch_log, load_check_library, ptr, reverse_cta_order
+from emulated_cuda import DTYPE_CODE, UNKNOWN_ACT_CODES, act_code, vec_width
+from reference import acc_dtype, ref_norm, to64
+from stage_checks import make_norm, randn
 
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-# Codes csrc/activation.h does not have.
-UNKNOWN_ACT_CODES = [-1, max(a.code for a in ACTIVATIONS.values()) + 1]
 P, LL, SZ = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_size_t
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (rows, channels): one row; a partial row tile; exact and partial channel blocks (a block is
 # 32 lanes x 16 bytes: 128 float32, 256 bfloat16 channels); widths that are not a multiple of the
 # 16-byte vector (scalar path).
 SHAPES = [(1, 16), (7, 24), (300, 37), (130, 256), (70, 264)]
-
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def act_code(act):
-    """The entry points' code of an activation name; an int passes as it is (an unknown code)."""
-    return act if isinstance(act, int) else ACTIVATIONS[act].code
-
-
-def vec_width(dtype):
-    return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 # Relative to the largest magnitude of the reference: one rounding to the storage dtype plus
@@ -151,23 +138,16 @@ def kernels():
 
 
 def rand(shape, dtype, seed, scale=1.0, offset=0.0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+    return (randn(*shape, dtype=torch.float64, gen=_gen(seed), scale=scale) + offset).to(dtype)
 
 
-def make_norm(c, dtype, seed):
-    acc = acc_dtype(dtype)
-    gen = torch.Generator().manual_seed(seed)
-    return ((torch.randn(c, generator=gen, dtype=torch.float64) * 0.5).to(acc),
-            (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(acc),
-            (torch.randn(c, generator=gen, dtype=torch.float64) * 0.5).to(acc))
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
 
 
 def apply_norm(v, norm):
-    if norm is None:
-        return v.double()
-    m, s, t = (q.double() for q in norm)
-    return (v.double() - m) * s + t
+    """The norm of [rows, C] values, in float64."""
+    return ref_norm(v.double(), to64(norm))
 
 
 def act64(act, p):
@@ -179,7 +159,7 @@ def act64(act, p):
 def test_prologue(kernels, dtype, shape):
     rows, c = shape
     x, res = rand(shape, dtype, 1), rand(shape, dtype, 2)
-    nx, nr = make_norm(c, dtype, 3), make_norm(c, dtype, 4)
+    nx, nr = make_norm(c, dtype, _gen(3)), make_norm(c, dtype, _gen(4))
     for args in ((nx, res, nr), (nx, res, None), (None, res, None), (nx, None, None)):
         u = kernels.prologue(x, args[0], args[1], args[2])
         ref = apply_norm(x, args[0]) + (apply_norm(args[1], args[2]) if args[1] is not None else 0)
@@ -230,7 +210,7 @@ def test_epilogue_backward(kernels, dtype, shape, act):
 def test_through_norms(kernels, dtype, shape):
     rows, c = shape
     du, x, res = rand(shape, dtype, 10), rand(shape, dtype, 11, offset=1.0), rand(shape, dtype, 12)
-    nx, nr = make_norm(c, dtype, 13), make_norm(c, dtype, 14)
+    nx, nr = make_norm(c, dtype, _gen(13)), make_norm(c, dtype, _gen(14))
     gx, gr, s0, s1, s2 = kernels.through_norms(du, x, nx, res, nr, True, True)
     d = du.double()
     assert_close(gx, d * nx[1].double(), dtype, "grad_x")

@@ -1,25 +1,63 @@
-"""The fused ops against the eager reference (python_tests/reference.py), docs/OPS.md.
+"""The fused stage ops against the eager reference (python_tests/reference.py), docs/OPS.md, on
+every backend (python_tests/backends.py): cpu, triton (under Triton's interpreter without a GPU),
+cuda-emu (the CUDA dw kernels under emulation), and on a GPU cuda and triton-gpu.
 
-Forward values in float64/float32 (direct tolerances) and bfloat16/float16 (the docs/DESIGN.md §6
-rule), float64 gradcheck of every differentiable input, float32 gradients, opcheck of the four
-raw ops, determinism, NaN propagation and empty batches.
+Each check is written once; each backend runs its own cases, sized for it: the CPU the full
+grids (every dtype, kernel size, activation and optional input), the interpreter and the
+emulation small shapes that still cross their tiles, channel blocks and chunks, a GPU the dtypes
+the interpreter cannot compute (bfloat16), paper widths, every autotuner configuration and
+run-to-run determinism at sizes where races would show.
+
+Tolerances are reference.py's: float64 and float32 directly against a float64 reference,
+bfloat16/float16 by the docs/DESIGN.md §6 rule (the fused error at most 2x eager PyTorch's in
+the same dtype), float64 gradcheck on tiny shapes.
 """
 from __future__ import annotations
+
+import re
+from itertools import product
 
 import pytest
 import torch
 
+from backends import ONCE, TRITON, over_backends, tuned
 from convmixer_kernels.activations import NAMES
-from convmixer_kernels.ops import Norm, dw_stage, pw_stage
-from reference import (LOW_PRECISION, acc_dtype, act_as_decided, assert_close,
-                       assert_close_direct, assert_close_rule, has_decisions, ref_dw_stage,
-                       ref_pw_stage, stats_of_stored, to64)
+from convmixer_kernels.ops import Norm
+from reference import (assert_close_direct, assert_close_rule, ref_dw_stage, ref_pw_stage,
+                       stats_of_stored, to64)
+from stage_checks import (DW_PARTS, LAYOUTS, PW_PARTS, assert_bitwise, call, cast_cotangents,
+                          check_case, cotangents, dw_case, gradcheck_case, make_norm, pw_case,
+                          randn, run, stage_args)
 
-_ops = torch.ops.convmixer_kernels
-
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+f64, f32, bf16, f16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+DTYPES = [f64, f32, bf16, f16]
+LOW = [bf16, f16]
 KERNELS = [1, 3, 5, 7, 9, 15]
 ACTS = list(NAMES)
+MODES = ["train", "eval"]  # stats=True (batch statistics) or False
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _dw(backend, dtype, shape, k, act="gelu", mode="train", parts="norm_bias", layout="nchw"):
+    """The dw case the tests below run; its seed is fixed by k and C."""
+    return dw_case(shape, k, dtype, device=backend.device, act=act, stats=mode == "train",
+                   parts=parts, layout=layout, seed=k + shape[1])
+
+
+def _pw(backend, dtype, shape, act="gelu", mode="train", parts="both_norms_bias",
+        layout="nchw", res_layout=None):
+    """The pw case the tests below run; its seed is fixed by Cin and Cout."""
+    return pw_case(shape, dtype, device=backend.device, act=act, stats=mode == "train",
+                   parts=parts, layout=layout, res_layout=res_layout, seed=shape[1] + shape[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward values over the full grid (the CPU; every other backend checks its forward values
+# together with its gradients below)
+
 # (N, C, H, W): odd, non-square spatial sizes; C not a multiple of 8 or 32 (and 40 > one
 # 32-lane channel block of the CPU dw kernel); the last has H and W smaller than most kernels.
 DW_SHAPES = [(2, 5, 7, 11), (3, 12, 9, 5), (2, 40, 3, 5)]
@@ -27,458 +65,340 @@ DW_SHAPES = [(2, 5, 7, 11), (3, 12, 9, 5), (2, 40, 3, 5)]
 PW_SHAPES = [(2, 5, 12, 7, 11), (3, 40, 12, 5, 3), (2, 12, 40, 9, 1)]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+@over_backends("dtype,k,act,parts,shape",
+               cpu=product(DTYPES, KERNELS, ACTS, DW_PARTS, DW_SHAPES))
+def test_dw_stage_forward(backend, dtype, k, act, parts, shape):
+    check_case(_dw(backend, dtype, shape, k, act, parts=parts), backend, grads=False)
 
 
-def randn(*shape, dtype=torch.float32, gen=None, scale=1.0):
-    """Random values drawn in float64 and rounded once to `dtype`, so every dtype sees the same
-    data up to rounding."""
-    return (torch.randn(*shape, dtype=torch.float64, generator=gen) * scale).to(dtype)
-
-
-def make_norm(c: int, dtype: torch.dtype, gen) -> Norm:
-    """A BatchNorm-like norm: mean O(0.5), scale in [0.5, 1.5], shift O(0.5)."""
-    acc = acc_dtype(dtype)
-    return Norm(randn(c, dtype=acc, gen=gen, scale=0.5),
-                (torch.rand(c, dtype=torch.float64, generator=gen) + 0.5).to(acc),
-                randn(c, dtype=acc, gen=gen, scale=0.5))
-
-
-def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in another memory layout (values equal, strides differ)."""
-    if layout == "nchw":
-        return t.contiguous()
-    if layout == "channels_last":
-        return t.contiguous(memory_format=torch.channels_last)
-    if layout == "channel_slice":  # every other channel of a twice-as-wide tensor
-        wide = torch.zeros(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=t.dtype)
-        wide[:, ::2] = t
-        view = wide[:, ::2]
-        assert not view.is_contiguous() and not view.is_contiguous(
-            memory_format=torch.channels_last)
-        return view
-    if layout == "transposed":  # an [N, C, W, H] tensor transposed to [N, C, H, W]
-        view = t.transpose(2, 3).contiguous().transpose(2, 3)
-        assert not view.is_contiguous() or t.shape[2] == 1 or t.shape[3] == 1
-        return view
-    raise ValueError(layout)
-
-
-def check_outputs(got, ref64, eager, x_dtype, c_out):
-    """Dtypes/layout per docs/OPS.md, then the values of out, mean, var."""
-    out, mean, var = got
-    acc = acc_dtype(x_dtype)
-    assert out.dtype == x_dtype
-    assert out.is_contiguous(memory_format=torch.channels_last), out.stride()
-    assert mean.dtype == acc and var.dtype == acc
-    assert mean.shape == (c_out,) and var.shape == (c_out,)
-    # The output: directly (float64/float32) or by the §6 rule (bfloat16/float16).
-    assert_close(out, ref64[0], x_dtype, eager=None if eager is None else eager[0], name="out")
-    # The statistics are those of `out` as stored (docs/OPS.md), accumulated in `acc`: compare
-    # them with the exact statistics of the stored values, with `acc`'s direct tolerance.
-    stored_mean, stored_var = stats_of_stored(out)
-    assert_close_direct(mean, stored_mean, acc, name="mean (of stored out)")
-    assert_close_direct(var, stored_var, acc, name="var (of stored out)")
-    if x_dtype not in LOW_PRECISION:
-        assert_close_direct(mean, ref64[1], x_dtype, name="mean")
-        assert_close_direct(var, ref64[2], x_dtype, name="var")
-    # In low precision the statistics' error against float64 *is* the rounding error of the
-    # stored `out`, which the contract requires (statistics of `out` as stored); `out` itself is
-    # held to the §6 rule above, and the statistics to the exact ones of the stored values. A
-    # §6 ratio on the statistics would compare two rounding patterns, not two accuracies: with
-    # k=1, out is an affine map of the float16 input grid and its correctly rounded values can
-    # bias a channel's variance by 1e-4 relative where eager's double rounding happens not to
-    # (measured: 27x eager's error, yet 10x below one float16 ulp).
+@over_backends("dtype,act,parts,shape", cpu=product(DTYPES, ACTS, PW_PARTS, PW_SHAPES))
+def test_pw_stage_forward(backend, dtype, act, parts, shape):
+    check_case(_pw(backend, dtype, shape, act, parts=parts), backend, grads=False)
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward values
+# Outputs, statistics and the gradient of every input
 
 
-def _dw_case(shape, k, dtype, *, with_norm, with_bias, seed=0):
-    n, c, h, w = shape
-    gen = _gen(seed)
-    x = randn(n, c, h, w, dtype=dtype, gen=gen)
-    weight = randn(c, 1, k, k, dtype=dtype, gen=gen, scale=1.0 / k)
-    bias = randn(c, dtype=dtype, gen=gen, scale=0.5) if with_bias else None
-    norm = make_norm(c, dtype, gen) if with_norm else None
-    return x, weight, bias, norm
+def _dw_cases(dtypes, shapes, kernels, acts=("gelu",), modes=("train",), parts=("norm_bias",),
+              layouts=("nchw",), tunings=(None,)):
+    return [(d, s, k, a, m, p, lay, t) for d, s, k, a, m, p, lay, t in
+            product(dtypes, shapes, kernels, acts, modes, parts, layouts, tunings)]
 
 
-@pytest.mark.parametrize("shape", DW_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", ["plain", "bias", "norm", "norm_bias"])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("k", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dw_stage_forward(dtype, k, act, variant, shape):
-    x, weight, bias, norm = _dw_case(shape, k, dtype, with_norm="norm" in variant,
-                                     with_bias="bias" in variant, seed=k)
-    got = dw_stage(x, weight, bias, act=act, x_norm=norm)
-    ref64 = ref_dw_stage(*to64((x, weight, bias)), act=act, x_norm=to64(norm))
-    eager = ref_dw_stage(x, weight, bias, act=act, x_norm=norm) if dtype in LOW_PRECISION else None
-    check_outputs(got, ref64, eager, dtype, shape[1])
+# Triton under the interpreter: k in {3, 5, 7, 9}, both activations, training and eval; odd,
+# non-square images; C = 12 or 6 leaves lanes of the 16-channel block masked; H = 9 crosses the
+# interpreter's 8-row tile; pinned small tilings cross tile borders, channel blocks, persistent
+# programs walking several tiles, Chan merges across tiles and programs, dW partials
+# accumulated over tiles.
+TRITON_DW = [
+    (f32, (3, 12, 9, 5), 3, "gelu", "train"),
+    (f32, (3, 12, 9, 5), 3, "relu", "eval"),
+    (f32, (2, 6, 7, 11), 7, "relu", "train"),
+    (f32, (2, 6, 7, 11), 7, "gelu", "eval"),
+    (f32, (2, 6, 9, 7), 9, "gelu", "train"),
+    (f32, (4, 6, 5, 3), 9, "relu", "train"),  # k larger than H and W: every tap a border tap
+]
+# The CUDA dw kernels under emulation: the register-tap fast paths (k = 3, 5, 7, 9) and the
+# generic path (k = 1, 11, 15; and every k in float64), odd sizes, channel counts that leave
+# partial channel blocks, the 16-byte and the scalar load paths.
+EMU_DW = [
+    *[(f32, k, (2, 37, 9, 11)) for k in (3, 5, 7, 9)],  # fast paths, scalar loads (C % 4 != 0)
+    *[(f32, k, (1, 64, 17, 10)) for k in (1, 11, 15)],  # generic path, 16-byte loads, 2 blocks
+    (f32, 9, (3, 40, 16, 16)),                          # several parts and tiles per image
+    (bf16, 9, (2, 48, 13, 7)),                          # 16-byte bf16 loads (48 % 8 == 0)
+    (bf16, 5, (2, 21, 5, 6)),
+    (f16, 7, (1, 40, 9, 9)),
+    (f64, 3, (2, 10, 6, 7)),                            # float64: generic path for every k
+    (f64, 11, (1, 5, 4, 15)),
+]
+# The emulated plan sized for 1 or 4 CTAs: on these shapes each CTA then walks a run of tiles,
+# as the paper shapes do on a GPU (the real plan gives every small shape one tile per CTA).
+EMU_DW_WALKING = [(f32, 9, (3, 40, 16, 16)), (f32, 11, (2, 33, 20, 9)), (bf16, 5, (2, 64, 17, 17))]
+TRITON_DW_CLASSES = sorted(TRITON.dw._TILES) if TRITON is not None else [32]
 
 
-# Which optional inputs each pw variant passes. "norm_residual" is block 0 of the model
-# (BN1 applied to x, the stem output added as is); "both_norms_bias" every later block.
-PW_PARTS = {
-    "plain": (),
-    "bias": ("bias",),
-    "norm_bias": ("x_norm", "bias"),
-    "residual": ("residual",),
-    "norm_residual": ("x_norm", "residual"),
-    "residual_norm": ("residual", "residual_norm"),
-    "both_norms_bias": ("x_norm", "residual", "residual_norm", "bias"),
-}
-PW_VARIANTS = list(PW_PARTS)
+@over_backends(
+    "dtype,shape,k,act,mode,parts,layout,tuning",
+    cpu=_dw_cases([f32, bf16, f16], [(3, 40, 7, 11)], [1, 3, 9, 15], ACTS, MODES),
+    triton=[
+        *[(d, s, k, a, m, "norm_bias", "nchw", None) for d, s, k, a, m in TRITON_DW],
+        (f32, (2, 12, 6, 11), 3, "gelu", "train", "norm_bias", "nchw", "tiles4"),
+        (f32, (2, 12, 6, 11), 5, "relu", "train", "norm_bias", "nchw", "tiles8"),
+        *_dw_cases([f32], [(2, 5, 4, 6)], [3], parts=["plain", "bias", "norm"]),
+        *_dw_cases([f64], [(2, 5, 6, 7)], [5]),
+        *_dw_cases([f16], [(2, 12, 7, 9)], [3]),
+    ],
+    # Every configuration of the dw table, forced one at a time (odd sizes: partial tiles and a
+    # partial channel block); the low-precision dtypes; the CIFAR model's stage shape at a small
+    # batch (ConvMixer-256/8, k5, 16×16 tokens).
+    triton_gpu=[
+        *[(f32, (3, 80, 19, 23), k, "gelu" if k != 7 else "relu", "train", "norm_bias", "nchw",
+           f"dw_config{c}") for c in TRITON_DW_CLASSES for k in (3, 7, 9)],
+        *_dw_cases(LOW, [(4, 96, 17, 21)], [3, 9], ACTS),
+        *_dw_cases([f32], [(8, 256, 16, 16)], [5]),
+    ],
+    # C = 37 and 67 are not multiples of 8 (one 16-byte bf16 vector) or 32 (a warp's channels);
+    # 7×9 and 13×11 leave partial spatial tiles, and k = 9, 15 exceed H or W; ConvMixer-768's
+    # width at 32×32 tokens: many channel blocks, N·H·W = 2048 per channel.
+    cuda=[
+        *_dw_cases([f32], [(3, 37, 7, 9), (2, 67, 13, 11)], KERNELS, ACTS),
+        *_dw_cases(LOW, [(4, 96, 17, 21)], KERNELS, ACTS),
+        # the float32 NCHW ones are in the first line
+        *[c for c in _dw_cases([f32, bf16], [(2, 67, 13, 11)], [3, 9],
+                               layouts=["nchw", "channels_last"])
+          if (c[0], c[6]) != (f32, "nchw")],
+        *_dw_cases([f32, bf16], [(2, 768, 32, 32)], [7, 9]),
+    ],
+    cuda_emu=[
+        *[(d, s, k, a, "train", "norm_bias", "nchw", None)
+          for (d, k, s), a in product(EMU_DW, ACTS)],
+        *[(d, s, k, "gelu", "train", "norm_bias", "nchw", f"ctas{n}")
+          for (d, k, s), n in product(EMU_DW_WALKING, (1, 4))],
+        *_dw_cases([f32], [(2, 33, 8, 9)], [5, 15], modes=["eval"], parts=["plain"]),
+        *_dw_cases([f32], [(2, 24, 10, 9)], [7], ["relu"], ["eval"], ["bias"]),
+    ])
+def test_dw_stage(backend, dtype, shape, k, act, mode, parts, layout, tuning):
+    with tuned(tuning):
+        check_case(_dw(backend, dtype, shape, k, act, mode, parts, layout), backend)
 
 
-def _pw_case(shape, dtype, variant, seed=0):
-    n, cin, cout, h, w = shape
-    parts = PW_PARTS[variant]
-    gen = _gen(seed)
-    x = randn(n, cin, h, w, dtype=dtype, gen=gen)
-    weight = randn(cout, cin, 1, 1, dtype=dtype, gen=gen, scale=cin ** -0.5)
-    bias = randn(cout, dtype=dtype, gen=gen, scale=0.5) if "bias" in parts else None
-    kw = {}
-    if "x_norm" in parts:
-        kw["x_norm"] = make_norm(cin, dtype, gen)
-    if "residual" in parts:
-        kw["residual"] = randn(n, cin, h, w, dtype=dtype, gen=gen)
-    if "residual_norm" in parts:
-        kw["residual_norm"] = make_norm(cin, dtype, gen)
-    return x, weight, bias, kw
+def _pw_cases(dtypes, shapes, acts=("gelu",), modes=("train",), parts=("both_norms_bias",),
+              layouts=("nchw",), tunings=(None,)):
+    return list(product(dtypes, shapes, acts, modes, parts, layouts, tunings))
 
 
-@pytest.mark.parametrize("shape", PW_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("variant", PW_VARIANTS)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_pw_stage_forward(dtype, act, variant, shape):
-    x, weight, bias, kw = _pw_case(shape, dtype, variant, seed=len(variant))
-    got = pw_stage(x, weight, bias, act=act, **kw)
-    ref64 = ref_pw_stage(*to64((x, weight, bias)), act=act, **to64(kw))
-    eager = ref_pw_stage(x, weight, bias, act=act, **kw) if dtype in LOW_PRECISION else None
-    check_outputs(got, ref64, eager, dtype, shape[2])
+# Triton under the interpreter: Cin = 40 takes three 16-wide K blocks, Cout = 36 three N blocks,
+# and M = 105 rows four 32-row M-tiles and two wgrad splits.
+TRITON_PW_SHAPE = (3, 40, 36, 5, 7)
+# (Cin, Cout): square at the paper widths and small ones that leave partial tiles and vectors,
+# and two with Cin != Cout.
+CUDA_PW_CHANNELS = [(16, 16), (24, 24), (256, 256), (768, 768), (1536, 1536), (24, 40),
+                    (768, 256)]
 
 
-LAYOUTS = ["nchw", "channels_last", "channel_slice", "transposed"]
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("k", [3, 7])
-def test_dw_stage_layouts(k, dtype, layout):
-    x, weight, bias, norm = _dw_case((3, 12, 7, 5), k, dtype, with_norm=True, with_bias=True,
-                                     seed=11)
-    xl = relayout(x, layout)
-    got = dw_stage(xl, weight, bias, act="gelu", x_norm=norm)
-    # The layout changes nothing but speed: bitwise what the NCHW-contiguous input gives...
-    base = dw_stage(x.contiguous(), weight, bias, act="gelu", x_norm=norm)
-    for g, b in zip(got, base):
-        assert torch.equal(g, b)
-    # ...and that is the reference (evaluated on the very same view).
-    ref64 = ref_dw_stage(*to64((xl, weight, bias)), act="gelu", x_norm=to64(norm))
-    eager = (ref_dw_stage(xl, weight, bias, act="gelu", x_norm=norm)
-             if dtype in LOW_PRECISION else None)
-    check_outputs(got, ref64, eager, dtype, 12)
-
-
-@pytest.mark.parametrize("res_layout", LAYOUTS)
-@pytest.mark.parametrize("x_layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_pw_stage_layouts(dtype, x_layout, res_layout):
-    x, weight, bias, kw = _pw_case((2, 12, 5, 7, 5), dtype, "both_norms_bias", seed=3)
-    xl, rl = relayout(x, x_layout), relayout(kw["residual"], res_layout)
-    kw_l = dict(kw, residual=rl)
-    got = pw_stage(xl, weight, bias, act="relu", **kw_l)
-    base = pw_stage(x.contiguous(), weight, bias, act="relu", **kw)
-    for g, b in zip(got, base):
-        assert torch.equal(g, b)
-    ref64 = ref_pw_stage(*to64((xl, weight, bias)), act="relu", **to64(kw_l))
-    eager = ref_pw_stage(xl, weight, bias, act="relu", **kw_l) if dtype in LOW_PRECISION else None
-    check_outputs(got, ref64, eager, dtype, 5)
-
-
-def test_noncontiguous_weight_and_norm():
-    """Strided weights and norm vectors (views of bigger tensors) read the right elements."""
-    gen = _gen(5)
-    x = randn(2, 6, 5, 7, gen=gen)
-    big_w = randn(6, 2, 5, 5, gen=gen, scale=0.2)
-    weight = big_w[:, 1:2]  # [6, 1, 5, 5], not contiguous
-    assert not weight.is_contiguous()
-    big = randn(3, 12, gen=gen).abs() + 0.5
-    norm = Norm(big[0, ::2], big[1, ::2], big[2, 1::2])
-    bias = randn(12, gen=gen)[::2]
-    got = dw_stage(x, weight, bias, x_norm=norm)
-    ref64 = ref_dw_stage(*to64((x, weight, bias)), x_norm=to64(norm))
-    check_outputs(got, ref64, None, torch.float32, 6)
-
-    pw_w = randn(4, 12, 1, 1, gen=gen).transpose(0, 1)  # [12, 4, 1, 1] strided
-    assert not pw_w.is_contiguous()
-    x = randn(2, 4, 3, 5, gen=gen)
-    residual = x.flip(3)  # a copy, but a different tensor from x
-    pw_b = randn(24, gen=gen)[::2]
-    got = pw_stage(x, pw_w, pw_b, residual=residual)
-    ref64 = ref_pw_stage(*to64((x, pw_w, pw_b)), residual=to64(residual))
-    check_outputs(got, ref64, None, torch.float32, 12)
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_stats_false_gives_empty_statistics(dtype):
-    x, weight, bias, norm = _dw_case((2, 5, 7, 11), 5, dtype, with_norm=True, with_bias=True)
-    with_stats = dw_stage(x, weight, bias, x_norm=norm, stats=True)
-    out, mean, var = dw_stage(x, weight, bias, x_norm=norm, stats=False)
-    assert mean.shape == (0,) and var.shape == (0,)
-    assert mean.dtype == acc_dtype(dtype) and var.dtype == acc_dtype(dtype)
-    assert torch.equal(out, with_stats[0])
-
-    x, weight, bias, kw = _pw_case((2, 5, 12, 7, 11), dtype, "both_norms_bias")
-    with_stats = pw_stage(x, weight, bias, **kw, stats=True)
-    out, mean, var = pw_stage(x, weight, bias, **kw, stats=False)
-    assert mean.shape == (0,) and var.shape == (0,)
-    assert mean.dtype == acc_dtype(dtype) and var.dtype == acc_dtype(dtype)
-    assert torch.equal(out, with_stats[0])
-
-
-def test_pw_stage_same_under_no_grad():
-    """pw_stage keeps the pre-activation only when recording gradients; values are the same."""
-    x, weight, bias, kw = _pw_case((2, 12, 5, 7, 5), torch.float32, "both_norms_bias", seed=4)
-    leaves = [t.requires_grad_() for t in (x, weight, bias)]
-    recorded = pw_stage(*leaves, **kw)
-    with torch.no_grad():
-        plain = pw_stage(x, weight, bias, **kw)
-    for r, p in zip(recorded, plain):
-        assert torch.equal(r.detach(), p)
-
-
-def test_stats_of_large_offset():
-    """Statistics of an activation with |mean| >> std are not destroyed by cancellation
-    (docs/DESIGN.md §6: shifted sums, never a naive Σx² − (Σx)²/n in fp32)."""
-    gen = _gen(6)
-    n, c, h, w = 3, 5, 15, 17
-    x = randn(n, c, h, w, gen=gen, scale=1e-2)
-    weight = torch.zeros(c, 1, 3, 3)
-    weight[:, :, 1, 1] = 1.0
-    bias = torch.full((c,), 1000.0)
-    out, mean, var = dw_stage(x, weight, bias, act="relu")
-    _, mean64, var64 = ref_dw_stage(*to64((x, weight, bias)), act="relu")
-    # var ≈ 1e-4 under a mean of 1000: out itself is stored in fp32 (ulp(1000) = 6e-5), so the
-    # reference is taken of the stored values, and the variance must hold to ~1e-3 relative.
-    var_stored = torch.var_mean(out.double(), dim=(0, 2, 3), unbiased=False)[0]
-    torch.testing.assert_close(var.double(), var_stored, rtol=1e-3, atol=0)
-    torch.testing.assert_close(var.double(), var64, rtol=5e-2, atol=0)
-    torch.testing.assert_close(mean.double(), mean64, rtol=1e-6, atol=0)
+@over_backends(
+    "dtype,shape,act,mode,parts,layout,tuning",
+    cpu=_pw_cases([f32, bf16, f16], [(3, 40, 36, 7, 5)], ACTS, MODES,
+                  ["plain", "both_norms_bias", "norm_residual", "residual"]),
+    triton=[
+        *_pw_cases([f32], [TRITON_PW_SHAPE], ACTS, MODES, ["both_norms_bias", "norm_residual"]),
+        *_pw_cases([f32], [(2, 12, 10, 3, 5)],
+                   parts=["plain", "bias", "norm_bias", "residual", "residual_norm"]),
+        *_pw_cases([f64], [(2, 12, 10, 5, 7)], ["relu"]),
+        *_pw_cases([f16], [TRITON_PW_SHAPE]),
+    ],
+    # Every configuration (M, Cin, Cout not multiples of any tile), the low-precision dtypes,
+    # the CIFAR model's stage shape.
+    triton_gpu=[
+        *_pw_cases([f32], [(3, 200, 136, 13, 11)], tunings=[f"pw_config{i}" for i in range(3)]),
+        *_pw_cases(LOW, [(4, 192, 160, 15, 13)], ACTS),
+        *_pw_cases([f32], [(8, 256, 256, 16, 16)]),
+    ],
+    # A later block's pw stage at every width (M = 2·13·11 = 286 rows, not a multiple of any
+    # GEMM tile), every combination of optional inputs, and both input layouts.
+    cuda=[
+        *_pw_cases([f32, *LOW], [(2, cin, cout, 13, 11) for cin, cout in CUDA_PW_CHANNELS],
+                   ACTS),
+        *[c for c in _pw_cases([f32, bf16], [(3, 40, 36, 7, 5)], ["gelu", "relu"], MODES,
+                               PW_PARTS)
+          if (c[2] == "gelu") == (c[3] == "train")],
+        *_pw_cases([f32, bf16], [(2, 67, 40, 9, 7)], layouts=["nchw", "channels_last"]),
+    ])
+def test_pw_stage(backend, dtype, shape, act, mode, parts, layout, tuning):
+    with tuned(tuning):
+        check_case(_pw(backend, dtype, shape, act, mode, parts, layout), backend)
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradients
+# float64 gradcheck of every differentiable input
 
 
-def _dw_fn(act, stats, with_norm, with_bias, stage=dw_stage):
-    """fn(*leaves) for gradcheck: leaves are x, [mean, scale, shift], weight, [bias]."""
-    def fn(*leaves):
-        leaves = list(leaves)
-        x = leaves.pop(0)
-        norm = Norm(*(leaves.pop(0) for _ in range(3))) if with_norm else None
-        weight = leaves.pop(0)
-        bias = leaves.pop(0) if with_bias else None
-        out, mean, var = stage(x, weight, bias, act=act, x_norm=norm, stats=stats)
-        return (out, mean, var) if stats else out
-    return fn
-
-
-def _dw_leaves(shape, k, dtype, with_norm, with_bias, seed):
-    x, weight, bias, norm = _dw_case(shape, k, dtype, with_norm=with_norm, with_bias=with_bias,
-                                     seed=seed)
-    leaves = [x, *(norm if with_norm else ()), weight, *((bias,) if with_bias else ())]
-    return [t.detach().clone().requires_grad_() for t in leaves]
-
-
-DW_GRAD_CASES = [
-    # (shape, k, act, with_norm, with_bias)
-    ((2, 3, 4, 5), 3, "gelu", True, True),
-    ((2, 3, 4, 5), 3, "relu", True, True),
-    ((2, 3, 4, 5), 3, "gelu", False, False),
-    ((2, 3, 4, 5), 3, "relu", False, True),
-    ((3, 2, 3, 5), 5, "gelu", True, False),  # H < k
-    ((2, 4, 5, 3), 1, "gelu", True, True),
-    ((2, 2, 6, 5), 7, "relu", True, True),  # k larger than both H and W
+DW_GRADCHECK = [
+    # (shape, k, act, parts)
+    ((2, 3, 4, 5), 3, "gelu", "norm_bias"),
+    ((2, 3, 4, 5), 3, "relu", "norm_bias"),
+    ((2, 3, 4, 5), 3, "gelu", "plain"),
+    ((2, 3, 4, 5), 3, "relu", "bias"),
+    ((3, 2, 3, 5), 5, "gelu", "norm"),  # H < k
+    ((2, 4, 5, 3), 1, "gelu", "norm_bias"),
+    ((2, 2, 6, 5), 7, "relu", "norm_bias"),  # k larger than both H and W
+]
+CUDA_DW_GRADCHECK = [
+    ((2, 3, 4, 5), 3, "gelu", "norm_bias"),
+    ((2, 4, 5, 3), 1, "relu", "bias"),
+    ((2, 2, 6, 5), 7, "relu", "norm"),  # k larger than H and W
 ]
 
 
-@pytest.mark.parametrize("stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("case", DW_GRAD_CASES, ids=str)
-def test_dw_stage_gradcheck(case, stats):
-    shape, k, act, with_norm, with_bias = case
-    leaves = _dw_leaves(shape, k, torch.float64, with_norm, with_bias, seed=k)
-    assert torch.autograd.gradcheck(_dw_fn(act, stats, with_norm, with_bias), leaves)
+@over_backends("shape,k,act,parts,mode",
+               cpu=[(*c, m) for c, m in product(DW_GRADCHECK, MODES)],
+               cuda=[(*c, m) for c, m in product(CUDA_DW_GRADCHECK, MODES)])
+def test_dw_stage_gradcheck(backend, shape, k, act, parts, mode):
+    assert gradcheck_case(_dw(backend, f64, shape, k, act, mode, parts), backend)
 
 
-def _pw_fn(act, stats, kinds, stage=pw_stage):
-    """fn(*leaves) for gradcheck; `kinds` names each leaf (x, x_norm, residual, ...)."""
-    def fn(*leaves):
-        it = iter(leaves)
-        kw, bias = {}, None
-        x = next(it)
-        if "x_norm" in kinds:
-            kw["x_norm"] = Norm(next(it), next(it), next(it))
-        if "residual" in kinds:
-            kw["residual"] = next(it)
-        if "residual_norm" in kinds:
-            kw["residual_norm"] = Norm(next(it), next(it), next(it))
-        weight = next(it)
-        if "bias" in kinds:
-            bias = next(it)
-        out, mean, var = stage(x, weight, bias, act=act, stats=stats, **kw)
-        return (out, mean, var) if stats else out
-    return fn
+@over_backends("parts,act,mode", cpu=product(PW_PARTS, ACTS, MODES))
+def test_pw_stage_gradcheck(backend, parts, act, mode):
+    assert gradcheck_case(_pw(backend, f64, (2, 4, 3, 3, 4), act, mode, parts), backend)
 
 
-def _pw_leaves(shape, dtype, variant, seed):
-    x, weight, bias, kw = _pw_case(shape, dtype, variant, seed=seed)
-    leaves, kinds = [x], ["x"]
-    if "x_norm" in kw:
-        leaves += list(kw["x_norm"])
-        kinds.append("x_norm")
-    if "residual" in kw:
-        leaves.append(kw["residual"])
-        kinds.append("residual")
-    if "residual_norm" in kw:
-        leaves += list(kw["residual_norm"])
-        kinds.append("residual_norm")
-    leaves.append(weight)
-    if bias is not None:
-        leaves.append(bias)
-        kinds.append("bias")
-    return [t.detach().clone().requires_grad_() for t in leaves], kinds
-
-
-@pytest.mark.parametrize("stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", PW_VARIANTS)
-def test_pw_stage_gradcheck(variant, act, stats):
-    leaves, kinds = _pw_leaves((2, 4, 3, 3, 4), torch.float64, variant, seed=len(variant))
-    assert torch.autograd.gradcheck(_pw_fn(act, stats, kinds), leaves)
-
-
-def _grads(fn, leaves, cotangents):
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    loss = sum((o.to(c.dtype) * c).sum() for o, c in zip(outs, cotangents))
-    return torch.autograd.grad(loss, leaves)
-
-
-def _ref_dw_fn(act, stats, with_norm, with_bias):
-    return _dw_fn(act, stats, with_norm, with_bias, stage=ref_dw_stage)
-
-
-def _ref_pw_fn(act, stats, kinds):
-    return _pw_fn(act, stats, kinds, stage=ref_pw_stage)
-
-
-def _cotangents(out_shape, c, stats, gen):
-    cots = [randn(*out_shape, dtype=torch.float64, gen=gen)]
-    if stats:
-        cots += [randn(c, dtype=torch.float64, gen=gen), randn(c, dtype=torch.float64, gen=gen)]
-    return cots
-
-
-def _compare_grads(dtype, act, fused_fn, ref_fn, leaves, cots64):
-    """Gradients of sum(outputs · cotangents) w.r.t. every leaf: the fused ops (fused_fn(act))
-    against the reference (ref_fn(act)); direct in float32, the §6 rule in low precision."""
-    cots = [c.to(dtype if i == 0 else acc_dtype(dtype)) for i, c in enumerate(cots64)]
-    fused = _grads(fused_fn(act), leaves, cots)
-    for f, leaf in zip(fused, leaves):
-        assert f.dtype == leaf.dtype and f.shape == leaf.shape
-    if dtype not in LOW_PRECISION:
-        ref64 = _grads(ref_fn(act), to64(leaves), cots64)
-        for i, (f, r) in enumerate(zip(fused, ref64)):
-            assert_close_direct(f, r, dtype, name=f"grad[{i}]")
-        return
-    eager = _grads(ref_fn(act), leaves, cots)
-    if has_decisions(act):
-        # Each implementation against float64 under its own ReLU decisions (relu_with_mask).
-        with torch.no_grad():
-            fused_out = _first(fused_fn(act)(*leaves))
-            eager_out = _first(ref_fn(act)(*leaves))
-        ref64 = _grads(ref_fn(act_as_decided(act, fused_out)), to64(leaves), cots64)
-        eager_ref64 = _grads(ref_fn(act_as_decided(act, eager_out)), to64(leaves), cots64)
-    else:
-        ref64 = eager_ref64 = _grads(ref_fn(act), to64(leaves), cots64)
-    for i, (f, e, r, r_e) in enumerate(zip(fused, eager, ref64, eager_ref64)):
-        assert_close_rule(f, e, r, name=f"grad[{i}]", eager_ref64=r_e)
-
-
-def _first(outs):
-    return outs[0] if isinstance(outs, tuple) else outs
-
-
-@pytest.mark.parametrize("stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("k", [1, 3, 9, 15])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_dw_stage_grads_vs_reference(dtype, k, act, stats):
-    shape = (3, 40, 7, 11)
-    leaves = _dw_leaves(shape, k, dtype, True, True, seed=k + 100)
-    cots64 = _cotangents(shape, shape[1], stats, _gen(k))
-    _compare_grads(dtype, act, lambda a: _dw_fn(a, stats, True, True),
-                   lambda a: _ref_dw_fn(a, stats, True, True), leaves, cots64)
-
-
-@pytest.mark.parametrize("stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", ["plain", "both_norms_bias", "norm_residual", "residual"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_pw_stage_grads_vs_reference(dtype, variant, act, stats):
-    shape = (3, 40, 36, 7, 5)
-    leaves, kinds = _pw_leaves(shape, dtype, variant, seed=7)
-    out_shape = (shape[0], shape[2], shape[3], shape[4])
-    cots64 = _cotangents(out_shape, shape[2], stats, _gen(8))
-    _compare_grads(dtype, act, lambda a: _pw_fn(a, stats, kinds),
-                   lambda a: _ref_pw_fn(a, stats, kinds), leaves, cots64)
-
-
-def test_block_chain_gradcheck():
+@over_backends(cpu=ONCE)
+def test_block_chain_gradcheck(backend):
     """dw -> BN1 norm from its batch stats -> pw with residual, as the model chains them:
     the consumer's norm-mean gradient flows back into the producer's statistics."""
     gen = _gen(12)
     n, c, h, w = 2, 3, 4, 5
-    x = randn(n, c, h, w, dtype=torch.float64, gen=gen).requires_grad_()
-    dw_w = randn(c, 1, 3, 3, dtype=torch.float64, gen=gen, scale=0.3).requires_grad_()
-    dw_b = randn(c, dtype=torch.float64, gen=gen).requires_grad_()
-    pw_w = randn(c, c, 1, 1, dtype=torch.float64, gen=gen, scale=0.5).requires_grad_()
-    gamma = (torch.rand(c, dtype=torch.float64, generator=gen) + 0.5).requires_grad_()
-    beta = randn(c, dtype=torch.float64, gen=gen).requires_grad_()
 
-    def block(fn, x, dw_w, dw_b, pw_w, gamma, beta):
-        dw, pw = fn
+    def leaf(*shape, scale=1.0):
+        return randn(*shape, dtype=f64, gen=gen, scale=scale).to(backend.device).requires_grad_()
+
+    x, dw_w, dw_b = leaf(n, c, h, w), leaf(c, 1, 3, 3, scale=0.3), leaf(c)
+    pw_w = leaf(c, c, 1, 1, scale=0.5)
+    gamma = (torch.rand(c, dtype=f64, generator=gen) + 0.5).to(backend.device).requires_grad_()
+    beta = leaf(c)
+
+    def block(dw, pw, x, dw_w, dw_b, pw_w, gamma, beta):
         g, mean, var = dw(x, dw_w, dw_b, act="gelu")
         norm1 = Norm(mean, gamma * torch.rsqrt(var + 1e-5), beta)
-        out, m2, v2 = pw(g, pw_w, None, act="gelu", x_norm=norm1, residual=x)
-        return out, m2, v2
+        return pw(g, pw_w, None, act="gelu", x_norm=norm1, residual=x)
 
     args = (x, dw_w, dw_b, pw_w, gamma, beta)
-    assert torch.autograd.gradcheck(lambda *a: block((dw_stage, pw_stage), *a), args)
+    fused = (backend.stage("dw"), backend.stage("pw"))
+    assert torch.autograd.gradcheck(lambda *a: block(*fused, *a), args)
     # And it is the eager block's gradient.
-    outs = block((dw_stage, pw_stage), *args)
-    cots = [randn(*t.shape, dtype=torch.float64, gen=gen) for t in outs]
-    fused = _grads(lambda *a: block((dw_stage, pw_stage), *a), args, cots)
-    ref = _grads(lambda *a: block((ref_dw_stage, ref_pw_stage), *a), args, cots)
-    for f, r in zip(fused, ref):
-        assert_close_direct(f, r, torch.float64)
+    outs = block(*fused, *args)
+    cots = [randn(*t.shape, dtype=f64, gen=gen).to(backend.device) for t in outs]
+    _, got = run(lambda *a: block(*fused, *a), args, cots)
+    _, ref = run(lambda *a: block(ref_dw_stage, ref_pw_stage, *a), args, cots)
+    for g, r in zip(got, ref):
+        assert_close_direct(g, r, f64)
 
 
-def test_raw_pw_stage_pre_act_is_not_differentiable():
+# ---------------------------------------------------------------------------------------------
+# Input layouts: they change nothing but speed
+
+
+@over_backends("dtype,k,layout", cpu=product([f64, f32, bf16], [3, 7], LAYOUTS),
+               triton=[(f32, 3, "channels_last")])
+def test_dw_stage_layouts(backend, dtype, k, layout):
+    case = _dw(backend, dtype, (3, 12, 7, 5), k, layout=layout)
+    (x, weight, bias), kw = stage_args(case)
+    stage = backend.stage("dw")
+    # Bitwise what the NCHW-contiguous input gives...
+    for g, b in zip(stage(x, weight, bias, **kw), stage(x.contiguous(), weight, bias, **kw)):
+        assert torch.equal(g, b)
+    # ...and that is the reference (evaluated on the very same view).
+    check_case(case, backend, grads=False)
+
+
+@over_backends("dtype,x_layout,res_layout,act",
+               cpu=[(d, x, r, "relu") for d, x, r in product([f32, bf16], LAYOUTS, LAYOUTS)],
+               triton=[(f32, "channels_last", "nchw", "gelu"),
+                       (f32, "transposed", "channels_last", "gelu")])
+def test_pw_stage_layouts(backend, dtype, x_layout, res_layout, act):
+    case = _pw(backend, dtype, (2, 12, 5, 7, 5), act, layout=x_layout, res_layout=res_layout)
+    (x, weight, bias), kw = stage_args(case)
+    stage = backend.stage("pw")
+    got = stage(x, weight, bias, act=act, **kw)
+    base = stage(x.contiguous(), weight, bias, act=act,
+                 **dict(kw, residual=kw["residual"].contiguous()))
+    for g, b in zip(got, base):
+        assert torch.equal(g, b)
+    check_case(case, backend, grads=False)
+
+
+@over_backends(cpu=ONCE)
+def test_noncontiguous_weight_and_norm(backend):
+    """Strided weights and norm vectors (views of bigger tensors) read the right elements."""
+    gen = _gen(5)
+
+    def draw(*shape, scale=1.0):
+        return randn(*shape, gen=gen, scale=scale).to(backend.device)
+
+    x = draw(2, 6, 5, 7)
+    weight = draw(6, 2, 5, 5, scale=0.2)[:, 1:2]  # [6, 1, 5, 5], not contiguous
+    assert not weight.is_contiguous()
+    big = draw(3, 12).abs() + 0.5
+    norm = Norm(big[0, ::2], big[1, ::2], big[2, 1::2])
+    bias = draw(12)[::2]
+    got = backend.stage("dw")(x, weight, bias, x_norm=norm)
+    ref64 = ref_dw_stage(*to64((x, weight, bias)), x_norm=to64(norm))
+    for name, g, r in zip(("out", "mean", "var"), got, ref64):
+        assert_close_direct(g, r, f32, name=name)
+
+    pw_w = draw(4, 12, 1, 1).transpose(0, 1)  # [12, 4, 1, 1] strided
+    assert not pw_w.is_contiguous()
+    x = draw(2, 4, 3, 5)
+    residual = x.flip(3)  # a copy, but a different tensor from x
+    pw_b = draw(24)[::2]
+    got = backend.stage("pw")(x, pw_w, pw_b, residual=residual)
+    ref64 = ref_pw_stage(*to64((x, pw_w, pw_b)), residual=to64(residual))
+    for name, g, r in zip(("out", "mean", "var"), got, ref64):
+        assert_close_direct(g, r, f32, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval (no statistics), and the pw stage's saved pre-activation
+
+
+@over_backends(
+    "stage,dtype,shape,k,act,parts",
+    cpu=[c for d in (f64, f32, bf16) for c in (("dw", d, (2, 5, 7, 11), 5, "gelu", "norm_bias"),
+                                               ("pw", d, (2, 5, 12, 7, 11), None, "gelu",
+                                                "both_norms_bias"))],
+    cuda=[("dw", d, (3, 37, 7, 9), 7, "relu", p)
+          for d, p in product([f32, bf16], ["norm_bias", "bias", "plain"])])
+def test_stage_eval(backend, stage, dtype, shape, k, act, parts):
+    """stats=False: empty statistics (in the accumulation dtype), outputs and gradients against
+    the reference, and the same `out` as the stage computes with statistics."""
+    case = (_dw(backend, dtype, shape, k, act, "eval", parts) if stage == "dw" else
+            _pw(backend, dtype, shape, act, "eval", parts))
+    check_case(case, backend)
+    with torch.no_grad():
+        assert torch.equal(call(case, backend)(*case.leaves)[0],
+                           call(case, backend, stats=True)(*case.leaves)[0])
+
+
+@over_backends("shape,compare", cpu=[((2, 12, 5, 7, 5), "bitwise")],
+               triton=[(TRITON_PW_SHAPE, "bitwise")],
+               cuda=[((2, 40, 36, 9, 7), "close")])
+def test_pw_stage_pre_activation(backend, shape, compare):
+    """pw_stage keeps the pre-activation only when recording gradients: the same values under
+    no_grad, and its backward, given it or recomputing it with the forward GEMM, agrees
+    (`compare`: bitwise, or within float32's direct tolerance where cuBLAS runs the GEMMs)."""
+    case = _pw(backend, f32, shape)
+    fn = call(case, backend)
+    recorded = fn(*(t.detach().clone().requires_grad_() for t in case.leaves))
+    with torch.no_grad():
+        plain = fn(*case.leaves)
+    for r, p in zip(recorded, plain):
+        assert torch.equal(r.detach(), p)
+
+    args = tuple(case.leaves)  # x, x_norm (3), residual, residual_norm (3), weight, bias
+    out, pre_act, mean, _ = backend.raw("pw_stage")(*args, "gelu", True, True)
+    gen = _gen(6)
+    cout = shape[2]
+    g_out, g_mean, g_var = (randn(*s, gen=gen).to(backend.device)
+                            for s in (out.shape, (cout,), (cout,)))
+    saved = backend.raw("pw_stage_backward")(g_out, g_mean, g_var, *args, pre_act, mean, "gelu")
+    recomputed = backend.raw("pw_stage_backward")(g_out, g_mean, g_var, *args, None, mean, "gelu")
+    for i, (s, c) in enumerate(zip(saved, recomputed)):
+        if compare == "bitwise":
+            assert torch.equal(s, c), f"backward output {i}"
+        else:
+            assert_close_direct(s, c.double(), f32, name=f"backward output {i}")
+
+
+@over_backends(cpu=ONCE)
+def test_raw_pw_stage_pre_act_is_not_differentiable(backend):
     """pre_act is saved for the backward only: autograd must refuse to differentiate through
     it rather than return a silently wrong (zero) gradient."""
     gen = _gen(13)
-    x = randn(2, 3, 2, 3, dtype=torch.float64, gen=gen).requires_grad_()
-    w = randn(2, 3, 1, 1, dtype=torch.float64, gen=gen).requires_grad_()
-    out, pre_act, mean, var = _ops.pw_stage(x, None, None, None, None, None, None, None, w,
-                                            None, "gelu", True, True)
+    x = randn(2, 3, 2, 3, dtype=f64, gen=gen).to(backend.device).requires_grad_()
+    w = randn(2, 3, 1, 1, dtype=f64, gen=gen).to(backend.device).requires_grad_()
+    out, pre_act, mean, var = backend.raw("pw_stage")(x, None, None, None, None, None, None,
+                                                      None, w, None, "gelu", True, True)
     assert out.requires_grad and mean.requires_grad and var.requires_grad
     assert not pre_act.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
@@ -486,151 +406,85 @@ def test_raw_pw_stage_pre_act_is_not_differentiable():
 
 
 # ---------------------------------------------------------------------------------------------
-# opcheck of the raw ops
+# Statistics far from zero
 
 
-def _raw_dw_args(with_norm, with_bias, requires_grad, stats=True):
-    x, weight, bias, norm = _dw_case((2, 5, 6, 7), 3, torch.float32, with_norm=with_norm,
-                                     with_bias=with_bias, seed=21)
-    m, s, t = norm if norm is not None else (None, None, None)
-    args = [x, m, s, t, weight, bias]
-    if requires_grad:
-        args = [a.requires_grad_() if a is not None else None for a in args]
-    return (*args, "gelu", stats)
-
-
-def _raw_pw_args(variant, requires_grad, keep_pre_act, stats=True):
-    x, weight, bias, kw = _pw_case((2, 5, 4, 6, 7), torch.float32, variant, seed=22)
-    xm, xs, xt = kw.get("x_norm") or (None, None, None)
-    rm, rs, rt = kw.get("residual_norm") or (None, None, None)
-    args = [x, xm, xs, xt, kw.get("residual"), rm, rs, rt, weight, bias]
-    if requires_grad:
-        args = [a.requires_grad_() if a is not None else None for a in args]
-    return (*args, "relu", stats, keep_pre_act)
-
-
-@pytest.mark.parametrize("stats", [True, False])
-@pytest.mark.parametrize("with_norm,with_bias", [(True, True), (False, False), (True, False)])
-def test_opcheck_dw_stage(with_norm, with_bias, stats):
-    torch.library.opcheck(_ops.dw_stage.default,
-                          _raw_dw_args(with_norm, with_bias, requires_grad=True, stats=stats))
-
-
-@pytest.mark.parametrize("keep_pre_act", [True, False])
-@pytest.mark.parametrize("variant", PW_VARIANTS)
-def test_opcheck_pw_stage(variant, keep_pre_act):
-    torch.library.opcheck(_ops.pw_stage.default,
-                          _raw_pw_args(variant, requires_grad=True, keep_pre_act=keep_pre_act))
-
-
-@pytest.mark.parametrize("grads", ["all", "out_only", "empty_stats_grads"])
-@pytest.mark.parametrize("with_norm,with_bias", [(True, True), (False, False)])
-def test_opcheck_dw_stage_backward(with_norm, with_bias, grads):
-    x, m, s, t, weight, bias, act, _ = _raw_dw_args(with_norm, with_bias, requires_grad=False)
-    out, mean, _ = _ops.dw_stage(x, m, s, t, weight, bias, act, True)
-    gen = _gen(23)
-    grad_out = randn(*out.shape, gen=gen).contiguous(memory_format=torch.channels_last)
-    if grads == "all":
-        gm, gv = randn(5, gen=gen), randn(5, gen=gen)
-    elif grads == "out_only":
-        gm, gv, mean = None, None, None
+@over_backends("stage,shape", cpu=product(["dw", "pw"], [(3, 5, 15, 17)]),
+               triton=product(["dw", "pw"], [(3, 5, 9, 11)]),
+               cuda=product(["dw", "pw"], [(3, 37, 15, 17)]))
+def test_stats_of_large_offset(backend, stage, shape):
+    """|mean| >> std: the statistics survive cancellation (docs/DESIGN.md §6: shifted sums,
+    shifted per-tile moments merged with Chan's formula, or Welford merged with it; never a
+    naive Σx² − (Σx)²/n in float32). An identity conv plus a bias of 1000 on values of std
+    1e-2."""
+    c = shape[1]
+    x = randn(*shape, gen=_gen(6), scale=1e-2)
+    if stage == "dw":
+        weight = torch.zeros(c, 1, 3, 3)
+        weight[:, :, 1, 1] = 1.0
     else:
-        gm, gv = torch.empty(0), torch.empty(0)
-    torch.library.opcheck(_ops.dw_stage_backward.default,
-                          (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act))
-
-
-@pytest.mark.parametrize("pre_act", [True, False])
-@pytest.mark.parametrize("grads", ["all", "out_only"])
-@pytest.mark.parametrize("variant", PW_VARIANTS)
-def test_opcheck_pw_stage_backward(variant, grads, pre_act):
-    args = _raw_pw_args(variant, requires_grad=False, keep_pre_act=pre_act)
-    x, xm, xs, xt, res, rm, rs, rt, weight, bias, act, _, _ = args
-    out, p, mean, _ = _ops.pw_stage(*args)
-    gen = _gen(24)
-    grad_out = randn(*out.shape, gen=gen)
-    gm, gv = (randn(4, gen=gen), randn(4, gen=gen)) if grads == "all" else (None, None)
-    if grads != "all":
-        mean = None
-    torch.library.opcheck(
-        _ops.pw_stage_backward.default,
-        (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias,
-         p if pre_act else None, mean, act))
-
-
-def test_meta_tensors_match_real_outputs():
-    """The fake implementations give the shapes, dtypes and strides the kernels produce."""
-    x, weight, bias, norm = _dw_case((2, 5, 6, 7), 3, torch.bfloat16, with_norm=True,
-                                     with_bias=True)
-    real = dw_stage(x, weight, bias, x_norm=norm)
-    meta = dw_stage(*(t.to("meta") for t in (x, weight, bias)),
-                    x_norm=Norm(*(t.to("meta") for t in norm)))
-    for r, m in zip(real, meta):
-        assert m.device.type == "meta"
-        assert (m.shape, m.dtype, m.stride()) == (r.shape, r.dtype, r.stride())
-    x, weight, bias, kw = _pw_case((2, 5, 4, 6, 7), torch.bfloat16, "both_norms_bias")
-    real = pw_stage(x, weight, bias, **kw)
-    meta_kw = {"x_norm": Norm(*(t.to("meta") for t in kw["x_norm"])),
-               "residual": kw["residual"].to("meta"),
-               "residual_norm": Norm(*(t.to("meta") for t in kw["residual_norm"]))}
-    meta = pw_stage(*(t.to("meta") for t in (x, weight, bias)), **meta_kw)
-    for r, m in zip(real, meta):
-        assert (m.shape, m.dtype, m.stride()) == (r.shape, r.dtype, r.stride())
+        weight = torch.eye(c).view(c, c, 1, 1)
+    bias = torch.full((c,), 1000.0)
+    out, mean, var = backend.stage(stage)(*(t.to(backend.device) for t in (x, weight, bias)),
+                                          act="relu")
+    ref = ref_dw_stage if stage == "dw" else ref_pw_stage
+    _, mean64, var64 = ref(*to64((x, weight, bias)), act="relu")
+    # var ≈ 1e-4 under a mean of 1000: out itself is stored in float32 (ulp(1000) = 6e-5), so
+    # the exact statistics are those of the stored values, and the variance must hold to ~1e-3
+    # relative of them (and to the rounding of the stored values, 5e-2, of the exact ones).
+    stored_mean, stored_var = stats_of_stored(out.cpu())
+    torch.testing.assert_close(var.cpu().double(), stored_var, rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.cpu().double(), stored_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.cpu().double(), var64, rtol=5e-2, atol=0)
+    torch.testing.assert_close(mean.cpu().double(), mean64, rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
-# Determinism
+# Determinism: no float atomics, reductions in an order fixed by the shape
 
 
-def _dw_run(dtype, seed=31):
-    leaves = _dw_leaves((3, 40, 9, 13), 7, dtype, True, True, seed=seed)
-    fn = _dw_fn("gelu", True, True, True)
-    outs = fn(*leaves)
-    cots = [torch.ones_like(o) for o in outs]
-    grads = torch.autograd.grad(outs, leaves, cots)
-    return [o.detach() for o in outs], list(grads)
-
-
-def _pw_run(dtype, seed=32):
+@over_backends(
+    "stage,dtype,shape,k,act,tuning",
     # N·H·W = 3·9·13 = 351 rows: more than one 128-row chunk of the CPU reductions.
-    leaves, kinds = _pw_leaves((3, 40, 36, 9, 13), dtype, "both_norms_bias", seed=seed)
-    fn = _pw_fn("gelu", True, kinds)
-    outs = fn(*leaves)
-    cots = [torch.ones_like(o) for o in outs]
-    grads = torch.autograd.grad(outs, leaves, cots)
-    return [o.detach() for o in outs], list(grads)
+    cpu=[(s, d, sh, k, "gelu", None) for d in (f32, bf16)
+         for s, sh, k in (("dw", (3, 40, 9, 13), 7), ("pw", (3, 40, 36, 9, 13), None))],
+    triton=[("dw", f32, (2, 12, 5, 9), 3, "gelu", "tiles4")],
+    triton_gpu=[("dw", bf16, (8, 192, 32, 32), 9, "gelu", None),
+                ("pw", bf16, (8, 192, 192, 32, 32), None, "relu", None)],
+    cuda=[(s, d, sh, k, a, None) for d in (f32, bf16)
+          for s, sh, k, a in (("dw", (8, 192, 32, 32), 9, "gelu"),
+                              ("pw", (8, 192, 192, 32, 32), None, "relu"))],
+    # The second run with the CTAs in reverse order.
+    cuda_emu=[("dw", f32, (3, 40, 16, 16), 7, "gelu", None)])
+def test_deterministic(backend, stage, dtype, shape, k, act, tuning):
+    """Two runs give bitwise the same outputs, statistics and gradients."""
+    case = (_dw(backend, dtype, shape, k, act) if stage == "dw" else
+            _pw(backend, dtype, shape, act))
+    cots = cast_cotangents(cotangents(case), dtype)
+    with tuned(tuning):
+        first = run(call(case, backend), case.leaves, cots)
+        with backend.second_run():
+            second = run(call(case, backend), case.leaves, cots)
+    assert_bitwise(first[0], second[0])
+    assert_bitwise(first[1], second[1])
 
 
-def _assert_bitwise(a, b):
-    for ta, tb in zip(a, b):
-        assert ta.dtype == tb.dtype and ta.shape == tb.shape
-        assert torch.equal(ta, tb)
-        # torch.equal treats -0.0 == 0.0; compare the bits too.
-        assert torch.equal(ta.reshape(-1).view(torch.uint8), tb.reshape(-1).view(torch.uint8))
-
-
-@pytest.mark.parametrize("run", [_dw_run, _pw_run], ids=["dw", "pw"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_deterministic(run, dtype):
-    outs1, grads1 = run(dtype)
-    outs2, grads2 = run(dtype)
-    _assert_bitwise(outs1, outs2)
-    _assert_bitwise(grads1, grads2)
-
-
-@pytest.mark.parametrize("run", [_dw_run, _pw_run], ids=["dw", "pw"])
-def test_deterministic_across_thread_counts(run):
+@over_backends("stage", cpu=["dw", "pw"])
+def test_deterministic_across_thread_counts(backend, stage):
     """The CPU reductions are cut into fixed chunks, so the thread count changes nothing."""
+    case = (_dw(backend, f32, (3, 40, 9, 13), 7) if stage == "dw" else
+            _pw(backend, f32, (3, 40, 36, 9, 13)))
+    cots = cast_cotangents(cotangents(case), f32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = run(torch.float32)
+        one = run(call(case, backend), case.leaves, cots)
         torch.set_num_threads(max(2, threads))
-        many = run(torch.float32)
+        many = run(call(case, backend), case.leaves, cots)
     finally:
         torch.set_num_threads(threads)
-    _assert_bitwise(one[0], many[0])
-    _assert_bitwise(one[1], many[1])
+    assert_bitwise(one[0], many[0])
+    assert_bitwise(one[1], many[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,63 +509,260 @@ def _assert_nan_like(got, ref, what, dtype):
         assert_close_direct(g[keep], r[keep], dtype, name=f"{what}[{i}] (not NaN)")
 
 
-@pytest.mark.parametrize("stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_dw_stage_nan_propagates(dtype, act, stats):
-    leaves = _dw_leaves((2, 5, 7, 6), 3, dtype, True, True, seed=41)
-    leaves[0] = _poison(leaves[0].detach()).requires_grad_()
-    fn, ref_fn = _dw_fn(act, stats, True, True), _ref_dw_fn(act, stats, True, True)
-    got, ref = fn(*leaves), ref_fn(*leaves)
-    got, ref = (got, ref) if stats else ((got,), (ref,))
+def _check_nan_propagates(case, backend, poisoned: str):
+    """NaN in the input `poisoned` reaches the outputs and gradients where it reaches the
+    eager reference's (in the same dtype), and nowhere else."""
+    dtype = case.leaves[0].dtype
+    i = case.kinds.index(poisoned)
+    leaves = [t.detach().clone().requires_grad_() for t in case.leaves]
+    leaves[i] = _poison(leaves[i].detach()).requires_grad_()
+    got, ref = call(case, backend)(*leaves), call(case, "ref")(*leaves)
+    if not case.stats:
+        got, ref = got[:1], ref[:1]
     _assert_nan_like(got, ref, "out", dtype)
     cots = [torch.ones_like(o) for o in ref]
     _assert_nan_like(torch.autograd.grad(got, leaves, cots),
                      torch.autograd.grad(ref, leaves, cots), "grad", dtype)
 
 
-@pytest.mark.parametrize("stats", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("where", ["x", "residual"])
-def test_pw_stage_nan_propagates(where, act, stats):
-    leaves, kinds = _pw_leaves((2, 5, 4, 3, 5), torch.float32, "both_norms_bias", seed=42)
-    i = 0 if where == "x" else kinds.index("residual") + 2  # x, 3 norm vectors, residual
-    leaves[i] = _poison(leaves[i].detach()).requires_grad_()
-    fn, ref_fn = _pw_fn(act, stats, kinds), _ref_pw_fn(act, stats, kinds)
-    got, ref = fn(*leaves), ref_fn(*leaves)
-    got, ref = (got, ref) if stats else ((got,), (ref,))
-    _assert_nan_like(got, ref, "out", torch.float32)
-    cots = [torch.ones_like(o) for o in ref]
-    _assert_nan_like(torch.autograd.grad(got, leaves, cots),
-                     torch.autograd.grad(ref, leaves, cots), "grad", torch.float32)
+@over_backends("dtype,act,mode,shape,parts",
+               cpu=product([f64, f32], ACTS, MODES, [(2, 5, 7, 6)], ["norm_bias"]),
+               triton=[(f32, "relu", "train", (2, 4, 5, 6), "plain")])
+def test_dw_stage_nan_propagates(backend, dtype, act, mode, shape, parts):
+    _check_nan_propagates(_dw(backend, dtype, shape, 3, act, mode, parts), backend, "x")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_empty_batch_eval(dtype):
-    x, weight, bias, norm = _dw_case((2, 5, 7, 6), 5, dtype, with_norm=True, with_bias=True)
-    x0 = x[:0]
-    leaves = [t.detach().clone().requires_grad_() for t in (x0, weight, bias)]
-    got = dw_stage(*leaves, x_norm=norm, stats=False)
-    ref = ref_dw_stage(*leaves, x_norm=norm, stats=False)
+@over_backends("where,act,mode", cpu=product(["x", "residual"], ACTS, MODES))
+def test_pw_stage_nan_propagates(backend, where, act, mode):
+    _check_nan_propagates(_pw(backend, f32, (2, 5, 4, 3, 5), act, mode), backend, where)
+
+
+@over_backends("stage,dtype,mode",
+               cpu=[(s, d, "eval") for d in (f32, bf16) for s in ("dw", "pw")],
+               triton=[("dw", f32, "train"), ("pw", f32, "eval")])
+def test_empty_batch(backend, stage, dtype, mode):
+    """N = 0: outputs of the right shapes and dtypes, NaN statistics, zero (and empty)
+    gradients, as the reference gives."""
+    case = (_dw(backend, dtype, (2, 5, 7, 6), 5, mode=mode) if stage == "dw" else
+            _pw(backend, dtype, (2, 5, 4, 6, 7), mode=mode))
+    (x, weight, bias), kw = stage_args(case)
+    if "residual" in kw:
+        kw["residual"] = kw["residual"][:0]
+    leaves = [t.detach().clone().requires_grad_() for t in (x[:0], weight, bias)]
+    stats = case.stats
+    got = backend.stage(stage)(*leaves, act=case.act, stats=stats, **kw)
+    ref = (ref_dw_stage if stage == "dw" else ref_pw_stage)(*leaves, act=case.act, stats=stats,
+                                                            **kw)
     for g, r in zip(got, ref):
         assert g.shape == r.shape and g.dtype == r.dtype
-    assert got[0].shape == (0, 5, 7, 6)
+    assert got[0].shape == (0, case.out_channels, *x.shape[2:])
+    if stats:
+        assert torch.isnan(got[1]).all() and torch.isnan(got[2]).all()
     grads = torch.autograd.grad(got[0].sum(), leaves)
     ref_grads = torch.autograd.grad(ref[0].sum(), leaves)
     for g, r in zip(grads, ref_grads):
         assert g.shape == r.shape
         assert torch.equal(g, r)  # zeros (and empty for x)
 
-    x, weight, bias, kw = _pw_case((2, 5, 4, 6, 7), dtype, "both_norms_bias")
-    kw["residual"] = kw["residual"][:0]
-    leaves = [t.detach().clone().requires_grad_() for t in (x[:0], weight, bias)]
-    got = pw_stage(*leaves, **kw, stats=False)
-    ref = ref_pw_stage(*leaves, **kw, stats=False)
-    for g, r in zip(got, ref):
-        assert g.shape == r.shape and g.dtype == r.dtype
-    assert got[0].shape == (0, 4, 6, 7)
-    grads = torch.autograd.grad(got[0].sum(), leaves)
-    ref_grads = torch.autograd.grad(ref[0].sum(), leaves)
-    for g, r in zip(grads, ref_grads):
-        assert g.shape == r.shape
-        assert torch.equal(g, r)
+
+# ---------------------------------------------------------------------------------------------
+# The registered ops: opcheck (schema, fake implementation, autograd registration, AOT
+# dispatch) and the fake implementations' strides
+
+
+def _raw_dw_args(backend, parts, requires_grad, stats=True):
+    case = _dw(backend, f32, (2, 5, 6, 7), 3, parts=parts)
+    (x, weight, bias), kw = stage_args(case)
+    m, s, t = kw.get("x_norm") or (None, None, None)
+    args = [x, m, s, t, weight, bias]
+    if requires_grad:
+        args = [a.requires_grad_() if a is not None else None for a in args]
+    return (*args, "gelu", stats)
+
+
+def _raw_pw_args(backend, parts, requires_grad, keep_pre_act, stats=True):
+    case = _pw(backend, f32, (2, 5, 4, 6, 7), parts=parts)
+    (x, weight, bias), kw = stage_args(case)
+    xm, xs, xt = kw.get("x_norm") or (None, None, None)
+    rm, rs, rt = kw.get("residual_norm") or (None, None, None)
+    args = [x, xm, xs, xt, kw.get("residual"), rm, rs, rt, weight, bias]
+    if requires_grad:
+        args = [a.requires_grad_() if a is not None else None for a in args]
+    return (*args, "relu", stats, keep_pre_act)
+
+
+@over_backends("parts,mode", cpu=product(["norm_bias", "plain", "norm"], MODES),
+               triton=[("norm_bias", m) for m in MODES], cuda=[("norm_bias", "train")])
+def test_opcheck_dw_stage(backend, parts, mode):
+    torch.library.opcheck(backend.raw("dw_stage").default,
+                          _raw_dw_args(backend, parts, True, stats=mode == "train"))
+
+
+@over_backends("parts,keep_pre_act", cpu=product(PW_PARTS, ["keep_pre_act", "no_pre_act"]),
+               triton=[("both_norms_bias", k) for k in ("keep_pre_act", "no_pre_act")],
+               cuda=[("both_norms_bias", "keep_pre_act")])
+def test_opcheck_pw_stage(backend, parts, keep_pre_act):
+    torch.library.opcheck(backend.raw("pw_stage").default,
+                          _raw_pw_args(backend, parts, True, keep_pre_act == "keep_pre_act"))
+
+
+@over_backends("parts,grads",
+               cpu=product(["norm_bias", "plain"], ["all", "out_only", "empty_stats_grads"]),
+               triton=[("norm_bias", "all")], cuda=[("norm_bias", "all")])
+def test_opcheck_dw_stage_backward(backend, parts, grads):
+    x, m, s, t, weight, bias, act, _ = _raw_dw_args(backend, parts, requires_grad=False)
+    out, mean, _ = backend.raw("dw_stage")(x, m, s, t, weight, bias, act, True)
+    gen = _gen(23)
+    grad_out = randn(*out.shape, gen=gen).to(backend.device).contiguous(
+        memory_format=torch.channels_last)
+    if grads == "all":
+        gm, gv = (randn(5, gen=gen).to(backend.device) for _ in range(2))
+    elif grads == "out_only":
+        gm, gv, mean = None, None, None
+    else:
+        gm, gv = (torch.empty(0, device=backend.device) for _ in range(2))
+    torch.library.opcheck(backend.raw("dw_stage_backward").default,
+                          (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act))
+
+
+@over_backends("parts,grads,pre_act",
+               cpu=product(PW_PARTS, ["all", "out_only"], ["pre_act", "recompute"]),
+               triton=[("both_norms_bias", "all", "pre_act")],
+               cuda=[("both_norms_bias", "all", "pre_act")])
+def test_opcheck_pw_stage_backward(backend, parts, grads, pre_act):
+    args = _raw_pw_args(backend, parts, requires_grad=False, keep_pre_act=pre_act == "pre_act")
+    x, xm, xs, xt, res, rm, rs, rt, weight, bias, act, _, _ = args
+    out, p, mean, _ = backend.raw("pw_stage")(*args)
+    gen = _gen(24)
+    grad_out = randn(*out.shape, gen=gen).to(backend.device)
+    gm, gv = ((randn(4, gen=gen).to(backend.device), randn(4, gen=gen).to(backend.device))
+              if grads == "all" else (None, None))
+    if grads != "all":
+        mean = None
+    torch.library.opcheck(
+        backend.raw("pw_stage_backward").default,
+        (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias,
+         p if pre_act == "pre_act" else None, mean, act))
+
+
+@over_backends("stage,dtype", cpu=[("dw", bf16), ("pw", bf16)], triton=[("dw", f32)])
+def test_meta_outputs_match_real(backend, stage, dtype):
+    """The fake implementations give the shapes, dtypes and strides the kernels produce."""
+    case = (_dw(backend, dtype, (2, 5, 6, 7), 3) if stage == "dw" else
+            _pw(backend, dtype, (2, 5, 4, 6, 7)))
+    real = call(case, backend)(*case.leaves)
+    meta = call(case, backend)(*(t.to("meta") for t in case.leaves))
+    for r, m in zip(real, meta):
+        assert m.device.type == "meta"
+        assert (m.shape, m.dtype, m.stride()) == (r.shape, r.dtype, r.stride())
+
+
+# ---------------------------------------------------------------------------------------------
+# What only one backend has
+
+
+@over_backends("act", triton=["swish", "GELU", ""])
+def test_raw_ops_refuse_an_unknown_act(backend, act):
+    """An `act` the table lacks is a ValueError naming the op, the value and the activations in
+    every raw Triton op, before any kernel runs: never another activation's kernels."""
+    def refused(op):
+        return pytest.raises(ValueError,
+                             match=rf"^{op}: act must be one of {re.escape(str(NAMES))}, got "
+                                   rf"{re.escape(repr(act))}$")
+
+    x, m, s, t, w, b, good, _ = _raw_dw_args(backend, "norm_bias", requires_grad=False)
+    out, mean, _ = backend.raw("dw_stage")(x, m, s, t, w, b, good, True)
+    with refused("dw_stage"):
+        backend.raw("dw_stage")(x, m, s, t, w, b, act, True)
+    with refused("dw_stage_backward"):
+        backend.raw("dw_stage_backward")(torch.ones_like(out), None, None, x, m, s, t, w, b,
+                                         mean, act)
+    args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=True)
+    out, pre, mean, _ = backend.raw("pw_stage")(*args)
+    with refused("pw_stage"):
+        backend.raw("pw_stage")(*args[:10], act, *args[11:])
+    with refused("pw_stage_backward"):
+        backend.raw("pw_stage_backward")(torch.ones_like(out), None, None, *args[:10], pre,
+                                         mean, act)
+
+
+@over_backends(triton=ONCE)
+def test_raw_ops_reject_bad_shapes(backend):
+    """Direct torch.ops calls of the Triton ops are checked before any kernel touches memory."""
+    dev = backend.device
+    dw, pw = backend.raw("dw_stage"), backend.raw("pw_stage")
+    x = torch.zeros(2, 4, 5, 5, device=dev)
+    with pytest.raises(ValueError, match=r"weight must be \[4, 1, k, k\]"):
+        dw(x, None, None, None, torch.zeros(3, 1, 3, 3, device=dev), None, "gelu", True)
+    with pytest.raises(ValueError, match="kernel size must be odd"):
+        dw(x, None, None, None, torch.zeros(4, 1, 4, 4, device=dev), None, "gelu", True)
+    with pytest.raises(ValueError, match="must be given together"):
+        dw(x, torch.zeros(4, device=dev), None, None, torch.zeros(4, 1, 3, 3, device=dev), None,
+           "gelu", True)
+    with pytest.raises(ValueError, match="res must have shape"):
+        pw(x, None, None, None, torch.zeros(2, 4, 5, 4, device=dev), None, None, None,
+           torch.zeros(3, 4, 1, 1, device=dev), None, "relu", True, False)
+    with pytest.raises(ValueError, match="grad_var needs the forward's mean"):
+        backend.raw("dw_stage_backward")(x, None, torch.zeros(4, device=dev), x, None, None,
+                                         None, torch.zeros(4, 1, 3, 3, device=dev), None, None,
+                                         "gelu")
+    with pytest.raises(ValueError, match="act must be one of"):
+        pw(x, None, None, None, None, None, None, None, torch.zeros(3, 4, 1, 1, device=dev),
+           None, "tanh", True, False)
+
+
+@over_backends(cuda=ONCE)
+def test_float64_tile_beyond_shared_memory_is_a_clear_error(backend):
+    """float64 with k >= 13 needs more than sm_90's 227 KiB of shared memory per block in the
+    backward: the op refuses it up front with a ValueError naming dtype and kernel size, rather
+    than failing at launch."""
+    x = torch.randn(1, 4, 8, 8, dtype=f64, device=backend.device)
+    w = torch.randn(4, 1, 15, 15, dtype=f64, device=backend.device)
+    with pytest.raises(ValueError, match="kernel size 15"):
+        backend.stage("dw")(x, w, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond 32-bit indexing. Last in the file on purpose: an out-of-bounds access here would leave
+# the CUDA context unusable for every test after it.
+
+
+@pytest.mark.large_memory
+@over_backends("layout", cuda=["channels_last", "nchw"])
+def test_dw_forward_beyond_int32_indexing(backend, layout):
+    """A bfloat16 dw forward over N·H·W·C = 4096·33·33·1024 ≈ 4.57e9 elements, past both 2**31
+    and 2**32: element offsets overflow a signed 32-bit index from image 1926 on and an
+    unsigned one from image 3852 on. A few channels, including the last (whose offsets are the
+    largest in NHWC), are checked over the whole batch against eager, with their statistics."""
+    dev = backend.device
+    n, c, h, w, k = 4096, 1024, 33, 33, 7
+    numel = n * c * h * w
+    assert numel > 2 ** 32
+    # input and output (2 bytes each), plus a channels_last copy of an NCHW input.
+    need = (2 if layout == "channels_last" else 3) * numel * 2 + 2 ** 30
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} free")
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.empty(n, c, h, w, dtype=bf16, device=dev, memory_format=fmt)
+    x.normal_(generator=gen)
+    small = _gen(1)
+    weight = randn(c, 1, k, k, dtype=bf16, gen=small, scale=1.0 / k).to(dev)
+    bias = randn(c, dtype=bf16, gen=small, scale=0.5).to(dev)
+    norm = Norm(*(v.to(dev) for v in make_norm(c, bf16, small)))
+    with torch.no_grad():
+        out, mean, var = backend.stage("dw")(x, weight, bias, act="gelu", x_norm=norm)
+        chans = torch.tensor([0, 1, c // 2 + 3, c - 1], device=dev)
+        xs = x.index_select(1, chans)
+        args = (weight.index_select(0, chans), bias.index_select(0, chans))
+        norm_s = Norm(*(v.index_select(0, chans) for v in norm))
+        got = out.index_select(1, chans)
+        del x, out
+        torch.cuda.empty_cache()
+        eager = ref_dw_stage(xs, *args, act="gelu", x_norm=norm_s)[0]
+        ref64 = ref_dw_stage(*to64((xs, *args)), act="gelu", x_norm=to64(norm_s))[0]
+    assert_close_rule(got, eager, ref64, name="out (sampled channels)")
+    stored_mean, stored_var = stats_of_stored(got)
+    assert_close_direct(mean.index_select(0, chans), stored_mean, f32, name="mean")
+    assert_close_direct(var.index_select(0, chans), stored_var, f32, name="var")

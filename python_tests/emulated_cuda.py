@@ -1,0 +1,184 @@
+"""The CUDA check TUs' extern "C" entry points (csrc/cuda/check/*.cu) as Python, run under
+EMULATION (python_tests/cuda_emulation): what the test_cuda_emulation*.py modules share, and the
+CUDA dw stage as an autograd function, which the stage harness (test_ops.py) runs as backend
+"cuda-emu".
+
+The dw stage's entry points are the whole stage, as the torch launcher csrc/cuda/dw_stage.cu runs
+it: `dw_stage` here does what that launcher does around them (NHWC buffers, the norm's gradients
+from the backward's two sums) and nothing else, so the harness checks the kernels' arithmetic,
+indexing and tiling against the same reference and tolerances as every other backend. The pw
+stage has no such entry point (its GEMMs are cuBLAS's, called by the launcher), so its kernels are
+tested one by one in test_cuda_emulation_pw.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+
+import torch
+
+from convmixer_kernels.activations import ACTIVATIONS
+from convmixer_kernels.ops.checks import check_dw_stage
+from cuda_emulation import Guarded, bind, load_check_library, ptr, reverse_cta_order
+from reference import acc_dtype
+
+# The entry points' dtype codes (csrc/cuda/check/*.cu).
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# Activation codes csrc/activation.h does not have.
+UNKNOWN_ACT_CODES = [-1, max(a.code for a in ACTIVATIONS.values()) + 1]
+CUDA_ERROR_INVALID_VALUE = 1
+
+P, LL, SZ = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_size_t
+
+# What the emulated dw stage must meet besides the harness's rule: the error against the float64
+# reference of the stored inputs, relative to the reference's largest magnitude. float32: the k*k-
+# term sums and the fixed-order reductions of at most a few thousand terms stay well inside 1e-5;
+# float64 tighter than reference.DIRECT_TOL (1e-10), which is sized for the CPU's longer sums.
+# bfloat16/float16: one rounding of the stored value (2^-8 / 2^-11 relative) dominates; dX is
+# computed from dA stored in the storage dtype, so it carries that rounding once more; a bound
+# that does not depend on eager's error, unlike the §6 rule. Indexing or tiling mistakes show up
+# as errors of order 1, far above these bounds.
+DW_MAX_ERROR = {torch.float32: 2e-5, torch.float64: 1e-11, torch.bfloat16: 2e-2,
+                torch.float16: 4e-3}
+
+
+def act_code(act):
+    """The entry points' code of an activation name; an int passes as it is (an unknown code)."""
+    return act if isinstance(act, int) else ACTIVATIONS[act].code
+
+
+def vec_width(dtype):
+    """Elements per 16-byte vector load."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+class DwKernels:
+    """convmixer_dw_forward / convmixer_dw_backward of csrc/cuda/check/dw_stage_check.cu."""
+
+    def __init__(self):
+        self.lib = load_check_library("dw_stage_check.cu")
+        self.fwd = bind(self.lib, "convmixer_dw_forward", ctypes.c_int, [
+            ctypes.c_int, ctypes.c_int, P, LL, LL, LL, LL, ctypes.c_int,  # dtype act x N C H W K
+            P, P, P, P, P, P, P, P,                                 # norm w b out mean var
+            P, SZ, ctypes.POINTER(SZ), P])                          # ws, size, size out, stream
+        self.bwd = bind(self.lib, "convmixer_dw_backward", ctypes.c_int, [
+            ctypes.c_int, ctypes.c_int, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
+            P, P, P, P, P, P, P, P, P, P, P,
+            P, SZ, ctypes.POINTER(SZ), P])
+
+    def forward(self, x, norm, weight, bias, act, stats, x_offset=0):
+        """(out NCHW view of NHWC memory, mean, var); x NCHW-shaped, any layout. Without `stats`
+        mean and var are what the kernels left in their (NaN-poisoned) buffers."""
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        dtype = x.dtype
+        acc = acc_dtype(dtype)
+        xg = Guarded((n, h, w, c), dtype, offset=x_offset)
+        xg.tensor.copy_(x.permute(0, 2, 3, 1))
+        size = SZ(0)
+        code = DTYPE_CODE[dtype]
+        assert self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, *([None] * 9),
+                        0, ctypes.byref(size), None) == 0
+        ws = Guarded((max(size.value, 1),), torch.uint8)
+        out = Guarded((n, h, w, c), dtype)
+        mean, var = Guarded((c,), acc), Guarded((c,), acc)
+        nm, ns, nt = norm if norm is not None else (None, None, None)
+        rc = self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
+                      ptr(weight.contiguous()), ptr(bias), ptr(out.tensor),
+                      ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
+                      ptr(ws.tensor), ws.tensor.numel(), None, None)
+        assert rc == 0, f"convmixer_dw_forward returned cudaError {rc}"
+        for g in (xg, ws, out, mean, var):
+            g.check()
+        return out.tensor.permute(0, 3, 1, 2).clone(), mean.tensor.clone(), var.tensor.clone()
+
+    def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act):
+        """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc)."""
+        n, c, h, w = x.shape
+        k = weight.shape[-1]
+        dtype = x.dtype
+        acc = acc_dtype(dtype)
+        nhwc = lambda t: Guarded.like(t.permute(0, 2, 3, 1).contiguous())  # noqa: E731
+        xg, gog = nhwc(x), nhwc(grad_out)
+        size = SZ(0)
+        code = DTYPE_CODE[dtype]
+        args_head = (code, act_code(act))
+        assert self.bwd(*args_head, None, None, None, None, None, n, c, h, w, k, *([None] * 11),
+                        None, 0, ctypes.byref(size), None) == 0
+        ws = Guarded((max(size.value, 1),), torch.uint8)
+        grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
+        grad_w, grad_b = Guarded((c, k * k), dtype), Guarded((c,), dtype)
+        sum_dx, sum_dx_xc = Guarded((c,), acc), Guarded((c,), acc)
+        nm, ns, nt = norm if norm is not None else (None, None, None)
+        rc = self.bwd(*args_head, ptr(gog.tensor), ptr(grad_mean), ptr(grad_var), ptr(mean),
+                      ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
+                      ptr(weight.contiguous()), ptr(bias), ptr(grad_pre.tensor),
+                      ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
+                      ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor), ptr(ws.tensor),
+                      ws.tensor.numel(), None, None)
+        assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
+        for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b):
+            g.check()
+        if norm is not None:
+            sum_dx.check()
+            sum_dx_xc.check()
+        return (grad_x.tensor.permute(0, 3, 1, 2).clone(), grad_w.tensor.view(c, 1, k, k).clone(),
+                grad_b.tensor.clone(), sum_dx.tensor.clone(), sum_dx_xc.tensor.clone())
+
+
+@functools.cache
+def dw_kernels() -> DwKernels:
+    """The emulated dw-stage library, compiled on first use (skips the test without a compiler)."""
+    return DwKernels()
+
+
+@contextlib.contextmanager
+def dw_target_ctas(n: int):
+    """The dw plan sized for `n` CTAs instead of a GPU's 2048, so each CTA walks a run of tiles
+    (the statistics merged and dW accumulated across tiles, the barriers between them) on shapes
+    small enough to emulate."""
+    lib = dw_kernels().lib
+    lib.convmixer_dw_set_target_ctas(ctypes.c_longlong(n))
+    try:
+        yield
+    finally:
+        lib.convmixer_dw_set_target_ctas(ctypes.c_longlong(0))
+
+
+def dw_reversed_ctas():
+    """Context manager: the dw kernels run their CTAs last to first."""
+    return reverse_cta_order(dw_kernels().lib)
+
+
+class _DwStage(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats):
+        norm = (x_mean, x_scale, x_shift) if x_mean is not None else None
+        out, mean, var = dw_kernels().forward(x, norm, weight, bias, act, stats)
+        if not stats:
+            assert torch.isnan(mean).all() and torch.isnan(var).all(), (
+                "no statistics asked, yet some written")
+            mean = var = x.new_empty((0,), dtype=acc_dtype(x.dtype))
+        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean)
+        ctx.act, ctx.stats = act, stats
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
+        norm = (x_mean, x_scale, x_shift) if x_mean is not None else None
+        if not ctx.stats:
+            grad_mean = grad_var = mean = None
+        grad_x, grad_w, grad_b, sum_dx, sum_dx_xc = dw_kernels().backward(
+            grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, ctx.act)
+        # As the launcher: the norm's gradients from the backward kernel's two sums.
+        norm_grads = (-sum_dx * x_scale, sum_dx_xc, sum_dx) if norm else (None, None, None)
+        return (grad_x, *norm_grads, grad_w, grad_b if bias is not None else None, None, None)
+
+
+def dw_stage(x, weight, bias=None, *, act="gelu", x_norm=None, stats=True):
+    """convmixer_kernels.ops.dw_stage on the emulated CUDA kernels (CPU tensors)."""
+    check_dw_stage(x, weight, bias, act, x_norm, stats)
+    m, s, t = x_norm if x_norm is not None else (None, None, None)
+    return _DwStage.apply(x, m, s, t, weight, bias, act, stats)
