@@ -24,18 +24,29 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpu_isa_flags():
-    """-mavx2 -mfma when the build machine has them, so that ATen's Vectorized lanes are 8 wide.
+    """The ISA flags of the CPU kernels: AVX-512 or AVX2 lanes for ATen's Vectorized when the build
+    machine has them (16 or 8 floats a vector), portable code otherwise.
 
     ATen picks its Vectorized implementation from the CPU_CAPABILITY macros at compile time; the
     extension is built where it runs (pip builds from source), and the package refuses to load on
-    a CPU without the ISA it was built for. CONVMIXER_CPU_ISA=default builds portable code.
+    a CPU without the ISA it was built for. CONVMIXER_CPU_ISA=avx2 or default (portable) overrides
+    the choice, e.g. to build for an older CPU than the build machine's.
     """
     choice = os.environ.get("CONVMIXER_CPU_ISA", "auto")
     if choice == "default" or platform.machine() not in ("x86_64", "AMD64"):
         return [], "default"
-    if choice == "auto" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return [], "default"
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "avx2"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if choice == "auto":
+        choice = {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "default")
+    if choice == "avx512":
+        # The flags torch builds its own AVX512 kernels with.
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"], "avx512"
+    if choice == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"], "avx2"
+    if choice != "default":
+        raise SystemExit(f"CONVMIXER_CPU_ISA must be auto, avx512, avx2 or default, got {choice!r}")
+    return [], "default"
 
 
 def want_cuda():

@@ -5,11 +5,13 @@ the same eager code, per stage (dw, pw) and pass (fwd, fwd+bwd).
 
 On a GPU: the paper models' stage shapes in bfloat16, with one fused contender per backend that
 runs CUDA tensors (triton, cuda) plus torch.compile. On a CPU: a small suite, the CIFAR-10
-model's stage shape at batch 32 in float32, fused `cpu` against eager (torch.compile is left
-out there: Inductor's CPU compile takes minutes on a small machine).
+model's stage shape at batch 32 and issue 16's small model's (dim 64) at batch 64, in float32,
+fused `cpu` against eager (torch.compile is left out there: Inductor's CPU compile takes minutes
+on a small machine).
 
 One pytest-benchmark group per (stage, pass, shape), so each table compares the contenders head
-to head; every row records the device, torch (and triton) versions and the shape in extra_info.
+to head, and bench/conftest.py states each row's speed-up over the group's best eager row; every
+row records the device, torch (and triton) versions and the shape in extra_info.
 "fwd" is a training forward (with batch statistics); "fwd+bwd" adds the backward of a loss on
 the output and the statistics. The eager contenders compute exactly what the fused stage does,
 one op at a time (norm applied as a separate elementwise pass, as BatchNorm2d would, then the
@@ -48,7 +50,8 @@ GPU_MODELS = [
     ("convmixer_1024_20_ks9_p14", 128, 1024, 16, 9, "gelu"),
     ("convmixer_256_8", 512, 256, 16, 5, "gelu"),
 ]
-CPU_MODELS = [("convmixer_256_8", 32, 256, 16, 5, "gelu")]
+CPU_MODELS = [("convmixer_256_8", 32, 256, 16, 5, "gelu"),
+              ("dim64-depth4-k5-p2", 64, 64, 16, 5, "gelu")]  # issue 16's small model
 MODELS = GPU_MODELS if GPU else CPU_MODELS
 FUSED = [f"fused-{b}" for b in available_backends()
          if b == DEVICE.type or (GPU and b == "triton")]

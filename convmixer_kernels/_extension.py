@@ -23,10 +23,13 @@ try:
 except ImportError as exc:  # depends on how the package was installed
     raise ImportError(_missing_extension_message()) from exc
 
-if _C.cpu_isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+# The CPU capabilities (as torch names them) that run kernels built for each ISA.
+_RUNS_ISA = {"avx2": ("AVX2", "AVX512"), "avx512": ("AVX512",)}
+if _C.cpu_isa in _RUNS_ISA and torch.backends.cpu.get_cpu_capability() not in _RUNS_ISA[_C.cpu_isa]:
     raise ImportError(
-        "convmixer_kernels was built with AVX2 CPU kernels but this CPU lacks AVX2; rebuild "
-        "with CONVMIXER_CPU_ISA=default pip install --no-build-isolation .")
+        f"convmixer_kernels was built with {_C.cpu_isa.upper()} CPU kernels but this CPU lacks "
+        f"{_C.cpu_isa.upper()}; rebuild with CONVMIXER_CPU_ISA=avx2 (or default, portable) "
+        "pip install --no-build-isolation .")
 
 built_with_cuda: bool = _C.built_with_cuda
 cpu_isa: str = _C.cpu_isa

@@ -88,3 +88,34 @@ def test_roofline_counts():
     assert 460e9 < 3 * 2 * m * 768 * 768 < 470e9
     assert cost.dw_flops / 32 == pytest.approx(3 * 2 * m * 768 * 49)
     assert cost.fused_bytes / 32 == pytest.approx(13 * m * 768 * 2)
+
+
+def test_bench_records_how_loaded_the_machine_was(tmp_path, capsys):
+    cli.main(["--dim", "16", "--depth", "1", "--batch-size", "2", "--image-size", "8",
+              "--steps", "2", "--warmup", "0", "--optimizer", "adamw", "--no-memory",
+              "--contenders", "eager-channels-last", "fused-cpu", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "machine load while timing" in out
+    assert "dim 16" in out and "adamw" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["optimizer"] == "adamw" and data["config"]["dim"] == 16
+    load = data["load"]
+    assert load["cores"] >= 1 and load["threads"] >= 1
+    assert set(load["per_contender"]) == {"eager-channels-last", "fused-cpu"}
+    assert isinstance(load["trustworthy"], bool) and load["trustworthy"] == (not load["warnings"])
+    for r in data["results"]:
+        assert len(r["step_cpu_ms"]) == len(r["step_times_ms"]) == 2
+        assert r["load"]["wall_s"] > 0 and r["load"]["cpu_s"] > 0
+        assert r["step_min_ms"] <= r["step_ms"] <= r["step_max_ms"]
+
+
+def test_load_assessment_flags_competing_work():
+    from convmixer_kernels.benchmarking import load
+    cores = load.cores()
+    quiet = load.Meter(threads=1, wall_s=1.0, cpu_s=0.95, others_s=0.01 * cores, steal_s=0.0)
+    assert load.assess({"fused": quiet}, 1, [0.0, 0.0, 0.0]) == []
+    busy = load.Meter(threads=1, wall_s=1.0, cpu_s=0.3, others_s=0.5 * cores, steal_s=0.0)
+    warnings = load.assess({"fused": busy}, 1, [cores + 1.0, 0.0, 0.0])
+    assert any("load average" in w for w in warnings)
+    assert any("other processes used 50%" in w for w in warnings)
+    assert any("waited for cores" in w for w in warnings)

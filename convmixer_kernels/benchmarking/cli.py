@@ -7,7 +7,12 @@ and the fraction of the roofline floor achieved (convmixer_kernels.benchmarking.
 
     python -m convmixer_kernels.bench                          # CPU: ConvMixer-256/8, batch 32
     python -m convmixer_kernels.bench --model convmixer_768_32 --dtype bf16 --out results/
+    python -m convmixer_kernels.bench --dim 64 --depth 4 --batch-size 64 --optimizer adamw
     python -m convmixer_kernels.bench --convergence --out results/
+
+Every timed step is also charged its CPU time and the machine's load (/proc/stat, load
+averages; convmixer_kernels.benchmarking.load): the run ends with a load report, and warnings when the
+figures cannot be trusted because other work was competing for the cores.
 """
 from __future__ import annotations
 
@@ -65,20 +70,28 @@ def environment(device: torch.device) -> dict:
 
 
 def _fmt(v: float, spec: str) -> str:
-    return "-" if v != v else format(v, spec)  # NaN -> "-"
+    if v == v:
+        return format(v, spec)
+    return "-".rjust(int(spec.split(".")[0] or 0))  # NaN -> "-", as wide as a number
 
 
 def format_table(results) -> str:
-    head = (f"{'contender':<26}{'step ms':>9}{'images/s':>10}{'vs eager':>10}{'peak MB':>9}"
-            f"{'saved MB':>9}{'roofline':>9}")
+    """One row per contender: the median step, the spread of its steps ((max - min) / median),
+    throughput, speed-ups, memory and the fraction of the roofline floor."""
+    compiled = any(r.speedup_vs_compile == r.speedup_vs_compile for r in results)
+    head = (f"{'contender':<26}{'step ms':>9}{'spread':>8}{'images/s':>10}{'vs eager':>10}"
+            + (f"{'vs compile':>11}" if compiled else "")
+            + f"{'peak MB':>9}{'saved MB':>9}{'roofline':>9}")
     rows = [head, "-" * len(head)]
     for r in results:
         if r.error:
             rows.append(f"{r.contender:<26}  failed: {r.error}")
             continue
-        rows.append(f"{r.contender:<26}{_fmt(r.step_ms, '9.1f')}{_fmt(r.images_per_s, '10.1f')}"
-                    f"{_fmt(r.speedup, '9.2f')}x{_fmt(r.peak_mb, '9.0f')}"
-                    f"{_fmt(r.saved_mb, '9.0f')}{_fmt(100 * r.roofline, '8.1f')}%")
+        rows.append(f"{r.contender:<26}{_fmt(r.step_ms, '9.1f')}{_fmt(100 * r.spread, '7.1f')}%"
+                    f"{_fmt(r.images_per_s, '10.1f')}{_fmt(r.speedup, '9.2f')}x"
+                    + (f"{_fmt(r.speedup_vs_compile, '10.2f')}x" if compiled else "")
+                    + f"{_fmt(r.peak_mb, '9.0f')}{_fmt(r.saved_mb, '9.0f')}"
+                    f"{_fmt(100 * r.roofline, '8.1f')}%")
     return "\n".join(rows)
 
 
@@ -121,10 +134,18 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", choices=MODELS,
                    help="default: convmixer_256_8 on CPU, convmixer_768_32 on GPU")
+    p.add_argument("--dim", type=int, help="override the model's width")
+    p.add_argument("--depth", type=int, help="override the model's number of blocks")
+    p.add_argument("--kernel-size", type=int, help="override the depthwise kernel size")
+    p.add_argument("--patch-size", type=int, help="override the patch size")
     p.add_argument("--batch-size", type=int, help="default: 32 on CPU, 128 on GPU")
     p.add_argument("--image-size", type=int, help="default: 32 for convmixer_256_8, else 224")
     p.add_argument("--dtype", choices=DTYPES, help="autocast dtype; default fp32 on CPU, bf16 on GPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 9 CPU, 20 GPU)")
+    p.add_argument("--optimizer", choices=cont.OPTIMIZERS, default="sgd",
+                   help="SGD with momentum (default) or AdamW")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (torch.set_num_threads); default: torch's, one per core")
     p.add_argument("--warmup", type=int, default=None, help="default 2 CPU, 5 GPU")
     p.add_argument("--contenders", nargs="+",
                    help="any of: eager-nchw eager-channels-last compile compile-max-autotune "
@@ -145,7 +166,7 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (128 if gpu else 32)
     args.image_size = args.image_size or (32 if args.model == "convmixer_256_8" else 224)
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    args.steps = args.steps or (20 if gpu else 5)
+    args.steps = args.steps or (20 if gpu else 9)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     known = cont.all_contenders(device)
     if not args.contenders:
@@ -159,6 +180,12 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown or unavailable contenders {unknown}; on {device} choose from {known}")
     return args, device
+
+
+def model_overrides(args) -> dict:
+    """The architecture arguments given on the command line, on top of --model's."""
+    return {k: getattr(args, k) for k in ("dim", "depth", "kernel_size", "patch_size")
+            if getattr(args, k) is not None}
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -184,27 +211,35 @@ def main_convergence(args, device) -> None:
 
 def main(argv=None) -> None:
     args, device = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.convergence:
         return main_convergence(args, device)
     dtype = DTYPES[args.dtype]
     env = environment(device)
+    overrides = model_overrides(args)
     bar = _progress(len(args.contenders) * (args.steps + args.warmup), "bench")
-    results = run(args.contenders, args.model, args.batch_size, args.image_size, dtype, device,
-                  args.steps, args.warmup, args.seed, progress=bar,
-                  measure_memory=not args.no_memory)
+    timed = run(args.contenders, args.model, args.batch_size, args.image_size, dtype, device,
+                args.steps, args.warmup, args.seed, progress=bar,
+                measure_memory=not args.no_memory, optimizer=args.optimizer,
+                overrides=overrides)
+    results = timed.results
     if bar:
         bar.close()
     with torch.device("meta"):
-        shape = getattr(models, args.model)()
+        shape = getattr(models, args.model)(**overrides)
     cost = roofline.model_cost(shape, args.batch_size, args.image_size, dtype)
     ceilings = roofline.measure_ceilings(device, dtype)
     floor = roofline.floor_seconds(cost, ceilings)
     for r in results:
         if not r.error:
             r.roofline = floor / (r.step_ms / 1e3)
-    title = (f"{args.model}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-             f"{args.dtype}, training step, {env['device']}, torch {env['torch']}")
+    arch = "".join(f", {k.replace('_size', '')} {v}" for k, v in overrides.items())
+    title = (f"{args.model}{arch}, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+             f"{args.dtype}, {args.optimizer} training step, {env['device']}, "
+             f"{env['cpu_threads']} threads, torch {env['torch']}")
     print(title)
+    print(f"median of {args.steps} interleaved steps per contender")
     print(format_table(results))
     ckpt = checkpointing_summary(results)
     if ckpt:
@@ -212,6 +247,8 @@ def main(argv=None) -> None:
     print(f"roofline floor {floor * 1e3:.1f} ms (bandwidth {ceilings.bandwidth / 1e9:.0f} GB/s, "
           f"matmul {ceilings.matmul_rate / 1e12:.2f} TFLOP/s, vector {ceilings.vector_rate / 1e12:.2f} "
           f"TFLOP/s measured here)")
+    if device.type == "cpu":
+        print(timed.format_load())
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         memory_measure = ("torch.cuda.max_memory_allocated over one step, above resident memory"
@@ -221,7 +258,7 @@ def main(argv=None) -> None:
             "config": {k: v for k, v in vars(args).items()}, "environment": env,
             "memory_measure": memory_measure, "ceilings": ceilings.as_dict(),
             "step_cost": cost.as_dict(), "floor_ms": floor * 1e3, "grad_checkpointing": ckpt,
-            "results": [r.as_dict() for r in results]})
+            "load": timed.load_dict(), "results": [r.as_dict() for r in results]})
         if throughput_chart(results, title, os.path.join(args.out, "throughput.png")):
             print(f"wrote {args.out}/results.json and {args.out}/throughput.png")
         else:

@@ -49,7 +49,8 @@ def default_contenders(device: torch.device) -> list[str]:
 
 def build_model(contender: str, model_name: str, seed: int, device: torch.device,
                 **overrides) -> torch.nn.Module:
-    """The contender's model, initialised identically for every contender (same seed)."""
+    """The contender's model, initialised identically for every contender (same seed);
+    `overrides` change the paper model's arguments (dim, depth, kernel_size, ...)."""
     torch.manual_seed(seed)
     name = base_contender(contender)
     fused = name.startswith("fused")
@@ -70,11 +71,23 @@ def synthetic_batch(batch: int, image: int, classes: int, seed: int, device: tor
     return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y.to(device)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+
+
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-              dtype: torch.dtype = torch.float32, compile_mode: str | None = None
-              ) -> Callable[[], None]:
-    """One SGD training step of `model` on (x, y), under autocast when `dtype` is not fp32."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+              dtype: torch.dtype = torch.float32, compile_mode: str | None = None,
+              optimizer: str = "sgd") -> Callable[[], None]:
+    """One training step of `model` on (x, y) (SGD with momentum, or AdamW), under autocast when
+    `dtype` is not fp32."""
+    opt = make_optimizer(optimizer, model.parameters())
     forward = torch.compile(model, mode=compile_mode) if compile_mode else model
     device_type = x.device.type
     autocast = dtype != torch.float32
@@ -97,13 +110,15 @@ class Setup:
 
 
 def setup(contender: str, model_name: str, batch: int, image: int, dtype: torch.dtype,
-          device: torch.device, seed: int = 0) -> Setup:
+          device: torch.device, seed: int = 0, optimizer: str = "sgd",
+          overrides: dict | None = None) -> Setup:
+    overrides = overrides or {}
     if contender in COMPILED:
-        model = build_model("eager-channels-last", model_name, seed, device)
+        model = build_model("eager-channels-last", model_name, seed, device, **overrides)
         mode = "max-autotune" if contender == "compile-max-autotune" else None
     else:
-        model = build_model(contender, model_name, seed, device)
+        model = build_model(contender, model_name, seed, device, **overrides)
         mode = None
     x, y = synthetic_batch(batch, image, model.num_classes, seed, device,
                            channels_last=base_contender(contender) != "eager-nchw")
-    return Setup(model, x, make_step(model, x, y, dtype, compile_mode=mode))
+    return Setup(model, x, make_step(model, x, y, dtype, compile_mode=mode, optimizer=optimizer))

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .contenders import CKPT, setup
+from . import load
+from .contenders import CKPT, COMPILED, setup
 
 
 @dataclass
@@ -20,14 +21,29 @@ class Result:
     step_ms: float = float("nan")
     images_per_s: float = float("nan")
     speedup: float = float("nan")       # over the best eager contender (without checkpointing)
+    speedup_vs_compile: float = float("nan")  # over the best torch.compile contender
     peak_mb: float = float("nan")       # see `memory_measure` in the JSON
     saved_mb: float = float("nan")      # activation bytes autograd saves for the backward
     roofline: float = float("nan")      # fused step floor / measured step time
     step_times_ms: list = field(default_factory=list)
+    step_cpu_ms: list = field(default_factory=list)  # this process's CPU time of each step
+    load: dict = field(default_factory=dict)          # load.Meter.as_dict() of the timed steps
     error: str = ""
 
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the step times."""
+        t = self.step_times_ms
+        return (max(t) - min(t)) / self.step_ms if t and self.step_ms > 0 else float("nan")
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        t = sorted(self.step_times_ms)
+        if t:
+            q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+            d.update(step_min_ms=t[0], step_max_ms=t[-1], step_iqr_ms=q[2] - q[0],
+                     spread=self.spread)
+        return d
 
 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, dtype=torch.float32) -> int:
@@ -57,7 +73,7 @@ import json, sys, torch
 from convmixer_kernels.benchmarking.contenders import setup
 a = json.loads(sys.argv[1])
 s = setup(a["contender"], a["model"], a["batch"], a["image"], getattr(torch, a["dtype"]),
-          torch.device("cpu"), a["seed"])
+          torch.device("cpu"), a["seed"], a["optimizer"], a["overrides"])
 for _ in range(2):
     s.step()
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec.
@@ -66,12 +82,14 @@ print(int(hwm.split()[1]) / 1024)  # KiB -> MiB
 """
 
 
-def cpu_peak_rss_mb(contender, model_name, batch, image, dtype, seed) -> float:
+def cpu_peak_rss_mb(contender, model_name, batch, image, dtype, seed, optimizer="sgd",
+                    overrides=None) -> float:
     """Peak RSS of a fresh process that sets up `contender` and runs two training steps: the
     only way to give each contender its own peak on the CPU, where torch keeps no such stats.
     A plain subprocess, not multiprocessing: spawn would re-import the caller's __main__."""
     args = json.dumps({"contender": contender, "model": model_name, "batch": batch,
-                       "image": image, "dtype": str(dtype).split(".")[-1], "seed": seed})
+                       "image": image, "dtype": str(dtype).split(".")[-1], "seed": seed,
+                       "optimizer": optimizer, "overrides": overrides or {}})
     done = subprocess.run([sys.executable, "-c", _RSS_PROBE, args], capture_output=True,
                           text=True, timeout=900, cwd=_package_parent(),
                           env={**os.environ, "PYTHONPATH": _package_parent()})
@@ -96,15 +114,43 @@ def cuda_step_peak_mb(step, device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+@dataclass
+class Run:
+    """The results of `run`, and how loaded the machine was while they were timed."""
+    results: list
+    threads: int
+    load_before: list | None
+    load_after: list | None
+    meters: dict
+    warnings: list
+
+    @property
+    def trustworthy(self) -> bool:
+        return not self.warnings
+
+    def load_dict(self) -> dict:
+        return {"cores": load.cores(), "threads": self.threads,
+                "loadavg_before": self.load_before, "loadavg_after": self.load_after,
+                "per_contender": {c: m.as_dict() for c, m in self.meters.items()},
+                "warnings": self.warnings, "trustworthy": self.trustworthy}
+
+    def format_load(self) -> str:
+        return load.format_load(self.meters, self.threads, self.load_before, self.load_after,
+                                self.warnings)
+
+
 def run(contenders, model_name, batch, image, dtype, device, steps, warmup, seed=0,
-        progress=None, measure_memory=True) -> list[Result]:
+        progress=None, measure_memory=True, optimizer="sgd", overrides=None) -> Run:
     """Sets every contender up, then times them interleaved: timed round r runs one step of
-    each contender in turn, so a slow spell of a shared machine lands on all of them."""
+    each contender in turn, so a slow spell of a shared machine lands on all of them. Each step
+    is also charged its CPU time and the machine's load (convmixer_kernels.benchmarking.load)."""
     results = {c: Result(c) for c in contenders}
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    meters = {c: load.Meter(threads) for c in contenders}
     setups = {}
     for c in contenders:
         try:
-            s = setup(c, model_name, batch, image, dtype, device, seed)
+            s = setup(c, model_name, batch, image, dtype, device, seed, optimizer, overrides)
             for _ in range(warmup):
                 s.step()
                 if progress:
@@ -113,32 +159,43 @@ def run(contenders, model_name, batch, image, dtype, device, steps, warmup, seed
             setups[c] = s
         except Exception as exc:  # a contender that cannot run is reported, not fatal
             results[c].error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    load_before = load.loadavg()
     for _ in range(steps):
         for c, s in list(setups.items()):
             try:
                 _sync(device)
-                t0 = time.perf_counter()
+                before = load.snapshot()
                 s.step()
                 _sync(device)
-                results[c].step_times_ms.append((time.perf_counter() - t0) * 1e3)
+                after = load.snapshot()
+                results[c].step_times_ms.append((after.wall - before.wall) * 1e3)
+                results[c].step_cpu_ms.append(meters[c].add(before, after))
             except Exception as exc:
                 results[c].error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                 del setups[c]
             if progress:
                 progress.update()
+    load_after = load.loadavg()
+    timed = {c: m for c, m in meters.items() if not results[c].error}
     for c, s in setups.items():
         r = results[c]
         r.step_ms = statistics.median(r.step_times_ms)
         r.images_per_s = batch / (r.step_ms / 1e3)
+        r.load = meters[c].as_dict()
         r.saved_mb = saved_activation_bytes(s.model, s.x, dtype) / 2**20
         if measure_memory:
             r.peak_mb = (cuda_step_peak_mb(s.step, device) if device.type == "cuda"
-                         else cpu_peak_rss_mb(c, model_name, batch, image, dtype, seed))
+                         else cpu_peak_rss_mb(c, model_name, batch, image, dtype, seed,
+                                              optimizer, overrides))
     ok = [r for r in results.values() if not r.error]
     best_eager = min((r.step_ms for r in ok
                       if r.contender.startswith("eager") and not r.contender.endswith(CKPT)),
                      default=None)
+    best_compile = min((r.step_ms for r in ok if r.contender in COMPILED), default=None)
     for r in ok:
         if best_eager:
             r.speedup = best_eager / r.step_ms
-    return list(results.values())
+        if best_compile:
+            r.speedup_vs_compile = best_compile / r.step_ms
+    warnings = load.assess(timed, threads, load_before) if device.type == "cpu" else []
+    return Run(list(results.values()), threads, load_before, load_after, timed, warnings)

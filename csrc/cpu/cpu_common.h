@@ -10,6 +10,11 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <limits>
+#include <memory>
+#include <new>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace convmixer_kernels {
@@ -38,6 +43,124 @@ inline Vec<T> act_forward(const Vec<T>& a) {
 template <Act A, typename T>
 using ActAt = typename ActMath<A>::template At<VecMath<T>>;
 
+// Vector registers of the ISA the kernels are compiled for (setup.py picks it): register tiles
+// are sized to fit without spilling.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kVecRegs = 32;
+#else
+constexpr int kVecRegs = 16;
+#endif
+
+// f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>), expanded at compile time.
+// Register tiles index their accumulator arrays only through it: with every index a constant
+// from the start, the compiler keeps the array in registers (a runtime-indexed loop, even one it
+// unrolls later, leaves it on the stack and stores it back on every iteration).
+template <typename F, int... I>
+inline void unroll_impl(const F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void unroll(const F& f) {
+  unroll_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+// A zero-filled array aligned to a cache line: the kernels' vector loads from their staging
+// buffers then never straddle two lines (std::vector only guarantees 16 bytes).
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n = 0) : n_(n), p_(new (std::align_val_t(64)) T[n]()) {}
+  T* data() { return p_.get(); }
+  const T* data() const { return p_.get(); }
+  int64_t size() const { return n_; }
+  T& operator[](int64_t i) { return p_[i]; }
+  const T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { ::operator delete[](p, std::align_val_t(64)); }
+  };
+  int64_t n_;
+  std::unique_ptr<T[], Free> p_;
+};
+
+// Storage values <-> opmath lanes, a pair of opmath vectors at a time: a bfloat16/half vector
+// converts to exactly two float vectors, so pairs load, round and store with whole-vector moves
+// (a partial move goes through memcpy, which dominated the old per-pixel loops).
+template <typename scalar_t>
+struct Lanes {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using V = Vec<opmath_t>;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, opmath_t>;
+  static constexpr int64_t kHalf = V::size();
+  static constexpr int64_t kPair = 2 * V::size();
+
+  // Between a reduced-precision vector and its two float vectors (the conversions every ISA's
+  // Vectorized defines; convert_to/from_float are not instantiated for AVX-512).
+  static std::tuple<V, V> widen(const Vec<scalar_t>& r) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      return at::vec::convert_bfloat16_float(r);
+    } else {
+      return at::vec::convert_half_float(r);
+    }
+  }
+  static Vec<scalar_t> narrow(const V& a, const V& b) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      return at::vec::convert_float_bfloat16(a, b);
+    } else {
+      return at::vec::convert_float_half(a, b);
+    }
+  }
+
+  static void load(const scalar_t* p, V& a, V& b) {
+    if constexpr (kReduced) {
+      std::tie(a, b) = widen(Vec<scalar_t>::loadu(p));
+    } else {
+      a = V::loadu(p);
+      b = V::loadu(p + kHalf);
+    }
+  }
+  // The first n (<= kPair) values at p, zeros in the lanes after them.
+  static void load(const scalar_t* p, int64_t n, V& a, V& b) {
+    if (n >= kPair) return load(p, a, b);
+    if constexpr (kReduced) {
+      std::tie(a, b) = widen(Vec<scalar_t>::loadu(p, static_cast<int16_t>(n)));
+    } else {
+      a = V::loadu(p, std::min<int64_t>(n, kHalf));
+      b = n > kHalf ? V::loadu(p + kHalf, n - kHalf) : V(opmath_t(0));
+    }
+  }
+  // Rounds a and b to values of the storage dtype (a no-op for float and double), so that what
+  // follows (statistics, derivatives) sees exactly the values stored.
+  static void round(V& a, V& b) {
+    if constexpr (kReduced) {
+      std::tie(a, b) = widen(narrow(a, b));
+    }
+  }
+  // Stores the first n (<= kPair) lanes of (a, b) at p in the storage dtype.
+  static void store(scalar_t* p, int64_t n, const V& a, const V& b) {
+    if constexpr (kReduced) {
+      narrow(a, b).store(p, static_cast<int>(std::min<int64_t>(n, kPair)));
+    } else if (n >= kPair) {
+      a.store(p);
+      b.store(p + kHalf);
+    } else {
+      a.store(p, static_cast<int>(std::min<int64_t>(n, kHalf)));
+      if (n > kHalf) b.store(p + kHalf, static_cast<int>(n - kHalf));
+    }
+  }
+};
+
+// Applies `pair(c, n)` to the channels [0, C) of a row, kPair at a time (n < kPair only for the
+// last, partial, pair).
+template <typename scalar_t, typename F>
+inline void for_pairs(int64_t C, const F& pair) {
+  constexpr int64_t P = Lanes<scalar_t>::kPair;
+  int64_t c = 0;
+  for (; c + P <= C; c += P) pair(c, P);
+  if (c < C) pair(c, C - c);
+}
+
 // Rounds `n` opmath values to the storage dtype in place, so that what follows (statistics,
 // derivatives) sees exactly the values stored. A no-op for float and double storage.
 template <typename scalar_t, typename opmath_t>
@@ -59,43 +182,76 @@ inline at::Tensor from_rows(const at::Tensor& rows, at::IntArrayRef nchw) {
 }
 
 // Per-channel sums over the rows of a [rows, C] problem, deterministic whatever the thread
-// count: rows are cut into fixed chunks, each chunk accumulates `nacc` rows of C opmath sums in
-// its own slice, and the slices are added in chunk order in double.
-// body(r0, r1, acc) accumulates rows [r0, r1) into acc[k * C + c] for k < nacc.
+// count: rows are cut into fixed chunks, each chunk accumulates `nacc` rows of sums in its own
+// opmath slice, acc[k * width + c] (width >= C, e.g. C rounded up to whole pairs of lanes), and
+// the slices are added in chunk order in double. Returns the totals as [nacc][C].
+// body(r0, r1, acc) accumulates rows [r0, r1) into its zeroed slice acc.
 template <typename opmath_t, typename Body>
-std::vector<double> reduce_rows(int64_t rows, int64_t C, int nacc, const Body& body) {
+std::vector<double> reduce_rows(int64_t rows, int64_t C, int64_t width, int nacc, const Body& body) {
   constexpr int64_t kChunk = 128;
   const int64_t chunks = (rows + kChunk - 1) / kChunk;
-  std::vector<opmath_t> partial(static_cast<size_t>(chunks * nacc * C), opmath_t(0));
+  std::vector<opmath_t> partial(static_cast<size_t>(chunks * nacc * width), opmath_t(0));
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
-      body(ch * kChunk, std::min(rows, (ch + 1) * kChunk), partial.data() + ch * nacc * C);
+      body(ch * kChunk, std::min(rows, (ch + 1) * kChunk), partial.data() + ch * nacc * width);
     }
   });
   std::vector<double> total(static_cast<size_t>(nacc * C), 0.0);
   for (int64_t ch = 0; ch < chunks; ++ch) {
-    const opmath_t* p = partial.data() + ch * nacc * C;
-    for (int64_t i = 0; i < nacc * C; ++i) total[i] += static_cast<double>(p[i]);
+    const opmath_t* p = partial.data() + ch * nacc * width;
+    for (int k = 0; k < nacc; ++k) {
+      for (int64_t c = 0; c < C; ++c) total[k * C + c] += static_cast<double>(p[k * width + c]);
+    }
   }
   return total;
 }
 
-// Mean and biased variance from shifted sums: s1 = Σ(v - K), s2 = Σ(v - K)^2 over `count`
-// values per channel. The shift K is a sample of the data, so the subtraction below loses
-// little even when |mean| >> std (docs/DESIGN.md §6).
+// C rounded up to whole pairs of lanes of scalar_t's opmath vectors.
+template <typename scalar_t>
+constexpr int64_t pair_width(int64_t C) {
+  constexpr int64_t P = Lanes<scalar_t>::kPair;
+  return (C + P - 1) / P * P;
+}
+
+// `n` values copied into a zero-padded array of `width` lanes, so every pair loads whole.
+template <typename T>
+std::vector<T> padded(const T* v, int64_t n, int64_t width) {
+  std::vector<T> out(static_cast<size_t>(width), T(0));
+  if (v != nullptr) std::copy(v, v + n, out.begin());
+  return out;
+}
+
+// A norm's vectors, zero-padded to `width` lanes; empty when there is no norm.
+template <typename opmath_t>
+struct PaddedNorm {
+  std::vector<opmath_t> mean, scale, shift;
+  PaddedNorm(const Norm& n, int64_t C, int64_t width) {
+    if (!n.defined()) return;
+    mean = padded(n.mean.data_ptr<opmath_t>(), C, width);
+    scale = padded(n.scale.data_ptr<opmath_t>(), C, width);
+    shift = padded(n.shift.data_ptr<opmath_t>(), C, width);
+  }
+  bool defined() const { return !mean.empty(); }
+};
+
+// Mean and biased variance, as [C] tensors of the accumulation dtype `acc`, from shifted sums:
+// s1 = Σ(v - K), s2 = Σ(v - K)^2 over `count` values per channel. The shift K is a sample of the
+// data, so the subtraction below loses little even when |mean| >> std (docs/DESIGN.md §6).
 inline std::tuple<at::Tensor, at::Tensor> stats_from_shifted_sums(
     const std::vector<double>& shift, const double* s1, const double* s2, int64_t C, int64_t count,
-    const at::TensorOptions& options) {
-  auto mean = at::empty({C}, options.dtype(at::kDouble));
-  auto var = at::empty({C}, options.dtype(at::kDouble));
-  auto* m = mean.data_ptr<double>();
-  auto* v = var.data_ptr<double>();
-  const double n = static_cast<double>(count);
-  for (int64_t c = 0; c < C; ++c) {
-    const double d = s1[c] / n;
-    m[c] = shift[c] + d;
-    v[c] = std::max(s2[c] / n - d * d, 0.0);  // std::max keeps a NaN first argument
-  }
+    const at::TensorOptions& options, at::ScalarType acc) {
+  auto mean = at::empty({C}, options.dtype(acc));
+  auto var = at::empty({C}, options.dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "stats_from_shifted_sums", [&] {
+    auto* m = mean.data_ptr<scalar_t>();
+    auto* v = var.data_ptr<scalar_t>();
+    const double n = static_cast<double>(count);
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = s1[c] / n;
+      m[c] = static_cast<scalar_t>(shift[c] + d);
+      v[c] = static_cast<scalar_t>(std::max(s2[c] / n - d * d, 0.0));  // keeps a NaN first argument
+    }
+  });
   return {mean, var};
 }
 

@@ -11,45 +11,43 @@ namespace convmixer_kernels {
 namespace cpu {
 namespace {
 
-// Pointers to a norm's vectors, or nulls.
-template <typename T>
-struct NormPtrs {
-  const T *mean = nullptr, *scale = nullptr, *shift = nullptr;
-  explicit NormPtrs(const Norm& n) {
-    if (n.defined()) {
-      mean = n.mean.data_ptr<T>();
-      scale = n.scale.data_ptr<T>();
-      shift = n.shift.data_ptr<T>();
-    }
-  }
-};
+// Rows per parallel_for grain of the row-wise passes: enough work to amortise a thread's start.
+constexpr int64_t kRowGrain = 64;
 
 // u = norm_x(x) + norm_res(res) as [rows, Cin] in the storage dtype (the GEMM's A operand).
 template <typename scalar_t>
 at::Tensor prologue(const PwGeometry& g, const at::Tensor& x2d, const Norm& nx,
                     const at::Tensor* r2d, const Norm& nr) {
   if (!nx.defined() && r2d == nullptr) return x2d;
-  using opmath_t = at::opmath_type<scalar_t>;
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using V = typename L::V;
+  constexpr int64_t kVS = L::kHalf;
   auto u = at::empty_like(x2d);
   const scalar_t* xp = x2d.data_ptr<scalar_t>();
   const scalar_t* rp = r2d != nullptr ? r2d->data_ptr<scalar_t>() : nullptr;
   scalar_t* up = u.data_ptr<scalar_t>();
-  const NormPtrs<opmath_t> a(nx), b(nr);
-  const int64_t C = g.Cin;
-  at::parallel_for(0, g.rows(), 64, [&](int64_t r0, int64_t r1) {
+  const int64_t C = g.Cin, width = pair_width<scalar_t>(C);
+  const PaddedNorm<opmath_t> a(nx, C, width), b(nr, C, width);
+  auto apply = [](const PaddedNorm<opmath_t>& nm, int64_t c, V& v0, V& v1) {
+    v0 = (v0 - V::loadu(&nm.mean[c])) * V::loadu(&nm.scale[c]) + V::loadu(&nm.shift[c]);
+    v1 = (v1 - V::loadu(&nm.mean[c + kVS])) * V::loadu(&nm.scale[c + kVS]) +
+         V::loadu(&nm.shift[c + kVS]);
+  };
+  at::parallel_for(0, g.rows(), kRowGrain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* xr = xp + r * C;
-      scalar_t* ur = up + r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        opmath_t v = static_cast<opmath_t>(xr[c]);
-        if (a.mean != nullptr) v = (v - a.mean[c]) * a.scale[c] + a.shift[c];
+      for_pairs<scalar_t>(C, [&](int64_t c, int64_t n) {
+        V v0, v1;
+        L::load(xp + r * C + c, n, v0, v1);
+        if (a.defined()) apply(a, c, v0, v1);
         if (rp != nullptr) {
-          opmath_t w = static_cast<opmath_t>(rp[r * C + c]);
-          if (b.mean != nullptr) w = (w - b.mean[c]) * b.scale[c] + b.shift[c];
-          v += w;
+          V w0, w1;
+          L::load(rp + r * C + c, n, w0, w1);
+          if (b.defined()) apply(b, c, w0, w1);
+          v0 = v0 + w0, v1 = v1 + w1;
         }
-        ur[c] = static_cast<scalar_t>(v);
-      }
+        L::store(up + r * C + c, n, v0, v1);
+      });
     }
   });
   return u;
@@ -60,53 +58,50 @@ at::Tensor gemm_pre_act(const at::Tensor& u, const at::Tensor& w2d,
   return bias.has_value() ? at::addmm(*bias, u, w2d.t()) : at::mm(u, w2d.t());
 }
 
-// Loads n storage values into opmath lanes.
-template <typename scalar_t, typename opmath_t>
-inline void load_row(const scalar_t* src, opmath_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<opmath_t>(src[i]);
-}
-
 // out = act(p), and the shifted sums of out (as stored) when stats are asked for.
 template <typename scalar_t, Act A>
 void epilogue_forward(const PwGeometry& g, bool stats, const at::Tensor& p2d,
                       at::Tensor& out2d, at::Tensor& mean, at::Tensor& var) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using V = Vec<opmath_t>;
-  const int64_t C = g.Cout, rows = g.rows();
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using V = typename L::V;
+  constexpr int64_t kVS = L::kHalf;
+  const int64_t C = g.Cout, rows = g.rows(), width = pair_width<scalar_t>(C);
   const scalar_t* pp = p2d.data_ptr<scalar_t>();
   scalar_t* op = out2d.data_ptr<scalar_t>();
 
-  // act(p) of a row into vals, rounded to the storage dtype.
-  auto activate = [&](int64_t r, opmath_t* vals) {
-    load_row(pp + r * C, vals, C);
-    int64_t c = 0;
-    for (; c + V::size() <= C; c += V::size()) act_forward<A>(V::loadu(vals + c)).store(vals + c);
-    if (c < C) act_forward<A>(V::loadu(vals + c, C - c)).store(vals + c, C - c);
-    round_to_storage<scalar_t>(vals, C);
-  };
-  std::vector<double> shift(C, 0.0);
+  // The shift of the sums: the first row of out, as stored.
+  std::vector<opmath_t> shift(width, opmath_t(0));
   if (stats && rows > 0) {
-    std::vector<opmath_t> first(C);
-    activate(0, first.data());
-    std::copy(first.begin(), first.end(), shift.begin());
+    for_pairs<scalar_t>(C, [&](int64_t c, int64_t n) {
+      V a, b;
+      L::load(pp + c, n, a, b);
+      a = act_forward<A>(a), b = act_forward<A>(b);
+      L::round(a, b);
+      a.store(&shift[c]), b.store(&shift[c + kVS]);
+    });
   }
-  auto sums = reduce_rows<opmath_t>(rows, C, stats ? 2 : 0, [&](int64_t r0, int64_t r1, opmath_t* acc) {
-    std::vector<opmath_t> vals(C), k(shift.begin(), shift.end());
+  auto sums = reduce_rows<opmath_t>(rows, C, width, stats ? 2 : 0, [&](int64_t r0, int64_t r1, opmath_t* acc) {
     for (int64_t r = r0; r < r1; ++r) {
-      activate(r, vals.data());
-      scalar_t* dst = op + r * C;
-      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<scalar_t>(vals[c]);
-      if (!stats) continue;
-      for (int64_t c = 0; c < C; ++c) {
-        const opmath_t d = vals[c] - k[c];
-        acc[c] += d;
-        acc[C + c] += d * d;
-      }
+      for_pairs<scalar_t>(C, [&](int64_t c, int64_t n) {
+        V a, b;
+        L::load(pp + r * C + c, n, a, b);
+        a = act_forward<A>(a), b = act_forward<A>(b);
+        L::store(op + r * C + c, n, a, b);
+        if (!stats) return;
+        L::round(a, b);
+        const V d0 = a - V::loadu(&shift[c]), d1 = b - V::loadu(&shift[c + kVS]);
+        (V::loadu(acc + c) + d0).store(acc + c);
+        (V::loadu(acc + c + kVS) + d1).store(acc + c + kVS);
+        at::vec::fmadd(d0, d0, V::loadu(acc + width + c)).store(acc + width + c);
+        at::vec::fmadd(d1, d1, V::loadu(acc + width + c + kVS)).store(acc + width + c + kVS);
+      });
     }
   });
   if (stats) {
-    std::tie(mean, var) = stats_from_shifted_sums(shift, sums.data(), sums.data() + C, C, rows,
-                                                  out2d.options());
+    std::vector<double> k(shift.begin(), shift.begin() + C);
+    std::tie(mean, var) = stats_from_shifted_sums(k, sums.data(), sums.data() + C, C, rows,
+                                                  out2d.options(), acc_dtype_for(out2d.scalar_type()));
   }
 }
 
@@ -117,14 +112,16 @@ std::vector<double> epilogue_backward(const PwGeometry& g, const at::Tensor& go2
                                       const at::Tensor& p2d, const at::Tensor* grad_mean,
                                       const at::Tensor* grad_var, const at::Tensor* mean,
                                       at::Tensor& dp2d) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  using V = Vec<opmath_t>;
-  const int64_t C = g.Cout, rows = g.rows();
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using V = typename L::V;
+  constexpr int64_t kVS = L::kHalf;
+  const int64_t C = g.Cout, rows = g.rows(), width = pair_width<scalar_t>(C);
   const scalar_t* gop = go2d.data_ptr<scalar_t>();
   const scalar_t* pp = p2d.data_ptr<scalar_t>();
   scalar_t* dpp = dp2d.data_ptr<scalar_t>();
   const opmath_t inv_count = opmath_t(1) / static_cast<opmath_t>(std::max<int64_t>(rows, 1));
-  std::vector<opmath_t> const_term(C, opmath_t(0)), lin_term(C, opmath_t(0));
+  std::vector<opmath_t> const_term(width, opmath_t(0)), lin_term(width, opmath_t(0));
   for (int64_t c = 0; c < C; ++c) {
     if (grad_mean != nullptr) const_term[c] += grad_mean->data_ptr<opmath_t>()[c] * inv_count;
     if (grad_var != nullptr) {
@@ -133,31 +130,27 @@ std::vector<double> epilogue_backward(const PwGeometry& g, const at::Tensor& go2
     }
   }
   const bool need_o = grad_var != nullptr;
-  return reduce_rows<opmath_t>(rows, C, 1, [&](int64_t r0, int64_t r1, opmath_t* acc) {
-    std::vector<opmath_t> pv(C), ov(C), dv(C);
+  return reduce_rows<opmath_t>(rows, C, width, 1, [&](int64_t r0, int64_t r1, opmath_t* acc) {
     for (int64_t r = r0; r < r1; ++r) {
-      load_row(pp + r * C, pv.data(), C);
-      load_row(gop + r * C, dv.data(), C);
-      auto step = [&](int64_t c, int64_t n) {
-        const ActAt<A, opmath_t> at_p(V::loadu(&pv[c], n));
-        V dO = V::loadu(&dv[c], n) + V::loadu(&const_term[c], n);
+      for_pairs<scalar_t>(C, [&](int64_t c, int64_t n) {
+        V p0, p1, d0, d1;
+        L::load(pp + r * C + c, n, p0, p1);
+        L::load(gop + r * C + c, n, d0, d1);
+        const ActAt<A, opmath_t> a0(p0), a1(p1);
+        d0 = d0 + V::loadu(&const_term[c]), d1 = d1 + V::loadu(&const_term[c + kVS]);
         if (need_o) {
           // The statistics were of the output as stored: round act(p) before using it.
-          at_p.value().store(&ov[c], n);
-          round_to_storage<scalar_t>(&ov[c], n);
-          dO = at::vec::fmadd(V::loadu(&lin_term[c], n), V::loadu(&ov[c], n), dO);
+          V o0 = a0.value(), o1 = a1.value();
+          L::round(o0, o1);
+          d0 = at::vec::fmadd(V::loadu(&lin_term[c]), o0, d0);
+          d1 = at::vec::fmadd(V::loadu(&lin_term[c + kVS]), o1, d1);
         }
-        at_p.backward(dO).store(&dv[c], n);
-      };
-      int64_t c = 0;
-      for (; c + V::size() <= C; c += V::size()) step(c, V::size());
-      if (c < C) step(c, C - c);
-      round_to_storage<scalar_t>(dv.data(), C);
-      scalar_t* dst = dpp + r * C;
-      for (int64_t k = 0; k < C; ++k) {
-        dst[k] = static_cast<scalar_t>(dv[k]);
-        acc[k] += dv[k];
-      }
+        d0 = a0.backward(d0), d1 = a1.backward(d1);
+        L::round(d0, d1);
+        L::store(dpp + r * C + c, n, d0, d1);
+        (V::loadu(acc + c) + d0).store(acc + c);
+        (V::loadu(acc + c + kVS) + d1).store(acc + c + kVS);
+      });
     }
   });
 }
@@ -168,31 +161,44 @@ template <typename scalar_t>
 std::vector<double> through_norms(const PwGeometry& g, const at::Tensor& du2d,
                                   const at::Tensor& x2d, const Norm& nx, const at::Tensor* r2d,
                                   const Norm& nr, at::Tensor* gx2d, at::Tensor* gr2d) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t C = g.Cin;
+  using L = Lanes<scalar_t>;
+  using opmath_t = typename L::opmath_t;
+  using V = typename L::V;
+  constexpr int64_t kVS = L::kHalf;
+  const int64_t C = g.Cin, width = pair_width<scalar_t>(C);
   const scalar_t* dup = du2d.data_ptr<scalar_t>();
   const scalar_t* xp = x2d.data_ptr<scalar_t>();
   const scalar_t* rp = r2d != nullptr ? r2d->data_ptr<scalar_t>() : nullptr;
   scalar_t* gxp = gx2d != nullptr ? gx2d->data_ptr<scalar_t>() : nullptr;
   scalar_t* grp = gr2d != nullptr ? gr2d->data_ptr<scalar_t>() : nullptr;
-  const NormPtrs<opmath_t> a(nx), b(nr);
-  return reduce_rows<opmath_t>(g.rows(), C, 3, [&](int64_t r0, int64_t r1, opmath_t* acc) {
+  const PaddedNorm<opmath_t> a(nx, C, width), b(nr, C, width);
+  const bool res_normed = rp != nullptr && b.defined();
+  // acc[k * width + c] += Σ du (k = 0), du (v - mean) (k = 1 for x, 2 for res); and the
+  // gradient du·scale of that input stored at out.
+  auto through = [&](const PaddedNorm<opmath_t>& nm, const scalar_t* v, scalar_t* out, int k,
+                     opmath_t* acc, int64_t c, int64_t n, const V& du0, const V& du1) {
+    V v0, v1;
+    L::load(v, n, v0, v1);
+    opmath_t* s = acc + k * width + c;
+    at::vec::fmadd(du0, v0 - V::loadu(&nm.mean[c]), V::loadu(s)).store(s);
+    at::vec::fmadd(du1, v1 - V::loadu(&nm.mean[c + kVS]), V::loadu(s + kVS)).store(s + kVS);
+    L::store(out, n, du0 * V::loadu(&nm.scale[c]), du1 * V::loadu(&nm.scale[c + kVS]));
+  };
+  return reduce_rows<opmath_t>(g.rows(), C, width, 3, [&](int64_t r0, int64_t r1, opmath_t* acc) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = r * C;
-      for (int64_t c = 0; c < C; ++c) {
-        const opmath_t du = static_cast<opmath_t>(dup[off + c]);
-        acc[c] += du;
-        if (a.mean != nullptr) {
-          acc[C + c] += du * (static_cast<opmath_t>(xp[off + c]) - a.mean[c]);
-          gxp[off + c] = static_cast<scalar_t>(du * a.scale[c]);
-        }
-        if (rp != nullptr && b.mean != nullptr) {
-          acc[2 * C + c] += du * (static_cast<opmath_t>(rp[off + c]) - b.mean[c]);
-          grp[off + c] = static_cast<scalar_t>(du * b.scale[c]);
+      for_pairs<scalar_t>(C, [&](int64_t c, int64_t n) {
+        V du0, du1;
+        L::load(dup + off + c, n, du0, du1);
+        (V::loadu(acc + c) + du0).store(acc + c);
+        (V::loadu(acc + c + kVS) + du1).store(acc + c + kVS);
+        if (a.defined()) through(a, xp + off + c, gxp + off + c, 1, acc, c, n, du0, du1);
+        if (res_normed) {
+          through(b, rp + off + c, grp + off + c, 2, acc, c, n, du0, du1);
         } else if (grp != nullptr) {
-          grp[off + c] = dup[off + c];
+          L::store(grp + off + c, n, du0, du1);
         }
-      }
+      });
     }
   });
 }
@@ -226,10 +232,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     });
     pre_act = keep_pre_act ? from_rows(p2d, out_sizes) : empty_output(x_in, x_in.scalar_type());
   });
-  if (stats) {
-    mean = mean.to(acc);
-    var = var.to(acc);
-  }
   return {from_rows(out2d, out_sizes), pre_act, mean, var};
 }
 
@@ -286,26 +288,35 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
     if (r2d.has_value()) grad_res = from_rows(gr2d, in_sizes);
   });
 
+  // The per-channel outputs, written straight from the double sums (no small ATen ops).
   auto vec_tensor = [&](const double* v, int64_t n, at::ScalarType dtype) {
-    auto t = at::empty({n}, x_in.options().dtype(at::kDouble));
-    std::copy(v, v + n, t.data_ptr<double>());
-    return t.to(dtype);
+    auto t = at::empty({n}, x_in.options().dtype(dtype));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "pw_stage_backward_vec", [&] {
+      auto* p = t.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<scalar_t>(v[i]);
+    });
+    return t;
   };
   auto grad_bias = vec_tensor(db.data(), g.Cout, weight.scalar_type());
   auto empty = [&] { return empty_output(x_in, acc); };
   at::Tensor gx_mean = empty(), gx_scale = empty(), gx_shift = empty();
   at::Tensor gr_mean = empty(), gr_scale = empty(), gr_shift = empty();
-  const auto sum_du = vec_tensor(norm_sums.data(), g.Cin, acc);
-  if (nx.defined()) {
-    gx_mean = -sum_du * nx.scale;
-    gx_scale = vec_tensor(norm_sums.data() + g.Cin, g.Cin, acc);
-    gx_shift = sum_du.clone();
-  }
-  if (nr.defined()) {
-    gr_mean = -sum_du * nr.scale;
-    gr_scale = vec_tensor(norm_sums.data() + 2 * g.Cin, g.Cin, acc);
-    gr_shift = sum_du.clone();
-  }
+  // For a norm (mean, scale, shift) of the input: grad_mean = -scale·Σ dU, grad_scale = the
+  // centred sum, grad_shift = Σ dU (Σ dU rounded to the accumulation dtype first).
+  auto norm_grads = [&](const Norm& n, const double* centred, at::Tensor& gm, at::Tensor& gs,
+                        at::Tensor& gt) {
+    gt = vec_tensor(norm_sums.data(), g.Cin, acc);
+    gs = vec_tensor(centred, g.Cin, acc);
+    gm = at::empty({g.Cin}, x_in.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, "pw_stage_backward_norm", [&] {
+      const auto* shift = gt.data_ptr<scalar_t>();
+      const auto* scale = n.scale.data_ptr<scalar_t>();
+      auto* m = gm.data_ptr<scalar_t>();
+      for (int64_t c = 0; c < g.Cin; ++c) m[c] = -shift[c] * scale[c];
+    });
+  };
+  if (nx.defined()) norm_grads(nx, norm_sums.data() + g.Cin, gx_mean, gx_scale, gx_shift);
+  if (nr.defined()) norm_grads(nr, norm_sums.data() + 2 * g.Cin, gr_mean, gr_scale, gr_shift);
   return {grad_x, gx_mean, gx_scale, gx_shift, grad_res, gr_mean, gr_scale, gr_shift, grad_w, grad_bias};
 }
 
