@@ -34,6 +34,11 @@ struct Norm {
   bool defined() const { return mean.defined(); }
 };
 
+// The dtype of the statistics and norm vectors for activations stored as `storage`.
+inline at::ScalarType acc_dtype_for(at::ScalarType storage) {
+  return storage == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // An empty [0] tensor, the value of an output that the call did not ask for.
 inline at::Tensor empty_output(const at::Tensor& like, at::ScalarType dtype) {
   return at::empty({0}, like.options().dtype(dtype));

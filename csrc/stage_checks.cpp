@@ -25,11 +25,6 @@ bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->numel() > 0;
 }
 
-// The accumulation dtype for a storage dtype: double for double, float otherwise.
-at::ScalarType acc_dtype_for(at::ScalarType storage) {
-  return storage == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // A statistics input of a backward op (grad_mean, grad_var, the forward's mean): nullopt when
 // absent or empty, else checked to be [channels] and cast to `acc_dtype`.
 std::optional<at::Tensor> stat_vector(const char* op, const char* name,
