@@ -106,8 +106,8 @@ BACKENDS = {b.name: b for b in [
 
 
 def _id(name: str, value) -> str:
-    if value is None:
-        return ""
+    if value is None:  # no kernel size (a pw case), no pinned tuning: left out
+        return "" if name in ("k", "tuning") else "None"
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     if name == "k":
@@ -123,7 +123,7 @@ def over_backends(argnames: str = "", **cases):
     `cases` maps a backend name (with "_" for "-": cpu, triton, triton_gpu, cuda, cuda_emu) to
     its list of cases, each a tuple of values for `argnames` (a bare value for one name). The
     test receives the Backend; a backend that cannot run here skips its cases, saying why. Ids
-    are "<backend>-<values>", None values left out.
+    are "<backend>-<values>", without the k or the tuning of a case that has none.
     """
     names = [n.strip() for n in argnames.split(",") if n.strip()]
     params = []
