@@ -70,8 +70,10 @@ class Backend:
         self.skip = skip
         # The ops' and the model's `backend=` (None: not reachable through them).
         self.op_backend = op_backend
-        self._dw = dw or functools.partial(dw_stage, backend=op_backend)
-        self._pw = pw or functools.partial(pw_stage, backend=op_backend)
+        self._stages = {"dw": dw or functools.partial(dw_stage, backend=op_backend),
+                        "pw": pw or functools.partial(pw_stage, backend=op_backend)}
+        if op_backend is None:  # only the stages it is given
+            self._stages = {k: v for k, v in (("dw", dw), ("pw", pw)) if v is not None}
         # An extra bound the backend's results must meet, per dtype: the max error against the
         # float64 reference relative to its largest magnitude (see emulated_cuda.DW_MAX_ERROR).
         self.max_error = max_error
@@ -84,10 +86,14 @@ class Backend:
 
     def stage(self, name: str) -> Callable:
         """dw_stage or pw_stage on this backend: fn(x, weight, bias, **kw) -> (out, mean, var)."""
-        return self._dw if name == "dw" else self._pw
+        if name not in self._stages:
+            raise ValueError(f"backend {self.name} has no {name} stage")
+        return self._stages[name]
 
     def raw(self, op: str):
         """The registered op `op` ("dw_stage", "pw_stage_backward", ...) of this backend."""
+        if self.op_backend is None:
+            raise ValueError(f"backend {self.name} has no registered ops")
         return getattr(_ops, op + self._raw_suffix)
 
 
