@@ -70,8 +70,10 @@ class Backend:
         self.skip = skip
         # The ops' and the model's `backend=` (None: not reachable through them).
         self.op_backend = op_backend
-        self._dw = dw or functools.partial(dw_stage, backend=op_backend)
-        self._pw = pw or functools.partial(pw_stage, backend=op_backend)
+        self._stages = {"dw": dw or functools.partial(dw_stage, backend=op_backend),
+                        "pw": pw or functools.partial(pw_stage, backend=op_backend)}
+        if op_backend is None:  # only the stages it is given
+            self._stages = {k: v for k, v in (("dw", dw), ("pw", pw)) if v is not None}
         # An extra bound the backend's results must meet, per dtype: the max error against the
         # float64 reference relative to its largest magnitude (see emulated_cuda.DW_MAX_ERROR).
         self.max_error = max_error
@@ -84,10 +86,14 @@ class Backend:
 
     def stage(self, name: str) -> Callable:
         """dw_stage or pw_stage on this backend: fn(x, weight, bias, **kw) -> (out, mean, var)."""
-        return self._dw if name == "dw" else self._pw
+        if name not in self._stages:
+            raise ValueError(f"backend {self.name} has no {name} stage")
+        return self._stages[name]
 
     def raw(self, op: str):
         """The registered op `op` ("dw_stage", "pw_stage_backward", ...) of this backend."""
+        if self.op_backend is None:
+            raise ValueError(f"backend {self.name} has no registered ops")
         return getattr(_ops, op + self._raw_suffix)
 
 
@@ -106,8 +112,8 @@ BACKENDS = {b.name: b for b in [
 
 
 def _id(name: str, value) -> str:
-    if value is None:
-        return ""
+    if value is None:  # no kernel size (a pw case), no pinned tuning: left out
+        return "" if name in ("k", "tuning") else "None"
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     if name == "k":
@@ -123,7 +129,7 @@ def over_backends(argnames: str = "", **cases):
     `cases` maps a backend name (with "_" for "-": cpu, triton, triton_gpu, cuda, cuda_emu) to
     its list of cases, each a tuple of values for `argnames` (a bare value for one name). The
     test receives the Backend; a backend that cannot run here skips its cases, saying why. Ids
-    are "<backend>-<values>", None values left out.
+    are "<backend>-<values>", without the k or the tuning of a case that has none.
     """
     names = [n.strip() for n in argnames.split(",") if n.strip()]
     params = []

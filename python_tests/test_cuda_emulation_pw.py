@@ -6,7 +6,8 @@ docs/OPS.md evaluated in float64: the prologue (norms + residual), the forward e
 the statistics of the stored output), the backward epilogue (dP and the bias gradient) and the
 norm-gradient kernel, for widths that fill channel blocks exactly and widths that do not, both
 load paths, and every storage dtype. The GEMMs themselves are cuBLAS's, run by the torch launcher
-and tested on a GPU (python_tests/test_cuda_gpu.py).
+and tested with the whole stage on a GPU (the "cuda" cases of python_tests/test_ops.py); there is
+no entry point for the whole pw stage, so it is not a "cuda-emu" backend there as the dw stage is.
 """
 from __future__ import annotations
 
