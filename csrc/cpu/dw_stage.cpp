@@ -1,4 +1,4 @@
-// CPU implementation of dw_stage and dw_stage_backward (docs/OPS.md, docs/CPU.md).
+// CPU implementation of dw_stage and dw_stage_backward (docs/OPS.md).
 //
 // Work is split into tasks of one image and one block of kCB channels (a pair of vectors), so
 // there are N·C/kCB tasks to share between threads whatever the channel count. A task stages its
