@@ -441,6 +441,23 @@ def test_pw_stage_grads_vs_reference(dtype, variant, act, stats):
                    lambda a: _ref_pw_fn(a, stats, kinds), leaves, cots64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_pw_stage_grads_vs_reference_several_chunks(dtype):
+    """Enough rows (4·32·32) for several row chunks of the CPU pw stage's fused pipeline, run on
+    at least two threads: its chunk GEMMs are called from the pool's threads, with a weight that
+    requires grad, and its weight gradient adds up several row groups."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        shape = (4, 24, 20, 32, 32)
+        leaves, kinds = _pw_leaves(shape, dtype, "both_norms_bias", seed=17)
+        cots64 = _cotangents((4, 20, 32, 32), 20, True, _gen(18))
+        _compare_grads(dtype, "gelu", lambda a: _pw_fn(a, True, kinds),
+                       lambda a: _ref_pw_fn(a, True, kinds), leaves, cots64)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_block_chain_gradcheck():
     """dw -> BN1 norm from its batch stats -> pw with residual, as the model chains them:
     the consumer's norm-mean gradient flows back into the producer's statistics."""
@@ -601,6 +618,17 @@ def _pw_run(dtype, seed=32):
     return [o.detach() for o in outs], list(grads)
 
 
+def _pw_run_chunked(dtype, seed=33):
+    # 4·32·32 = 4096 rows: several row chunks of the CPU pw stage's fused pipeline (float), so
+    # its chunk GEMMs run on the pool's threads and its weight gradient sums several groups.
+    leaves, kinds = _pw_leaves((4, 24, 20, 32, 32), dtype, "both_norms_bias", seed=seed)
+    fn = _pw_fn("gelu", True, kinds)
+    outs = fn(*leaves)
+    cots = [torch.ones_like(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, cots)
+    return [o.detach() for o in outs], list(grads)
+
+
 def _assert_bitwise(a, b):
     for ta, tb in zip(a, b):
         assert ta.dtype == tb.dtype and ta.shape == tb.shape
@@ -609,7 +637,7 @@ def _assert_bitwise(a, b):
         assert torch.equal(ta.reshape(-1).view(torch.uint8), tb.reshape(-1).view(torch.uint8))
 
 
-@pytest.mark.parametrize("run", [_dw_run, _pw_run], ids=["dw", "pw"])
+@pytest.mark.parametrize("run", [_dw_run, _pw_run, _pw_run_chunked], ids=["dw", "pw", "pw-chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_deterministic(run, dtype):
     outs1, grads1 = run(dtype)
@@ -618,7 +646,7 @@ def test_deterministic(run, dtype):
     _assert_bitwise(grads1, grads2)
 
 
-@pytest.mark.parametrize("run", [_dw_run, _pw_run], ids=["dw", "pw"])
+@pytest.mark.parametrize("run", [_dw_run, _pw_run, _pw_run_chunked], ids=["dw", "pw", "pw-chunks"])
 def test_deterministic_across_thread_counts(run):
     """The CPU reductions are cut into fixed chunks, so the thread count changes nothing."""
     threads = torch.get_num_threads()

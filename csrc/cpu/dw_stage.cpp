@@ -188,6 +188,7 @@ struct Slots {
   Slots(int64_t tasks, int64_t count_, int64_t width_, int64_t blocks_)
       : count(count_), width(width_), blocks(blocks_), v(tasks * count_ * width_) {}
   opmath_t* slot(int64_t task) { return v.data() + task * count * width; }
+  const opmath_t* slot(int64_t task) const { return v.data() + task * count * width; }
   // Σ over images n of slot (n, blk)[k][l], in n order, in double.
   double total(int64_t N, int64_t blk, int64_t k, int64_t l) const {
     double s = 0;
@@ -215,7 +216,8 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
   plan.for_each_block(xp, 0, [&](int64_t n, int64_t blk, const opmath_t* buf, opmath_t*) {
     const int64_t c0 = blk * kCB, cb = plan.width(blk);
     alignas(64) opmath_t tile[kXT * kCB];
-    V k0, k1, s10(opmath_t(0)), s11(opmath_t(0)), s20(opmath_t(0)), s21(opmath_t(0));
+    V k0(opmath_t(0)), k1(opmath_t(0)), s10(opmath_t(0)), s11(opmath_t(0)), s20(opmath_t(0)),
+        s21(opmath_t(0));
     for (int64_t y = 0; y < g.H; ++y) {
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
         plan.correlate(buf + plan.at(y, x0), plan.taps.data() + blk * plan.kk * kCB,
@@ -243,31 +245,18 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
     }
   });
   if (!stats) return;
-  if (g.count() == 0) {  // no values: the statistics are NaN, as 0/0 makes them
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return;
-  }
-  // Merge the tasks' shifted sums onto image 0's shift, in image order (Chan's update for a
-  // change of shift), in double.
   auto* m = mean.data_ptr<opmath_t>();
   auto* v = var.data_ptr<opmath_t>();
-  const double per_image = static_cast<double>(g.H * g.W), total = static_cast<double>(g.count());
+  const int64_t per_image = g.H * g.W;
   at::parallel_for(0, g.C, 16, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t blk = c / kCB, l = c % kCB;
-      const double K = static_cast<double>(sums.v[(blk * 3) * kCB + l]);
-      double s1 = 0, s2 = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const opmath_t* s = sums.v.data() + (n * plan.blocks + blk) * 3 * kCB;
-        const double dk = static_cast<double>(s[l]) - K;
-        const double a = static_cast<double>(s[kCB + l]), b = static_cast<double>(s[2 * kCB + l]);
-        s1 += a + per_image * dk;
-        s2 += b + 2 * dk * a + per_image * dk * dk;
-      }
-      const double d = s1 / total;
-      m[c] = static_cast<opmath_t>(K + d);
-      v[c] = static_cast<opmath_t>(std::max(s2 / total - d * d, 0.0));  // keeps a NaN
+      const auto [mc, vc] = merge_shifted_sums(g.N, [&](int64_t n) {
+        const opmath_t* s = sums.slot(n * plan.blocks + blk) + l;
+        return std::make_tuple(s[0], s[kCB], s[2 * kCB], per_image);
+      });
+      m[c] = static_cast<opmath_t>(mc);
+      v[c] = static_cast<opmath_t>(vc);
     }
   });
 }
