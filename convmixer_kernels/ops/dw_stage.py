@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_dw_stage
 from .grads import in_param_layout
@@ -78,9 +79,7 @@ def _make_backward(backward_op):
     return _backward
 
 
-torch.library.register_autograd("convmixer_kernels::dw_stage",
-                                _make_backward(_ops.dw_stage_backward),
-                                setup_context=_setup_context)
-torch.library.register_autograd("convmixer_kernels::dw_stage_triton",
-                                _make_backward(_ops.dw_stage_backward_triton),
-                                setup_context=_setup_context)
+register_autograd("convmixer_kernels::dw_stage", _make_backward(_ops.dw_stage_backward),
+                  _setup_context)
+register_autograd("convmixer_kernels::dw_stage_triton", _make_backward(_ops.dw_stage_backward_triton),
+                  _setup_context)

@@ -394,8 +394,11 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
       at::Tensor dpbuf = at::empty({ch.size, g.Cout}, opts);
       at::Tensor dubuf = at::empty({ch.size, g.Cin}, opts);
       for (int64_t j = j0; j < j1; ++j) {
-        at::Tensor gw = at::zeros({g.Cout, g.Cin}, opts);
-        for (int64_t i = j * ch.count / groups; i < (j + 1) * ch.count / groups; ++i) {
+        // The group's first chunk writes gw (no zero fill), the others add to it.
+        at::Tensor gw = at::empty({g.Cout, g.Cin}, opts);
+        const int64_t first = j * ch.count / groups, last = (j + 1) * ch.count / groups;
+        if (first == last) gw.zero_();  // no rows at all
+        for (int64_t i = first; i < last; ++i) {
           const int64_t r0 = ch.begin(i), n = ch.length(i);
           at::Tensor u = rows_of(x2d, r0, n);
           if (prologue) {
@@ -412,7 +415,11 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
           at::Tensor dp = dpbuf.narrow(0, 0, n), du = dubuf.narrow(0, 0, n);
           k.backward(gop + r0 * g.Cout, p.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(), n,
                      pre2d == nullptr ? bias_or_null : nullptr, db_part(i));
-          gw.addmm_(dp.t(), u);
+          if (i == first) {
+            at::mm_out(gw, dp.t(), u);
+          } else {
+            gw.addmm_(dp.t(), u);
+          }
           at::mm_out(du, dp, w2d);
           k.through_norms(du.data_ptr<scalar_t>(), xp + r0 * g.Cin, rp ? rp + r0 * g.Cin : nullptr,
                           gxp + r0 * g.Cin, grp ? grp + r0 * g.Cin : nullptr, n, norm_part(i));
