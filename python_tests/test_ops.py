@@ -458,6 +458,21 @@ def test_pw_stage_grads_vs_reference_several_chunks(dtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("stage", ["dw", "pw"])
+def test_gradcheck_of_statistics_alone(stage):
+    """Only the statistics are differentiated: the output's gradient reaches the formula as None
+    (gradients are not materialised) and counts as zero; pw's pre_act never gets one."""
+    gen = _gen(14)
+    x = randn(2, 3, 4, 5, dtype=torch.float64, gen=gen).requires_grad_()
+    if stage == "dw":
+        w = randn(3, 1, 3, 3, dtype=torch.float64, gen=gen, scale=0.3).requires_grad_()
+        fn = lambda x, w: dw_stage(x, w, None)[1:]  # noqa: E731
+    else:
+        w = randn(4, 3, 1, 1, dtype=torch.float64, gen=gen, scale=0.5).requires_grad_()
+        fn = lambda x, w: pw_stage(x, w, None, residual=x.flip(3))[1:]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
+
+
 def test_block_chain_gradcheck():
     """dw -> BN1 norm from its batch stats -> pw with residual, as the model chains them:
     the consumer's norm-mean gradient flows back into the producer's statistics."""

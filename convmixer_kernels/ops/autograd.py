@@ -22,7 +22,8 @@ _libs: list = []  # keeps the Library fragments (and so the registrations) alive
 def register_autograd(qualname: str, backward: Callable, setup_context: Callable) -> None:
     """Autograd for the op `qualname` ("namespace::name", overload default): `setup_context(ctx,
     inputs, output)` saves what `backward(ctx, *grads)` needs, which returns one gradient (or
-    None) per input, as for torch.library.register_autograd."""
+    None) per input, as for torch.library.register_autograd; unlike there, the gradient of an
+    output that was not differentiated arrives as None."""
     namespace, name = qualname.split("::")
     op = getattr(getattr(torch.ops, namespace), name).default
     schema = op._schema
@@ -30,6 +31,10 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
         raise ValueError(f"{qualname}: keyword-only arguments are not supported here")
 
     def forward(ctx, keyset, *args):
+        # Outputs nobody differentiates (pw_stage's pre_act, statistics that feed no norm) reach
+        # the backward as None instead of materialised zeros: pre_act alone would cost an
+        # activation-sized fill per call. The formulas treat None as zero.
+        ctx.set_materialize_grads(False)
         with _C._AutoDispatchBelowAutograd():
             output = op.redispatch(keyset & _C._after_autograd_keyset, *args)
         setup_context(ctx, args, output)

@@ -70,6 +70,8 @@ def _make_backward(backward_op):
     """The autograd formula of a dw_stage op whose backward op is `backward_op`."""
     def _backward(ctx, grad_out, grad_mean, grad_var):
         x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
+        if grad_out is None:  # only the statistics were differentiated
+            grad_out = torch.zeros_like(x, memory_format=torch.channels_last)
         gx, gmean, gscale, gshift, gw, gb = backward_op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
             ctx.act)

@@ -88,6 +88,9 @@ def _make_backward(backward_op):
     def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
          mean) = ctx.saved_tensors
+        if grad_out is None:  # only the statistics were differentiated
+            grad_out = x.new_zeros((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(
+                memory_format=torch.channels_last)
         grads = backward_op(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act)
         gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
