@@ -142,6 +142,17 @@ struct DwPlan {
     });
   }
 
+  // Prefetches the block's lanes of the nx pixels of a tile of the NHWC tensor at p (its first
+  // pixel's block): they are a C-strided gather the hardware prefetchers do not follow, and the
+  // tile's taps take long enough to hide the memory latency. For writing when `write`.
+  template <bool write = false>
+  void prefetch_tile(const scalar_t* p, int64_t nx) const {
+    constexpr int64_t kLine = 64 / sizeof(scalar_t);
+    for (int64_t x = 0; x < nx; ++x, p += g.C) {
+      for (int64_t l = 0; l < kCB; l += kLine) __builtin_prefetch(p + l, write ? 1 : 0);
+    }
+  }
+
   // gw[t] += Σ_{y,x} dA[y][x] * xs[y + i][x + j] for the taps t = i·k + j, j in [j0, j0 + J):
   // J taps of kernel row i stay in registers while the image streams through them.
   template <int J>
@@ -220,10 +231,11 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
         s21(opmath_t(0));
     for (int64_t y = 0; y < g.H; ++y) {
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
-        plan.correlate(buf + plan.at(y, x0), plan.taps.data() + blk * plan.kk * kCB,
-                       plan.bias.data() + c0, tile);
         const int64_t nx = std::min<int64_t>(kXT, g.W - x0);
         scalar_t* dst = op + ((n * g.H + y) * g.W + x0) * g.C + c0;
+        plan.template prefetch_tile<true>(dst, nx);
+        plan.correlate(buf + plan.at(y, x0), plan.taps.data() + blk * plan.kk * kCB,
+                       plan.bias.data() + c0, tile);
         for (int64_t xo = 0; xo < nx; ++xo, dst += g.C) {
           V a = act_forward<A>(V::loadu(tile + xo * kCB));
           V b = act_forward<A>(V::loadu(tile + xo * kCB + kVS));
@@ -305,10 +317,11 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
     // Pass 1: recompute a, form dA into its padded buffer, sum the bias gradient.
     for (int64_t y = 0; y < g.H; ++y) {
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
-        plan.correlate(xs + plan.at(y, x0), plan.taps.data() + blk * kk * kCB,
-                       plan.bias.data() + c0, tile);
         const int64_t nx = std::min<int64_t>(kXT, g.W - x0);
         const scalar_t* go = gop + ((n * g.H + y) * g.W + x0) * g.C + c0;
+        plan.prefetch_tile(go, nx);
+        plan.correlate(xs + plan.at(y, x0), plan.taps.data() + blk * kk * kCB,
+                       plan.bias.data() + c0, tile);
         opmath_t* da = dA + plan.at(y + g.pad, x0 + g.pad);
         for (int64_t xo = 0; xo < nx; ++xo, go += g.C, da += kCB) {
           V d0, d1;
@@ -339,10 +352,12 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
     }
     for (int64_t y = 0; y < g.H; ++y) {
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
-        plan.correlate(dA + plan.at(y, x0), plan.flipped.data() + blk * kk * kCB, nullptr,
-                       tile);
         const int64_t nx = std::min<int64_t>(kXT, g.W - x0);
         const int64_t pix = (n * g.H + y) * g.W + x0;
+        plan.template prefetch_tile<true>(gxp + pix * g.C + c0, nx);
+        if (normed) plan.prefetch_tile(xp + pix * g.C + c0, nx);
+        plan.correlate(dA + plan.at(y, x0), plan.flipped.data() + blk * kk * kCB, nullptr,
+                       tile);
         for (int64_t xo = 0; xo < nx; ++xo) {
           const int64_t off = (pix + xo) * g.C + c0;
           const V dx0 = V::loadu(tile + xo * kCB), dx1 = V::loadu(tile + xo * kCB + kVS);

@@ -20,6 +20,7 @@
 #include "../stage_checks.h"
 
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 
@@ -238,14 +239,19 @@ std::vector<double> total_parts(const std::vector<opmath_t>& parts, int64_t chun
   return total;
 }
 
-// p = u Wᵀ (+ bias) into p.
-void gemm_into(at::Tensor& p, const at::Tensor& u, const at::Tensor& w2d,
-               const std::optional<at::Tensor>& bias) {
-  if (bias.has_value()) {
-    at::addmm_out(p, *bias, u, w2d.t());
-  } else {
-    at::mm_out(p, u, w2d.t());
-  }
+// p = u Wᵀ + bias for the whole matrix (the bfloat16/half path). With a bias, oneDNN's linear
+// (mkldnn::_linear_pointwise, what Inductor calls) adds it inside the GEMM: bitwise what addmm
+// gives, without addmm's first pass copying the broadcast bias into the output. A torch without
+// that op gets addmm.
+at::Tensor gemm(const at::Tensor& u, const at::Tensor& w2d, const std::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return at::mm(u, w2d.t());
+  static const auto linear =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  if (!linear.has_value() || !w2d.is_contiguous()) return at::addmm(*bias, u, w2d.t());
+  torch::jit::Stack stack{u, w2d, *bias, std::string("none"),
+                          c10::List<std::optional<at::Scalar>>(), std::string("")};
+  linear->callBoxed(&stack);
+  return stack[0].toTensor();
 }
 
 at::Tensor rows_of(const at::Tensor& t2d, int64_t begin, int64_t length) {
@@ -316,8 +322,7 @@ void pw_forward(const PwGeometry& g, const at::Tensor& x2d, const Norm& nx, cons
         }
       });
     }
-    pre2d = at::empty({rows, g.Cout}, opts);
-    gemm_into(pre2d, u, w2d, bias);
+    pre2d = gemm(u, w2d, bias);
     scalar_t* pp = pre2d.data_ptr<scalar_t>();
     at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -449,13 +454,7 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
         }
       });
     }
-    at::Tensor p;
-    if (pre2d != nullptr) {
-      p = *pre2d;
-    } else {
-      p = at::empty({rows, g.Cout}, opts);
-      gemm_into(p, u, w2d, bias);
-    }
+    const at::Tensor p = pre2d != nullptr ? *pre2d : gemm(u, w2d, bias);
     auto dp = at::empty({rows, g.Cout}, opts);
     const scalar_t* pp = p.data_ptr<scalar_t>();
     scalar_t* dpp = dp.data_ptr<scalar_t>();
