@@ -110,20 +110,28 @@ struct PwRows {
     return b;
   }
 
+  // The prologue on one pair of lanes (k of them valid) at channel c: x and res loaded (res is
+  // null without a residual), u = norm_x(x) + norm_res(res).
+  void prologue_pair(const scalar_t* x, const scalar_t* res, int64_t c, int64_t k, V (&xv)[2],
+                     V (&rv)[2], V (&u)[2]) const {
+    L::load(x + c, k, xv[0], xv[1]);
+    u[0] = xv[0], u[1] = xv[1];
+    if (nx.defined()) apply(nx, c, u[0], u[1]);
+    if (res != nullptr) {
+      L::load(res + c, k, rv[0], rv[1]);
+      V w0 = rv[0], w1 = rv[1];
+      if (nr.defined()) apply(nr, c, w0, w1);
+      u[0] = u[0] + w0, u[1] = u[1] + w1;
+    }
+  }
+
   // u = norm_x(x) + norm_res(res) for n rows, in the storage dtype; res may be null.
   void prologue(const scalar_t* x, const scalar_t* res, scalar_t* u, int64_t n) const {
     for (int64_t r = 0; r < n; ++r, x += Cin, u += Cin, res += res ? Cin : 0) {
       for_pairs<scalar_t>(Cin, [&](int64_t c, int64_t k) {
-        V v0, v1;
-        L::load(x + c, k, v0, v1);
-        if (nx.defined()) apply(nx, c, v0, v1);
-        if (res != nullptr) {
-          V w0, w1;
-          L::load(res + c, k, w0, w1);
-          if (nr.defined()) apply(nr, c, w0, w1);
-          v0 = v0 + w0, v1 = v1 + w1;
-        }
-        L::store(u + c, k, v0, v1);
+        V xv[2], rv[2], uv[2];
+        prologue_pair(x, res, c, k, xv, rv, uv);
+        L::store(u + c, k, uv[0], uv[1]);
       });
     }
   }
@@ -183,34 +191,59 @@ struct PwRows {
     }
   }
 
-  // From dU = dP W, for n rows: grad_x = dU·scale_x (dU itself without a norm), grad_res likewise
-  // (when res is given), and acc (3 × win lanes) += Σ dU, Σ dU (x - mean_x), Σ dU (res - mean_res).
-  // gx or gr may alias du (then dU is the gradient itself and is not copied).
-  void through_norms(const scalar_t* du, const scalar_t* x, const scalar_t* res, scalar_t* gx,
-                     scalar_t* gr, int64_t n, opmath_t* acc) const {
-    // One input's part: v its rows, out its gradient's rows, dur dU's rows.
-    auto through = [&](const PaddedNorm<opmath_t>& nm, const scalar_t* v, scalar_t* out,
-                       const scalar_t* dur, opmath_t* sum, int64_t c, int64_t k, const V& du0,
-                       const V& du1) {
+  // The norm gradients on one pair of lanes at channel c of a row, from its dU (du0, du1) and
+  // its x and res lanes: grad_x = dU·scale_x (dU itself without a norm), grad_res likewise (when
+  // res is given), and acc (3 × win lanes) += Σ dU, Σ dU (x - mean_x), Σ dU (res - mean_res).
+  // gx or gr may alias dur, the row of dU (then dU is the gradient itself and is not copied).
+  void through_pair(const V& du0, const V& du1, const V (&xv)[2], const V (&rv)[2], bool res,
+                    const scalar_t* dur, scalar_t* gx, scalar_t* gr, int64_t c, int64_t k,
+                    opmath_t* acc) const {
+    auto through = [&](const PaddedNorm<opmath_t>& nm, const V (&v)[2], scalar_t* out,
+                       opmath_t* sum) {
       if (!nm.defined()) {
         if (out != dur) L::store(out + c, k, du0, du1);
         return;
       }
-      V v0, v1;
-      L::load(v + c, k, v0, v1);
-      (at::vec::fmadd(du0, v0 - V::loadu(&nm.mean[c]), V::loadu(sum + c))).store(sum + c);
-      (at::vec::fmadd(du1, v1 - V::loadu(&nm.mean[c + kVS]), V::loadu(sum + c + kVS)))
+      (at::vec::fmadd(du0, v[0] - V::loadu(&nm.mean[c]), V::loadu(sum + c))).store(sum + c);
+      (at::vec::fmadd(du1, v[1] - V::loadu(&nm.mean[c + kVS]), V::loadu(sum + c + kVS)))
           .store(sum + c + kVS);
       L::store(out + c, k, du0 * V::loadu(&nm.scale[c]), du1 * V::loadu(&nm.scale[c + kVS]));
     };
+    add_to(acc + c, du0, du1);
+    through(nx, xv, gx, acc + win);
+    if (res) through(nr, rv, gr, acc + 2 * win);
+  }
+
+  // The norm gradients (through_pair) for n rows of dU, x and res (res may be null).
+  void through_norms(const scalar_t* du, const scalar_t* x, const scalar_t* res, scalar_t* gx,
+                     scalar_t* gr, int64_t n, opmath_t* acc) const {
     for (int64_t r = 0; r < n; ++r) {
       const int64_t off = r * Cin;
       for_pairs<scalar_t>(Cin, [&](int64_t c, int64_t k) {
-        V du0, du1;
+        V du0, du1, xv[2], rv[2];
         L::load(du + off + c, k, du0, du1);
-        add_to(acc + c, du0, du1);
-        through(nx, x + off, gx + off, du + off, acc + win, c, k, du0, du1);
-        if (res != nullptr) through(nr, res + off, gr + off, du + off, acc + 2 * win, c, k, du0, du1);
+        if (nx.defined()) L::load(x + off + c, k, xv[0], xv[1]);
+        if (res != nullptr && nr.defined()) L::load(res + off + c, k, rv[0], rv[1]);
+        through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx + off,
+                     res ? gr + off : nullptr, c, k, acc);
+      });
+    }
+  }
+
+  // The prologue and the norm gradients in one pass over n rows of x and res (read once): u
+  // (when u is not null) as prologue() writes it, and what through_norms() computes from dU.
+  void prologue_and_through_norms(const scalar_t* x, const scalar_t* res, const scalar_t* du,
+                                  scalar_t* u, scalar_t* gx, scalar_t* gr, int64_t n,
+                                  opmath_t* acc) const {
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t off = r * Cin;
+      for_pairs<scalar_t>(Cin, [&](int64_t c, int64_t k) {
+        V xv[2], rv[2], uv[2], du0, du1;
+        prologue_pair(x + off, res ? res + off : nullptr, c, k, xv, rv, uv);
+        if (u != nullptr) L::store(u + off + c, k, uv[0], uv[1]);
+        L::load(du + off + c, k, du0, du1);
+        through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx + off,
+                     res ? gr + off : nullptr, c, k, acc);
       });
     }
   }
@@ -405,29 +438,32 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
         if (first == last) gw.zero_();  // no rows at all
         for (int64_t i = first; i < last; ++i) {
           const int64_t r0 = ch.begin(i), n = ch.length(i);
-          at::Tensor u = rows_of(x2d, r0, n);
-          if (prologue) {
-            u = ubuf.narrow(0, 0, n);
-            k.prologue(xp + r0 * g.Cin, rp ? rp + r0 * g.Cin : nullptr, u.data_ptr<scalar_t>(), n);
-          }
+          const scalar_t* xr = xp + r0 * g.Cin;
+          const scalar_t* rr = rp ? rp + r0 * g.Cin : nullptr;
+          at::Tensor u = prologue ? ubuf.narrow(0, 0, n) : rows_of(x2d, r0, n);
           at::Tensor p;
           if (pre2d != nullptr) {
             p = rows_of(*pre2d, r0, n);
           } else {
+            // Recomputing p needs u before anything else.
+            if (prologue) k.prologue(xr, rr, u.data_ptr<scalar_t>(), n);
             p = pbuf.narrow(0, 0, n);
             at::mm_out(p, u, w2d.t());
           }
           at::Tensor dp = dpbuf.narrow(0, 0, n), du = dubuf.narrow(0, 0, n);
           k.backward(gop + r0 * g.Cout, p.data_ptr<scalar_t>(), dp.data_ptr<scalar_t>(), n,
                      pre2d == nullptr ? bias_or_null : nullptr, db_part(i));
+          at::mm_out(du, dp, w2d);
+          // x and res are read once, for u and for the norm gradients together.
+          k.prologue_and_through_norms(xr, rr, du.data_ptr<scalar_t>(),
+                                       prologue && pre2d != nullptr ? u.data_ptr<scalar_t>() : nullptr,
+                                       gxp + r0 * g.Cin, grp ? grp + r0 * g.Cin : nullptr, n,
+                                       norm_part(i));
           if (i == first) {
             at::mm_out(gw, dp.t(), u);
           } else {
             gw.addmm_(dp.t(), u);
           }
-          at::mm_out(du, dp, w2d);
-          k.through_norms(du.data_ptr<scalar_t>(), xp + r0 * g.Cin, rp ? rp + r0 * g.Cin : nullptr,
-                          gxp + r0 * g.Cin, grp ? grp + r0 * g.Cin : nullptr, n, norm_part(i));
         }
         gw_parts[j] = gw;
       }
@@ -435,10 +471,12 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
     // Σ of the groups' partial weight gradients, in group order, in double.
     out.gw = at::empty({g.Cout, g.Cin}, opts);
     scalar_t* gwp = out.gw.data_ptr<scalar_t>();
+    std::vector<const scalar_t*> parts_p(groups);
+    for (int64_t j = 0; j < groups; ++j) parts_p[j] = gw_parts[j].data_ptr<scalar_t>();
     at::parallel_for(0, g.Cout * g.Cin, 4096, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e) {
         double s = 0;
-        for (int64_t j = 0; j < groups; ++j) s += static_cast<double>(gw_parts[j].data_ptr<scalar_t>()[e]);
+        for (int64_t j = 0; j < groups; ++j) s += static_cast<double>(parts_p[j][e]);
         gwp[e] = static_cast<scalar_t>(s);
       }
     });
