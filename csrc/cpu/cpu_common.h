@@ -60,10 +60,26 @@ struct FloatLanes {
     return V::blendv((p * s1) * s2, x, x != x);  // NaN in, NaN out
   }
 
+  // 1 / d for d >= 1: the hardware's approximate reciprocal and one Newton step (relative error
+  // about 2^-24 after it), instead of a full-width division, the slowest instruction of the
+  // GELU (erf's t = 1 / (1 + p|x|) is never below 1, so no special values reach it).
+  static V reciprocal(const V& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const V r(_mm512_rcp14_ps(d));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const V r(_mm256_rcp_ps(d));
+#else
+    return V(1.0f) / d;
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    return at::vec::fmadd(at::vec::fmadd(d, V(0.0f) - r, V(1.0f)), r, r);  // r + r (1 - d r)
+#endif
+  }
+
   static V erf(const V& x) {
     const V sign = x & V(-0.0f);
     const V a = x.abs();
-    const V t = V(1.0f) / at::vec::fmadd(V(0.3275911f), a, V(1.0f));
+    const V t = reciprocal(at::vec::fmadd(V(0.3275911f), a, V(1.0f)));
     V poly(1.061405429f);
     poly = at::vec::fmadd(poly, t, V(-1.453152027f));
     poly = at::vec::fmadd(poly, t, V(1.421413741f));
