@@ -210,6 +210,22 @@ def test_pw_stage(backend, dtype, shape, act, mode, parts, layout, tuning):
         check_case(_pw(backend, dtype, shape, act, mode, parts, layout), backend)
 
 
+# 4·32·32 = 4096 rows: several row chunks of the CPU pw stage's fused pipeline (float), so its
+# chunk GEMMs run on the pool's threads and its weight gradient sums several row groups.
+PW_CHUNKED = (4, 24, 20, 32, 32)
+
+
+@over_backends("dtype", cpu=[f64, f32])
+def test_pw_stage_several_chunks(backend, dtype):
+    """The chunked pipeline on at least two threads, with a weight that requires grad."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        check_case(_pw(backend, dtype, PW_CHUNKED), backend)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------
 # float64 gradcheck of every differentiable input
 
@@ -241,6 +257,21 @@ def test_dw_stage_gradcheck(backend, shape, k, act, parts, mode):
 @over_backends("parts,act,mode", cpu=product(PW_PARTS, ACTS, MODES))
 def test_pw_stage_gradcheck(backend, parts, act, mode):
     assert gradcheck_case(_pw(backend, f64, (2, 4, 3, 3, 4), act, mode, parts), backend)
+
+
+@over_backends("stage", cpu=["dw", "pw"])
+def test_gradcheck_of_statistics_alone(backend, stage):
+    """Only the statistics are differentiated: the output's gradient reaches the formula as None
+    (gradients are not materialised) and counts as zero; pw's pre_act never gets one."""
+    gen = _gen(14)
+    x = randn(2, 3, 4, 5, dtype=f64, gen=gen).to(backend.device).requires_grad_()
+    if stage == "dw":
+        w = randn(3, 1, 3, 3, dtype=f64, gen=gen, scale=0.3).to(backend.device).requires_grad_()
+        fn = lambda x, w: backend.stage("dw")(x, w, None)[1:]  # noqa: E731
+    else:
+        w = randn(4, 3, 1, 1, dtype=f64, gen=gen, scale=0.5).to(backend.device).requires_grad_()
+        fn = lambda x, w: backend.stage("pw")(x, w, None, residual=x.flip(3))[1:]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w))
 
 
 @over_backends(cpu=ONCE)
@@ -447,7 +478,8 @@ def test_stats_of_large_offset(backend, stage, shape):
     "stage,dtype,shape,k,act,tuning",
     # N·H·W = 3·9·13 = 351 rows: more than one 128-row chunk of the CPU reductions.
     cpu=[(s, d, sh, k, "gelu", None) for d in (f32, bf16)
-         for s, sh, k in (("dw", (3, 40, 9, 13), 7), ("pw", (3, 40, 36, 9, 13), None))],
+         for s, sh, k in (("dw", (3, 40, 9, 13), 7), ("pw", (3, 40, 36, 9, 13), None),
+                          ("pw", PW_CHUNKED, None))],
     triton=[("dw", f32, (2, 12, 5, 9), 3, "gelu", "tiles4")],
     triton_gpu=[("dw", bf16, (8, 192, 32, 32), 9, "gelu", None),
                 ("pw", bf16, (8, 192, 192, 32, 32), None, "relu", None)],
@@ -469,11 +501,11 @@ def test_deterministic(backend, stage, dtype, shape, k, act, tuning):
     assert_bitwise(first[1], second[1])
 
 
-@over_backends("stage", cpu=["dw", "pw"])
-def test_deterministic_across_thread_counts(backend, stage):
+@over_backends("stage,shape", cpu=[("dw", (3, 40, 9, 13)), ("pw", (3, 40, 36, 9, 13)),
+                                   ("pw", PW_CHUNKED)])
+def test_deterministic_across_thread_counts(backend, stage, shape):
     """The CPU reductions are cut into fixed chunks, so the thread count changes nothing."""
-    case = (_dw(backend, f32, (3, 40, 9, 13), 7) if stage == "dw" else
-            _pw(backend, f32, (3, 40, 36, 9, 13)))
+    case = _dw(backend, f32, shape, 7) if stage == "dw" else _pw(backend, f32, shape)
     cots = cast_cotangents(cotangents(case), f32)
     threads = torch.get_num_threads()
     try:

@@ -146,6 +146,9 @@ def parse_args(argv=None):
                    help="SGD with momentum (default) or AdamW")
     p.add_argument("--threads", type=int,
                    help="CPU threads (torch.set_num_threads); default: torch's, one per core")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before timing, wait up to SECONDS for other processes to use under 5%% "
+                        "of the CPU (a warning if they never do)")
     p.add_argument("--warmup", type=int, default=None, help="default 2 CPU, 5 GPU")
     p.add_argument("--contenders", nargs="+",
                    help="any of: eager-nchw eager-channels-last compile compile-max-autotune "
@@ -222,7 +225,7 @@ def main(argv=None) -> None:
     timed = run(args.contenders, args.model, args.batch_size, args.image_size, dtype, device,
                 args.steps, args.warmup, args.seed, progress=bar,
                 measure_memory=not args.no_memory, optimizer=args.optimizer,
-                overrides=overrides)
+                overrides=overrides, wait_quiet_s=args.wait_quiet)
     results = timed.results
     if bar:
         bar.close()

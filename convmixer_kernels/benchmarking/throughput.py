@@ -140,7 +140,8 @@ class Run:
 
 
 def run(contenders, model_name, batch, image, dtype, device, steps, warmup, seed=0,
-        progress=None, measure_memory=True, optimizer="sgd", overrides=None) -> Run:
+        progress=None, measure_memory=True, optimizer="sgd", overrides=None,
+        wait_quiet_s: float = 0.0) -> Run:
     """Sets every contender up, then times them interleaved: timed round r runs one step of
     each contender in turn, so a slow spell of a shared machine lands on all of them. Each step
     is also charged its CPU time and the machine's load (convmixer_kernels.benchmarking.load)."""
@@ -159,6 +160,9 @@ def run(contenders, model_name, batch, image, dtype, device, steps, warmup, seed
             setups[c] = s
         except Exception as exc:  # a contender that cannot run is reported, not fatal
             results[c].error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    quiet = None
+    if wait_quiet_s > 0 and device.type == "cpu":
+        quiet = load.wait_for_quiet(wait_quiet_s)
     load_before = load.loadavg()
     for _ in range(steps):
         for c, s in list(setups.items()):
@@ -198,4 +202,7 @@ def run(contenders, model_name, batch, image, dtype, device, steps, warmup, seed
         if best_compile:
             r.speedup_vs_compile = best_compile / r.step_ms
     warnings = load.assess(timed, threads, load_before) if device.type == "cpu" else []
+    if quiet is not None and not quiet[0] and quiet[1] is not None:
+        warnings.insert(0, f"waited {wait_quiet_s:.0f} s for an idle machine in vain: other "
+                           f"processes still used {100 * quiet[1]:.0f}% of the CPU")
     return Run(list(results.values()), threads, load_before, load_after, timed, warnings)

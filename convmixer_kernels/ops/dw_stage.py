@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_dw_stage
 from .grads import in_param_layout
@@ -69,6 +70,8 @@ def _make_backward(backward_op):
     """The autograd formula of a dw_stage op whose backward op is `backward_op`."""
     def _backward(ctx, grad_out, grad_mean, grad_var):
         x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
+        if grad_out is None:  # only the statistics were differentiated
+            grad_out = torch.zeros_like(x, memory_format=torch.channels_last)
         gx, gmean, gscale, gshift, gw, gb = backward_op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
             ctx.act)
@@ -78,9 +81,7 @@ def _make_backward(backward_op):
     return _backward
 
 
-torch.library.register_autograd("convmixer_kernels::dw_stage",
-                                _make_backward(_ops.dw_stage_backward),
-                                setup_context=_setup_context)
-torch.library.register_autograd("convmixer_kernels::dw_stage_triton",
-                                _make_backward(_ops.dw_stage_backward_triton),
-                                setup_context=_setup_context)
+register_autograd("convmixer_kernels::dw_stage", _make_backward(_ops.dw_stage_backward),
+                  _setup_context)
+register_autograd("convmixer_kernels::dw_stage_triton", _make_backward(_ops.dw_stage_backward_triton),
+                  _setup_context)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_pw_stage
 from .grads import in_param_layout
@@ -87,6 +88,9 @@ def _make_backward(backward_op):
     def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
          mean) = ctx.saved_tensors
+        if grad_out is None:  # only the statistics were differentiated
+            grad_out = x.new_zeros((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(
+                memory_format=torch.channels_last)
         grads = backward_op(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act)
         gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
@@ -98,9 +102,7 @@ def _make_backward(backward_op):
     return _backward
 
 
-torch.library.register_autograd("convmixer_kernels::pw_stage",
-                                _make_backward(_ops.pw_stage_backward),
-                                setup_context=_setup_context)
-torch.library.register_autograd("convmixer_kernels::pw_stage_triton",
-                                _make_backward(_ops.pw_stage_backward_triton),
-                                setup_context=_setup_context)
+register_autograd("convmixer_kernels::pw_stage", _make_backward(_ops.pw_stage_backward),
+                  _setup_context)
+register_autograd("convmixer_kernels::pw_stage_triton", _make_backward(_ops.pw_stage_backward_triton),
+                  _setup_context)

@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <dlfcn.h>
+
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -23,13 +25,91 @@ namespace cpu {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
+// exp and erf on float lanes, inline. ATen's Vectorized<float> calls Sleef out of line for exp
+// (and so for erf): a call per vector in the kernels' innermost loops, with every live vector of
+// the caller spilled around it, since the ABI preserves none. These are as accurate as ATen's:
+// exp to about 1 ulp (Cody–Waite reduction by ln 2, degree-7 Taylor polynomial on
+// |r| <= ln2/2, whose truncation error is below 1e-8 relative), and erf by the same
+// Abramowitz–Stegun formula 7.1.26 that Vectorized<float>::erf evaluates (absolute error below
+// 1.5e-7). NaN propagates; exp overflows to inf and flushes results below FLT_MIN to zero.
+struct FloatLanes {
+  using V = Vec<float>;
+  using I = Vec<int32_t>;
+
+  static V exp(const V& x) {
+    // Below lo exp(x) rounds to zero even as a denormal; above hi it overflows to inf.
+    const V lo(-104.0f), hi(88.7229f);
+    const V xc = V::blendv(V::blendv(x, lo, x < lo), hi, x > hi);
+    const V n = (xc * V(1.44269504088896341f)).round();
+    // r = x - n ln2, with ln2 = 0.693359375 (9 bits, so n·0.693359375 is exact) - 2.12194440e-4
+    const V r = at::vec::fmadd(n, V(2.12194440e-4f), at::vec::fmadd(n, V(-0.693359375f), xc));
+    V p(1.0f / 5040);
+    p = at::vec::fmadd(p, r, V(1.0f / 720));
+    p = at::vec::fmadd(p, r, V(1.0f / 120));
+    p = at::vec::fmadd(p, r, V(1.0f / 24));
+    p = at::vec::fmadd(p, r, V(1.0f / 6));
+    p = at::vec::fmadd(p, r, V(0.5f));
+    p = at::vec::fmadd(p, r, V(1.0f));
+    p = at::vec::fmadd(p, r, V(1.0f));
+    // 2^n as two normal powers of two 2^n1 · 2^n2 (n in [-150, 128]), so that the products
+    // underflow through the denormals and overflow to inf as exp itself does.
+    const I ni = at::vec::convert_to_int_of_same_size(n);
+    const I n1 = ni >> I(1), n2 = ni - n1;
+    const V s1 = at::vec::cast<float>((n1 + I(127)) << I(23));
+    const V s2 = at::vec::cast<float>((n2 + I(127)) << I(23));
+    return V::blendv((p * s1) * s2, x, x != x);  // NaN in, NaN out
+  }
+
+  // 1 / d for d >= 1: the hardware's approximate reciprocal and one Newton step (relative error
+  // about 2^-24 after it), instead of a full-width division, the slowest instruction of the
+  // GELU (erf's t = 1 / (1 + p|x|) is never below 1, so no special values reach it).
+  static V reciprocal(const V& d) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const V r(_mm512_rcp14_ps(d));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const V r(_mm256_rcp_ps(d));
+#else
+    return V(1.0f) / d;
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    return at::vec::fmadd(at::vec::fmadd(d, V(0.0f) - r, V(1.0f)), r, r);  // r + r (1 - d r)
+#endif
+  }
+
+  static V erf(const V& x) {
+    const V sign = x & V(-0.0f);
+    const V a = x.abs();
+    const V t = reciprocal(at::vec::fmadd(V(0.3275911f), a, V(1.0f)));
+    V poly(1.061405429f);
+    poly = at::vec::fmadd(poly, t, V(-1.453152027f));
+    poly = at::vec::fmadd(poly, t, V(1.421413741f));
+    poly = at::vec::fmadd(poly, t, V(-0.284496736f));
+    poly = at::vec::fmadd(poly, t, V(0.254829592f));
+    poly = poly * t;
+    const V y = V(1.0f) - poly * exp(V(0.0f) - a * a);
+    return y | sign;
+  }
+};
+
 // The lane policy of the activation maths (csrc/activation.h) on Vectorized lanes.
 template <typename T>
 struct VecMath {
   using V = Vec<T>;
   static V c(double v) { return V(T(v)); }
-  static V erf(const V& v) { return v.erf(); }
-  static V exp(const V& v) { return v.exp(); }
+  static V erf(const V& v) {
+    if constexpr (std::is_same_v<T, float>) {
+      return FloatLanes::erf(v);
+    } else {
+      return v.erf();
+    }
+  }
+  static V exp(const V& v) {
+    if constexpr (std::is_same_v<T, float>) {
+      return FloatLanes::exp(v);
+    } else {
+      return v.exp();
+    }
+  }
   static V where(const V& mask, const V& x, const V& y) { return V::blendv(y, x, mask); }
 };
 
@@ -82,6 +162,34 @@ class AlignedBuffer {
   };
   int64_t n_;
   std::unique_ptr<T[], Free> p_;
+};
+
+// Keeps the BLAS on one thread for the calling thread while alive. The fused pw pipeline runs
+// its chunk GEMMs on the pool's threads, one GEMM per thread; MKL does not reliably stay
+// sequential there (with two pool threads it measurably split a GEMM's reduction, changing the
+// weight gradient's rounding with the thread count, and oversubscribed the cores). MKL's
+// thread-local setting is looked up at run time (its C entry point: the lower-case symbol is the
+// Fortran one, which takes a pointer), so a torch built on another BLAS loads as well.
+class SequentialBlas {
+ public:
+  SequentialBlas() : set_(lookup()) {
+    if (set_ != nullptr) prev_ = set_(1);
+  }
+  ~SequentialBlas() {
+    if (set_ != nullptr) set_(prev_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);
+  static SetLocal lookup() {
+    static const SetLocal f =
+        reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    return f;
+  }
+  SetLocal set_;
+  int prev_ = 0;
 };
 
 // Storage values <-> opmath lanes, a pair of opmath vectors at a time: a bfloat16/half vector
@@ -234,25 +342,25 @@ struct PaddedNorm {
   bool defined() const { return !mean.empty(); }
 };
 
-// Mean and biased variance, as [C] tensors of the accumulation dtype `acc`, from shifted sums:
-// s1 = Σ(v - K), s2 = Σ(v - K)^2 over `count` values per channel. The shift K is a sample of the
-// data, so the subtraction below loses little even when |mean| >> std (docs/DESIGN.md §6).
-inline std::tuple<at::Tensor, at::Tensor> stats_from_shifted_sums(
-    const std::vector<double>& shift, const double* s1, const double* s2, int64_t C, int64_t count,
-    const at::TensorOptions& options, at::ScalarType acc) {
-  auto mean = at::empty({C}, options.dtype(acc));
-  auto var = at::empty({C}, options.dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "stats_from_shifted_sums", [&] {
-    auto* m = mean.data_ptr<scalar_t>();
-    auto* v = var.data_ptr<scalar_t>();
+// Mean and biased variance of one channel from shifted sums kept per part (an image, a chunk of
+// rows): part(p) gives (K, Σ(v - K), Σ(v - K)², count) with its own shift K, a value of its data,
+// so that the sums lose little even when |mean| >> std (docs/DESIGN.md §6). The parts are moved
+// onto part 0's shift and added in part order, in double (Chan's update for a change of shift):
+// the same result whatever the thread count. No values give NaN, as 0/0 does.
+template <typename Part>
+std::pair<double, double> merge_shifted_sums(int64_t parts, const Part& part) {
+  double K = 0, s1 = 0, s2 = 0, total = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    const auto [k, a, b, count] = part(p);
     const double n = static_cast<double>(count);
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = s1[c] / n;
-      m[c] = static_cast<scalar_t>(shift[c] + d);
-      v[c] = static_cast<scalar_t>(std::max(s2[c] / n - d * d, 0.0));  // keeps a NaN first argument
-    }
-  });
-  return {mean, var};
+    if (p == 0) K = static_cast<double>(k);
+    const double dk = static_cast<double>(k) - K;
+    s1 += static_cast<double>(a) + n * dk;
+    s2 += static_cast<double>(b) + 2 * dk * static_cast<double>(a) + n * dk * dk;
+    total += n;
+  }
+  const double d = s1 / total;
+  return {K + d, std::max(s2 / total - d * d, 0.0)};  // std::max keeps a NaN first argument
 }
 
 }  // namespace cpu

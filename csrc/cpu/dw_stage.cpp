@@ -142,6 +142,17 @@ struct DwPlan {
     });
   }
 
+  // Prefetches the block's lanes of the nx pixels of a tile of the NHWC tensor at p (its first
+  // pixel's block): they are a C-strided gather the hardware prefetchers do not follow, and the
+  // tile's taps take long enough to hide the memory latency. For writing when `write`.
+  template <bool write = false>
+  void prefetch_tile(const scalar_t* p, int64_t nx) const {
+    constexpr int64_t kLine = 64 / sizeof(scalar_t);
+    for (int64_t x = 0; x < nx; ++x, p += g.C) {
+      for (int64_t l = 0; l < kCB; l += kLine) __builtin_prefetch(p + l, write ? 1 : 0);
+    }
+  }
+
   // gw[t] += Σ_{y,x} dA[y][x] * xs[y + i][x + j] for the taps t = i·k + j, j in [j0, j0 + J):
   // J taps of kernel row i stay in registers while the image streams through them.
   template <int J>
@@ -188,6 +199,7 @@ struct Slots {
   Slots(int64_t tasks, int64_t count_, int64_t width_, int64_t blocks_)
       : count(count_), width(width_), blocks(blocks_), v(tasks * count_ * width_) {}
   opmath_t* slot(int64_t task) { return v.data() + task * count * width; }
+  const opmath_t* slot(int64_t task) const { return v.data() + task * count * width; }
   // Σ over images n of slot (n, blk)[k][l], in n order, in double.
   double total(int64_t N, int64_t blk, int64_t k, int64_t l) const {
     double s = 0;
@@ -215,13 +227,15 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
   plan.for_each_block(xp, 0, [&](int64_t n, int64_t blk, const opmath_t* buf, opmath_t*) {
     const int64_t c0 = blk * kCB, cb = plan.width(blk);
     alignas(64) opmath_t tile[kXT * kCB];
-    V k0, k1, s10(opmath_t(0)), s11(opmath_t(0)), s20(opmath_t(0)), s21(opmath_t(0));
+    V k0(opmath_t(0)), k1(opmath_t(0)), s10(opmath_t(0)), s11(opmath_t(0)), s20(opmath_t(0)),
+        s21(opmath_t(0));
     for (int64_t y = 0; y < g.H; ++y) {
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
-        plan.correlate(buf + plan.at(y, x0), plan.taps.data() + blk * plan.kk * kCB,
-                       plan.bias.data() + c0, tile);
         const int64_t nx = std::min<int64_t>(kXT, g.W - x0);
         scalar_t* dst = op + ((n * g.H + y) * g.W + x0) * g.C + c0;
+        plan.template prefetch_tile<true>(dst, nx);
+        plan.correlate(buf + plan.at(y, x0), plan.taps.data() + blk * plan.kk * kCB,
+                       plan.bias.data() + c0, tile);
         for (int64_t xo = 0; xo < nx; ++xo, dst += g.C) {
           V a = act_forward<A>(V::loadu(tile + xo * kCB));
           V b = act_forward<A>(V::loadu(tile + xo * kCB + kVS));
@@ -243,31 +257,18 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
     }
   });
   if (!stats) return;
-  if (g.count() == 0) {  // no values: the statistics are NaN, as 0/0 makes them
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return;
-  }
-  // Merge the tasks' shifted sums onto image 0's shift, in image order (Chan's update for a
-  // change of shift), in double.
   auto* m = mean.data_ptr<opmath_t>();
   auto* v = var.data_ptr<opmath_t>();
-  const double per_image = static_cast<double>(g.H * g.W), total = static_cast<double>(g.count());
+  const int64_t per_image = g.H * g.W;
   at::parallel_for(0, g.C, 16, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       const int64_t blk = c / kCB, l = c % kCB;
-      const double K = static_cast<double>(sums.v[(blk * 3) * kCB + l]);
-      double s1 = 0, s2 = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        const opmath_t* s = sums.v.data() + (n * plan.blocks + blk) * 3 * kCB;
-        const double dk = static_cast<double>(s[l]) - K;
-        const double a = static_cast<double>(s[kCB + l]), b = static_cast<double>(s[2 * kCB + l]);
-        s1 += a + per_image * dk;
-        s2 += b + 2 * dk * a + per_image * dk * dk;
-      }
-      const double d = s1 / total;
-      m[c] = static_cast<opmath_t>(K + d);
-      v[c] = static_cast<opmath_t>(std::max(s2 / total - d * d, 0.0));  // keeps a NaN
+      const auto [mc, vc] = merge_shifted_sums(g.N, [&](int64_t n) {
+        const opmath_t* s = sums.slot(n * plan.blocks + blk) + l;
+        return std::make_tuple(s[0], s[kCB], s[2 * kCB], per_image);
+      });
+      m[c] = static_cast<opmath_t>(mc);
+      v[c] = static_cast<opmath_t>(vc);
     }
   });
 }
@@ -316,10 +317,11 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
     // Pass 1: recompute a, form dA into its padded buffer, sum the bias gradient.
     for (int64_t y = 0; y < g.H; ++y) {
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
-        plan.correlate(xs + plan.at(y, x0), plan.taps.data() + blk * kk * kCB,
-                       plan.bias.data() + c0, tile);
         const int64_t nx = std::min<int64_t>(kXT, g.W - x0);
         const scalar_t* go = gop + ((n * g.H + y) * g.W + x0) * g.C + c0;
+        plan.prefetch_tile(go, nx);
+        plan.correlate(xs + plan.at(y, x0), plan.taps.data() + blk * kk * kCB,
+                       plan.bias.data() + c0, tile);
         opmath_t* da = dA + plan.at(y + g.pad, x0 + g.pad);
         for (int64_t xo = 0; xo < nx; ++xo, go += g.C, da += kCB) {
           V d0, d1;
@@ -350,10 +352,12 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
     }
     for (int64_t y = 0; y < g.H; ++y) {
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
-        plan.correlate(dA + plan.at(y, x0), plan.flipped.data() + blk * kk * kCB, nullptr,
-                       tile);
         const int64_t nx = std::min<int64_t>(kXT, g.W - x0);
         const int64_t pix = (n * g.H + y) * g.W + x0;
+        plan.template prefetch_tile<true>(gxp + pix * g.C + c0, nx);
+        if (normed) plan.prefetch_tile(xp + pix * g.C + c0, nx);
+        plan.correlate(dA + plan.at(y, x0), plan.flipped.data() + blk * kk * kCB, nullptr,
+                       tile);
         for (int64_t xo = 0; xo < nx; ++xo) {
           const int64_t off = (pix + xo) * g.C + c0;
           const V dx0 = V::loadu(tile + xo * kCB), dx1 = V::loadu(tile + xo * kCB + kVS);

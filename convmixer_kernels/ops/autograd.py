@@ -1,0 +1,59 @@
+"""The autograd kernels of the fused ops: what torch.library.register_autograd registers, leaner.
+
+register_autograd wraps an op's formula in a generated autograd.Function whose forward, on every
+call, rebuilds the argument list from the schema in Python (utils.fill_defaults walks every
+schema argument through pybind) and allocates a metadata dataclass; for ops with a dozen
+arguments that is tens of microseconds per call, paid twice per stage and step. Our schemas have
+no defaults and no keyword-only arguments, so none of that is needed: `register_autograd` below
+registers the same kind of kernel (an Autograd-key kernel that applies an autograd.Function,
+which redispatches below autograd) without it. torch.compile and opcheck see exactly what they
+see with torch.library's (the same dispatch key, the same Function structure).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import _C
+
+_libs: list = []  # keeps the Library fragments (and so the registrations) alive
+
+
+def register_autograd(qualname: str, backward: Callable, setup_context: Callable) -> None:
+    """Autograd for the op `qualname` ("namespace::name", overload default): `setup_context(ctx,
+    inputs, output)` saves what `backward(ctx, *grads)` needs, which returns one gradient (or
+    None) per input, as for torch.library.register_autograd; unlike there, the gradient of an
+    output that was not differentiated arrives as None."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+    schema = op._schema
+    if any(a.kwarg_only for a in schema.arguments):
+        raise ValueError(f"{qualname}: keyword-only arguments are not supported here")
+
+    def forward(ctx, keyset, *args):
+        # Outputs nobody differentiates (pw_stage's pre_act, statistics that feed no norm) reach
+        # the backward as None instead of materialised zeros: pre_act alone would cost an
+        # activation-sized fill per call. The formulas treat None as zero.
+        ctx.set_materialize_grads(False)
+        with _C._AutoDispatchBelowAutograd():
+            output = op.redispatch(keyset & _C._after_autograd_keyset, *args)
+        setup_context(ctx, args, output)
+        return output
+
+    def backward_with_keyset(ctx, *grads):
+        return (None, *backward(ctx, *grads))
+
+    # Named as torch.library names its generated Functions, so profiles read the same.
+    function = type(f"GeneratedBackwardFor_{namespace}_{name}_default", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward),
+                     "backward": staticmethod(backward_with_keyset)})
+
+    def kernel(keyset, *args):
+        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            return function.apply(keyset, *args)
+        with _C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    lib.impl(name, kernel, "Autograd", with_keyset=True)
+    _libs.append(lib)
