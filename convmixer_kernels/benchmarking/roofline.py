@@ -11,16 +11,23 @@ data flow of docs/DESIGN.md §4 (forward 5, backward 8, as §5 counts them) and 
 PyTorch's separate kernels.
 Ceilings are measured on the device (a large copy, a large matmul), not read off a datasheet.
 The same counts split per stage and pass (stage_cost, stage_floor_seconds) give each row of
-bench/test_stages.py its floor.
+bench/test_stages.py its floor. What the CUDA backend moves today, launch by launch, is the ledger
+(convmixer_kernels.benchmarking.ledger); StepCost.cuda_bytes is its sum, so the bench can report a
+step against both the floor and the implementation's own byte count.
+
+    python -m convmixer_kernels.roofline --model convmixer_1536_20            # work and floor
+    python -m convmixer_kernels.roofline --ledger --model convmixer_1536_20   # the CUDA ledger
 """
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-FUSED_PASSES_PER_BLOCK = 13
+from . import ledger
+
 EAGER_PASSES_PER_BLOCK = 40
 
 _DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.float16: 2}
@@ -30,8 +37,9 @@ _DTYPE_BYTES = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2, torch.flo
 class StepCost:
     gemm_flops: float
     dw_flops: float
-    fused_bytes: float
+    fused_bytes: float   # the fused data flow's floor: FUSED_PASSES_PER_BLOCK per block
     eager_bytes: float
+    cuda_bytes: float    # what the CUDA backend moves today (the ledger's passes per block)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +68,9 @@ def step_cost(dim: int, depth: int, kernel_size: int, patch_size: int, batch: in
     return StepCost(gemm_flops=depth * gemm_per_block + stem,
                     dw_flops=depth * dw_per_block,
                     fused_bytes=depth * FUSED_PASSES_PER_BLOCK * activation,
-                    eager_bytes=depth * EAGER_PASSES_PER_BLOCK * activation)
+                    eager_bytes=depth * EAGER_PASSES_PER_BLOCK * activation,
+                    cuda_bytes=depth * ledger.passes_per_block(dtype != torch.float32)
+                    * activation)
 
 
 def model_cost(model, batch: int, image_size: int, dtype: torch.dtype) -> StepCost:
@@ -87,6 +97,7 @@ def model_cost(model, batch: int, image_size: int, dtype: torch.dtype) -> StepCo
 # on the matrix units for pw, on the vector/CUDA cores for dw, as step_cost does.
 STAGE_PASSES = {("dw", "fwd"): (2, 0), ("dw", "bwd"): (3, 0),
                 ("pw", "fwd"): (2, 1), ("pw", "bwd"): (4, 1)}  # (passes of Cin, of Cout)
+FUSED_PASSES_PER_BLOCK = sum(n_in + n_out for n_in, n_out in STAGE_PASSES.values())
 
 
 @dataclass
@@ -124,8 +135,12 @@ def stage_floor_seconds(cost: StageCost, ceilings: Ceilings) -> float:
     return max(cost.bytes / ceilings.bandwidth, cost.flops / rate)
 
 
-def floor_seconds(cost: StepCost, ceilings: Ceilings, fused: bool = True) -> float:
-    moved = cost.fused_bytes if fused else cost.eager_bytes
+def floor_seconds(cost: StepCost, ceilings: Ceilings, fused: bool = True,
+                  moved: float | None = None) -> float:
+    """The step's floor: the fused (or eager) data flow's bytes, or `moved` bytes, against the
+    compute it cannot avoid."""
+    if moved is None:
+        moved = cost.fused_bytes if fused else cost.eager_bytes
     compute = cost.gemm_flops / ceilings.matmul_rate + cost.dw_flops / ceilings.vector_rate
     return max(moved / ceilings.bandwidth, compute)
 
@@ -167,3 +182,44 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, repeats: int = 5)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return Ceilings(bandwidth, matmul_rate, vector_rate)
+
+
+# The sizes the ledger is quoted at (docs/CUDA.md): the paper's ImageNet models at the batch a
+# GPU trains them with.
+LEDGER_BATCH = {"convmixer_1536_20": 64, "convmixer_768_32": 128}
+
+
+def main(argv=None) -> None:
+    from .. import model as models
+    from .cli import DTYPES, MODELS
+
+    p = argparse.ArgumentParser(prog="python -m convmixer_kernels.roofline",
+                                description="A ConvMixer training step's work and floor; with "
+                                            "--ledger, the CUDA backend's launches per block.")
+    p.add_argument("--model", choices=MODELS, default="convmixer_1536_20")
+    p.add_argument("--batch-size", type=int,
+                   help="default: 64 for convmixer_1536_20, 128 for convmixer_768_32, else 64")
+    p.add_argument("--image-size", type=int, help="default: 32 for convmixer_256_8, else 224")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16",
+                   help="storage dtype (bf16 or fp16: under autocast, as the GPU bench runs)")
+    p.add_argument("--ledger", action="store_true",
+                   help="print the CUDA ledger of one block; the last two lines are "
+                        "'passes per block: N' and 'launches per block: N'")
+    args = p.parse_args(argv)
+    batch = args.batch_size or LEDGER_BATCH.get(args.model, 64)
+    image = args.image_size or (32 if args.model == "convmixer_256_8" else 224)
+    dtype = DTYPES[args.dtype]
+    with torch.device("meta"):
+        shape = getattr(models, args.model)()
+    patch = shape.stem[0].kernel_size[0]
+    kernel = shape.blocks[0][0].fn[0].kernel_size[0]
+    rows = batch * (image // patch) ** 2
+    print(f"{args.model}, batch {batch}, {image}x{image}, {args.dtype}")
+    if args.ledger:
+        print(ledger.table(shape.num_features, rows, kernel, dtype,
+                           autocast=dtype != torch.float32))
+        return
+    cost = model_cost(shape, batch, image, dtype)
+    for name, value in cost.as_dict().items():
+        unit = "GFLOP" if name.endswith("flops") else "GB"
+        print(f"{name:<12} {value / 1e9:10.1f} {unit}")

@@ -25,6 +25,8 @@ class Result:
     peak_mb: float = float("nan")       # see `memory_measure` in the JSON
     saved_mb: float = float("nan")      # activation bytes autograd saves for the backward
     roofline: float = float("nan")      # fused step floor / measured step time
+    # the floor of the bytes this implementation moves (the CUDA ledger) / measured step time
+    roofline_own: float = float("nan")
     step_times_ms: list = field(default_factory=list)
     step_cpu_ms: list = field(default_factory=list)  # this process's CPU time of each step
     load: dict = field(default_factory=dict)          # load.Meter.as_dict() of the timed steps

@@ -1,0 +1,129 @@
+"""The traffic ledger of the CUDA backend: every launch of one ConvMixer block's training step
+(forward and backward, batch statistics, the paper's data flow of docs/DESIGN.md §4), with the
+bytes it reads and writes and its FLOPs.
+
+It is written from the code (csrc/cuda/*_stage.cu and their launch entries, the model's glue in
+convmixer_kernels/model.py and ops/batch_norm.py) and kept honest by tests: the glue's launches
+are counted by running a block under a dispatch counter (python_tests/test_ledger.py), and every
+kernel the ledger names must exist in csrc/cuda. `roofline.step_cost` takes the implementation's
+bytes per block from here (StepCost.cuda_bytes); the ideal floor stays roofline.STAGE_PASSES.
+
+Units. E is one activation tensor, [N·H·W, dim] in the storage dtype: the block is square, so
+every activation-sized read or write is one E. Per-channel vectors ([dim] norms, statistics,
+per-CTA partials) are counted as launches, not bytes: at the paper sizes they are under 0.1% of
+an E. FLOPs are the convolutions' multiply-adds (2 per tap or per GEMM term); elementwise maths
+is left out. Passes are reads plus writes of E.
+
+    python -m convmixer_kernels.roofline --ledger --model convmixer_1536_20
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One entry: `launches` launches of `kernel` in `phase` ("fwd" or "bwd") of `stage`."""
+    stage: str           # "dw", "pw" or "block" (the model's glue around the two stages)
+    phase: str
+    kernel: str          # the kernel's name in csrc/cuda, or the library call
+    launches: int
+    reads: float = 0     # in E
+    writes: float = 0    # in E
+    dw_taps: int = 0     # k*k-tap convolutions over E (forward, dgrad, wgrad or recompute)
+    gemms: int = 0       # dim x dim GEMMs over the rows
+    note: str = ""
+
+    @property
+    def passes(self) -> float:
+        return self.reads + self.writes
+
+
+# The CUDA backend's block step, as the code runs it today (GELU; batch statistics; the block's
+# dw input carries the previous block's BN2 norm, its pw stage BN1 and the residual with that
+# same norm; a pw bias; keep_pre_act). Autocast adds AUTOCAST_CASTS.
+BLOCK_STEP = [
+    # ---- forward
+    Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=1, dw_taps=1,
+           note="norm on load, conv, bias, act, per-CTA statistics"),
+    Launch("dw", "fwd", "channel_stats_finalize_kernel", 1, note="BN1 statistics"),
+    Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
+           note="u = BN1(g) + BN2_prev(h)"),
+    Launch("pw", "fwd", "cuBLAS addmm", 1, reads=1, writes=1, gemms=1, note="pre = u Wᵀ + b"),
+    Launch("pw", "fwd", "pw_epilogue_forward_kernel", 1, reads=1, writes=1,
+           note="act, per-tile statistics; pre kept for the backward"),
+    Launch("pw", "fwd", "channel_stats_finalize_kernel", 1, note="BN2 statistics"),
+    # ---- backward, pw stage first
+    Launch("pw", "bwd", "pw_prologue_kernel", 1, reads=2, writes=1, note="u recomputed"),
+    Launch("pw", "bwd", "pw_epilogue_backward_kernel", 1, reads=2, writes=1,
+           note="dP from grad_out, pre and the statistics' gradients"),
+    Launch("pw", "bwd", "sum_parts_kernel", 1, note="grad_bias"),
+    Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
+    Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
+    Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=3, writes=2,
+           note="grad_x, grad_res through the two norms"),
+    Launch("pw", "bwd", "sum_parts_kernel", 3, note="the two norms' gradient sums"),
+    Launch("pw", "bwd", "ATen ops on [dim] vectors", 6, note="norm gradients from the sums"),
+    # ---- backward, dw stage
+    Launch("dw", "bwd", "dw_backward_data_kernel", 1, reads=2, writes=1, dw_taps=2,
+           note="conv recomputed for act', dA, dW partials"),
+    Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=2, writes=1, dw_taps=1,
+           note="dX = transposed conv of dA, norm-gradient partials"),
+    Launch("dw", "bwd", "sum_parts_kernel", 4, note="dW, db, the norm's two sums"),
+    Launch("dw", "bwd", "ATen ops on [dim] vectors", 2, note="norm gradients from the sums"),
+    # ---- the model's glue
+    Launch("block", "bwd", "ATen add", 1, reads=2, writes=1,
+           note="autograd adds pw's grad_res to dw's grad_x"),
+    Launch("block", "fwd+bwd", "ATen ops on [dim] vectors", 35,
+           note="bn_norm, running statistics and their backward (python_tests/test_ledger.py)"),
+]
+
+# Under autocast: the dw and pw weights and biases cast to the storage dtype in the forward,
+# their gradients cast back in the backward.
+AUTOCAST_CASTS = Launch("block", "fwd+bwd", "ATen _to_copy", 8,
+                        note="autocast: weights and biases to the storage dtype and back")
+
+
+def block_step(autocast: bool = True) -> list[Launch]:
+    return BLOCK_STEP + ([AUTOCAST_CASTS] if autocast else [])
+
+
+def passes_per_block(autocast: bool = True) -> float:
+    return sum(entry.passes for entry in block_step(autocast))
+
+
+def launches_per_block(autocast: bool = True) -> int:
+    return sum(entry.launches for entry in block_step(autocast))
+
+
+def _fmt_number(v: float) -> str:
+    return f"{v:g}"
+
+
+def table(dim: int, rows: int, kernel_size: int, dtype: torch.dtype,
+          autocast: bool = True) -> str:
+    """The ledger at one size, one line per entry, then totals; the last two lines are exactly
+    `passes per block: N` and `launches per block: N`."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    e = rows * dim * elem
+    taps = 2 * rows * dim * kernel_size ** 2
+    gemm = 2 * rows * dim * dim
+    head = (f"{'stage':<6}{'phase':<8}{'kernel':<31}{'launches':>9}{'read MB':>10}"
+            f"{'write MB':>10}{'GFLOP':>9}  note")
+    lines = [head, "-" * len(head)]
+    total_r = total_w = total_f = 0.0
+    for entry in block_step(autocast):
+        r, w = entry.reads * e, entry.writes * e
+        f = entry.dw_taps * taps + entry.gemms * gemm
+        total_r, total_w, total_f = total_r + r, total_w + w, total_f + f
+        lines.append(f"{entry.stage:<6}{entry.phase:<8}{entry.kernel:<31}{entry.launches:>9}"
+                     f"{r / 1e6:>10.0f}{w / 1e6:>10.0f}{f / 1e9:>9.1f}  {entry.note}")
+    lines.append("-" * len(head))
+    lines.append(f"{'total per block':<45}{launches_per_block(autocast):>9}"
+                 f"{total_r / 1e6:>10.0f}{total_w / 1e6:>10.0f}{total_f / 1e9:>9.1f}")
+    lines.append(f"E = {rows} rows x {dim} channels x {elem} B = {e / 1e6:.0f} MB")
+    lines.append(f"passes per block: {_fmt_number(passes_per_block(autocast))}")
+    lines.append(f"launches per block: {launches_per_block(autocast)}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""The CUDA traffic ledger (convmixer_kernels.benchmarking.ledger) against the code it describes:
+the model glue's launches counted by running blocks under a dispatch counter, every kernel it
+names present in csrc/cuda, and the CLI's last two lines."""
+from __future__ import annotations
+
+import collections
+import pathlib
+import re
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convmixer_kernels import ConvMixer
+from convmixer_kernels.benchmarking import ledger, roofline
+from convmixer_kernels.roofline import main as roofline_main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STAGE_OPS = ("convmixer_kernels.",)
+
+
+class _Launches(TorchDispatchMode):
+    """Counts the ops that reach a backend kernel outside the stage ops: a view or a detach
+    launches nothing, every other op is at least one launch on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if not (func.is_view or name.startswith(STAGE_OPS)):
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _glue_ops(depth: int, autocast: bool) -> collections.Counter:
+    torch.manual_seed(0)
+    model = ConvMixer(dim=16, depth=depth, kernel_size=5, patch_size=2, num_classes=10,
+                      fused=True).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 16, 16)
+    with _Launches() as counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x).float().sum()
+        loss.backward()
+    return counter.ops
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_glue_launches_per_block_match_the_ledger(autocast):
+    """One block more adds exactly the ledger's glue launches (its "block" entries): the glue is
+    Python, the same on every backend, so the CPU run counts what a GPU would launch."""
+    two, three = _glue_ops(2, autocast), _glue_ops(3, autocast)
+    per_block = {op: three[op] - two[op] for op in three if three[op] != two[op]}
+    expected = sum(e.launches for e in ledger.block_step(autocast) if e.stage == "block")
+    assert sum(per_block.values()) == expected, per_block
+
+
+def test_every_kernel_named_exists():
+    source = "\n".join(p.read_text() for p in (ROOT / "csrc" / "cuda").rglob("*.cu*"))
+    for entry in ledger.block_step():
+        if entry.kernel.endswith("_kernel"):
+            assert re.search(rf"\b{entry.kernel}\s*[<(]", source), entry.kernel
+
+
+def test_passes_add_up():
+    step = ledger.block_step()
+    fwd = sum(e.passes for e in step if e.phase == "fwd")
+    assert ledger.passes_per_block() == fwd + sum(e.passes for e in step if e.phase != "fwd")
+    # the implementation cannot move less than the fused data flow's floor
+    assert ledger.passes_per_block() >= roofline.FUSED_PASSES_PER_BLOCK
+
+
+def test_step_cost_takes_the_ledgers_bytes():
+    cost = roofline.step_cost(dim=768, depth=32, kernel_size=7, patch_size=7, batch=128,
+                              image_size=224, dtype=torch.bfloat16)
+    activation = 128 * 32 * 32 * 768 * 2
+    assert cost.cuda_bytes == 32 * ledger.passes_per_block() * activation
+    assert cost.fused_bytes == 32 * roofline.FUSED_PASSES_PER_BLOCK * activation
+
+
+def test_cli_ends_with_the_two_totals(capsys):
+    roofline_main(["--ledger", "--model", "convmixer_1536_20"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == f"passes per block: {ledger.passes_per_block():g}"
+    assert lines[-1] == f"launches per block: {ledger.launches_per_block()}"
+    assert "E = 65536 rows x 1536 channels x 2 B" in lines[-3]
+
+
+def test_bench_table_shows_the_own_floor_only_when_measured():
+    from convmixer_kernels.benchmarking.cli import format_table
+    from convmixer_kernels.benchmarking.throughput import Result
+
+    eager = Result("eager-channels-last", step_ms=10.0, roofline=0.2)
+    assert "of own" not in format_table([eager])
+    cuda = Result("fused-cuda", step_ms=5.0, roofline=0.4, roofline_own=0.7)
+    table = format_table([eager, cuda])
+    assert "of own" in table and "70.0%" in table.splitlines()[-1]
