@@ -115,19 +115,17 @@ DW_BAD = [
 ]
 
 
-def _dw_call(**over):
-    kw = dict(x=_x(), weight=_dw_w(), bias=torch.zeros(C), x_norm=_norm(), act="gelu",
-              stats=True, backend="auto")
-    kw.update(over)
+def _stage_call(stage, defaults, over):
+    """stage(x, weight, bias, **rest) with `over` replacing any of the good `defaults`."""
+    kw = {**defaults, **over}
     x, weight, bias = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
-    return dw_stage(x, weight, bias, **kw)
+    return stage(x, weight, bias, **kw)
 
 
-@pytest.mark.parametrize("case", DW_BAD, ids=[c[0] for c in DW_BAD])
-def test_dw_stage_bad_input(case):
-    _, over, exc, match = case
-    with pytest.raises(exc, match=match):
-        _dw_call(**over)
+def _dw_call(**over):
+    return _stage_call(dw_stage, dict(x=_x(), weight=_dw_w(), bias=torch.zeros(C),
+                                      x_norm=_norm(), act="gelu", stats=True, backend="auto"),
+                       over)
 
 
 def test_dw_stage_bf16_norm_must_be_float32():
@@ -193,18 +191,18 @@ PW_BAD = [
 
 
 def _pw_call(**over):
-    kw = dict(x=_x(), weight=_pw_w(), bias=torch.zeros(COUT), x_norm=_norm(), residual=_x(),
-              residual_norm=_norm(), act="relu", stats=True, backend="auto")
-    kw.update(over)
-    x, weight, bias = kw.pop("x"), kw.pop("weight"), kw.pop("bias")
-    return pw_stage(x, weight, bias, **kw)
+    return _stage_call(pw_stage, dict(x=_x(), weight=_pw_w(), bias=torch.zeros(COUT),
+                                      x_norm=_norm(), residual=_x(), residual_norm=_norm(),
+                                      act="relu", stats=True, backend="auto"), over)
 
 
-@pytest.mark.parametrize("case", PW_BAD, ids=[c[0] for c in PW_BAD])
-def test_pw_stage_bad_input(case):
+@pytest.mark.parametrize(
+    "call,case", [(_dw_call, c) for c in DW_BAD] + [(_pw_call, c) for c in PW_BAD],
+    ids=[f"dw-{c[0]}" for c in DW_BAD] + [f"pw-{c[0]}" for c in PW_BAD])
+def test_stage_bad_input(call, case):
     _, over, exc, match = case
     with pytest.raises(exc, match=match):
-        _pw_call(**over)
+        call(**over)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,8 +426,12 @@ def _models(**kw):
 def test_model_one_value_per_channel_in_training():
     """A 1×3×7×7 image becomes 1×8×1×1 after the stem: training must refuse it, as eager
     BatchNorm does, with the same message."""
-    x = torch.randn(1, 3, 7, 7)
     eager, fused = _models()
+    _assert_same_one_value_error(eager, fused)
+
+
+def _assert_same_one_value_error(eager, fused):
+    x = torch.randn(1, 3, 7, 7)
     with pytest.raises(ValueError) as eager_info:
         eager(x)
     with pytest.raises(ValueError) as fused_info:
@@ -441,17 +443,11 @@ def test_model_one_value_per_channel_in_training():
 def test_model_one_value_per_channel_in_fused_blocks():
     """The same with the stem's BatchNorm in eval, so that the error comes from the blocks:
     eager BN1 raises, and so must the fused dw_stage that computes BN1's statistics."""
-    x = torch.randn(1, 3, 7, 7)
     eager, fused = _models()
     eager.stem[2].eval()
     fused.stem[2].eval()
     before = {name: buf.clone() for name, buf in fused.named_buffers()}
-    with pytest.raises(ValueError) as eager_info:
-        eager(x)
-    with pytest.raises(ValueError) as fused_info:
-        fused(x)
-    assert "Expected more than 1 value per channel when training" in str(eager_info.value)
-    assert str(fused_info.value) == str(eager_info.value)
+    _assert_same_one_value_error(eager, fused)
     # The failed fused call left the BatchNorm buffers as they were. (Eager BatchNorm2d bumps
     # num_batches_tracked before F.batch_norm raises; the fused path checks first. Neither
     # touches running_mean/var.)

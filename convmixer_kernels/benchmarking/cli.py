@@ -11,8 +11,8 @@ and the fraction of the roofline floor achieved (convmixer_kernels.benchmarking.
     python -m convmixer_kernels.bench --convergence --out results/
 
 Every timed step is also charged its CPU time and the machine's load (/proc/stat, load
-averages; convmixer_kernels.benchmarking.load): the run ends with a load report, and warnings when the
-figures cannot be trusted because other work was competing for the cores.
+averages; convmixer_kernels.benchmarking.load): the run ends with a load report, and warnings
+when the figures cannot be trusted because other work was competing for the cores.
 """
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, help="override the patch size")
     p.add_argument("--batch-size", type=int, help="default: 32 on CPU, 128 on GPU")
     p.add_argument("--image-size", type=int, help="default: 32 for convmixer_256_8, else 224")
-    p.add_argument("--dtype", choices=DTYPES, help="autocast dtype; default fp32 on CPU, bf16 on GPU")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="autocast dtype; default fp32 on CPU, bf16 on GPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 9 CPU, 20 GPU)")
     p.add_argument("--optimizer", choices=cont.OPTIMIZERS, default="sgd",
                    help="SGD with momentum (default) or AdamW")
@@ -259,7 +260,8 @@ def main(argv=None) -> None:
         print(f"'of own': against {own_floor * 1e3:.1f} ms, the floor of the bytes the CUDA "
               f"backend moves today (python -m convmixer_kernels.roofline --ledger)")
     print(f"roofline floor {floor * 1e3:.1f} ms (bandwidth {ceilings.bandwidth / 1e9:.0f} GB/s, "
-          f"matmul {ceilings.matmul_rate / 1e12:.2f} TFLOP/s, vector {ceilings.vector_rate / 1e12:.2f} "
+          f"matmul {ceilings.matmul_rate / 1e12:.2f} TFLOP/s, "
+          f"vector {ceilings.vector_rate / 1e12:.2f} "
           f"TFLOP/s measured here)")
     if device.type == "cpu":
         print(timed.format_load())

@@ -1,9 +1,12 @@
 """Where a training step's time goes: self CPU time per op, per step (torch.profiler).
 
-    python -m convmixer_kernels.benchmarking.profile                          # fused-cpu, ConvMixer-256/8, batch 32
+    # fused-cpu, ConvMixer-256/8, batch 32
+    python -m convmixer_kernels.benchmarking.profile
     python -m convmixer_kernels.benchmarking.profile --contender eager-channels-last
-    python -m convmixer_kernels.benchmarking.profile --dim 64 --depth 4 --batch-size 64 --optimizer adamw --dtype bf16
-    python -m convmixer_kernels.benchmarking.profile --out docs/profiles/fused.md   # also as a Markdown table
+    python -m convmixer_kernels.benchmarking.profile --dim 64 --depth 4 --batch-size 64 \
+        --optimizer adamw --dtype bf16
+    # also as a Markdown table
+    python -m convmixer_kernels.benchmarking.profile --out docs/profiles/fused.md
 
 The configuration options are the bench's (python -m convmixer_kernels.bench --help). One table
 row per op name: self CPU milliseconds per step (the op's own time, children excluded), share

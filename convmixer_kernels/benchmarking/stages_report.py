@@ -10,8 +10,9 @@ One Markdown table per group (stage, pass, shape), one row per contender:
   channels_last, whichever is faster in that group), over torch.compile and over the bare GEMMs
   of the same shape (pw only), as the other's time / this row's time: above 1 is faster,
   "-" when the group has no such contender;
-* GB/s: the stage's unavoidable bytes (extra_info.stage_cost, convmixer_kernels.benchmarking.roofline) over
-  the time, so every contender of a group is measured against the same work;
+* GB/s: the stage's unavoidable bytes (extra_info.stage_cost,
+  convmixer_kernels.benchmarking.roofline) over the time, so every contender of a group is
+  measured against the same work;
 * HBM floor, roofline: the fraction of the floor achieved, floor / time, where the HBM floor
   is bytes / measured bandwidth and the roofline floor is the larger of that and FLOPs / the
   measured FLOP rate of the units the stage runs on (extra_info.ceilings).
