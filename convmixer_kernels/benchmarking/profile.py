@@ -6,7 +6,7 @@
     python -m convmixer_kernels.benchmarking.profile --dim 64 --depth 4 --batch-size 64 \
         --optimizer adamw --dtype bf16
     # also as a Markdown table
-    python -m convmixer_kernels.benchmarking.profile --out fused-profile.md
+    python -m convmixer_kernels.benchmarking.profile --out FILE
 
 The configuration options are the bench's (python -m convmixer_kernels.bench --help). One table
 row per op name: self CPU milliseconds per step (the op's own time, children excluded), share
