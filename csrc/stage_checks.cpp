@@ -20,6 +20,16 @@ Act parse_act(const char* op, c10::string_view name) {
 
 namespace {
 
+// `t` (named `name`) has x's dtype and device: every tensor input of a stage but the norm
+// vectors, which are in the accumulation dtype.
+void check_dtype_device_of_x(const char* op, const char* name, const at::Tensor& t,
+                             const at::Tensor& x) {
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
+                   " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+}
+
 // True when an optional tensor argument is present and non-empty.
 bool present(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->numel() > 0;
@@ -69,17 +79,11 @@ DwGeometry check_dw(const char* op, const at::Tensor& x, const at::Tensor& weigh
   const int64_t k = weight.size(2);
   TORCH_CHECK_VALUE(k % 2 == 1 && k >= 1 && k <= 15, op,
                     ": kernel size must be odd and in [1, 15], got ", k);
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
-                   weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(),
-                    " but x is on ", x.device());
+  check_dtype_device_of_x(op, "weight", weight, x);
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == C, op, ": bias must be [", C,
                       "], got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ",
-                     bias->scalar_type(), " differs from x dtype ", x.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(),
-                      " but x is on ", x.device());
+    check_dtype_device_of_x(op, "bias", *bias, x);
   }
   return {x.size(0), C, x.size(2), x.size(3), k, k / 2};
 }
@@ -92,26 +96,17 @@ PwGeometry check_pw(const char* op, const at::Tensor& x, const std::optional<at:
                         weight.size(3) == 1,
                     op, ": weight must be [Cout, ", Cin, ", 1, 1] for an input with ", Cin,
                     " channels, got ", weight.sizes());
-  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
-                   weight.scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(weight.device() == x.device(), op, ": weight is on ", weight.device(),
-                    " but x is on ", x.device());
+  check_dtype_device_of_x(op, "weight", weight, x);
   const int64_t Cout = weight.size(0);
   if (res.has_value()) {
     TORCH_CHECK_VALUE(res->sizes() == x.sizes(), op, ": res must have the shape of x ",
                       x.sizes(), ", got ", res->sizes());
-    TORCH_CHECK_TYPE(res->scalar_type() == x.scalar_type(), op, ": res dtype ",
-                     res->scalar_type(), " differs from x dtype ", x.scalar_type());
-    TORCH_CHECK_VALUE(res->device() == x.device(), op, ": res is on ", res->device(),
-                      " but x is on ", x.device());
+    check_dtype_device_of_x(op, "res", *res, x);
   }
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == Cout, op, ": bias must be [", Cout,
                       "], got ", bias->sizes());
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ",
-                     bias->scalar_type(), " differs from x dtype ", x.scalar_type());
-    TORCH_CHECK_VALUE(bias->device() == x.device(), op, ": bias is on ", bias->device(),
-                      " but x is on ", x.device());
+    check_dtype_device_of_x(op, "bias", *bias, x);
   }
   return {x.size(0), Cin, Cout, x.size(2), x.size(3)};
 }
@@ -120,10 +115,7 @@ void check_like_output(const char* op, const char* name, const at::Tensor& t,
                        at::IntArrayRef sizes, const at::Tensor& x) {
   TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ",
                     t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), op, ": ", name, " dtype ", t.scalar_type(),
-                   " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
-                    " but x is on ", x.device());
+  check_dtype_device_of_x(op, name, t, x);
 }
 
 StatGrads check_stat_grads(const char* op, const std::optional<at::Tensor>& grad_mean,

@@ -32,6 +32,13 @@ def _randaugment(text: str):
     return n, m
 
 
+def _opt(group, defaults, flag: str, **kw) -> None:
+    """group.add_argument(flag, **kw) defaulting to the TrainConfig field of the flag's name, with
+    that default shown in the help."""
+    kw["help"] = (kw.get("help", "") + " (default: %(default)s)").lstrip()
+    group.add_argument(flag, default=getattr(defaults, flag[2:].replace("-", "_")), **kw)
+
+
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -44,15 +51,12 @@ def parser() -> argparse.ArgumentParser:
                            "--data/<class>/<image> or --data/{train,val}/<class>/<image>; "
                            "synthetic: generated, no files (default: %(default)s)")
     data.add_argument("--data", metavar="DIR", help="dataset folder (never downloaded)")
-    data.add_argument("--workers", type=int, default=d.workers,
-                      help="image-decoding processes (imagefolder) (default: %(default)s)")
+    _opt(data, d, "--workers", type=int, help="image-decoding processes (imagefolder)")
     data.add_argument("--image-size", type=int,
                       help="training resolution (default: 32 for cifar10/synthetic, 224 for "
                            "imagefolder)")
-    data.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                      help="imagefolder without val/: share held out (default: %(default)s)")
-    data.add_argument("--synthetic-size", type=int, default=d.synthetic_size,
-                      help="synthetic training images (default: %(default)s)")
+    _opt(data, d, "--val-fraction", type=float, help="imagefolder without val/: share held out")
+    _opt(data, d, "--synthetic-size", type=int, help="synthetic training images")
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=MODELS,
@@ -63,12 +67,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--kernel-size", type=int, help="override the depthwise kernel size")
     m.add_argument("--patch-size", type=int, help="override the patch size")
     m.add_argument("--act", choices=ACTIVATIONS, help="override the activation")
-    m.add_argument("--drop-rate", type=float, default=d.drop_rate,
-                   help="dropout before the head (default: %(default)s)")
+    _opt(m, d, "--drop-rate", type=float, help="dropout before the head")
     m.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
                    help="run the fused kernels (default: when a backend runs on the device)")
-    m.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                   help="kernel backend for --fused (default: %(default)s)")
+    _opt(m, d, "--backend", choices=BACKENDS, help="kernel backend for --fused")
     m.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=d.sync_bn,
                    help="synchronise BatchNorm statistics across processes (default: on)")
     m.add_argument("--grad-checkpointing", action="store_true", default=d.grad_checkpointing,
@@ -79,19 +81,13 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--epochs", type=int, help="default: 25 cifar10, 5 synthetic, 150 imagefolder")
     o.add_argument("--batch-size", type=int,
                    help="per process (default: 512 cifar10, 128 synthetic, 64 imagefolder)")
-    o.add_argument("--lr", type=float, default=d.lr,
-                   help="peak of the one-cycle schedule (default: %(default)s)")
-    o.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="AdamW decoupled weight decay, not on biases/BatchNorm "
-                        "(default: %(default)s)")
-    o.add_argument("--opt-eps", type=float, default=d.opt_eps,
-                   help="AdamW epsilon (default: %(default)s)")
-    o.add_argument("--pct-start", type=float, default=d.pct_start,
-                   help="share of the steps spent raising the LR (default: %(default)s)")
-    o.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
-                   help="(default: %(default)s)")
-    o.add_argument("--clip-grad", type=float, default=d.clip_grad,
-                   help="max gradient norm, 0 for none (default: %(default)s)")
+    _opt(o, d, "--lr", type=float, help="peak of the one-cycle schedule")
+    _opt(o, d, "--weight-decay", type=float,
+         help="AdamW decoupled weight decay, not on biases/BatchNorm")
+    _opt(o, d, "--opt-eps", type=float, help="AdamW epsilon")
+    _opt(o, d, "--pct-start", type=float, help="share of the steps spent raising the LR")
+    _opt(o, d, "--label-smoothing", type=float)
+    _opt(o, d, "--clip-grad", type=float, help="max gradient norm, 0 for none")
     o.add_argument("--amp", choices=("bf16", "fp16", "off"),
                    help="autocast dtype; fp16 uses a GradScaler (default: bf16 on CUDA, off on "
                         "CPU)")
@@ -107,18 +103,16 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--randaugment", type=_randaugment, metavar="N,M",
                    help="RandAugment: N ops per image at magnitude M (0-10), e.g. 2,9 "
                         "(default: off)")
-    a.add_argument("--reprob", type=float, default=d.reprob,
-                   help="random-erasing probability (default: %(default)s)")
+    _opt(a, d, "--reprob", type=float, help="random-erasing probability")
 
     r = p.add_argument_group("run")
-    r.add_argument("--out", metavar="DIR", default=d.out,
-                   help="checkpoint.pt and metrics.jsonl go here (default: %(default)s)")
+    _opt(r, d, "--out", metavar="DIR", help="checkpoint.pt and metrics.jsonl go here")
     r.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                    help="continue a run: from CHECKPOINT, or --out/checkpoint.pt if none given")
     r.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after N epochs of this invocation (e.g. a job time limit); "
                         "continue with --resume")
-    r.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    _opt(r, d, "--seed", type=int)
     r.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available; under "
                                     "torchrun each process takes cuda:LOCAL_RANK)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress,

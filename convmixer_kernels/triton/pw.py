@@ -78,6 +78,19 @@ def _grouped_tile(pid, m_tiles, n_tiles, GROUP_M: tl.constexpr):
     return first_m + r % rows_in_group, r // rows_in_group
 
 
+@triton.jit
+def _gemm_tile(M, N, ACC: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """This program's output tile of an [M, N] GEMM in grouped order: its M-tile, its rows and
+    columns with their masks, and a zero accumulator."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                 GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return (pid_m, pid_n, rows, cols, rows < M, cols < N,
+            tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
@@ -91,12 +104,8 @@ def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
                    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     m_tiles = tl.cdiv(M, BLOCK_M)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), m_tiles, tl.cdiv(Cout, BLOCK_N), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    nmask = ns < Cout
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    pid_m, pid_n, rows, ns, rmask, nmask, acc = _gemm_tile(M, Cout, ACC, GROUP_M, BLOCK_M,
+                                                           BLOCK_N)
     for k0 in range(0, Cin, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < Cin
@@ -218,12 +227,7 @@ def _pw_dgrad_kernel(dp_ptr, w_ptr, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr
     norm), grad_res likewise, and this M-tile's BN-backward sums Σ dU, Σ dU·(x - mean_x),
     Σ dU·(res - mean_res) per input channel."""
     n_rows = tl.cdiv(M, BLOCK_M)
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), n_rows, tl.cdiv(Cin, BLOCK_N), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cis = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < M
-    cimask = cis < Cin
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    pid_m, _, rows, cis, rmask, cimask, acc = _gemm_tile(M, Cin, ACC, GROUP_M, BLOCK_M, BLOCK_N)
     for k0 in range(0, Cout, BLOCK_K):
         cos = k0 + tl.arange(0, BLOCK_K)
         comask = cos < Cout

@@ -219,19 +219,21 @@ inline double __hiloint2double(int hi, int lo) {
 inline int __double2hiint(double d) { return int(std::bit_cast<std::uint64_t>(d) >> 32); }
 inline int __double2loint(double d) { return int(std::uint32_t(std::bit_cast<std::uint64_t>(d))); }
 
+// The round-to-nearest intrinsics, each operation in both precisions: IEEE arithmetic on the
+// CPU rounds to nearest, and std::fma rounds once, as the device's fma does.
 inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __frcp_rn(float a) { return 1.0f / a; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline double __dadd_rn(double a, double b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
+inline float __frcp_rn(float a) { return 1.0f / a; }
 inline double __drcp_rn(double a) { return 1.0 / a; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 
 // erff, expf, sqrtf, fmaxf, fminf, fabsf, tanhf, logf, ... come from <math.h>.
