@@ -187,6 +187,8 @@ CUDA_PW_CHANNELS = [(16, 16), (24, 24), (256, 256), (768, 768), (1536, 1536), (2
                    parts=["plain", "bias", "norm_bias", "residual", "residual_norm"]),
         *_pw_cases([f64], [(2, 12, 10, 5, 7)], ["relu"]),
         *_pw_cases([f16], [TRITON_PW_SHAPE]),
+        # Cin = 5: weight rows 20 bytes apart, which TMA cannot take: the pointer loads.
+        *_pw_cases([f32], [(2, 5, 12, 3, 5)]),
     ],
     # Every configuration (M, Cin, Cout not multiples of any tile), the low-precision dtypes,
     # the CIFAR model's stage shape.
@@ -208,6 +210,19 @@ CUDA_PW_CHANNELS = [(16, 16), (24, 24), (256, 256), (768, 768), (1536, 1536), (2
 def test_pw_stage(backend, dtype, shape, act, mode, parts, layout, tuning):
     with tuned(tuning):
         check_case(_pw(backend, dtype, shape, act, mode, parts, layout), backend)
+
+
+@over_backends("dtype", triton=[f16], triton_gpu=[bf16, f16])
+def test_pw_weight_descriptors_match_pointer_loads(backend, dtype, monkeypatch):
+    """The GEMMs' weight tiles through a tensor descriptor (TMA on a GPU) and through pointers
+    are the same tiles: outputs, statistics and gradients bitwise equal."""
+    case = _pw(backend, dtype, TRITON_PW_SHAPE)
+    cots = cast_cotangents(cotangents(case), dtype)
+    with_desc = run(call(case, backend), case.leaves, cots)
+    monkeypatch.setattr(TRITON.pw, "USE_WEIGHT_DESCRIPTORS", False)
+    without = run(call(case, backend), case.leaves, cots)
+    assert_bitwise(with_desc[0], without[0])
+    assert_bitwise(with_desc[1], without[1])
 
 
 # 4·32·32 = 4096 rows: several row chunks of the CPU pw stage's fused pipeline (float), so its

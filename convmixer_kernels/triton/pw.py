@@ -3,6 +3,11 @@
 bias + act + statistics epilogue; and its backward (dP in one fused elementwise kernel, then the
 wgrad and dgrad GEMMs, the latter with the norm-gradient reductions in its epilogue).
 
+The forward and dgrad GEMMs load their weight tiles through a tensor descriptor (TMA on Hopper:
+one asynchronous bulk copy per tile into shared memory, no per-element address arithmetic or
+masks in registers) wherever the weight meets TMA's rules; elsewhere through pointers. Both give
+the same tiles, so results do not depend on which ran.
+
 Per-channel reductions are two-level and deterministic: each M-tile (or M-split) writes one
 partial row, merged in float64 on the host. BLOCK_M is therefore fixed per launch (it sets the
 partial layout); the autotuner varies the other tile sizes, warps and stages.
@@ -14,12 +19,13 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..activations import ACTIVATIONS
 from ._activations import act_bwd, act_fwd
-from ._common import (acc_dtype, check_runnable, gpu_plan, launch, merge_moments,
-                      merge_tile_moments, present, reduce_partials, stat_coefficients,
-                      store_moments, target_programs, tl_acc, tuned)
+from ._common import (INTERPRET, acc_dtype, check_runnable, dtype_class, gpu_plan, launch,
+                      merge_moments, merge_tile_moments, present, reduce_partials,
+                      stat_coefficients, store_moments, target_programs, tl_acc, tuned)
 from ._validate import check_pw_args
 
 # ---------------------------------------------------------------------------------------------
@@ -96,13 +102,13 @@ def _gemm_tile(M, N, ACC: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.const
 
 
 @triton.jit
-def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, w_ptr, b_ptr,
-                   out_ptr, pre_ptr, part_ptr, M, Cin, Cout, C_PART,
+def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, w_ptr, w_desc,
+                   b_ptr, out_ptr, pre_ptr, part_ptr, M, Cin, Cout, C_PART,
                    HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
-                   STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, ACC: tl.constexpr,
-                   GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, W_DESC: tl.constexpr,
+                   ACC: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m_tiles = tl.cdiv(M, BLOCK_M)
     pid_m, pid_n, rows, ns, rmask, nmask, acc = _gemm_tile(M, Cout, ACC, GROUP_M, BLOCK_M,
                                                            BLOCK_N)
@@ -111,8 +117,11 @@ def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
         kmask = ks < Cin
         u = _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, rows, ks,
                     rmask, kmask, Cin, HAS_XNORM, HAS_RES, HAS_RNORM, ACC)
-        w = tl.load(w_ptr + ns[None, :] * Cin + ks[:, None],
-                    mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if W_DESC:  # a [BLOCK_N, BLOCK_K] box of the [Cout, Cin] weight, zero past its edges
+            w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))
+        else:
+            w = tl.load(w_ptr + ns[None, :] * Cin + ks[:, None],
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
         # IEEE fp32 products for float32: the contract is fp32 accuracy, which TF32 is not.
         # out_dtype: tl.dot accumulates in float32 unless told (triton 3.6 then refuses a
         # float64 accumulator).
@@ -218,23 +227,27 @@ def _pw_wgrad_kernel(dp_ptr, x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_pt
 
 
 @triton.jit
-def _pw_dgrad_kernel(dp_ptr, w_ptr, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr, gx_ptr, gr_ptr,
-                     part_ptr, M, Cin, Cout,
+def _pw_dgrad_kernel(dp_ptr, w_ptr, w_desc, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr, rs_ptr, gx_ptr,
+                     gr_ptr, part_ptr, M, Cin, Cout,
                      HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
-                     ACC: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     W_DESC: tl.constexpr, ACC: tl.constexpr, GROUP_M: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dU = dP·W, then through both norms in the epilogue: grad_x = dU·scale_x (dU without a
     norm), grad_res likewise, and this M-tile's BN-backward sums Σ dU, Σ dU·(x - mean_x),
     Σ dU·(res - mean_res) per input channel."""
     n_rows = tl.cdiv(M, BLOCK_M)
-    pid_m, _, rows, cis, rmask, cimask, acc = _gemm_tile(M, Cin, ACC, GROUP_M, BLOCK_M, BLOCK_N)
+    pid_m, pid_n, rows, cis, rmask, cimask, acc = _gemm_tile(M, Cin, ACC, GROUP_M, BLOCK_M,
+                                                             BLOCK_N)
     for k0 in range(0, Cout, BLOCK_K):
         cos = k0 + tl.arange(0, BLOCK_K)
         comask = cos < Cout
         d_p = tl.load(dp_ptr + rows.to(tl.int64)[:, None] * Cout + cos[None, :],
                       mask=rmask[:, None] & comask[None, :], other=0.0)
-        w = tl.load(w_ptr + cos[:, None] * Cin + cis[None, :],
-                    mask=comask[:, None] & cimask[None, :], other=0.0)
+        if W_DESC:  # a [BLOCK_K, BLOCK_N] box of the [Cout, Cin] weight, zero past its edges
+            w = w_desc.load([k0, pid_n * BLOCK_N])
+        else:
+            w = tl.load(w_ptr + cos[:, None] * Cin + cis[None, :],
+                        mask=comask[:, None] & cimask[None, :], other=0.0)
         acc = tl.dot(d_p, w, acc, input_precision="ieee", out_dtype=ACC)
     mask = rmask[:, None] & cimask[None, :]
     offs = rows.to(tl.int64)[:, None] * Cin + cis[None, :]
@@ -297,8 +310,8 @@ LAUNCHED = ("_pw_fwd_kernel", "_pw_dp_kernel", "_pw_wgrad_kernel", "_pw_dgrad_ke
 # triton itself.
 _PW_FLAGS = ["HAS_XNORM", "HAS_RES", "HAS_RNORM"]
 _fwd = tuned(_pw_fwd_kernel, _table(("BLOCK_N", "BLOCK_K"), _GEMM_TILES),
-             ["Cin", "Cout", *_PW_FLAGS, "HAS_BIAS", "ACT", "STATS", "STORE_OUT", "KEEP_PRE"],
-             "x_ptr", _INTERPRET_GEMM)
+             ["Cin", "Cout", *_PW_FLAGS, "HAS_BIAS", "ACT", "STATS", "STORE_OUT", "KEEP_PRE",
+              "W_DESC"], "x_ptr", _INTERPRET_GEMM)
 _dp = tuned(_pw_dp_kernel, _table(("BLOCK_N",), _DP_TILES),
             ["Cout", "ACT", "HAS_COEF", "NEED_O"], "dp_ptr",
             triton.Config({"BLOCK_N": 16}, num_warps=1))
@@ -306,7 +319,36 @@ _wgrad = tuned(_pw_wgrad_kernel, _table(("BLOCK_CO", "BLOCK_CI", "BLOCK_MK"), _W
                ["Cin", "Cout", *_PW_FLAGS], "x_ptr",
                triton.Config({"BLOCK_CO": 16, "BLOCK_CI": 16, "BLOCK_MK": 16}, num_warps=1))
 _dgrad = tuned(_pw_dgrad_kernel, _table(("BLOCK_N", "BLOCK_K"), _GEMM_TILES),
-               ["Cin", "Cout", *_PW_FLAGS], "x_ptr", _INTERPRET_GEMM)
+               ["Cin", "Cout", *_PW_FLAGS, "W_DESC"], "x_ptr", _INTERPRET_GEMM)
+
+# Whether the GEMMs may load their weight tiles through a tensor descriptor (tests turn it off
+# to compare with the pointer loads).
+USE_WEIGHT_DESCRIPTORS = True
+
+
+def _weight_desc(w2d: torch.Tensor, x: torch.Tensor, transposed: bool):
+    """A descriptor of the [Cout, Cin] weight with the box the forward (transposed: [BLOCK_N,
+    BLOCK_K]) or the dgrad GEMM ([BLOCK_K, BLOCK_N]) loads, for the one GEMM configuration of
+    x's dtype class (a descriptor's box is fixed before the autotuner picks, so the tables hold
+    one GEMM configuration per class); None where TMA cannot take the weight: rows not a
+    multiple of 16 bytes apart or a base not 16-byte aligned, or a GPU before Hopper. Only for
+    16-bit dtypes, whose dots run on the tensor cores straight from shared memory; float32 and
+    float64 dots run on the FMA units from registers, where the descriptor's shared-memory tile
+    needs a layout conversion (the float32 dgrad then spills)."""
+    if not USE_WEIGHT_DESCRIPTORS or dtype_class(x.dtype) != 16:
+        return None
+    if (w2d.stride(0) * w2d.element_size()) % 16 or w2d.data_ptr() % 16:
+        return None
+    if w2d.device.type == "cuda" and torch.cuda.get_device_capability(w2d.device)[0] < 9:
+        return None
+    if INTERPRET:
+        tile = _INTERPRET_GEMM.kwargs
+    else:
+        (row,) = _GEMM_TILES[dtype_class(x.dtype)]
+        tile = dict(BLOCK_N=row[0], BLOCK_K=row[1])
+    box = ([tile["BLOCK_N"], tile["BLOCK_K"]] if transposed
+           else [tile["BLOCK_K"], tile["BLOCK_N"]])
+    return TensorDescriptor.from_tensor(w2d, box)
 
 
 def _group_m(x: torch.Tensor) -> int:
@@ -388,15 +430,17 @@ def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
             if stats else w2d)
     xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
     rm, rs, rt = (_vec_or(v, w2d) for v in res_norm)
+    w_desc = _weight_desc(w2d, x, transposed=True)
     launch(_fwd, lambda meta: (m_tiles * triton.cdiv(cout, meta["BLOCK_N"]),),
            (x, xm, xs, xt, res if res is not None else x, rm, rs, rt, w2d,
-            bias.contiguous() if bias is not None else w2d,
+            w_desc if w_desc is not None else w2d, bias.contiguous() if bias is not None else w2d,
             out if out is not None else x, pre if pre is not None else x, part, m, cin, cout,
             c_part),
            dict(HAS_XNORM=x_norm[0] is not None, HAS_RES=res is not None,
                 HAS_RNORM=res_norm[0] is not None, HAS_BIAS=bias is not None,
                 ACT=ACTIVATIONS[act].code, STATS=stats, STORE_OUT=out is not None,
-                KEEP_PRE=pre is not None, ACC=tl_acc(x.dtype), GROUP_M=_group_m(x),
+                KEEP_PRE=pre is not None, W_DESC=w_desc is not None, ACC=tl_acc(x.dtype),
+                GROUP_M=_group_m(x),
                 BLOCK_M=block_m))
     return part[:, :, :cout] if stats else None
 
@@ -461,10 +505,12 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
             m_per_split), flags)
 
     part = torch.empty((3, m_tiles, cin), dtype=acc, device=x.device)
+    w_desc = _weight_desc(w2d, x, transposed=False)
     launch(_dgrad, lambda meta: (m_tiles * triton.cdiv(cin, meta["BLOCK_N"]),),
-           (d_p, w2d, x, xm, xs, res if res is not None else x, rm, rs, grad_x,
+           (d_p, w2d, w_desc if w_desc is not None else w2d, x, xm, xs,
+            res if res is not None else x, rm, rs, grad_x,
             grad_res if res is not None else grad_x, part, m, cin, cout),
-           dict(flags, GROUP_M=_group_m(x), BLOCK_M=block_m))
+           dict(flags, W_DESC=w_desc is not None, GROUP_M=_group_m(x), BLOCK_M=block_m))
 
     grad_w = reduce_partials(gw_part, weight.dtype).reshape(weight.shape)
     grad_b = reduce_partials(db_part, weight.dtype)
