@@ -27,6 +27,7 @@ def _run(args, cwd, env=None):
     ["-c", "import convmixer_kernels as ck; print(ck.available_backends())"],
     ["-m", "convmixer_kernels.bench", "--help"],
     ["-m", "convmixer_kernels.train", "--help"],
+    ["-m", "convmixer_kernels.roofline", "--ledger", "--model", "convmixer_1536_20"],
 ])
 def test_readme_commands_run_from_the_root_and_elsewhere(tmp_path, where, command):
     done = _run(command, cwd=ROOT if where == "root" else tmp_path)
