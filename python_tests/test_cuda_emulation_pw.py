@@ -56,7 +56,7 @@ class PwKernels:
                                 [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, P, P, P, SZ,
                                  ctypes.POINTER(SZ), P])
         self.norms_fn = bind(self.lib, "convmixer_pw_through_norms", ctypes.c_int,
-                             [ctypes.c_int, LL, LL] + [P] * 13 + [SZ, ctypes.POINTER(SZ), P])
+                             [ctypes.c_int, LL, LL] + [P] * 16 + [SZ, ctypes.POINTER(SZ), P])
 
     @staticmethod
     def _workspace(size):
@@ -110,27 +110,34 @@ class PwKernels:
         return dp.tensor.clone(), db.tensor.clone()
 
     def through_norms(self, du, x, nx, res, nr, write_x, write_res):
+        """grad_x, grad_res (None where not written) and the gradients of x's and res's norm
+        vectors, (mean, scale, shift) each (None without that norm)."""
         rows, c = du.shape
         code = DTYPE_CODE[du.dtype]
         acc = acc_dtype(du.dtype)
         size = SZ(0)
-        assert self.norms_fn(code, rows, c, *([None] * 13), 0, ctypes.byref(size), None) == 0
+        assert self.norms_fn(code, rows, c, *([None] * 16), 0, ctypes.byref(size), None) == 0
         ws = self._workspace(size)
         gx = Guarded((rows, c), du.dtype) if write_x else None
         gr = Guarded((rows, c), du.dtype) if write_res else None
-        sums = [Guarded((c,), acc) for _ in range(3)]
+        x_grads = [Guarded((c,), acc) for _ in range(3)] if nx else None
+        res_grads = [Guarded((c,), acc) for _ in range(3)] if nr else None
         xm, xs = nx[:2] if nx else (None, None)
         rm, rs = nr[:2] if nr else (None, None)
         rc = self.norms_fn(code, rows, c, ptr(du), ptr(x), ptr(xm), ptr(xs), ptr(res), ptr(rm),
                            ptr(rs), ptr(gx.tensor) if gx else None, ptr(gr.tensor) if gr else None,
-                           *(ptr(s.tensor) for s in sums), ptr(ws.tensor), ws.tensor.numel(), None,
-                           None)
+                           *(ptr(g.tensor) if g else None for g in (x_grads or [None] * 3)),
+                           *(ptr(g.tensor) if g else None for g in (res_grads or [None] * 3)),
+                           ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0
-        for g in (gx, gr, ws, *sums):
+        for g in (gx, gr, ws, *(x_grads or ()), *(res_grads or ())):
             if g is not None:
                 g.check()
+
+        def out(gs):
+            return tuple(g.tensor.clone() for g in gs) if gs else None
         return (gx.tensor.clone() if gx else None, gr.tensor.clone() if gr else None,
-                *(s.tensor.clone() for s in sums))
+                out(x_grads), out(res_grads))
 
 
 @pytest.fixture(scope="module")
@@ -212,17 +219,44 @@ def test_through_norms(kernels, dtype, shape):
     rows, c = shape
     du, x, res = rand(shape, dtype, 10), rand(shape, dtype, 11, offset=1.0), rand(shape, dtype, 12)
     nx, nr = make_norm(c, dtype, _gen(13)), make_norm(c, dtype, _gen(14))
-    gx, gr, s0, s1, s2 = kernels.through_norms(du, x, nx, res, nr, True, True)
+    gx, gr, (xgm, xgs, xgt), (rgm, rgs, rgt) = kernels.through_norms(du, x, nx, res, nr, True,
+                                                                      True)
     d = du.double()
+    s0 = d.sum(0)
     assert_close(gx, d * nx[1].double(), dtype, "grad_x")
     assert_close(gr, d * nr[1].double(), dtype, "grad_res")
-    assert_close(s0, d.sum(0), dtype, "sum dU")
-    assert_close(s1, (d * (x.double() - nx[0].double())).sum(0), dtype, "sum dU (x - mean)")
-    assert_close(s2, (d * (res.double() - nr[0].double())).sum(0), dtype, "sum dU (res - mean)")
-    # Residual without a norm: grad_res is a copy of dU; the x norm's sums still come out.
-    _, gr, s0b, s1b, _ = kernels.through_norms(du, x, nx, res, None, True, True)
+    # The norms' gradients (docs/OPS.md): mean -sum dU scale, scale sum dU (v - mean), shift sum dU.
+    assert_close(xgt, s0, dtype, "x: grad shift = sum dU")
+    assert_close(rgt, s0, dtype, "res: grad shift = sum dU")
+    assert_close(xgm, -s0 * nx[1].double(), dtype, "x: grad mean = -sum dU scale")
+    assert_close(rgm, -s0 * nr[1].double(), dtype, "res: grad mean = -sum dU scale")
+    assert_close(xgs, (d * (x.double() - nx[0].double())).sum(0), dtype, "sum dU (x - mean)")
+    assert_close(rgs, (d * (res.double() - nr[0].double())).sum(0), dtype, "sum dU (res - mean)")
+    # One sum of dU behind both norms' gradients, and the mean's is that sum times -scale exactly.
+    assert torch.equal(xgt, rgt)
+    assert torch.equal(xgm, -xgt * nx[1]) and torch.equal(rgm, -rgt * nr[1])
+    # Residual without a norm: grad_res is a copy of dU; the x norm's gradients still come out.
+    _, gr, x_grads, res_grads = kernels.through_norms(du, x, nx, res, None, True, True)
     assert torch.equal(gr, du)
-    assert torch.equal(s0b, s0) and torch.equal(s1b, s1)
+    assert res_grads is None
+    for a, b in zip(x_grads, (xgm, xgs, xgt)):
+        assert torch.equal(a, b)
+    # No norm on x (grad_x is dU itself, not written): res's gradients alone.
+    gx, _, x_grads, res_grads = kernels.through_norms(du, x, None, res, nr, False, True)
+    assert gx is None and x_grads is None
+    for a, b in zip(res_grads, (rgm, rgs, rgt)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_through_norms_without_rows(kernels, dtype):
+    # No rows: no row pass, and the finalize alone writes zero gradients (no memsets).
+    du = torch.empty((0, 40), dtype=dtype)
+    v = torch.ones((1, 40), dtype=dtype)  # x and res: never read, but given (a null res is none)
+    nx, nr = make_norm(40, dtype, _gen(20)), make_norm(40, dtype, _gen(21))
+    _, _, x_grads, res_grads = kernels.through_norms(du, v, nx, v, nr, True, True)
+    for g in (*x_grads, *res_grads):
+        assert torch.equal(g, torch.zeros_like(g))
 
 
 @pytest.mark.parametrize("code", UNKNOWN_ACT_CODES)

@@ -95,8 +95,15 @@ struct EpilogueBackward {
 };
 
 // grad_x = dU scale_x and grad_res = dU scale_res (or a copy of dU without a norm on res), and the
-// sums: sum_du always, sum_du_xc with a norm on x, sum_du_rc with a norm on res ([C] each). The
-// norms' shift is not read.
+// gradients of the norms' vectors ([C] each, from the sums of dU, dU (x - mean_x), dU (res -
+// mean_res)): x_grads with a norm on x, res_grads with a norm on res. The norms' shift is not read.
+// Two launches: the row pass, and one finalize for all six vectors.
+struct NormGrads {
+  void* mean = nullptr;   // -sum dU * scale
+  void* scale = nullptr;  // sum dU (v - mean)
+  void* shift = nullptr;  // sum dU
+};
+
 struct ThroughNorms {
   static constexpr int kPartialRegions = 3;
   Problem problem;
@@ -107,9 +114,8 @@ struct ThroughNorms {
   NormPtrs res_norm;             // null mean: no norm on res
   void* grad_x = nullptr;        // null: not written (grad_x is dU itself without a norm on x)
   void* grad_res = nullptr;      // null: not written (no residual, or grad_res is dU itself)
-  void* sum_du = nullptr;
-  void* sum_du_xc = nullptr;
-  void* sum_du_rc = nullptr;
+  NormGrads x_grads;             // written with a norm on x
+  NormGrads res_grads;           // written with a norm on res
 };
 
 // Whether the kernels can take a call of any of the four kinds, and the workspace it needs.
@@ -226,9 +232,6 @@ inline cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes
   const size_t region = p.valid ? partials_bytes<T>(p) : 0;
   if (!p.valid || ws_bytes < 3 * region) return cudaErrorInvalidValue;
   if (p.C == 0) return cudaSuccess;
-  AccT* const sum_du = static_cast<AccT*>(c.sum_du);
-  AccT* const sum_du_xc = static_cast<AccT*>(c.sum_du_xc);
-  AccT* const sum_du_rc = static_cast<AccT*>(c.sum_du_rc);
   ThroughNormsArgs<T> a{};
   a.grad_u = static_cast<const T*>(c.grad_u);
   a.x = static_cast<const T*>(c.x);
@@ -240,27 +243,40 @@ inline cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes
   a.grad_x = static_cast<T*>(c.grad_x);
   a.grad_res = static_cast<T*>(c.grad_res);
   const bool nx = a.x_mean != nullptr, nr = a.res != nullptr && a.res_mean != nullptr;
-  if (p.tiles == 0) {
-    cudaError_t err = cudaMemsetAsync(sum_du, 0, size_t(p.C) * sizeof(AccT), stream);
-    if (err == cudaSuccess && nx) err = cudaMemsetAsync(sum_du_xc, 0, size_t(p.C) * sizeof(AccT), stream);
-    if (err == cudaSuccess && nr) err = cudaMemsetAsync(sum_du_rc, 0, size_t(p.C) * sizeof(AccT), stream);
-    return err;
+  auto complete = [](const NormGrads& g) {
+    return g.mean != nullptr && g.scale != nullptr && g.shift != nullptr;
+  };
+  if ((nx && (a.x_scale == nullptr || !complete(c.x_grads))) ||
+      (nr && (a.res_scale == nullptr || !complete(c.res_grads))))
+    return cudaErrorInvalidValue;
+  if (p.tiles > 0) {
+    if (ws == nullptr) return cudaErrorInvalidValue;
+    char* base = static_cast<char*>(ws);
+    a.part_sum = reinterpret_cast<AccT*>(base);
+    a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
+    a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
+    pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
   }
-  if (ws == nullptr) return cudaErrorInvalidValue;
-  char* base = static_cast<char*>(ws);
-  a.part_sum = reinterpret_cast<AccT*>(base);
-  a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
-  a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
-  pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if ((err = launch_sum_parts<AccT, AccT>(a.part_sum, p.tiles, p.C, sum_du, stream)) != cudaSuccess)
-    return err;
-  if (nx && (err = launch_sum_parts<AccT, AccT>(a.part_sum_xc, p.tiles, p.C, sum_du_xc, stream)) !=
-                cudaSuccess)
-    return err;
-  if (nr) return launch_sum_parts<AccT, AccT>(a.part_sum_rc, p.tiles, p.C, sum_du_rc, stream);
-  return cudaSuccess;
+  if (!nx && !nr) return cudaSuccess;  // the sums feed nothing
+  // With no rows the finalize sums no tiles: zero gradients, without a memset per vector.
+  NormGradsArgs<AccT> f{a.part_sum, a.part_sum_xc, a.part_sum_rc, a.x_scale, a.res_scale,
+                        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  if (nx) {
+    f.x_grad_mean = static_cast<AccT*>(c.x_grads.mean);
+    f.x_grad_scale = static_cast<AccT*>(c.x_grads.scale);
+    f.x_grad_shift = static_cast<AccT*>(c.x_grads.shift);
+  }
+  if (nr) {
+    f.res_grad_mean = static_cast<AccT*>(c.res_grads.mean);
+    f.res_grad_scale = static_cast<AccT*>(c.res_grads.scale);
+    f.res_grad_shift = static_cast<AccT*>(c.res_grads.shift);
+  }
+  constexpr int kBlock = 256;
+  pw_norm_grads_kernel<AccT><<<unsigned((p.C + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
+      f, p.tiles, p.C);
+  return cudaGetLastError();
 }
 
 }  // namespace pw
