@@ -148,7 +148,7 @@ inline Plan plan_for(const Problem& problem, std::initializer_list<const void*> 
 // What cuda::launch (launch.cuh) runs for the storage type T. ws: requirements(c).workspace_bytes
 // of device memory (for EpilogueForward only with statistics; none for Prologue).
 template <typename T>
-inline cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t stream) {
+cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.x, c.res, c.u});
   if (!p.valid) return cudaErrorInvalidValue;
@@ -169,7 +169,7 @@ inline cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t s
 // Here and in the backward an `act` that is no activation (a code from a check TU's caller) is
 // cudaErrorInvalidValue before anything runs.
 template <typename T>
-inline cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes,
+cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes,
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.pre, c.out});
@@ -198,7 +198,7 @@ inline cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_by
 }
 
 template <typename T>
-inline cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
+cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_out, c.pre, c.grad_pre});
@@ -225,7 +225,7 @@ inline cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_b
 }
 
 template <typename T>
-inline cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
+cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_u, c.x, c.res, c.grad_x, c.grad_res});
@@ -278,6 +278,25 @@ inline cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes
       f, p.tiles, p.C);
   return cudaGetLastError();
 }
+
+// The build split (docs/CUDA.md "Build"): the kernels of a storage type are instantiated once, in
+// csrc/cuda/inst/pw_<type>.cu (CONVMIXER_PW_LAUNCHES( , T)), and every other TU that includes this
+// header (the torch launcher, the check TU) only declares them, so neither compiles a kernel and
+// no unit holds more than one storage type's. The CPU emulation builds a check TU alone, so there
+// the header instantiates what the TU uses, as before.
+#define CONVMIXER_PW_LAUNCHES(EXTERN, T)                                                           \
+  EXTERN template cudaError_t launch_as<T>(T, const Prologue&, void*, size_t, cudaStream_t);        \
+  EXTERN template cudaError_t launch_as<T>(T, const EpilogueForward&, void*, size_t, cudaStream_t); \
+  EXTERN template cudaError_t launch_as<T>(T, const EpilogueBackward&, void*, size_t,               \
+                                           cudaStream_t);                                           \
+  EXTERN template cudaError_t launch_as<T>(T, const ThroughNorms&, void*, size_t, cudaStream_t);
+
+#ifndef CONVMIXER_CUDA_EMULATION
+CONVMIXER_PW_LAUNCHES(extern, float)
+CONVMIXER_PW_LAUNCHES(extern, double)
+CONVMIXER_PW_LAUNCHES(extern, __half)
+CONVMIXER_PW_LAUNCHES(extern, __nv_bfloat16)
+#endif
 
 }  // namespace pw
 }  // namespace cuda

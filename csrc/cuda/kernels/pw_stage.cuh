@@ -307,8 +307,10 @@ struct EpilogueBackwardArgs {
   acc_t<T>* part_grad_b;      // [tiles][C]
 };
 
+// The double GELU backward (erf in double: 104 registers at one row a step) is held to one CTA
+// per SM's budget rather than spill; double is the reference dtype, not a fast one.
 template <typename T, Act A>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 && A == Act::GELU ? 1 : kMinCtasPerSm)
     pw_epilogue_backward_kernel(const EpilogueBackwardArgs<T> a, const Plan p) {
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -328,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   AccT db[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) db[j] = AccT(0);
-  constexpr int kUnroll = sizeof(T) == 8 && A == Act::GELU ? 1 : kRowUnroll<T>;  // erf in double: no room
+  constexpr int kUnroll = sizeof(T) == 8 && A == Act::GELU ? 1 : kRowUnroll<T>;
   for_each_row<kUnroll>(p, [&](int64_t r0, auto rows) {
     constexpr int U = decltype(rows)::value;
     AccT pv[U][V], d[U][V];
