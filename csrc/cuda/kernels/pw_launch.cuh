@@ -80,7 +80,9 @@ struct EpilogueForward {
 };
 
 // dP = (grad_out + the statistics' terms) act'(pre) into grad_pre, and sum dP into grad_bias ([C],
-// storage type).
+// storage type). With a null grad_bias the per-tile partial sums stay in the workspace (its first
+// partials_bytes of the [rows, C] plan) for a ThroughNorms call to finish (its `bias`): the
+// backward's one finalize then writes the bias gradient too.
 struct EpilogueBackward {
   static constexpr int kPartialRegions = 1;
   Problem problem;
@@ -97,7 +99,8 @@ struct EpilogueBackward {
 // grad_x = dU scale_x and grad_res = dU scale_res (or a copy of dU without a norm on res), and the
 // gradients of the norms' vectors ([C] each, from the sums of dU, dU (x - mean_x), dU (res -
 // mean_res)): x_grads with a norm on x, res_grads with a norm on res. The norms' shift is not read.
-// Two launches: the row pass, and one finalize for all six vectors.
+// Two launches: the row pass, and one finalize for all six vectors and, given `bias`, the bias
+// gradient from an EpilogueBackward call's partials over the same rows.
 struct NormGrads {
   void* mean = nullptr;   // -sum dU * scale
   void* scale = nullptr;  // sum dU (v - mean)
@@ -116,6 +119,11 @@ struct ThroughNorms {
   void* grad_res = nullptr;      // null: not written (no residual, or grad_res is dU itself)
   NormGrads x_grads;             // written with a norm on x
   NormGrads res_grads;           // written with a norm on res
+  struct {
+    const void* partials = nullptr;  // the workspace of EpilogueBackward{rows, C} with null grad_bias
+    int64_t C = 0;                   // its C (the GEMM's output channels)
+    void* grad = nullptr;            // [C], storage type; null: no bias gradient here
+  } bias;
 };
 
 // Whether the kernels can take a call of any of the four kinds, and the workspace it needs.
@@ -209,7 +217,9 @@ cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
   if (kernel == nullptr) return cudaErrorInvalidValue;
   T* const grad_bias = static_cast<T*>(c.grad_bias);
   if (p.C == 0) return cudaSuccess;
-  if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
+  if (p.tiles == 0)
+    return grad_bias == nullptr ? cudaSuccess
+                                : cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
   if (ws == nullptr) return cudaErrorInvalidValue;
   const EpilogueBackwardArgs<T> a{static_cast<const T*>(c.grad_out),
                                   static_cast<const T*>(c.pre),
@@ -221,6 +231,7 @@ cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
   kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (grad_bias == nullptr) return cudaSuccess;  // a ThroughNorms call finishes the sums
   return launch_sum_parts<AccT, T>(a.part_grad_b, p.tiles, p.C, grad_bias, stream);
 }
 
@@ -231,7 +242,10 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
   const Plan p = plan_for<T>(c.problem, {c.grad_u, c.x, c.res, c.grad_x, c.grad_res});
   const size_t region = p.valid ? partials_bytes<T>(p) : 0;
   if (!p.valid || ws_bytes < 3 * region) return cudaErrorInvalidValue;
-  if (p.C == 0) return cudaSuccess;
+  const bool bias = c.bias.grad != nullptr;
+  const Plan pb = bias ? make_plan<T>(c.problem.rows, c.bias.C, false) : Plan{};
+  if (bias && (!pb.valid || (pb.tiles > 0 && pb.C > 0 && c.bias.partials == nullptr)))
+    return cudaErrorInvalidValue;
   ThroughNormsArgs<T> a{};
   a.grad_u = static_cast<const T*>(c.grad_u);
   a.x = static_cast<const T*>(c.x);
@@ -242,14 +256,15 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
   a.res_scale = static_cast<const AccT*>(c.res_norm.scale);
   a.grad_x = static_cast<T*>(c.grad_x);
   a.grad_res = static_cast<T*>(c.grad_res);
-  const bool nx = a.x_mean != nullptr, nr = a.res != nullptr && a.res_mean != nullptr;
+  const bool nx = p.C > 0 && a.x_mean != nullptr;
+  const bool nr = p.C > 0 && a.res != nullptr && a.res_mean != nullptr;
   auto complete = [](const NormGrads& g) {
     return g.mean != nullptr && g.scale != nullptr && g.shift != nullptr;
   };
   if ((nx && (a.x_scale == nullptr || !complete(c.x_grads))) ||
       (nr && (a.res_scale == nullptr || !complete(c.res_grads))))
     return cudaErrorInvalidValue;
-  if (p.tiles > 0) {
+  if (p.tiles > 0 && p.C > 0) {
     if (ws == nullptr) return cudaErrorInvalidValue;
     char* base = static_cast<char*>(ws);
     a.part_sum = reinterpret_cast<AccT*>(base);
@@ -259,10 +274,15 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  if (!nx && !nr) return cudaSuccess;  // the sums feed nothing
+  const int bias_C = bias ? pb.C : 0;
+  if (!nx && !nr && bias_C == 0) return cudaSuccess;  // the sums feed nothing
   // With no rows the finalize sums no tiles: zero gradients, without a memset per vector.
-  NormGradsArgs<AccT> f{a.part_sum, a.part_sum_xc, a.part_sum_rc, a.x_scale, a.res_scale,
-                        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+  BackwardFinalizeArgs<T> f{};
+  f.part_sum = a.part_sum;
+  f.part_sum_xc = a.part_sum_xc;
+  f.part_sum_rc = a.part_sum_rc;
+  f.x_scale = a.x_scale;
+  f.res_scale = a.res_scale;
   if (nx) {
     f.x_grad_mean = static_cast<AccT*>(c.x_grads.mean);
     f.x_grad_scale = static_cast<AccT*>(c.x_grads.scale);
@@ -273,8 +293,13 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
     f.res_grad_scale = static_cast<AccT*>(c.res_grads.scale);
     f.res_grad_shift = static_cast<AccT*>(c.res_grads.shift);
   }
+  f.part_bias = static_cast<const AccT*>(c.bias.partials);
+  f.bias_tiles = pb.tiles;
+  f.bias_C = bias_C;
+  f.grad_bias = static_cast<T*>(c.bias.grad);
+  const int channels = p.C > bias_C ? p.C : bias_C;
   constexpr int kBlock = 256;
-  pw_norm_grads_kernel<AccT><<<unsigned((p.C + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
+  pw_backward_finalize_kernel<T><<<unsigned((channels + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
       f, p.tiles, p.C);
   return cudaGetLastError();
 }

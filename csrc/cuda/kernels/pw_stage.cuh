@@ -7,8 +7,8 @@
 //   epilogue_backward dP = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) act'(p); partial sum dP
 //   [GEMMs]           grad_W = dP^T u, dU = dP W                           (cuBLAS)
 //   through_norms     grad_x = dU scale_x, grad_res = dU scale_res, partial sums of dU,
-//                     dU (x - mean_x), dU (res - mean_res); then norm_grads turns the partials
-//                     into the gradients of both norms' (mean, scale, shift) in one launch
+//                     dU (x - mean_x), dU (res - mean_res); then one finalize turns the partials
+//                     into the gradients of both norms' (mean, scale, shift) and the bias
 //
 // Why the GEMMs are not ours: the issue leaves the core to measurement, and without a GPU to
 // measure on, cuBLAS (the same GEMM eager PyTorch runs) is the core whose speed is known. cuBLASLt's
@@ -434,13 +434,17 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_through_norms_kern
   if (nr) write_partial_sums<T>(s2, s_red, p, cb, a.part_sum_rc);
 }
 
-// The norm gradients from the through-norms partial sums, one thread per channel, tiles summed in
-// order (as sum_parts_kernel does, so the sums are bitwise those of three sum_parts launches):
-//   grad mean = -(sum dU) scale, grad scale = sum dU (v - mean), grad shift = sum dU
-// for x (with a norm on x) and for res (with a norm on res). One launch instead of three sums and
-// the ATen ops on the [C] vectors that used to follow them.
-template <typename AccT>
-struct NormGradsArgs {
+// The backward's one finalize, one thread per channel, tiles summed in order (as sum_parts_kernel
+// does, so every sum is bitwise that of a sum_parts launch):
+//   the norms' gradients from the through-norms partials, for x (with a norm on x) and for res
+//   (with a norm on res): grad mean = -(sum dU) scale, grad scale = sum dU (v - mean),
+//   grad shift = sum dU;
+//   the bias gradient from the epilogue backward's partials, when given (its own tiles and C).
+// One launch instead of four sum_parts launches and the six ATen ops on the [C] vectors that
+// followed them.
+template <typename T>
+struct BackwardFinalizeArgs {
+  using AccT = acc_t<T>;
   const AccT* part_sum;     // [tiles][C]
   const AccT* part_sum_xc;  // [tiles][C], read with x_grad_mean
   const AccT* part_sum_rc;  // [tiles][C], read with res_grad_mean
@@ -452,14 +456,25 @@ struct NormGradsArgs {
   AccT* res_grad_mean;      // all three null: no norm on res
   AccT* res_grad_scale;
   AccT* res_grad_shift;
+  const AccT* part_bias;    // [bias_tiles][bias_C]
+  int64_t bias_tiles;
+  int bias_C;               // 0: no bias gradient
+  T* grad_bias;             // [bias_C]
 };
 
-template <typename AccT>
-__global__ void pw_norm_grads_kernel(const NormGradsArgs<AccT> a, int64_t tiles, int C) {
+template <typename T>
+__global__ void pw_backward_finalize_kernel(const BackwardFinalizeArgs<T> a, int64_t tiles,
+                                            int C) {
+  using AccT = acc_t<T>;
   const int c = int(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  AccT s0 = AccT(0), s1 = AccT(0), s2 = AccT(0);
+  if (c < a.bias_C) {
+    AccT total = AccT(0);
+    for (int64_t t = 0; t < a.bias_tiles; ++t) total += a.part_bias[t * a.bias_C + c];
+    a.grad_bias[c] = from_acc<T>(total);
+  }
   const bool nx = a.x_grad_mean != nullptr, nr = a.res_grad_mean != nullptr;
+  if (c >= C || (!nx && !nr)) return;
+  AccT s0 = AccT(0), s1 = AccT(0), s2 = AccT(0);
   for (int64_t t = 0; t < tiles; ++t) {
     s0 += a.part_sum[t * C + c];
     if (nx) s1 += a.part_sum_xc[t * C + c];
