@@ -56,7 +56,8 @@ class PwKernels:
                                 [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, P, P, P, SZ,
                                  ctypes.POINTER(SZ), P])
         self.norms_fn = bind(self.lib, "convmixer_pw_through_norms", ctypes.c_int,
-                             [ctypes.c_int, LL, LL] + [P] * 13 + [SZ, ctypes.POINTER(SZ), P])
+                             [ctypes.c_int, LL, LL] + [P] * 15 + [P, LL, P]
+                             + [P, SZ, ctypes.POINTER(SZ), P])
 
     @staticmethod
     def _workspace(size):
@@ -93,7 +94,9 @@ class PwKernels:
             g.check()
         return out.tensor.clone(), mean.tensor.clone(), var.tensor.clone()
 
-    def epilogue_backward(self, grad_out, pre, gm, gv, mean, act):
+    def epilogue_backward(self, grad_out, pre, gm, gv, mean, act, keep_partials=False):
+        """dP and the bias gradient; with keep_partials dP and the workspace holding the bias's
+        partial sums instead (grad_bias not given, for through_norms to finish)."""
         rows, c = pre.shape
         code = DTYPE_CODE[pre.dtype]
         size = SZ(0)
@@ -102,35 +105,51 @@ class PwKernels:
         ws = self._workspace(size)
         dp, db = Guarded((rows, c), pre.dtype), Guarded((c,), pre.dtype)
         rc = self.backward_fn(code, act_code(act), rows, c, ptr(grad_out), ptr(pre), ptr(gm),
-                              ptr(gv), ptr(mean), ptr(dp.tensor), ptr(db.tensor), ptr(ws.tensor),
+                              ptr(gv), ptr(mean), ptr(dp.tensor),
+                              None if keep_partials else ptr(db.tensor), ptr(ws.tensor),
                               ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_pw_epilogue_backward returned cudaError {rc}"
         for g in (dp, db, ws):
             g.check()
+        if keep_partials:
+            return dp.tensor.clone(), ws
         return dp.tensor.clone(), db.tensor.clone()
 
-    def through_norms(self, du, x, nx, res, nr, write_x, write_res):
+    def through_norms(self, du, x, nx, res, nr, write_x, write_res, bias=None):
+        """grad_x, grad_res (None where not written) and the gradients of x's and res's norm
+        vectors, (mean, scale, shift) each (None without that norm); with bias = (the workspace
+        epilogue_backward(keep_partials=True) returned, its channels) the bias gradient too."""
         rows, c = du.shape
         code = DTYPE_CODE[du.dtype]
         acc = acc_dtype(du.dtype)
         size = SZ(0)
-        assert self.norms_fn(code, rows, c, *([None] * 13), 0, ctypes.byref(size), None) == 0
+        assert self.norms_fn(code, rows, c, *([None] * 15), None, 0, None, None, 0,
+                             ctypes.byref(size), None) == 0
         ws = self._workspace(size)
         gx = Guarded((rows, c), du.dtype) if write_x else None
         gr = Guarded((rows, c), du.dtype) if write_res else None
-        sums = [Guarded((c,), acc) for _ in range(3)]
+        x_grads = [Guarded((c,), acc) for _ in range(3)] if nx else None
+        res_grads = [Guarded((c,), acc) for _ in range(3)] if nr else None
+        gb = Guarded((bias[1],), du.dtype) if bias else None
         xm, xs = nx[:2] if nx else (None, None)
         rm, rs = nr[:2] if nr else (None, None)
         rc = self.norms_fn(code, rows, c, ptr(du), ptr(x), ptr(xm), ptr(xs), ptr(res), ptr(rm),
                            ptr(rs), ptr(gx.tensor) if gx else None, ptr(gr.tensor) if gr else None,
-                           *(ptr(s.tensor) for s in sums), ptr(ws.tensor), ws.tensor.numel(), None,
-                           None)
+                           *(ptr(g.tensor) if g else None for g in (x_grads or [None] * 3)),
+                           *(ptr(g.tensor) if g else None for g in (res_grads or [None] * 3)),
+                           ptr(bias[0].tensor) if bias else None, bias[1] if bias else 0,
+                           ptr(gb.tensor) if gb else None,
+                           ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0
-        for g in (gx, gr, ws, *sums):
+        for g in (gx, gr, ws, gb, *(x_grads or ()), *(res_grads or ())):
             if g is not None:
                 g.check()
-        return (gx.tensor.clone() if gx else None, gr.tensor.clone() if gr else None,
-                *(s.tensor.clone() for s in sums))
+
+        def out(gs):
+            return tuple(g.tensor.clone() for g in gs) if gs else None
+        result = (gx.tensor.clone() if gx else None, gr.tensor.clone() if gr else None,
+                  out(x_grads), out(res_grads))
+        return result + (gb.tensor.clone(),) if gb else result
 
 
 @pytest.fixture(scope="module")
@@ -212,17 +231,75 @@ def test_through_norms(kernels, dtype, shape):
     rows, c = shape
     du, x, res = rand(shape, dtype, 10), rand(shape, dtype, 11, offset=1.0), rand(shape, dtype, 12)
     nx, nr = make_norm(c, dtype, _gen(13)), make_norm(c, dtype, _gen(14))
-    gx, gr, s0, s1, s2 = kernels.through_norms(du, x, nx, res, nr, True, True)
+    gx, gr, (xgm, xgs, xgt), (rgm, rgs, rgt) = kernels.through_norms(du, x, nx, res, nr, True,
+                                                                      True)
     d = du.double()
+    s0 = d.sum(0)
     assert_close(gx, d * nx[1].double(), dtype, "grad_x")
     assert_close(gr, d * nr[1].double(), dtype, "grad_res")
-    assert_close(s0, d.sum(0), dtype, "sum dU")
-    assert_close(s1, (d * (x.double() - nx[0].double())).sum(0), dtype, "sum dU (x - mean)")
-    assert_close(s2, (d * (res.double() - nr[0].double())).sum(0), dtype, "sum dU (res - mean)")
-    # Residual without a norm: grad_res is a copy of dU; the x norm's sums still come out.
-    _, gr, s0b, s1b, _ = kernels.through_norms(du, x, nx, res, None, True, True)
+    # The norms' gradients (docs/OPS.md): mean -sum dU scale, scale sum dU (v - mean), shift sum dU.
+    assert_close(xgt, s0, dtype, "x: grad shift = sum dU")
+    assert_close(rgt, s0, dtype, "res: grad shift = sum dU")
+    assert_close(xgm, -s0 * nx[1].double(), dtype, "x: grad mean = -sum dU scale")
+    assert_close(rgm, -s0 * nr[1].double(), dtype, "res: grad mean = -sum dU scale")
+    assert_close(xgs, (d * (x.double() - nx[0].double())).sum(0), dtype, "sum dU (x - mean)")
+    assert_close(rgs, (d * (res.double() - nr[0].double())).sum(0), dtype, "sum dU (res - mean)")
+    # One sum of dU behind both norms' gradients, and the mean's is that sum times -scale exactly.
+    assert torch.equal(xgt, rgt)
+    assert torch.equal(xgm, -xgt * nx[1]) and torch.equal(rgm, -rgt * nr[1])
+    # Residual without a norm: grad_res is a copy of dU; the x norm's gradients still come out.
+    _, gr, x_grads, res_grads = kernels.through_norms(du, x, nx, res, None, True, True)
     assert torch.equal(gr, du)
-    assert torch.equal(s0b, s0) and torch.equal(s1b, s1)
+    assert res_grads is None
+    for a, b in zip(x_grads, (xgm, xgs, xgt)):
+        assert torch.equal(a, b)
+    # No norm on x (grad_x is dU itself, not written): res's gradients alone.
+    gx, _, x_grads, res_grads = kernels.through_norms(du, x, None, res, nr, False, True)
+    assert gx is None and x_grads is None
+    for a, b in zip(res_grads, (rgm, rgs, rgt)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shapes", [((300, 37), 45), ((130, 256), 256), ((70, 264), 100)], ids=str)
+def test_bias_gradient_in_the_backward_finalize(kernels, dtype, shapes):
+    # The epilogue backward leaves its partial bias sums; the through-norms finalize sums them:
+    # bitwise the epilogue's own bias gradient, for a GEMM output width (cout) other than the
+    # input's (its own tile count), with and without norms.
+    (rows, c), cout = shapes
+    acc = acc_dtype(dtype)
+    pre, grad_out = rand((rows, cout), dtype, 22, scale=2.0), rand((rows, cout), dtype, 23)
+    gm, gv = rand((cout,), acc, 24), rand((cout,), acc, 25)
+    mean = act64("gelu", pre.double()).to(dtype).double().mean(0).to(acc)
+    dp, db = kernels.epilogue_backward(grad_out, pre, gm, gv, mean, "gelu")
+    dp2, partials = kernels.epilogue_backward(grad_out, pre, gm, gv, mean, "gelu",
+                                              keep_partials=True)
+    assert torch.equal(dp, dp2)
+    du, x, res = rand((rows, c), dtype, 26), rand((rows, c), dtype, 27), rand((rows, c), dtype, 28)
+    nx, nr = make_norm(c, dtype, _gen(29)), make_norm(c, dtype, _gen(30))
+    ref = kernels.through_norms(du, x, nx, res, nr, True, True)
+    with_bias = kernels.through_norms(du, x, nx, res, nr, True, True, bias=(partials, cout))
+    assert torch.equal(with_bias[-1], db)
+    for a, b in zip(ref[:2], with_bias[:2]):
+        assert torch.equal(a, b)
+    for a, b in zip((*ref[2], *ref[3]), (*with_bias[2], *with_bias[3])):
+        assert torch.equal(a, b)
+    # Neither norm: the finalize runs for the bias alone.
+    *_, gb = kernels.through_norms(du, x, None, None, None, False, False, bias=(partials, cout))
+    assert torch.equal(gb, db)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_through_norms_without_rows(kernels, dtype):
+    # No rows: no row pass, and the finalize alone writes zero gradients (no memsets).
+    du = torch.empty((0, 40), dtype=dtype)
+    v = torch.ones((1, 40), dtype=dtype)  # x and res: never read, but given (a null res is none)
+    nx, nr = make_norm(40, dtype, _gen(20)), make_norm(40, dtype, _gen(21))
+    empty_partials = Guarded((1,), torch.uint8)  # an epilogue over no rows leaves no partials
+    _, _, x_grads, res_grads, gb = kernels.through_norms(du, v, nx, v, nr, True, True,
+                                                         bias=(empty_partials, 24))
+    for g in (*x_grads, *res_grads, gb):
+        assert torch.equal(g, torch.zeros_like(g))
 
 
 @pytest.mark.parametrize("code", UNKNOWN_ACT_CODES)

@@ -39,20 +39,35 @@ inline cuda::NormPtrs norm_ptrs(const Norm& n) {
   return {ptr_or_null(n.mean), ptr_or_null(n.scale), ptr_or_null(n.shift)};
 }
 
-// Runs one launch entry on the current stream: a ValueError naming `op`, `what` and the reason when
-// the kernels cannot take the call, the workspace it needs (none when `with_workspace` is false: a
-// forward without statistics), the launch, a RuntimeError if that fails.
+// The workspace one launch entry's call needs, on `like`'s device (undefined when it needs none, or
+// when `with_workspace` is false: a forward without statistics); a ValueError naming `op`, `what`
+// and the reason when the kernels cannot take the call. Separate from the launch for a caller
+// that keeps a workspace past it (pw_stage_backward's bias partials).
 template <typename Call, typename... What>
-void launch_entry(const char* op, const Call& call, const at::Tensor& like, bool with_workspace,
-                  const What&... what) {
+at::Tensor workspace_for(const char* op, const Call& call, const at::Tensor& like,
+                         bool with_workspace, const What&... what) {
   const cuda::Requirements need = requirements(call);
   TORCH_CHECK_VALUE(need.valid, op, ": the CUDA kernels cannot run ", what..., ": ", need.error);
   const size_t bytes = with_workspace ? need.workspace_bytes : 0;
-  at::Tensor ws;
-  if (bytes > 0) ws = at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+  if (bytes == 0) return at::Tensor();
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// Runs one launch entry on the current stream in the workspace `ws` (from workspace_for); a
+// RuntimeError if that fails.
+template <typename Call>
+void launch_in(const char* op, const Call& call, const at::Tensor& ws) {
+  const size_t bytes = ws.defined() ? size_t(ws.numel()) : 0;
   const cudaError_t err = cuda::launch(call, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
                                        at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Both: the workspace, then the launch.
+template <typename Call, typename... What>
+void launch_entry(const char* op, const Call& call, const at::Tensor& like, bool with_workspace,
+                  const What&... what) {
+  launch_in(op, call, workspace_for(op, call, like, with_workspace, what...));
 }
 
 }  // namespace cuda_ops

@@ -5,6 +5,8 @@
 
 #include <torch/library.h>
 
+#include <array>
+
 namespace convmixer_kernels {
 namespace cuda_ops {
 namespace {
@@ -116,10 +118,18 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const auto go2d = rows_of(grad_out);
   const std::vector<int64_t> in_sizes = args.in_sizes();
   auto grad_bias = at::empty({g.Cout}, weight.options());
-  at::Tensor sum_du = at::empty({g.Cin}, x_in.options().dtype(acc));
-  at::Tensor sum_du_xc = nx.defined() ? at::empty({g.Cin}, x_in.options().dtype(acc)) : at::Tensor();
-  at::Tensor sum_du_rc = nr.defined() ? at::empty({g.Cin}, x_in.options().dtype(acc)) : at::Tensor();
+  // The norms' gradients, written by the through-norms finalize (empty without that norm).
+  auto norm_grads = [&](const Norm& n) {
+    std::array<at::Tensor, 3> v;
+    for (auto& t : v)
+      t = n.defined() ? at::empty({g.Cin}, x_in.options().dtype(acc)) : empty_output(x_in, acc);
+    return v;
+  };
+  const std::array<at::Tensor, 3> gx_norm = norm_grads(nx), gr_norm = norm_grads(nr);
 
+  // u is recomputed (3E: read x and res, write u) because the op's schema has no output to hand
+  // the forward's u over; saving it would take those 3E off every backward for E of memory held
+  // per block (docs/CUDA.md "pw stage", byte count). The forward writes u for its GEMM anyway.
   const auto u = prologue(op, x2d, nx, r2d, nr);
   const auto p2d = args.have_pre_act ? rows_of(*pre_act_in) : gemm_pre_act(u, w2d, bias);
   auto dp2d = at::empty({g.rows(), g.Cout}, x_in.options());
@@ -132,8 +142,10 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   e.grad_var = ptr_or_null(args.sg.grad_var);
   e.mean = ptr_or_null(args.sg.mean);
   e.grad_pre = dp2d.data_ptr();
-  e.grad_bias = grad_bias.data_ptr();
-  launch_entry(op, e, x_in, true, g.rows(), " rows of ", g.Cout, " channels");
+  e.grad_bias = nullptr;  // its partial sums wait in bias_ws for the backward's one finalize
+  const at::Tensor bias_ws = workspace_for(op, e, x_in, true, g.rows(), " rows of ", g.Cout,
+                                           " channels");
+  launch_in(op, e, bias_ws);
 
   const at::Tensor grad_w = dp2d.t().mm(u).view(weight.sizes());
   const auto du = dp2d.mm(w2d);
@@ -151,29 +163,21 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   t.res_norm = norm_ptrs(nr);
   t.grad_x = nx.defined() ? gx2d.data_ptr() : nullptr;
   t.grad_res = write_res ? gr2d.data_ptr() : nullptr;
-  t.sum_du = sum_du.data_ptr();
-  t.sum_du_xc = out_ptr_or_null(sum_du_xc);
-  t.sum_du_rc = out_ptr_or_null(sum_du_rc);
+  auto grads_ptrs = [](const Norm& n, const std::array<at::Tensor, 3>& v) {
+    return n.defined() ? pw::NormGrads{v[0].data_ptr(), v[1].data_ptr(), v[2].data_ptr()}
+                       : pw::NormGrads{};
+  };
+  t.x_grads = grads_ptrs(nx, gx_norm);
+  t.res_grads = grads_ptrs(nr, gr_norm);
+  t.bias.partials = bias_ws.defined() ? bias_ws.data_ptr() : nullptr;
+  t.bias.C = g.Cout;
+  t.bias.grad = grad_bias.data_ptr();
   launch_entry(op, t, x_in, true, g.rows(), " rows of ", g.Cin, " channels");
   const at::Tensor grad_x = nchw_of(gx2d, in_sizes);
   const at::Tensor grad_res =
       r2d.defined() ? nchw_of(gr2d, in_sizes) : empty_output(x_in, x_in.scalar_type());
-
-  auto empty = [&] { return empty_output(x_in, acc); };
-  at::Tensor gx_mean = empty(), gx_scale = empty(), gx_shift = empty();
-  at::Tensor gr_mean = empty(), gr_scale = empty(), gr_shift = empty();
-  if (nx.defined()) {
-    gx_mean = -sum_du * nx.scale;
-    gx_scale = sum_du_xc;
-    gx_shift = sum_du.clone();
-  }
-  if (nr.defined()) {
-    gr_mean = -sum_du * nr.scale;
-    gr_scale = sum_du_rc;
-    gr_shift = sum_du.clone();
-  }
-  return {grad_x, gx_mean, gx_scale, gx_shift, grad_res, gr_mean, gr_scale, gr_shift, grad_w,
-          grad_bias};
+  return {grad_x,    gx_norm[0], gx_norm[1], gx_norm[2], grad_res,
+          gr_norm[0], gr_norm[1], gr_norm[2], grad_w,     grad_bias};
 }
 
 }  // namespace

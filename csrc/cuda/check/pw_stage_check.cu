@@ -50,11 +50,20 @@ extern "C" int convmixer_pw_through_norms(int dtype, long long rows, long long C
                                           const void* x, const void* x_mean, const void* x_scale,
                                           const void* res, const void* res_mean,
                                           const void* res_scale, void* grad_x, void* grad_res,
-                                          void* sum_du, void* sum_du_xc, void* sum_du_rc,
-                                          void* workspace, size_t workspace_bytes,
+                                          void* x_grad_mean, void* x_grad_scale,
+                                          void* x_grad_shift, void* res_grad_mean,
+                                          void* res_grad_scale, void* res_grad_shift,
+                                          const void* bias_partials, long long bias_C,
+                                          void* grad_bias, void* workspace, size_t workspace_bytes,
                                           size_t* workspace_bytes_out, cudaStream_t stream) {
   const pw::ThroughNorms c{problem(dtype, rows, C), grad_u, x, {x_mean, x_scale, nullptr}, res,
-                           {res_mean, res_scale, nullptr}, grad_x, grad_res, sum_du, sum_du_xc,
-                           sum_du_rc};
-  return cuda::run_entry(c, sum_du, workspace, workspace_bytes, workspace_bytes_out, stream);
+                           {res_mean, res_scale, nullptr}, grad_x, grad_res,
+                           {x_grad_mean, x_grad_scale, x_grad_shift},
+                           {res_grad_mean, res_grad_scale, res_grad_shift},
+                           {bias_partials, bias_C, grad_bias}};
+  // A launch, not a size query, when the call writes anything.
+  const void* output = grad_x;
+  for (const void* o : {grad_res, x_grad_mean, res_grad_mean, grad_bias})
+    if (output == nullptr) output = o;
+  return cuda::run_entry(c, output, workspace, workspace_bytes, workspace_bytes_out, stream);
 }

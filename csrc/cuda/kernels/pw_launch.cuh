@@ -80,7 +80,9 @@ struct EpilogueForward {
 };
 
 // dP = (grad_out + the statistics' terms) act'(pre) into grad_pre, and sum dP into grad_bias ([C],
-// storage type).
+// storage type). With a null grad_bias the per-tile partial sums stay in the workspace (its first
+// partials_bytes of the [rows, C] plan) for a ThroughNorms call to finish (its `bias`): the
+// backward's one finalize then writes the bias gradient too.
 struct EpilogueBackward {
   static constexpr int kPartialRegions = 1;
   Problem problem;
@@ -95,8 +97,16 @@ struct EpilogueBackward {
 };
 
 // grad_x = dU scale_x and grad_res = dU scale_res (or a copy of dU without a norm on res), and the
-// sums: sum_du always, sum_du_xc with a norm on x, sum_du_rc with a norm on res ([C] each). The
-// norms' shift is not read.
+// gradients of the norms' vectors ([C] each, from the sums of dU, dU (x - mean_x), dU (res -
+// mean_res)): x_grads with a norm on x, res_grads with a norm on res. The norms' shift is not read.
+// Two launches: the row pass, and one finalize for all six vectors and, given `bias`, the bias
+// gradient from an EpilogueBackward call's partials over the same rows.
+struct NormGrads {
+  void* mean = nullptr;   // -sum dU * scale
+  void* scale = nullptr;  // sum dU (v - mean)
+  void* shift = nullptr;  // sum dU
+};
+
 struct ThroughNorms {
   static constexpr int kPartialRegions = 3;
   Problem problem;
@@ -107,9 +117,13 @@ struct ThroughNorms {
   NormPtrs res_norm;             // null mean: no norm on res
   void* grad_x = nullptr;        // null: not written (grad_x is dU itself without a norm on x)
   void* grad_res = nullptr;      // null: not written (no residual, or grad_res is dU itself)
-  void* sum_du = nullptr;
-  void* sum_du_xc = nullptr;
-  void* sum_du_rc = nullptr;
+  NormGrads x_grads;             // written with a norm on x
+  NormGrads res_grads;           // written with a norm on res
+  struct {
+    const void* partials = nullptr;  // the workspace of EpilogueBackward{rows, C} with null grad_bias
+    int64_t C = 0;                   // its C (the GEMM's output channels)
+    void* grad = nullptr;            // [C], storage type; null: no bias gradient here
+  } bias;
 };
 
 // Whether the kernels can take a call of any of the four kinds, and the workspace it needs.
@@ -142,7 +156,7 @@ inline Plan plan_for(const Problem& problem, std::initializer_list<const void*> 
 // What cuda::launch (launch.cuh) runs for the storage type T. ws: requirements(c).workspace_bytes
 // of device memory (for EpilogueForward only with statistics; none for Prologue).
 template <typename T>
-inline cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t stream) {
+cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.x, c.res, c.u});
   if (!p.valid) return cudaErrorInvalidValue;
@@ -163,7 +177,7 @@ inline cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t s
 // Here and in the backward an `act` that is no activation (a code from a check TU's caller) is
 // cudaErrorInvalidValue before anything runs.
 template <typename T>
-inline cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes,
+cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes,
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.pre, c.out});
@@ -192,7 +206,7 @@ inline cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_by
 }
 
 template <typename T>
-inline cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
+cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_out, c.pre, c.grad_pre});
@@ -203,7 +217,9 @@ inline cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_b
   if (kernel == nullptr) return cudaErrorInvalidValue;
   T* const grad_bias = static_cast<T*>(c.grad_bias);
   if (p.C == 0) return cudaSuccess;
-  if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
+  if (p.tiles == 0)
+    return grad_bias == nullptr ? cudaSuccess
+                                : cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
   if (ws == nullptr) return cudaErrorInvalidValue;
   const EpilogueBackwardArgs<T> a{static_cast<const T*>(c.grad_out),
                                   static_cast<const T*>(c.pre),
@@ -215,20 +231,21 @@ inline cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_b
   kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (grad_bias == nullptr) return cudaSuccess;  // a ThroughNorms call finishes the sums
   return launch_sum_parts<AccT, T>(a.part_grad_b, p.tiles, p.C, grad_bias, stream);
 }
 
 template <typename T>
-inline cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
+cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_u, c.x, c.res, c.grad_x, c.grad_res});
   const size_t region = p.valid ? partials_bytes<T>(p) : 0;
   if (!p.valid || ws_bytes < 3 * region) return cudaErrorInvalidValue;
-  if (p.C == 0) return cudaSuccess;
-  AccT* const sum_du = static_cast<AccT*>(c.sum_du);
-  AccT* const sum_du_xc = static_cast<AccT*>(c.sum_du_xc);
-  AccT* const sum_du_rc = static_cast<AccT*>(c.sum_du_rc);
+  const bool bias = c.bias.grad != nullptr;
+  const Plan pb = bias ? make_plan<T>(c.problem.rows, c.bias.C, false) : Plan{};
+  if (bias && (!pb.valid || (pb.tiles > 0 && pb.C > 0 && c.bias.partials == nullptr)))
+    return cudaErrorInvalidValue;
   ThroughNormsArgs<T> a{};
   a.grad_u = static_cast<const T*>(c.grad_u);
   a.x = static_cast<const T*>(c.x);
@@ -239,29 +256,72 @@ inline cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes
   a.res_scale = static_cast<const AccT*>(c.res_norm.scale);
   a.grad_x = static_cast<T*>(c.grad_x);
   a.grad_res = static_cast<T*>(c.grad_res);
-  const bool nx = a.x_mean != nullptr, nr = a.res != nullptr && a.res_mean != nullptr;
-  if (p.tiles == 0) {
-    cudaError_t err = cudaMemsetAsync(sum_du, 0, size_t(p.C) * sizeof(AccT), stream);
-    if (err == cudaSuccess && nx) err = cudaMemsetAsync(sum_du_xc, 0, size_t(p.C) * sizeof(AccT), stream);
-    if (err == cudaSuccess && nr) err = cudaMemsetAsync(sum_du_rc, 0, size_t(p.C) * sizeof(AccT), stream);
-    return err;
+  const bool nx = p.C > 0 && a.x_mean != nullptr;
+  const bool nr = p.C > 0 && a.res != nullptr && a.res_mean != nullptr;
+  auto complete = [](const NormGrads& g) {
+    return g.mean != nullptr && g.scale != nullptr && g.shift != nullptr;
+  };
+  if ((nx && (a.x_scale == nullptr || !complete(c.x_grads))) ||
+      (nr && (a.res_scale == nullptr || !complete(c.res_grads))))
+    return cudaErrorInvalidValue;
+  if (p.tiles > 0 && p.C > 0) {
+    if (ws == nullptr) return cudaErrorInvalidValue;
+    char* base = static_cast<char*>(ws);
+    a.part_sum = reinterpret_cast<AccT*>(base);
+    a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
+    a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
+    pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
   }
-  if (ws == nullptr) return cudaErrorInvalidValue;
-  char* base = static_cast<char*>(ws);
-  a.part_sum = reinterpret_cast<AccT*>(base);
-  a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
-  a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
-  pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if ((err = launch_sum_parts<AccT, AccT>(a.part_sum, p.tiles, p.C, sum_du, stream)) != cudaSuccess)
-    return err;
-  if (nx && (err = launch_sum_parts<AccT, AccT>(a.part_sum_xc, p.tiles, p.C, sum_du_xc, stream)) !=
-                cudaSuccess)
-    return err;
-  if (nr) return launch_sum_parts<AccT, AccT>(a.part_sum_rc, p.tiles, p.C, sum_du_rc, stream);
-  return cudaSuccess;
+  const int bias_C = bias ? pb.C : 0;
+  if (!nx && !nr && bias_C == 0) return cudaSuccess;  // the sums feed nothing
+  // With no rows the finalize sums no tiles: zero gradients, without a memset per vector.
+  BackwardFinalizeArgs<T> f{};
+  f.part_sum = a.part_sum;
+  f.part_sum_xc = a.part_sum_xc;
+  f.part_sum_rc = a.part_sum_rc;
+  f.x_scale = a.x_scale;
+  f.res_scale = a.res_scale;
+  if (nx) {
+    f.x_grad_mean = static_cast<AccT*>(c.x_grads.mean);
+    f.x_grad_scale = static_cast<AccT*>(c.x_grads.scale);
+    f.x_grad_shift = static_cast<AccT*>(c.x_grads.shift);
+  }
+  if (nr) {
+    f.res_grad_mean = static_cast<AccT*>(c.res_grads.mean);
+    f.res_grad_scale = static_cast<AccT*>(c.res_grads.scale);
+    f.res_grad_shift = static_cast<AccT*>(c.res_grads.shift);
+  }
+  f.part_bias = static_cast<const AccT*>(c.bias.partials);
+  f.bias_tiles = pb.tiles;
+  f.bias_C = bias_C;
+  f.grad_bias = static_cast<T*>(c.bias.grad);
+  const int channels = p.C > bias_C ? p.C : bias_C;
+  constexpr int kBlock = 256;
+  pw_backward_finalize_kernel<T><<<unsigned((channels + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
+      f, p.tiles, p.C);
+  return cudaGetLastError();
 }
+
+// The build split (docs/CUDA.md "Build"): the kernels of a storage type are instantiated once, in
+// csrc/cuda/inst/pw_<type>.cu (CONVMIXER_PW_LAUNCHES( , T)), and every other TU that includes this
+// header (the torch launcher, the check TU) only declares them, so neither compiles a kernel and
+// no unit holds more than one storage type's. The CPU emulation builds a check TU alone, so there
+// the header instantiates what the TU uses, as before.
+#define CONVMIXER_PW_LAUNCHES(EXTERN, T)                                                           \
+  EXTERN template cudaError_t launch_as<T>(T, const Prologue&, void*, size_t, cudaStream_t);        \
+  EXTERN template cudaError_t launch_as<T>(T, const EpilogueForward&, void*, size_t, cudaStream_t); \
+  EXTERN template cudaError_t launch_as<T>(T, const EpilogueBackward&, void*, size_t,               \
+                                           cudaStream_t);                                           \
+  EXTERN template cudaError_t launch_as<T>(T, const ThroughNorms&, void*, size_t, cudaStream_t);
+
+#ifndef CONVMIXER_CUDA_EMULATION
+CONVMIXER_PW_LAUNCHES(extern, float)
+CONVMIXER_PW_LAUNCHES(extern, double)
+CONVMIXER_PW_LAUNCHES(extern, __half)
+CONVMIXER_PW_LAUNCHES(extern, __nv_bfloat16)
+#endif
 
 }  // namespace pw
 }  // namespace cuda

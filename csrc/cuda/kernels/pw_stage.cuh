@@ -7,7 +7,8 @@
 //   epilogue_backward dP = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) act'(p); partial sum dP
 //   [GEMMs]           grad_W = dP^T u, dU = dP W                           (cuBLAS)
 //   through_norms     grad_x = dU scale_x, grad_res = dU scale_res, partial sums of dU,
-//                     dU (x - mean_x), dU (res - mean_res)
+//                     dU (x - mean_x), dU (res - mean_res); then one finalize turns the partials
+//                     into the gradients of both norms' (mean, scale, shift) and the bias
 //
 // Why the GEMMs are not ours: the issue leaves the core to measurement, and without a GPU to
 // measure on, cuBLAS (the same GEMM eager PyTorch runs) is the core whose speed is known. cuBLASLt's
@@ -38,6 +39,9 @@ constexpr int kThreads = kLanes * kRowGroups;
 // every rounding of every sum) depends on the shape alone.
 constexpr int64_t kTargetCtas = 2048;
 constexpr int64_t kMinRowsPerTile = 64;
+// The elementwise kernels are built for two CTAs (16 warps) per SM at least: at most 128 registers
+// a thread, which the row unrolling below must fit in without spilling (ptxas -v, docs/CUDA.md).
+constexpr int kMinCtasPerSm = 2;
 
 // The partition of a [rows, C] problem, shared by every kernel of a call (make_plan, pw_launch.cuh).
 struct Plan {
@@ -128,6 +132,32 @@ __device__ __forceinline__ RowRange tile_rows(const Plan& p) {
   return {begin, end};
 }
 
+// Rows a row group handles per step of its loop: every load of a step is issued before any of
+// its arithmetic, so a thread has U 16-byte vectors per input matrix in flight instead of one
+// (latency hiding at the two CTAs per SM that the register budget allows). kRowUnroll<T> = 2 for
+// 16-bit types (V = 8 floats a row), 4 for float and double (V = 4 floats or 2 doubles, the same
+// registers); a kernel with more live values per row takes fewer where ptxas would spill
+// (through_norms in 16-bit types, the double GELU backward: docs/CUDA.md lists the registers).
+template <typename T>
+constexpr int kRowUnroll = kVecWidth<T> >= 8 ? 2 : 4;
+
+template <int N>
+struct RowCount {
+  static constexpr int value = N;
+};
+
+// body(r, RowCount<U>{}) for this row group's rows of the CTA's tile, r, r + 8, ... r + 8 (U - 1)
+// per call: U while that many rows are left, then one at a time. The rows come in
+// increasing order, so a body that accumulates sees them in the order a plain loop would: the
+// unrolling changes no rounding.
+template <int U, typename Body>
+__device__ __forceinline__ void for_each_row(const Plan& p, Body&& body) {
+  const RowRange rr = tile_rows(p);
+  int64_t r = rr.begin + threadIdx.y;
+  for (; r + (U - 1) * kRowGroups < rr.end; r += U * kRowGroups) body(r, RowCount<U>{});
+  for (; r < rr.end; r += kRowGroups) body(r, RowCount<1>{});
+}
+
 // Sums one value per channel over the 8 row groups, in order, and writes the tile's partial row
 // part[tile][c]. s_red: kRowGroups * kLanes * V AccT of shared memory; all threads must call.
 template <typename T>
@@ -171,7 +201,7 @@ struct PrologueArgs {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) pw_prologue_kernel(const PrologueArgs<T> a, const Plan p) {
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_prologue_kernel(const PrologueArgs<T> a, const Plan p) {
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
   const int lane = threadIdx.x, cb = blockIdx.y;
@@ -182,23 +212,29 @@ __global__ void __launch_bounds__(kThreads) pw_prologue_kernel(const PrologueArg
   load_channels<T>(a.res_mean, cb, lane, p.C, p.vectorized, AccT(0), rm);
   load_channels<T>(a.res_scale, cb, lane, p.C, p.vectorized, AccT(1), rs);
   load_channels<T>(a.res_shift, cb, lane, p.C, p.vectorized, AccT(0), rt);
-  const bool nx = a.x_mean != nullptr, nr = a.res_mean != nullptr;
-  const RowRange rr = tile_rows(p);
-  for (int64_t r = rr.begin + threadIdx.y; r < rr.end; r += kRowGroups) {
-    AccT v[V];
-    load_row<T>(a.x + r * p.C, cb, lane, p.C, p.vectorized, v);
-    if (nx) {
+  const bool nx = a.x_mean != nullptr, nr = a.res_mean != nullptr, res = a.res != nullptr;
+  for_each_row<kRowUnroll<T>>(p, [&](int64_t r0, auto rows) {
+    constexpr int U = decltype(rows)::value;
+    AccT v[U][V], w[U][V];
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] = (v[j] - xm[j]) * xs[j] + xt[j];
+    for (int k = 0; k < U; ++k) {
+      const int64_t off = (r0 + k * kRowGroups) * p.C;
+      load_row<T>(a.x + off, cb, lane, p.C, p.vectorized, v[k]);
+      if (res) load_row<T>(a.res + off, cb, lane, p.C, p.vectorized, w[k]);
     }
-    if (a.res != nullptr) {
-      AccT w[V];
-      load_row<T>(a.res + r * p.C, cb, lane, p.C, p.vectorized, w);
 #pragma unroll
-      for (int j = 0; j < V; ++j) v[j] += nr ? (w[j] - rm[j]) * rs[j] + rt[j] : w[j];
+    for (int k = 0; k < U; ++k) {
+      if (nx) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[k][j] = (v[k][j] - xm[j]) * xs[j] + xt[j];
+      }
+      if (res) {
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[k][j] += nr ? (w[k][j] - rm[j]) * rs[j] + rt[j] : w[k][j];
+      }
+      store_row<T>(a.u + (r0 + k * kRowGroups) * p.C, cb, lane, p.C, p.vectorized, v[k]);
     }
-    store_row<T>(a.u + r * p.C, cb, lane, p.C, p.vectorized, v);
-  }
+  });
 }
 
 template <typename T>
@@ -210,7 +246,7 @@ struct EpilogueForwardArgs {
 };
 
 template <typename T, Act A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
     pw_epilogue_forward_kernel(const EpilogueForwardArgs<T> a, const Plan p) {
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -219,15 +255,20 @@ __global__ void __launch_bounds__(kThreads)
   const bool stats = a.part_mean != nullptr;
   channel_stats::WelfordVec<AccT, V> w;  // one count and reciprocal per row for all V channels
   w.init();
-  const RowRange rr = tile_rows(p);
-  for (int64_t r = rr.begin + group; r < rr.end; r += kRowGroups) {
-    AccT v[V];
-    load_row<T>(a.pre + r * p.C, cb, lane, p.C, p.vectorized, v);
+  for_each_row<kRowUnroll<T>>(p, [&](int64_t r0, auto rows) {
+    constexpr int U = decltype(rows)::value;
+    AccT v[U][V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = act_forward<A, AccT>(v[j]);
-    store_row<T>(a.out + r * p.C, cb, lane, p.C, p.vectorized, v);
-    if (stats) w.push(v);
-  }
+    for (int k = 0; k < U; ++k)
+      load_row<T>(a.pre + (r0 + k * kRowGroups) * p.C, cb, lane, p.C, p.vectorized, v[k]);
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[k][j] = act_forward<A, AccT>(v[k][j]);
+      store_row<T>(a.out + (r0 + k * kRowGroups) * p.C, cb, lane, p.C, p.vectorized, v[k]);
+      if (stats) w.push(v[k]);
+    }
+  });
   if (!stats) return;
   // Merge the row groups' states in group order. Every row group of a tile saw a number of rows
   // fixed by the tile, so the counts travel through shared memory with the moments.
@@ -266,8 +307,10 @@ struct EpilogueBackwardArgs {
   acc_t<T>* part_grad_b;      // [tiles][C]
 };
 
+// The double GELU backward (erf in double: 104 registers at one row a step) is held to one CTA
+// per SM's budget rather than spill; double is the reference dtype, not a fast one.
 template <typename T, Act A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 8 && A == Act::GELU ? 1 : kMinCtasPerSm)
     pw_epilogue_backward_kernel(const EpilogueBackwardArgs<T> a, const Plan p) {
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -287,22 +330,30 @@ __global__ void __launch_bounds__(kThreads)
   AccT db[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) db[j] = AccT(0);
-  const RowRange rr = tile_rows(p);
-  for (int64_t r = rr.begin + threadIdx.y; r < rr.end; r += kRowGroups) {
-    AccT pv[V], d[V];
-    load_row<T>(a.pre + r * p.C, cb, lane, p.C, p.vectorized, pv);
-    load_row<T>(a.grad_out + r * p.C, cb, lane, p.C, p.vectorized, d);
+  constexpr int kUnroll = sizeof(T) == 8 && A == Act::GELU ? 1 : kRowUnroll<T>;
+  for_each_row<kUnroll>(p, [&](int64_t r0, auto rows) {
+    constexpr int U = decltype(rows)::value;
+    AccT pv[U][V], d[U][V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const ActAt<A, AccT> at(pv[j]);
-      AccT dO = d[j] + const_term[j];
-      if (need_o) dO += lin_term[j] * round_to_storage<T>(at.value());
-      d[j] = at.backward(dO);
+    for (int k = 0; k < U; ++k) {
+      const int64_t off = (r0 + k * kRowGroups) * p.C;
+      load_row<T>(a.pre + off, cb, lane, p.C, p.vectorized, pv[k]);
+      load_row<T>(a.grad_out + off, cb, lane, p.C, p.vectorized, d[k]);
     }
-    store_row<T>(a.grad_pre + r * p.C, cb, lane, p.C, p.vectorized, d);
 #pragma unroll
-    for (int j = 0; j < V; ++j) db[j] += d[j];  // the stored (rounded) dP, as the GEMMs see it
-  }
+    for (int k = 0; k < U; ++k) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const ActAt<A, AccT> at(pv[k][j]);
+        AccT dO = d[k][j] + const_term[j];
+        if (need_o) dO += lin_term[j] * round_to_storage<T>(at.value());
+        d[k][j] = at.backward(dO);
+      }
+      store_row<T>(a.grad_pre + (r0 + k * kRowGroups) * p.C, cb, lane, p.C, p.vectorized, d[k]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) db[j] += d[k][j];  // the stored (rounded) dP, as the GEMMs see it
+    }
+  });
   write_partial_sums<T>(db, s_red, p, cb, a.part_grad_b);
 }
 
@@ -323,7 +374,7 @@ struct ThroughNormsArgs {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) pw_through_norms_kernel(const ThroughNormsArgs<T> a,
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_through_norms_kernel(const ThroughNormsArgs<T> a,
                                                                     const Plan p) {
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -337,43 +388,108 @@ __global__ void __launch_bounds__(kThreads) pw_through_norms_kernel(const Throug
   load_channels<T>(a.res_scale, cb, lane, p.C, p.vectorized, AccT(1), rs);
 #pragma unroll
   for (int j = 0; j < V; ++j) s0[j] = s1[j] = s2[j] = AccT(0);
-  const RowRange rr = tile_rows(p);
-  for (int64_t r = rr.begin + threadIdx.y; r < rr.end; r += kRowGroups) {
-    const int64_t off = r * p.C;
-    AccT du[V];
-    load_row<T>(a.grad_u + off, cb, lane, p.C, p.vectorized, du);
+  const bool wres = a.grad_res != nullptr;
+  // 16-bit: three input streams a row already put three vectors in flight.
+  constexpr int kUnroll = sizeof(T) == 2 ? 1 : kRowUnroll<T>;
+  for_each_row<kUnroll>(p, [&](int64_t r0, auto rows) {
+    constexpr int U = decltype(rows)::value;
+    AccT du[U][V], xv[U][V], rv[U][V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) s0[j] += du[j];
-    if (nx) {
-      AccT v[V], g[V];
-      load_row<T>(a.x + off, cb, lane, p.C, p.vectorized, v);
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        s1[j] = fma_acc(du[j], v[j] - xm[j], s1[j]);
-        g[j] = du[j] * xs[j];
-      }
-      store_row<T>(a.grad_x + off, cb, lane, p.C, p.vectorized, g);
+    for (int k = 0; k < U; ++k) {
+      const int64_t off = (r0 + k * kRowGroups) * p.C;
+      load_row<T>(a.grad_u + off, cb, lane, p.C, p.vectorized, du[k]);
+      if (nx) load_row<T>(a.x + off, cb, lane, p.C, p.vectorized, xv[k]);
+      if (wres && nr) load_row<T>(a.res + off, cb, lane, p.C, p.vectorized, rv[k]);
     }
-    if (a.grad_res != nullptr) {
-      AccT g[V];
-      if (nr) {
-        AccT v[V];
-        load_row<T>(a.res + off, cb, lane, p.C, p.vectorized, v);
+#pragma unroll
+    for (int k = 0; k < U; ++k) {
+      const int64_t off = (r0 + k * kRowGroups) * p.C;
+#pragma unroll
+      for (int j = 0; j < V; ++j) s0[j] += du[k][j];
+      if (nx) {
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          s2[j] = fma_acc(du[j], v[j] - rm[j], s2[j]);
-          g[j] = du[j] * rs[j];
+          s1[j] = fma_acc(du[k][j], xv[k][j] - xm[j], s1[j]);
+          xv[k][j] = du[k][j] * xs[j];
         }
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) g[j] = du[j];  // a copy: the op's outputs may not alias
+        store_row<T>(a.grad_x + off, cb, lane, p.C, p.vectorized, xv[k]);
       }
-      store_row<T>(a.grad_res + off, cb, lane, p.C, p.vectorized, g);
+      if (wres) {
+        if (nr) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) {
+            s2[j] = fma_acc(du[k][j], rv[k][j] - rm[j], s2[j]);
+            rv[k][j] = du[k][j] * rs[j];
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < V; ++j) rv[k][j] = du[k][j];  // a copy: the op's outputs may not alias
+        }
+        store_row<T>(a.grad_res + off, cb, lane, p.C, p.vectorized, rv[k]);
+      }
     }
-  }
+  });
   write_partial_sums<T>(s0, s_red, p, cb, a.part_sum);
   if (nx) write_partial_sums<T>(s1, s_red, p, cb, a.part_sum_xc);
   if (nr) write_partial_sums<T>(s2, s_red, p, cb, a.part_sum_rc);
+}
+
+// The backward's one finalize, one thread per channel, tiles summed in order (as sum_parts_kernel
+// does, so every sum is bitwise that of a sum_parts launch):
+//   the norms' gradients from the through-norms partials, for x (with a norm on x) and for res
+//   (with a norm on res): grad mean = -(sum dU) scale, grad scale = sum dU (v - mean),
+//   grad shift = sum dU;
+//   the bias gradient from the epilogue backward's partials, when given (its own tiles and C).
+// One launch instead of four sum_parts launches and the six ATen ops on the [C] vectors that
+// followed them.
+template <typename T>
+struct BackwardFinalizeArgs {
+  using AccT = acc_t<T>;
+  const AccT* part_sum;     // [tiles][C]
+  const AccT* part_sum_xc;  // [tiles][C], read with x_grad_mean
+  const AccT* part_sum_rc;  // [tiles][C], read with res_grad_mean
+  const AccT* x_scale;
+  const AccT* res_scale;
+  AccT* x_grad_mean;        // all three null: no norm on x
+  AccT* x_grad_scale;
+  AccT* x_grad_shift;
+  AccT* res_grad_mean;      // all three null: no norm on res
+  AccT* res_grad_scale;
+  AccT* res_grad_shift;
+  const AccT* part_bias;    // [bias_tiles][bias_C]
+  int64_t bias_tiles;
+  int bias_C;               // 0: no bias gradient
+  T* grad_bias;             // [bias_C]
+};
+
+template <typename T>
+__global__ void pw_backward_finalize_kernel(const BackwardFinalizeArgs<T> a, int64_t tiles,
+                                            int C) {
+  using AccT = acc_t<T>;
+  const int c = int(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < a.bias_C) {
+    AccT total = AccT(0);
+    for (int64_t t = 0; t < a.bias_tiles; ++t) total += a.part_bias[t * a.bias_C + c];
+    a.grad_bias[c] = from_acc<T>(total);
+  }
+  const bool nx = a.x_grad_mean != nullptr, nr = a.res_grad_mean != nullptr;
+  if (c >= C || (!nx && !nr)) return;
+  AccT s0 = AccT(0), s1 = AccT(0), s2 = AccT(0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    s0 += a.part_sum[t * C + c];
+    if (nx) s1 += a.part_sum_xc[t * C + c];
+    if (nr) s2 += a.part_sum_rc[t * C + c];
+  }
+  if (nx) {
+    a.x_grad_mean[c] = -s0 * a.x_scale[c];
+    a.x_grad_scale[c] = s1;
+    a.x_grad_shift[c] = s0;
+  }
+  if (nr) {
+    a.res_grad_mean[c] = -s0 * a.res_scale[c];
+    a.res_grad_scale[c] = s2;
+    a.res_grad_shift[c] = s0;
+  }
 }
 
 }  // namespace pw

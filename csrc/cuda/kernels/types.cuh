@@ -79,31 +79,47 @@ struct Unpack<double> {
   }
 };
 
+// The 16-bit types: two values a 32-bit word, the lower-addressed one in the low half. Only the
+// widening of a half-word differs between them.
+template <typename T>
+struct Widen16;
+
 template <>
-struct Unpack<__nv_bfloat16> {
+struct Widen16<__nv_bfloat16> {
+  // bf16 is the upper half of a float, so widening is a shift or a mask (exact, NaN-preserving),
+  // cheaper than a cvt instruction per value.
+  __device__ __forceinline__ static float lo(unsigned w) { return __uint_as_float(w << 16); }
+  __device__ __forceinline__ static float hi(unsigned w) {
+    return __uint_as_float(w & 0xffff0000u);
+  }
+};
+
+template <>
+struct Widen16<__half> {
+  __device__ __forceinline__ static float lo(unsigned w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  }
+  __device__ __forceinline__ static float hi(unsigned w) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+};
+
+template <typename T>
+struct Unpack16 {
   __device__ __forceinline__ static void run(const uint4& r, float (&o)[8]) {
-    // bf16 is the upper half of a float, so widening is a shift or a mask (exact, NaN-preserving),
-    // cheaper than eight cvt instructions.
     const unsigned w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      o[2 * i] = __uint_as_float(w[i] << 16);
-      o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+      o[2 * i] = Widen16<T>::lo(w[i]);
+      o[2 * i + 1] = Widen16<T>::hi(w[i]);
     }
   }
 };
 
 template <>
-struct Unpack<__half> {
-  __device__ __forceinline__ static void run(const uint4& r, float (&o)[8]) {
-    const unsigned w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      o[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
-      o[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
-    }
-  }
-};
+struct Unpack<__nv_bfloat16> : Unpack16<__nv_bfloat16> {};
+template <>
+struct Unpack<__half> : Unpack16<__half> {};
 
 }  // namespace cuda
 }  // namespace convmixer_kernels

@@ -1,0 +1,14 @@
+// The pw stage's kernels for storage type __nv_bfloat16: the one unit that compiles them
+// (pw_launch.cuh, "build split"). Torch-free, so the extension and the check build (CMakeLists.txt)
+// share it.
+#include "../kernels/pw_launch.cuh"
+
+namespace convmixer_kernels {
+namespace cuda {
+namespace pw {
+
+CONVMIXER_PW_LAUNCHES(, __nv_bfloat16)
+
+}  // namespace pw
+}  // namespace cuda
+}  // namespace convmixer_kernels
