@@ -58,14 +58,13 @@ BLOCK_STEP = [
     # ---- backward, pw stage first
     Launch("pw", "bwd", "pw_prologue_kernel", 1, reads=2, writes=1, note="u recomputed"),
     Launch("pw", "bwd", "pw_epilogue_backward_kernel", 1, reads=2, writes=1,
-           note="dP from grad_out, pre and the statistics' gradients"),
-    Launch("pw", "bwd", "sum_parts_kernel", 1, note="grad_bias"),
+           note="dP from grad_out, pre and the statistics' gradients; bias partials"),
     Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
     Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
     Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=3, writes=2,
-           note="grad_x, grad_res through the two norms"),
-    Launch("pw", "bwd", "sum_parts_kernel", 3, note="the two norms' gradient sums"),
-    Launch("pw", "bwd", "ATen ops on [dim] vectors", 6, note="norm gradients from the sums"),
+           note="grad_x, grad_res through the two norms, their sums' partials"),
+    Launch("pw", "bwd", "pw_backward_finalize_kernel", 1,
+           note="grad_bias and both norms' gradients from the partials"),
     # ---- backward, dw stage
     Launch("dw", "bwd", "dw_backward_data_kernel", 1, reads=2, writes=1, dw_taps=2,
            note="conv recomputed for act', dA, dW partials"),
