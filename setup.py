@@ -64,7 +64,10 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp", f"-DCONVMIXER_CPU_ISA=\"{isa}\""] + isa_flags
     with_cuda, why_not = want_cuda()
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) if with_cuda else []
+    # The torch launchers and the kernels' instantiation units (torch-free, split so that the
+    # CUDA code builds on many cores).
+    cuda_sources = (sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/instances/*.cu"))
+                    if with_cuda else [])
     if with_cuda:
         # No --use_fast_math: erf-GELU and the statistics must match eager to fp32 accuracy.
         nvcc = ["-O3", "-std=c++17", "-lineinfo"]

@@ -1,13 +1,26 @@
 // The check TU of the depthwise stage: its extern "C" entry points run the stage's launch entries
 // (kernels/dw_launch.cuh, the code the torch launcher csrc/cuda/dw_stage.cu runs) from plain
 // pointers, for the CPU emulation tests (python_tests/cuda_emulation) through ctypes; the
-// protocol is entry.cuh's. Compiling them instantiates every kernel the entries can pick (4
-// storage types x k in {generic, 3, 5, 7, 9} x every activation of csrc/activation.h), so
-// `nvcc -Xptxas -v` (the cuda_kernels_check target) reports registers and spills for each, without
-// torch or a GPU. The call structs are filled in their members' order, which is the entry points'
+// protocol is entry.cuh's. The kernels the entries can pick (4 storage types x k in {generic, 3,
+// 5, 7, 9} x every activation of csrc/activation.h) are compiled in csrc/cuda/instances/dw_*.cu,
+// which the cuda_kernels_check target builds with this file, so `nvcc -Xptxas -v` reports
+// registers and spills for each, without torch or a GPU. The call structs are filled in their members' order, which is the entry points'
 // argument order. Nothing here may include torch.
 #include "entry.cuh"
 #include "../kernels/dw_launch.cuh"
+
+// nvcc builds the kernels in the instantiation units (csrc/cuda/instances/dw_*.cu, in the
+// cuda_kernels_check target beside this file); the CPU emulation compiles one translation unit, so
+// it takes them in here.
+#ifdef CONVMIXER_CUDA_EMULATION
+#include "../instances/dw_f32_forward.cu"
+#include "../instances/dw_f32_backward.cu"
+#include "../instances/dw_f16_forward.cu"
+#include "../instances/dw_f16_backward.cu"
+#include "../instances/dw_bf16_forward.cu"
+#include "../instances/dw_bf16_backward.cu"
+#include "../instances/dw_f64.cu"
+#endif
 
 namespace cuda = convmixer_kernels::cuda;
 namespace dw = convmixer_kernels::cuda::dw;

@@ -7,8 +7,6 @@
 #include "dw_stage.cuh"
 #include "launch.cuh"
 
-#include <type_traits>
-
 namespace convmixer_kernels {
 namespace cuda {
 namespace dw {
@@ -86,39 +84,33 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
   return p;
 }
 
-// The instantiation of a kernel for kernel size K: a register-tap specialisation (k = 3, 5, 7, 9
-// with 32-bit accumulation) or the generic runtime-k one. kernel_of(std::integral_constant<int,
-// kK>) names the instantiation for kK.
-template <typename AccT, typename KernelOf>
-inline auto kernel_for_k(int K, KernelOf kernel_of) {
-  if constexpr (kRegisterTaps<3, AccT>) {
-    switch (K) {
-      case 3: return kernel_of(std::integral_constant<int, 3>{});
-      case 5: return kernel_of(std::integral_constant<int, 5>{});
-      case 7: return kernel_of(std::integral_constant<int, 7>{});
-      case 9: return kernel_of(std::integral_constant<int, 9>{});
-      default: break;
-    }
-  }
-  return kernel_of(std::integral_constant<int, 0>{});
-}
+// The kernels' launches (set the shared-memory limit, launch on the plan's grid, report the
+// launch error), one class per storage type and activation. Only declared here: their members
+// are defined in dw_instances.cuh and explicitly instantiated in csrc/cuda/instances/dw_*.cu, a
+// few translation units per storage type (as FlashAttention splits its kernels), so the units
+// that run the launch entries (the torch launcher, the check TU) compile no kernel and the
+// kernels build in parallel.
+// The kernels' grid: one CTA per (part, channel block).
+inline dim3 grid_of(const Shape& s) { return dim3(unsigned(s.parts), unsigned(s.channel_blocks)); }
+
+template <typename Args>
+using LaunchFn = cudaError_t (*)(const Args& args, const Shape& s, size_t smem, cudaStream_t stream);
 
 template <typename T, Act A>
-inline auto forward_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(K, [](auto k) { return &dw_forward_kernel<T, decltype(k)::value, A>; });
-}
-
+struct ForwardKernels {
+  static cudaError_t launch(const ForwardArgs<T>& args, const Shape& s, size_t smem,
+                            cudaStream_t stream);
+};
 template <typename T, Act A>
-inline auto backward_data_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(
-      K, [](auto k) { return &dw_backward_data_kernel<T, decltype(k)::value, A>; });
-}
-
+struct BackwardDataKernels {
+  static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
+                            cudaStream_t stream);
+};
 template <typename T>
-inline auto backward_input_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(
-      K, [](auto k) { return &dw_backward_input_kernel<T, decltype(k)::value>; });
-}
+struct BackwardInputKernels {
+  static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
+                            cudaStream_t stream);
+};
 
 // Workspace regions of the forward: part_mean, part_m2 ([parts][C] AccT), part_count ([parts] int).
 template <typename T>
@@ -232,10 +224,10 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cud
   const Plan p = plan_of<T>(c.problem);
   if (!p.valid) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
-  const auto kernel = dispatch_act(
-      c.act, [&](auto tag) { return forward_kernel_for<T, decltype(tag)::value>(s.K); },
-      [] { return nullptr; });
-  if (kernel == nullptr) return cudaErrorInvalidValue;
+  const auto run = dispatch_act(
+      c.act, [](auto tag) { return &ForwardKernels<T, decltype(tag)::value>::launch; },
+      []() -> LaunchFn<ForwardArgs<T>> { return nullptr; });
+  if (run == nullptr) return cudaErrorInvalidValue;
   ForwardArgs<T> args{};
   set_inputs<T>(args, c);
   args.out = static_cast<T*>(c.out);
@@ -249,12 +241,7 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cud
     args.part_count = w.part_count;
   }
   if (s.parts > 0 && s.C > 0) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(p.smem_forward));
-    if (err != cudaSuccess) return err;
-    const dim3 grid(unsigned(s.parts), unsigned(s.channel_blocks));
-    kernel<<<grid, kThreads, p.smem_forward, stream>>>(args, s);
-    err = cudaGetLastError();
+    const cudaError_t err = run(args, s, p.smem_forward, stream);
     if (err != cudaSuccess) return err;
   }
   if (!stats || s.C == 0) return cudaSuccess;
@@ -271,10 +258,10 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   const Plan p = plan_of<T>(c.problem);
   if (!p.valid || ws_bytes < p.ws_backward) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
-  const auto data_kernel = dispatch_act(
-      c.act, [&](auto tag) { return backward_data_kernel_for<T, decltype(tag)::value>(s.K); },
-      [] { return nullptr; });
-  if (data_kernel == nullptr) return cudaErrorInvalidValue;
+  const auto run_data = dispatch_act(
+      c.act, [](auto tag) { return &BackwardDataKernels<T, decltype(tag)::value>::launch; },
+      []() -> LaunchFn<BackwardArgs<T>> { return nullptr; });
+  if (run_data == nullptr) return cudaErrorInvalidValue;
   BackwardArgs<T> args{};
   args.grad_out = static_cast<const T*>(c.grad_out);
   args.grad_mean = static_cast<const AccT*>(c.grad_mean);
@@ -311,19 +298,10 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   base += align_up(pc * sizeof(AccT), 256);
   args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
 
-  const dim3 grid(unsigned(s.parts), unsigned(s.channel_blocks));
-  cudaError_t err = cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(p.smem_backward_data));
+  cudaError_t err = run_data(args, s, p.smem_backward_data, stream);
   if (err != cudaSuccess) return err;
-  data_kernel<<<grid, kThreads, p.smem_backward_data, stream>>>(args, s);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  auto input_kernel = backward_input_kernel_for<T>(s.K);
-  err = cudaFuncSetAttribute(input_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(p.smem_backward_input));
+  err = BackwardInputKernels<T>::launch(args, s, p.smem_backward_input, stream);
   if (err != cudaSuccess) return err;
-  input_kernel<<<grid, kThreads, p.smem_backward_input, stream>>>(args, s);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   if ((err = launch_sum_parts<AccT, T>(args.part_grad_w, s.parts, int64_t(s.C) * kk, grad_weight,
                                        stream)) != cudaSuccess)
