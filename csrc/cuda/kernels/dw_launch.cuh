@@ -26,6 +26,26 @@ inline bool can_vectorize(const void* p, int64_t C) {
   return C % kVecWidth<T> == 0 && aligned16({p});
 }
 
+// How many parts (grid y) the tiles are split into. The CTA count parts x channel_blocks is a
+// whole number of waves of kWaveCtas where the shape allows (parts a multiple of
+// kWaveCtas / gcd(channel_blocks, kWaveCtas)), as close to target_ctas as that allows from
+// below; parts differ by at most one tile. Otherwise (few tiles, or a lowered target) the most
+// parts within target_ctas and the tile count.
+inline int64_t plan_parts(int64_t tiles, int64_t channel_blocks, int64_t target_ctas) {
+  if (tiles <= 0 || channel_blocks <= 0) return 0;
+  int64_t parts = target_ctas / channel_blocks;
+  if (parts < 1) parts = 1;
+  if (parts > tiles) parts = tiles;
+  int64_t a = channel_blocks, b = kWaveCtas;  // gcd
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  const int64_t step = kWaveCtas / a;
+  return parts >= step ? parts / step * step : parts;
+}
+
 // Partitions an [N, H, W, C] problem with odd kernel size K for storage type T. Pure host
 // arithmetic, so the caller can size the workspace first. target_ctas is kTargetCtas except in
 // tests, which lower it to make a CTA walk several tiles on small shapes.
@@ -56,17 +76,15 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
   s.tiles_w = int((W + kTW - 1) / kTW);
   s.tiles = N * s.tiles_h * s.tiles_w;
   s.channel_blocks = int((C + kCB - 1) / kCB);
-  if (s.channel_blocks > 65535) {
-    p.error = "too many channels for the grid";
+  s.parts = plan_parts(s.tiles, s.channel_blocks, target_ctas);
+  if (s.parts > 65535) {  // grid y (only reachable with a raised target)
+    p.error = "too many parts for the grid";
     return p;
   }
-  int64_t parts = target_ctas / (s.channel_blocks > 0 ? s.channel_blocks : 1);
-  if (parts < 1) parts = 1;
-  if (parts > s.tiles) parts = s.tiles;
-  s.tiles_per_part = parts > 0 ? (s.tiles + parts - 1) / parts : 0;
-  s.parts = s.tiles_per_part > 0 ? (s.tiles + s.tiles_per_part - 1) / s.tiles_per_part : 0;
+  s.tiles_base = s.parts > 0 ? s.tiles / s.parts : 0;
+  s.tiles_extra = s.parts > 0 ? int(s.tiles % s.parts) : 0;
   // Per-part pixel counts are int (the statistics' counts, TileCounts): keep them well inside.
-  if (s.tiles_per_part * kTH * kTW > (int64_t(1) << 30)) {
+  if ((s.tiles_base + 1) * kTH * kTW > (int64_t(1) << 30)) {
     p.error = "too many pixels per part";
     return p;
   }
@@ -90,8 +108,8 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
 // few translation units per storage type (as FlashAttention splits its kernels), so the units
 // that run the launch entries (the torch launcher, the check TU) compile no kernel and the
 // kernels build in parallel.
-// The kernels' grid: one CTA per (part, channel block).
-inline dim3 grid_of(const Shape& s) { return dim3(unsigned(s.parts), unsigned(s.channel_blocks)); }
+// The kernels' grid: one CTA per (channel block, part).
+inline dim3 grid_of(const Shape& s) { return dim3(unsigned(s.channel_blocks), unsigned(s.parts)); }
 
 template <typename Args>
 using LaunchFn = cudaError_t (*)(const Args& args, const Shape& s, size_t smem, cudaStream_t stream);
@@ -209,9 +227,8 @@ template <typename T, typename Args, typename Call>
 inline void set_inputs(Args& args, const Call& c) {
   using AccT = acc_t<T>;
   args.x = static_cast<const T*>(c.x);
-  args.norm_mean = static_cast<const AccT*>(c.norm.mean);
-  args.norm_scale = static_cast<const AccT*>(c.norm.scale);
-  args.norm_shift = static_cast<const AccT*>(c.norm.shift);
+  args.norm = {static_cast<const AccT*>(c.norm.mean), static_cast<const AccT*>(c.norm.scale),
+               static_cast<const AccT*>(c.norm.shift)};
   args.weight = static_cast<const T*>(c.weight);
   args.bias = static_cast<const T*>(c.bias);
 }
@@ -282,7 +299,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
     // No pixels: every gradient sum is empty.
     cudaError_t err = cudaMemsetAsync(grad_weight, 0, size_t(s.C) * kk * sizeof(T), stream);
     if (err == cudaSuccess) err = cudaMemsetAsync(grad_bias, 0, size_t(s.C) * sizeof(T), stream);
-    if (err == cudaSuccess && args.norm_mean != nullptr) {
+    if (err == cudaSuccess && args.norm.mean != nullptr) {
       err = cudaMemsetAsync(sum_dx, 0, size_t(s.C) * sizeof(AccT), stream);
       if (err == cudaSuccess) err = cudaMemsetAsync(sum_dx_xc, 0, size_t(s.C) * sizeof(AccT), stream);
     }
@@ -309,7 +326,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   if ((err = launch_sum_parts<AccT, T>(args.part_grad_b, s.parts, s.C, grad_bias, stream)) !=
       cudaSuccess)
     return err;
-  if (args.norm_mean == nullptr) return cudaSuccess;
+  if (args.norm.mean == nullptr) return cudaSuccess;
   if ((err = launch_sum_parts<AccT, AccT>(args.part_sum_dx, s.parts, s.C, sum_dx, stream)) !=
       cudaSuccess)
     return err;

@@ -48,9 +48,13 @@ constexpr int kTW = kRX * kGroupsX;      // 8 output columns per tile
 constexpr int kThreads = kCB * kGroups;  // 256
 constexpr int kMaxK = 15;
 constexpr int kMaxRegK = 9;              // largest k whose k*k taps live in registers
-// CTA-count target for choosing the parts: a constant (not the SM count) so results are bitwise
-// the same on every GPU. ~8 waves of 2 CTAs/SM on 132 SMs.
-constexpr int64_t kTargetCtas = 2048;
+// The CTA count is planned for whole waves of kWaveCtas = 2 CTAs/SM on 132 SMs (an H100/H200): a
+// constant, never the SM count of the device, so the partition, and with it every rounding of every
+// sum, depends on the shape alone and results are bitwise the same on every GPU. kTargetCtas is
+// about 8 such waves: enough CTAs per SM to hide the stagger of the last wave, few enough that the
+// per-part partials (dW: parts x C x k*k) stay small.
+constexpr int64_t kWaveCtas = 2 * 132;
+constexpr int64_t kTargetCtas = 8 * kWaveCtas;
 constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90's opt-in limit per block
 
 // The shape and its partition, computed on the host (make_plan, dw_launch.cuh) and passed to every
@@ -60,9 +64,12 @@ struct Shape {
   int H = 0, W = 0, C = 0, K = 0;
   int tiles_h = 0, tiles_w = 0;
   int64_t tiles = 0;           // N * tiles_h * tiles_w
-  int64_t parts = 0;           // gridDim.x
-  int64_t tiles_per_part = 0;  // consecutive tiles a CTA walks
-  int channel_blocks = 0;      // gridDim.y
+  int64_t parts = 0;       // gridDim.y
+  // Part p walks tiles_base + (p < tiles_extra) consecutive tiles: tiles = parts * tiles_base +
+  // tiles_extra, so parts differ by at most one tile.
+  int64_t tiles_base = 0;
+  int tiles_extra = 0;
+  int channel_blocks = 0;  // gridDim.x
 };
 
 // Shared-memory layout, in units of AccT, for one kernel. Every region is a multiple of kCB
@@ -121,8 +128,69 @@ __device__ __forceinline__ TileCoord tile_coord(const Shape& s, int64_t tile) {
   return {n, (rem / s.tiles_w) * kTH, (rem % s.tiles_w) * kTW};
 }
 
-// Stages src's tile + halo for channels [c0, c0 + kCB) into s_in as AccT, applying
-// (v - mean) * scale + shift when a norm is given (s_norm: mean, scale, shift, kCB each) and
+// The staging loops below give every thread the same channels on every item (kThreads is a
+// multiple of kCB, and of the kCB / V items of a pixel): its first one, relative to c0.
+template <typename T>
+__device__ __forceinline__ int staging_lane(bool vectorized) {
+  constexpr int V = kVecWidth<T>;
+  return vectorized ? int(threadIdx.x % (kCB / V)) * V : int(threadIdx.x % kCB);
+}
+static_assert(kThreads % kCB == 0, "a thread's staging channels must not change between items");
+
+// The input norm of a thread's staging channels (V of them on the 16-byte path, one on the scalar
+// path), read into registers from the CTA's copy in shared memory (stage_norm, s_norm: mean,
+// scale, shift, kCB each) once per tile, ahead of the staging loop, which then reads no norm
+// vectors. Not once per kernel: live across the tile loop, the 3V values (24 registers in 16-bit
+// storage) sit on top of the k*k taps of the conv and spilled at k = 9 under the 128-register
+// budget of 2 CTAs/SM (ptxas: 12 bytes); so not from global memory either, whose loads the compiler
+// hoists out of the tile loop (shared-memory loads cannot cross the loop's __syncthreads).
+template <typename T>
+struct StagingNorm {
+  using AccT = acc_t<T>;
+  static constexpr int V = kVecWidth<T>;
+  bool on = false;
+  AccT mean[V], scale[V], shift[V];
+  __device__ __forceinline__ StagingNorm(const AccT* s_norm, bool vectorized) : on(s_norm != nullptr) {
+    const int first = staging_lane<T>(vectorized);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      // Channels past C hold zeros (stage_norm); on the scalar path only j = 0 is used.
+      const bool have = on && (vectorized || j == 0);
+      mean[j] = have ? s_norm[first + j] : AccT(0);
+      scale[j] = have ? s_norm[kCB + first + j] : AccT(0);
+      shift[j] = have ? s_norm[2 * kCB + first + j] : AccT(0);
+    }
+  }
+  // The normalised value of the thread's j-th channel.
+  __device__ __forceinline__ AccT apply(AccT v, int j) const {
+    return on ? (v - mean[j]) * scale[j] + shift[j] : v;
+  }
+};
+
+// The three vectors of an input norm ([C] each, accumulation type); all null: no norm.
+template <typename AccT>
+struct NormArgs {
+  const AccT* mean = nullptr;
+  const AccT* scale = nullptr;
+  const AccT* shift = nullptr;
+};
+
+// Copies the CTA's slice of a norm into shared memory (zeros past the last channel); returns null
+// when there is none. Read by the threads only after the next __syncthreads.
+template <typename AccT>
+__device__ __forceinline__ const AccT* stage_norm(AccT* s_norm, const NormArgs<AccT>& norm, int c0,
+                                                  int C) {
+  if (norm.mean == nullptr) return nullptr;
+  for (int i = threadIdx.x; i < 3 * kCB; i += kThreads) {
+    const int which = i / kCB, c = c0 + i % kCB;
+    const AccT* src = which == 0 ? norm.mean : (which == 1 ? norm.scale : norm.shift);
+    s_norm[i] = c < C ? src[c] : AccT(0);
+  }
+  return s_norm;
+}
+
+// Stages src's tile + halo for channels [c0, c0 + kCB) into s_in as AccT, applying the norm (when
+// s_norm is not null) and
 // writing zeros outside the image and past the last channel. `vectorized`: C % V == 0 and src is
 // 16-byte aligned, so each thread moves V channels with one 16-byte load.
 template <typename T>
@@ -132,23 +200,21 @@ __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const Sm
                                            const acc_t<T>* s_norm, bool vectorized) {
   using AccT = acc_t<T>;
   const int pixels = l.in_h * l.in_w;
+  const StagingNorm<T> norm(s_norm, vectorized);
+  const int lane0 = staging_lane<T>(vectorized);
   if (vectorized) {
     constexpr int V = kVecWidth<T>;
     constexpr int kPerPixel = kCB / V;
     for (int item = threadIdx.x; item < pixels * kPerPixel; item += kThreads) {
       const int pix = item / kPerPixel;
-      const int lane0 = (item % kPerPixel) * V;
       const int iy = t.y0 - pad + pix / l.in_w;
       const int ix = t.x0 - pad + pix % l.in_w;
       AccT v[V];
       if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane0 < s.C) {
         const int64_t off = ((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane0;
         Unpack<T>::run(*reinterpret_cast<const uint4*>(src + off), v);
-        if (s_norm != nullptr) {
 #pragma unroll
-          for (int j = 0; j < V; ++j)
-            v[j] = (v[j] - s_norm[lane0 + j]) * s_norm[kCB + lane0 + j] + s_norm[2 * kCB + lane0 + j];
-        }
+        for (int j = 0; j < V; ++j) v[j] = norm.apply(v[j], j);
       } else {
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = AccT(0);
@@ -168,14 +234,11 @@ __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const Sm
   } else {
     for (int item = threadIdx.x; item < pixels * kCB; item += kThreads) {
       const int pix = item / kCB;
-      const int lane = item % kCB;
       const int iy = t.y0 - pad + pix / l.in_w;
       const int ix = t.x0 - pad + pix % l.in_w;
       AccT v = AccT(0);
-      if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane < s.C) {
-        v = to_acc(src[((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane]);
-        if (s_norm != nullptr) v = (v - s_norm[lane]) * s_norm[kCB + lane] + s_norm[2 * kCB + lane];
-      }
+      if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane0 < s.C)
+        v = norm.apply(to_acc(src[((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane0]), 0);
       s_in[item] = v;
     }
   }
@@ -258,7 +321,8 @@ __device__ __forceinline__ void correlate(const AccT* s_in, const SmemLayout& l,
 }
 
 // Where a thread works: its lane's channel, its warp's kRY x kRX strip of every tile, and the CTA's
-// run of tiles [t_begin, t_end).
+// part: the run of tiles [t_begin, t_end). Channel blocks run along grid x, parts along grid y, so
+// the CTAs the scheduler starts together are the channel blocks of the same tiles.
 struct Place {
   int lane, group, strip_y, strip_x, c0, c;
   int64_t t_begin, t_end;
@@ -267,10 +331,14 @@ struct Place {
         group(int(threadIdx.x) / kCB),
         strip_y((group / kGroupsX) * kRY),
         strip_x((group % kGroupsX) * kRX),
-        c0(int(blockIdx.y) * kCB),
+        c0(int(blockIdx.x) * kCB),
         c(c0 + lane),
-        t_begin(int64_t(blockIdx.x) * s.tiles_per_part),
-        t_end(t_begin + s.tiles_per_part < s.tiles ? t_begin + s.tiles_per_part : s.tiles) {}
+        t_begin(int64_t(blockIdx.y) * s.tiles_base +
+                (int(blockIdx.y) < s.tiles_extra ? int(blockIdx.y) : s.tiles_extra)),
+        t_end(t_begin + s.tiles_base + (int(blockIdx.y) < s.tiles_extra ? 1 : 0)) {}
+  // The part's row of the per-part partials. Read from blockIdx where used, not kept live in a
+  // register across the tile loop.
+  __device__ __forceinline__ int64_t part() const { return blockIdx.y; }
 };
 
 template <typename AccT>
@@ -302,9 +370,7 @@ __device__ __forceinline__ AccT sum_over_warps(AccT v, AccT* s_red) {
 template <typename T>
 struct ForwardArgs {
   const T* x;
-  const acc_t<T>* norm_mean;  // all three null: no input norm
-  const acc_t<T>* norm_scale;
-  const acc_t<T>* norm_shift;
+  NormArgs<acc_t<T>> norm;  // applied to x on load
   const T* weight;  // [C][k*k]
   const T* bias;    // [C] or null
   T* out;           // NHWC, like x
@@ -322,9 +388,7 @@ struct BackwardArgs {
   const acc_t<T>* grad_var;   // [C] or null (then `mean` may be null too)
   const acc_t<T>* mean;       // the forward's batch mean of out, [C]
   const T* x;
-  const acc_t<T>* norm_mean;  // all three null: no input norm
-  const acc_t<T>* norm_scale;
-  const acc_t<T>* norm_shift;
+  NormArgs<acc_t<T>> norm;    // applied to x on load
   const T* weight;
   const T* bias;              // [C] or null
   T* grad_pre;                // dA scratch, NHWC like x
@@ -336,18 +400,35 @@ struct BackwardArgs {
   bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
 };
 
-// Loads the CTA's slice of a norm into shared memory; returns null when there is none.
-template <typename AccT>
-__device__ __forceinline__ const AccT* stage_norm(AccT* s_norm, const AccT* mean, const AccT* scale,
-                                                  const AccT* shift, int c0, int C) {
-  if (mean == nullptr) return nullptr;
-  for (int i = threadIdx.x; i < 3 * kCB; i += kThreads) {
-    const int which = i / kCB, c = c0 + i % kCB;
-    const AccT* src = which == 0 ? mean : (which == 1 ? scale : shift);
-    s_norm[i] = c < C ? src[c] : AccT(0);
+// What every dw kernel sets up alike: k and the padding, the shared-memory layout, the thread's
+// place, and the CTA's taps in shared memory (rotated by 180 degrees for the transposed conv of
+// the backward-input kernel).
+template <typename T, int kK>
+struct Setup {
+  using AccT = acc_t<T>;
+  AccT* smem;
+  int K, pad;
+  SmemLayout l;
+  Place me;
+  __device__ __forceinline__ Setup(unsigned char* smem_raw, const Shape& s, Kernel kernel,
+                                   const T* weight)
+      : smem(reinterpret_cast<AccT*>(smem_raw)),
+        K(kK > 0 ? kK : s.K),
+        pad(K / 2),
+        l(smem_layout(K, kernel)),
+        me(s) {
+    stage_taps<T>(smem + l.weights, weight, me.c0, s.C, K, kernel == Kernel::BackwardInput);
   }
-  return s_norm;
-}
+  // The input norm, into shared memory (null: none).
+  __device__ __forceinline__ const AccT* stage_input_norm(const NormArgs<AccT>& norm,
+                                                          const Shape& s) const {
+    return stage_norm<AccT>(smem + l.norm, norm, me.c0, s.C);
+  }
+  // The bias of the thread's channel (0 without one).
+  __device__ __forceinline__ AccT bias_of(const T* bias, const Shape& s) const {
+    return bias != nullptr && me.c < s.C ? to_acc(bias[me.c]) : AccT(0);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
@@ -358,18 +439,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     dw_forward_kernel(const ForwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  AccT* smem = reinterpret_cast<AccT*>(smem_raw);
-  const int K = kK > 0 ? kK : s.K;
-  const int pad = K / 2;
-  const SmemLayout l = smem_layout(K, Kernel::Forward);
-  const Place me(s);
+  const Setup<T, kK> su(smem_raw, s, Kernel::Forward, args.weight);
+  AccT* const smem = su.smem;
+  const int K = su.K, pad = su.pad;
+  const SmemLayout& l = su.l;
+  const Place& me = su.me;
   const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   const bool stats = args.part_mean != nullptr;
-
-  stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, false);
-  const AccT bias = args.bias != nullptr && c < s.C ? to_acc(args.bias[c]) : AccT(0);
-  const AccT* s_norm = stage_norm<AccT>(smem + l.norm, args.norm_mean, args.norm_scale,
-                                        args.norm_shift, c0, s.C);
+  const AccT* s_norm = su.stage_input_norm(args.norm, s);
+  const AccT bias = su.bias_of(args.bias, s);
   // This thread's running (count, mean, M2) of its channel over its strips of the part's tiles.
   int n_run = 0;
   AccT mean_run = AccT(0), m2_run = AccT(0);
@@ -440,10 +518,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     channel_stats::chan_merge(n, mean, m2, int64_t(s_n[g * kCB + lane]), s_mean[g * kCB + lane],
                               s_m2[g * kCB + lane]);
   if (c < s.C) {
-    args.part_mean[int64_t(blockIdx.x) * s.C + c] = mean;
-    args.part_m2[int64_t(blockIdx.x) * s.C + c] = m2;
+    args.part_mean[me.part() * s.C + c] = mean;
+    args.part_m2[me.part() * s.C + c] = m2;
   }
-  if (blockIdx.y == 0 && lane == 0) args.part_count[blockIdx.x] = int(n);
+  if (blockIdx.x == 0 && lane == 0) args.part_count[me.part()] = int(n);
 }
 
 // Backward, step 1: recompute a on each tile, form dA, write it, and accumulate dW and db.
@@ -458,21 +536,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_data_kernel(const BackwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  AccT* smem = reinterpret_cast<AccT*>(smem_raw);
-  const int K = kK > 0 ? kK : s.K;
-  const int pad = K / 2;
-  const SmemLayout l = smem_layout(K, Kernel::BackwardData);
-  const Place me(s);
+  const Setup<T, kK> su(smem_raw, s, Kernel::BackwardData, args.weight);
+  AccT* const smem = su.smem;
+  const int K = su.K, pad = su.pad;
+  const SmemLayout& l = su.l;
+  const Place& me = su.me;
   const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   AccT* s_in = smem + l.in;
   AccT* s_dA = smem + l.dA;
   AccT* s_gw = smem + l.grad_w;
-
-  stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, false);
   for (int i = threadIdx.x; i < K * K * kCB; i += kThreads) s_gw[i] = AccT(0);
-  const AccT bias = args.bias != nullptr && c < s.C ? to_acc(args.bias[c]) : AccT(0);
-  const AccT* s_norm = stage_norm<AccT>(smem + l.norm, args.norm_mean, args.norm_scale,
-                                        args.norm_shift, c0, s.C);
+  const AccT* s_norm = su.stage_input_norm(args.norm, s);
+  const AccT bias = su.bias_of(args.bias, s);
   // dO = grad_out + const_term + lin_term * o  (the statistics' gradient folded in).
   const AccT inv_count = AccT(1) / static_cast<AccT>(s.N * s.H * s.W);
   AccT const_term = AccT(0), lin_term = AccT(0);
@@ -550,10 +625,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int kk = K * K;
   for (int item = threadIdx.x; item < kk * kCB; item += kThreads) {
     const int tap = item / kCB, cl = c0 + item % kCB;
-    if (cl < s.C) args.part_grad_w[(int64_t(blockIdx.x) * s.C + cl) * kk + tap] = s_gw[item];
+    if (cl < s.C) args.part_grad_w[(me.part() * s.C + cl) * kk + tap] = s_gw[item];
   }
   const AccT total_b = sum_over_warps<AccT>(grad_b, s_in);
-  if (group == 0 && c < s.C) args.part_grad_b[int64_t(blockIdx.x) * s.C + c] = total_b;
+  if (group == 0 && c < s.C) args.part_grad_b[me.part() * s.C + c] = total_b;
 }
 
 // Backward, step 2: dX = dA correlated with the rotated taps (the transposed depthwise conv),
@@ -563,17 +638,15 @@ __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_input_kernel(const BackwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  AccT* smem = reinterpret_cast<AccT*>(smem_raw);
-  const int K = kK > 0 ? kK : s.K;
-  const int pad = K / 2;
-  const SmemLayout l = smem_layout(K, Kernel::BackwardInput);
-  const Place me(s);
+  const Setup<T, kK> su(smem_raw, s, Kernel::BackwardInput, args.weight);
+  AccT* const smem = su.smem;
+  const int K = su.K, pad = su.pad;
+  const SmemLayout& l = su.l;
+  const Place& me = su.me;
   const int group = me.group, c0 = me.c0, c = me.c;
-
-  stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, true);
-  const bool norm = args.norm_mean != nullptr;
-  const AccT mean = norm && c < s.C ? args.norm_mean[c] : AccT(0);
-  const AccT scale = norm && c < s.C ? args.norm_scale[c] : AccT(1);
+  const bool norm = args.norm.mean != nullptr;
+  const AccT mean = norm && c < s.C ? args.norm.mean[c] : AccT(0);
+  const AccT scale = norm && c < s.C ? args.norm.scale[c] : AccT(1);
   AccT sum_dx = AccT(0), sum_dx_xc = AccT(0);
 
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
@@ -608,8 +681,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const AccT total_c = sum_over_warps<AccT>(sum_dx_xc, smem + l.in + kGroups * kCB);
   if (group == 0 && c < s.C) {
-    args.part_sum_dx[int64_t(blockIdx.x) * s.C + c] = total;
-    args.part_sum_dx_xc[int64_t(blockIdx.x) * s.C + c] = total_c;
+    args.part_sum_dx[me.part() * s.C + c] = total;
+    args.part_sum_dx_xc[me.part() * s.C + c] = total_c;
   }
 }
 
