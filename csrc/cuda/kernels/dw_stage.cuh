@@ -76,13 +76,30 @@ struct Shape {
 // elements, so all region starts stay 16-byte aligned.
 struct SmemLayout {
   int in_h = 0, in_w = 0;  // staged tile + halo
-  size_t in = 0, weights = 0, dA = 0, grad_w = 0, norm = 0;  // region offsets
+  size_t in = 0, weights = 0, dA = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // region offsets
   size_t total = 0;                                         // elements in all
 };
 
 enum class Kernel { Forward, BackwardData, BackwardInput };
 
-__host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel) {
+// Whether the kernels for k and this accumulation type take the register-tap path (the
+// instantiations kRegisterTaps below; the host's kernel_for_k picks them).
+__host__ __device__ constexpr bool register_taps(int K, size_t acc_size) {
+  return (K == 3 || K == 5 || K == 7 || K == 9) && acc_size == 4;
+}
+
+// The balanced dW split of the register-tap path (dw_backward_data_kernel): the K * kTH
+// (tap row i, tile row y) units, i-major, in runs of kDwUnits(K) = 2K per warp. A warp whose run
+// starts inside a tap row (y != 0) adds that row's share into its own slot of the grad_w_split
+// region; the warp whose run holds (i, 0) owns row i's slots in grad_w.
+static_assert(kTH % kGroups == 0, "every warp gets the same number of dW units");
+__host__ __device__ constexpr int dw_units(int K) { return K * kTH / kGroups; }
+// The tap row of warp g's split slot, or -1 when its run starts at a row's beginning.
+__host__ __device__ constexpr int dw_split_row(int K, int g) {
+  return (g * dw_units(K)) % kTH != 0 ? g * dw_units(K) / kTH : -1;
+}
+
+__host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t acc_size) {
   SmemLayout l;
   l.in_h = kTH + K - 1;
   l.in_w = kTW + K - 1;
@@ -98,6 +115,8 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel) {
     at += size_t(kTH) * kTW * kCB;
     l.grad_w = at;
     at += size_t(K) * K * kCB;
+    l.grad_w_split = at;
+    if (register_taps(K, acc_size)) at += size_t(kGroups) * K * kCB;
   }
   l.norm = at;
   at += 3 * kCB;
@@ -110,6 +129,8 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel) {
 // registers.
 template <int kK, typename AccT>
 constexpr bool kRegisterTaps = kK > 0 && kK <= kMaxRegK && sizeof(AccT) == 4;
+static_assert(register_taps(9, 4) && !register_taps(9, 8) && kMaxRegK == 9,
+              "register_taps must name the kRegisterTaps instantiations kernel_for_k picks");
 
 // ---------------------------------------------------------------------------------------------
 // Device building blocks
@@ -415,7 +436,7 @@ struct Setup {
       : smem(reinterpret_cast<AccT*>(smem_raw)),
         K(kK > 0 ? kK : s.K),
         pad(K / 2),
-        l(smem_layout(K, kernel)),
+        l(smem_layout(K, kernel, sizeof(AccT))),
         me(s) {
     stage_taps<T>(smem + l.weights, weight, me.c0, s.C, K, kernel == Kernel::BackwardInput);
   }
@@ -527,10 +548,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 // Backward, step 1: recompute a on each tile, form dA, write it, and accumulate dW and db.
 //
 // The recompute is the forward's (register taps for the specialised k). dW[i][j] = sum over the
-// tile of dA[y][x] * in[y + i][x + j]: warp g owns the tap rows i = g, g + 8 of every channel,
-// sums them over the whole tile from dA staged in shared memory, and adds them into its own slots
-// of s_grad_w: each slot has one writer, so no atomics and a fixed order. (At k = 9 warp 0 owns
-// two rows and the others one: a known imbalance to tune.)
+// tile of dA[y][x] * in[y + i][x + j], from dA staged in shared memory. Register-tap path: the
+// K * kTH (tap row, tile row) units are split into equal runs of 2K, one per warp (dw_units), so
+// every warp does the same work at every k (owning whole tap rows, warp 0 had 2 of 9 rows at
+// k = 9 and the dW phase took 2 / (9 / 8) = 1.78x its balanced time; at k = 3 five warps idled).
+// Each row's sums go to one writer's slot: the warp that holds the row's first unit, or, for the
+// part of a row that a run starts inside of, that warp's split slot; the slots are added in warp
+// order at the end. No atomics, a fixed order. The generic path keeps whole rows per warp.
 template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_data_kernel(const BackwardArgs<T> args, const Shape s) {
@@ -545,7 +569,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   AccT* s_in = smem + l.in;
   AccT* s_dA = smem + l.dA;
   AccT* s_gw = smem + l.grad_w;
-  for (int i = threadIdx.x; i < K * K * kCB; i += kThreads) s_gw[i] = AccT(0);
+  AccT* s_gw_split = smem + l.grad_w_split;  // empty unless kRegisterTaps
+  for (int i = threadIdx.x; i < int(l.norm - l.grad_w); i += kThreads) s_gw[i] = AccT(0);
   const AccT* s_norm = su.stage_input_norm(args.norm, s);
   const AccT bias = su.bias_of(args.bias, s);
   // dO = grad_out + const_term + lin_term * o  (the statistics' gradient folded in).
@@ -589,25 +614,40 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     __syncthreads();  // s_dA complete
-    for (int i = group; i < K; i += kGroups) {
-      if constexpr (kRegisterTaps<kK, AccT>) {
-        AccT row_sum[kK];
+    if constexpr (kRegisterTaps<kK, AccT>) {
+      // The warp's run of (tap row, tile row) units; row_sum holds the current row's K sums and
+      // goes to the row's slots when the row ends or the run does.
+      constexpr int kUnits = dw_units(kK);
+      const int u_begin = group * kUnits;
+      AccT row_sum[kK];
 #pragma unroll
-        for (int j = 0; j < kK; ++j) row_sum[j] = AccT(0);
-        for (int y = 0; y < kTH; ++y) {
-          AccT in[kTW + kK - 1], d[kTW];
+      for (int j = 0; j < kK; ++j) row_sum[j] = AccT(0);
+      for (int u = u_begin; u < u_begin + kUnits; ++u) {
+        const int i = u / kTH, y = u % kTH;
+        AccT in[kTW + kK - 1], d[kTW];
 #pragma unroll
-          for (int q = 0; q < kTW + kK - 1; ++q) in[q] = s_in[((y + i) * l.in_w + q) * kCB + lane];
+        for (int q = 0; q < kTW + kK - 1; ++q) in[q] = s_in[((y + i) * l.in_w + q) * kCB + lane];
 #pragma unroll
-          for (int x = 0; x < kTW; ++x) d[x] = s_dA[(y * kTW + x) * kCB + lane];
+        for (int x = 0; x < kTW; ++x) d[x] = s_dA[(y * kTW + x) * kCB + lane];
 #pragma unroll
-          for (int x = 0; x < kTW; ++x)
+        for (int x = 0; x < kTW; ++x)
 #pragma unroll
-            for (int j = 0; j < kK; ++j) row_sum[j] = fma_acc(d[x], in[x + j], row_sum[j]);
+          for (int j = 0; j < kK; ++j) row_sum[j] = fma_acc(d[x], in[x + j], row_sum[j]);
+        if (y == kTH - 1 || u == u_begin + kUnits - 1) {
+          // A row begun inside this run (at y = 0, or at the run's start when that is y = 0) is
+          // this warp's in grad_w; the run's first row, begun by another warp, goes to the split slot.
+          AccT* dst = i == dw_split_row(kK, group) ? s_gw_split + group * kK * kCB
+                                                   : s_gw + i * kK * kCB;
+#pragma unroll
+          for (int j = 0; j < kK; ++j) {
+            dst[j * kCB + lane] += row_sum[j];
+            row_sum[j] = AccT(0);
+          }
         }
-#pragma unroll
-        for (int j = 0; j < kK; ++j) s_gw[(i * kK + j) * kCB + lane] += row_sum[j];
-      } else {
+      }
+    } else {
+      // The generic path (runtime k, float64): warp g owns tap rows g, g + 8, ... whole.
+      for (int i = group; i < K; i += kGroups) {
         for (int j = 0; j < K; ++j) {
           AccT sum = AccT(0);
           for (int y = 0; y < kTH; ++y)
@@ -625,7 +665,15 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int kk = K * K;
   for (int item = threadIdx.x; item < kk * kCB; item += kThreads) {
     const int tap = item / kCB, cl = c0 + item % kCB;
-    if (cl < s.C) args.part_grad_w[(me.part() * s.C + cl) * kk + tap] = s_gw[item];
+    AccT total = s_gw[item];
+    if constexpr (kRegisterTaps<kK, AccT>) {
+      // The split slots of the tap's row, in warp order.
+      const int i = tap / kK, j = tap % kK;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g)
+        if (dw_split_row(kK, g) == i) total += s_gw_split[(g * kK + j) * kCB + item % kCB];
+    }
+    if (cl < s.C) args.part_grad_w[(me.part() * s.C + cl) * kk + tap] = total;
   }
   const AccT total_b = sum_over_warps<AccT>(grad_b, s_in);
   if (group == 0 && c < s.C) args.part_grad_b[me.part() * s.C + c] = total_b;
