@@ -408,6 +408,7 @@ struct BackwardArgs {
   const acc_t<T>* grad_mean;  // [C] or null
   const acc_t<T>* grad_var;   // [C] or null (then `mean` may be null too)
   const acc_t<T>* mean;       // the forward's batch mean of out, [C]
+  const T* out;               // the forward's out (NHWC like x) or null; read with ReLU only
   const T* x;
   NormArgs<acc_t<T>> norm;    // applied to x on load
   const T* weight;
@@ -545,7 +546,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (blockIdx.x == 0 && lane == 0) args.part_count[me.part()] = int(n);
 }
 
-// Backward, step 1: recompute a on each tile, form dA, write it, and accumulate dW and db.
+// Backward, step 1: recompute a on each tile (not with ReLU when the forward's out is given),
+// form dA, write it, and accumulate dW and db.
 //
 // The recompute is the forward's (register taps for the specialised k). dW[i][j] = sum over the
 // tile of dA[y][x] * in[y + i][x + j], from dA staged in shared memory. Register-tap path: the
@@ -584,6 +586,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   const bool need_o = args.grad_var != nullptr;
+  // ReLU with the forward's out given: relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN
+  // passing, as threshold_backward on the result) and o = out, so the conv is not recomputed.
+  const bool from_out = A == Act::ReLU && args.out != nullptr;
   AccT grad_b = AccT(0);
 
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
@@ -593,7 +598,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
-    correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
+    if (!from_out) correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
       const int y = t.y0 + me.strip_y + r;
@@ -603,7 +608,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         AccT dA = AccT(0);
         if (y < s.H && xx < s.W && c < s.C) {
           const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-          const ActAt<A, AccT> at(acc[r][x]);
+          const ActAt<A, AccT> at(from_out ? to_acc(args.out[off]) : acc[r][x]);
           AccT dO = to_acc(args.grad_out[off]) + const_term;
           if (need_o) dO += lin_term * round_to_storage<T>(at.value());
           dA = at.backward(dO);
