@@ -88,10 +88,14 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
     p.error = "too many pixels per part";
     return p;
   }
-  p.smem_forward = smem_layout(K, Kernel::Forward, sizeof(AccT)).total * sizeof(AccT);
-  p.smem_backward_data = smem_layout(K, Kernel::BackwardData, sizeof(AccT)).total * sizeof(AccT);
-  p.smem_backward_input = smem_layout(K, Kernel::BackwardInput, sizeof(AccT)).total * sizeof(AccT);
-  if (p.smem_backward_data > kMaxDynamicSmem || p.smem_forward > kMaxDynamicSmem) {
+  const auto bytes = [&](Kernel kernel) {
+    return smem_layout(K, kernel, sizeof(AccT), sizeof(T)).total * sizeof(AccT);
+  };
+  p.smem_forward = bytes(Kernel::Forward);
+  p.smem_backward_data = bytes(Kernel::BackwardData);
+  p.smem_backward_input = bytes(Kernel::BackwardInput);
+  if (p.smem_backward_data > kMaxDynamicSmem || p.smem_forward > kMaxDynamicSmem ||
+      p.smem_backward_input > kMaxDynamicSmem) {
     p.error = "the tile for this kernel size and dtype does not fit in shared memory";
     return p;
   }

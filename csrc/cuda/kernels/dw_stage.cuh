@@ -35,6 +35,8 @@
 #include "elementwise.cuh"
 #include "partials.cuh"
 
+#include <cuda_pipeline_primitives.h>  // cp.async (not <cuda_pipeline.h>: it declares namespace cuda)
+
 namespace convmixer_kernels {
 namespace cuda {
 namespace dw {
@@ -56,6 +58,7 @@ constexpr int kMaxRegK = 9;              // largest k whose k*k taps live in reg
 constexpr int64_t kWaveCtas = 2 * 132;
 constexpr int64_t kTargetCtas = 8 * kWaveCtas;
 constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90's opt-in limit per block
+constexpr size_t kTwoCtaSmem = 113 * 1024;      // per block for 2 per SM: 228 KiB less 1 KiB each
 
 // The shape and its partition, computed on the host (make_plan, dw_launch.cuh) and passed to every
 // kernel.
@@ -76,7 +79,8 @@ struct Shape {
 // elements, so all region starts stay 16-byte aligned.
 struct SmemLayout {
   int in_h = 0, in_w = 0;  // staged tile + halo
-  size_t in = 0, weights = 0, dA = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // region offsets
+  size_t in = 0, raw = 0, weights = 0, dA = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // offsets
+  bool async = false;  // raw holds the next tile's window in the storage dtype (TilePipe)
   size_t total = 0;                                         // elements in all
 };
 
@@ -99,7 +103,8 @@ __host__ __device__ constexpr int dw_split_row(int K, int g) {
   return (g * dw_units(K)) % kTH != 0 ? g * dw_units(K) / kTH : -1;
 }
 
-__host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t acc_size) {
+__host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t acc_size,
+                                                  size_t storage_size) {
   SmemLayout l;
   l.in_h = kTH + K - 1;
   l.in_w = kTW + K - 1;
@@ -108,6 +113,16 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t a
   at += size_t(l.in_h) * l.in_w * kCB;
   // The end-of-kernel reductions reuse the input region: it must hold 3 * kGroups * kCB values.
   if (at < size_t(3) * kGroups * kCB) at = size_t(3) * kGroups * kCB;
+  // The forward and backward-input kernels with 32-bit accumulation stage through a second window
+  // in the storage dtype, filled by cp.async under the previous tile's compute, where that keeps
+  // two CTAs per SM (k <= 9, and k = 11 in 16-bit storage). Not the backward-data kernel (its dA
+  // and dW regions leave no room for it at k = 9), nor float64 (for gradient checks).
+  l.raw = at;
+  const size_t raw = size_t(l.in_h) * l.in_w * kCB * storage_size / acc_size;
+  const size_t taps_and_norm = size_t(K) * K * kCB + 3 * kCB;
+  l.async = kernel != Kernel::BackwardData && acc_size == 4 &&
+            (at + raw + taps_and_norm) * acc_size <= kTwoCtaSmem;
+  if (l.async) at += raw;
   l.weights = at;  // the taps, [k*k][kCB], staged once per CTA
   at += size_t(K) * K * kCB;
   if (kernel == Kernel::BackwardData) {
@@ -211,14 +226,17 @@ __device__ __forceinline__ const AccT* stage_norm(AccT* s_norm, const NormArgs<A
 }
 
 // Stages src's tile + halo for channels [c0, c0 + kCB) into s_in as AccT, applying the norm (when
-// s_norm is not null) and
-// writing zeros outside the image and past the last channel. `vectorized`: C % V == 0 and src is
-// 16-byte aligned, so each thread moves V channels with one 16-byte load.
-template <typename T>
+// s_norm is not null) and writing zeros outside the image and past the last channel.
+// `vectorized`: C % V == 0 and src is 16-byte aligned, so each thread moves V channels with one
+// 16-byte load. kFromRaw: the 16-byte vectors come from s_raw (the window as copy_tile_async
+// left it, [pixel][kCB] in the storage dtype) instead of src; each thread reads the vectors its
+// own copies wrote (same items).
+template <typename T, bool kFromRaw = false>
 __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const SmemLayout& l,
                                            const T* __restrict__ src, const Shape& s,
                                            const TileCoord& t, int c0, int pad,
-                                           const acc_t<T>* s_norm, bool vectorized) {
+                                           const acc_t<T>* s_norm, bool vectorized,
+                                           const T* s_raw = nullptr) {
   using AccT = acc_t<T>;
   const int pixels = l.in_h * l.in_w;
   const StagingNorm<T> norm(s_norm, vectorized);
@@ -233,7 +251,8 @@ __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const Sm
       AccT v[V];
       if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane0 < s.C) {
         const int64_t off = ((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane0;
-        Unpack<T>::run(*reinterpret_cast<const uint4*>(src + off), v);
+        const T* from = kFromRaw ? s_raw + pix * kCB + lane0 : src + off;
+        Unpack<T>::run(*reinterpret_cast<const uint4*>(from), v);
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = norm.apply(v[j], j);
       } else {
@@ -264,6 +283,71 @@ __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const Sm
     }
   }
 }
+
+// Issues the cp.async copies of src's tile + halo (16-byte path) into s_raw, [pixel][kCB] in the
+// storage dtype, one 16-byte vector per item as stage_tile's items; positions stage_tile zeroes
+// are not copied (it does not read them).
+template <typename T>
+__device__ __forceinline__ void copy_tile_async(T* s_raw, const SmemLayout& l, const T* src,
+                                                const Shape& s, const TileCoord& t, int c0,
+                                                int pad) {
+  constexpr int kPerPixel = kCB / kVecWidth<T>;
+  const int lane0 = staging_lane<T>(true);
+  for (int item = threadIdx.x; item < l.in_h * l.in_w * kPerPixel; item += kThreads) {
+    const int pix = item / kPerPixel;
+    const int iy = t.y0 - pad + pix / l.in_w;
+    const int ix = t.x0 - pad + pix % l.in_w;
+    if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane0 < s.C)
+      __pipeline_memcpy_async(s_raw + pix * kCB + lane0,
+                              src + ((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane0, 16);
+  }
+  __pipeline_commit();
+}
+
+// Stages the tiles of a CTA's part, one per stage() call, into the fp32 window s_in. Where the
+// layout has the raw window (l.async) and the 16-byte path applies, double-buffered: the next
+// tile's window is copied with cp.async (sm_80+) into raw while the CTA computes on this one, and
+// stage() converts it (norm, zeros) once it has landed; else stage_tile loads it synchronously.
+// stage() begins with the barrier that ends the previous tile's reads of s_in and ends with the
+// one after which s_in holds the tile.
+template <typename T>
+struct TilePipe {
+  using AccT = acc_t<T>;
+  AccT* s_in;
+  T* s_raw;
+  const SmemLayout& l;
+  const T* src;
+  const Shape& s;
+  const AccT* s_norm;
+  int c0, pad;
+  bool vectorized, async;
+  __device__ __forceinline__ TilePipe(AccT* smem, const SmemLayout& l_, const T* src_,
+                                      const Shape& s_, const AccT* s_norm_, int c0_, int pad_,
+                                      bool vectorized_, int64_t t_begin, int64_t t_end)
+      : s_in(smem + l_.in),
+        s_raw(reinterpret_cast<T*>(smem + l_.raw)),
+        l(l_),
+        src(src_),
+        s(s_),
+        s_norm(s_norm_),
+        c0(c0_),
+        pad(pad_),
+        vectorized(vectorized_),
+        async(l_.async && vectorized_) {
+    if (async && t_begin < t_end) copy_tile_async<T>(s_raw, l, src, s, tile_coord(s, t_begin), c0, pad);
+  }
+  __device__ __forceinline__ void stage(int64_t tile, const TileCoord& t, int64_t t_end) {
+    if (async) __pipeline_wait_prior(0);  // this thread's copies of the tile have landed
+    __syncthreads();
+    if (async)
+      stage_tile<T, true>(s_in, l, src, s, t, c0, pad, s_norm, true, s_raw);
+    else
+      stage_tile<T>(s_in, l, src, s, t, c0, pad, s_norm, vectorized);
+    __syncthreads();  // s_in holds the tile; raw is free again
+    if (async && tile + 1 < t_end)
+      copy_tile_async<T>(s_raw, l, src, s, tile_coord(s, tile + 1), c0, pad);
+  }
+};
 
 // acc[r][x] += sum_ij w[i][j] * in[r + i][x + j] over this thread's strip, with the taps in
 // registers. `in` points at the strip's top-left input (row-major [in_w][kCB] rows, this lane).
@@ -437,7 +521,7 @@ struct Setup {
       : smem(reinterpret_cast<AccT*>(smem_raw)),
         K(kK > 0 ? kK : s.K),
         pad(K / 2),
-        l(smem_layout(K, kernel, sizeof(AccT))),
+        l(smem_layout(K, kernel, sizeof(AccT), sizeof(T))),
         me(s) {
     stage_taps<T>(smem + l.weights, weight, me.c0, s.C, K, kernel == Kernel::BackwardInput);
   }
@@ -474,11 +558,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   int n_run = 0;
   AccT mean_run = AccT(0), m2_run = AccT(0);
 
+  TilePipe<T> pipe(smem, l, args.x, s, s_norm, c0, pad, args.vectorized, me.t_begin, me.t_end);
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
-    __syncthreads();  // the previous tile's readers are done (and norm/taps are staged)
-    stage_tile<T>(smem + l.in, l, args.x, s, t, c0, pad, s_norm, args.vectorized);
-    __syncthreads();
+    pipe.stage(tile, t, me.t_end);  // (its first barrier also publishes the norm and the taps)
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
     correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
@@ -591,11 +674,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool from_out = A == Act::ReLU && args.out != nullptr;
   AccT grad_b = AccT(0);
 
+  TilePipe<T> pipe(smem, l, args.x, s, s_norm, c0, pad, args.vectorized_x, me.t_begin, me.t_end);
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
-    __syncthreads();
-    stage_tile<T>(s_in, l, args.x, s, t, c0, pad, s_norm, args.vectorized_x);
-    __syncthreads();
+    pipe.stage(tile, t, me.t_end);
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
     if (!from_out) correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
@@ -702,12 +784,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   const AccT scale = norm && c < s.C ? args.norm.scale[c] : AccT(1);
   AccT sum_dx = AccT(0), sum_dx_xc = AccT(0);
 
+  // grad_pre is ours (fresh allocation): aligned whenever x is, and C is the same.
+  TilePipe<T> pipe(smem, l, args.grad_pre, s, nullptr, c0, pad, args.vectorized_x, me.t_begin,
+                   me.t_end);
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
-    __syncthreads();
-    // grad_pre is ours (fresh allocation): aligned whenever x is, and C is the same.
-    stage_tile<T>(smem + l.in, l, args.grad_pre, s, t, c0, pad, nullptr, args.vectorized_x);
-    __syncthreads();
+    pipe.stage(tile, t, me.t_end);
     AccT acc[kRY][kRX];
     fill_strip(acc, AccT(0));
     correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
