@@ -134,6 +134,15 @@ struct BackwardInputKernels {
                             cudaStream_t stream);
 };
 
+// The launch function of the kernel family Kernels<T, A> for activation `act`; null for a code
+// that names no activation.
+template <template <typename, Act> class Kernels, typename T, typename Args>
+inline LaunchFn<Args> launcher_for(Act act) {
+  return dispatch_act(
+      act, [](auto tag) -> LaunchFn<Args> { return &Kernels<T, decltype(tag)::value>::launch; },
+      []() -> LaunchFn<Args> { return nullptr; });
+}
+
 // Workspace regions of the forward: part_mean, part_m2 ([parts][C] AccT), part_count ([parts] int).
 template <typename T>
 struct ForwardWorkspace {
@@ -249,9 +258,7 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cud
   const Plan p = plan_of<T>(c.problem);
   if (!p.valid) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
-  const auto run = dispatch_act(
-      c.act, [](auto tag) { return &ForwardKernels<T, decltype(tag)::value>::launch; },
-      []() -> LaunchFn<ForwardArgs<T>> { return nullptr; });
+  const auto run = launcher_for<ForwardKernels, T, ForwardArgs<T>>(c.act);
   if (run == nullptr) return cudaErrorInvalidValue;
   ForwardArgs<T> args{};
   set_inputs<T>(args, c);
@@ -283,9 +290,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   const Plan p = plan_of<T>(c.problem);
   if (!p.valid || ws_bytes < p.ws_backward) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
-  const auto run_data = dispatch_act(
-      c.act, [](auto tag) { return &BackwardDataKernels<T, decltype(tag)::value>::launch; },
-      []() -> LaunchFn<BackwardArgs<T>> { return nullptr; });
+  const auto run_data = launcher_for<BackwardDataKernels, T, BackwardArgs<T>>(c.act);
   if (run_data == nullptr) return cudaErrorInvalidValue;
   BackwardArgs<T> args{};
   args.grad_out = static_cast<const T*>(c.grad_out);

@@ -546,10 +546,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Setup<T, kK> su(smem_raw, s, Kernel::Forward, args.weight);
-  AccT* const smem = su.smem;
-  const int K = su.K, pad = su.pad;
-  const SmemLayout& l = su.l;
-  const Place& me = su.me;
+  const auto& [smem, K, pad, l, me] = su;
   const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   const bool stats = args.part_mean != nullptr;
   const AccT* s_norm = su.stage_input_norm(args.norm, s);
@@ -646,10 +643,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Setup<T, kK> su(smem_raw, s, Kernel::BackwardData, args.weight);
-  AccT* const smem = su.smem;
-  const int K = su.K, pad = su.pad;
-  const SmemLayout& l = su.l;
-  const Place& me = su.me;
+  const auto& [smem, K, pad, l, me] = su;
   const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   AccT* s_in = smem + l.in;
   AccT* s_dA = smem + l.dA;
@@ -774,10 +768,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Setup<T, kK> su(smem_raw, s, Kernel::BackwardInput, args.weight);
-  AccT* const smem = su.smem;
-  const int K = su.K, pad = su.pad;
-  const SmemLayout& l = su.l;
-  const Place& me = su.me;
+  const auto& [smem, K, pad, l, me] = su;
   const int group = me.group, c0 = me.c0, c = me.c;
   const bool norm = args.norm.mean != nullptr;
   const AccT mean = norm && c < s.C ? args.norm.mean[c] : AccT(0);
