@@ -114,13 +114,15 @@ class DwKernels:
         sum_dx, sum_dx_xc = Guarded((c,), acc), Guarded((c,), acc)
         nm, ns, nt = norm if norm is not None else (None, None, None)
         rc = self.bwd(*args_head, ptr(gog.tensor), ptr(grad_mean), ptr(grad_var), ptr(mean),
-                      ptr(outg.tensor) if outg is not None else None, ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
+                      ptr(outg.tensor) if outg is not None else None, ptr(xg.tensor),
+                      n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
                       ptr(weight.contiguous()), ptr(bias), ptr(grad_pre.tensor),
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
                       ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor), ptr(ws.tensor),
                       ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
-        for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b, *([outg] if outg else [])):
+        for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b,
+                  *([outg] if outg is not None else [])):
             g.check()
         if norm is not None:
             sum_dx.check()

@@ -4,8 +4,8 @@
 // protocol is entry.cuh's. The kernels the entries can pick (4 storage types x k in {generic, 3,
 // 5, 7, 9} x every activation of csrc/activation.h) are compiled in csrc/cuda/instances/dw_*.cu,
 // which the cuda_kernels_check target builds with this file, so `nvcc -Xptxas -v` reports
-// registers and spills for each, without torch or a GPU. The call structs are filled in their members' order, which is the entry points'
-// argument order. Nothing here may include torch.
+// registers and spills for each, without torch or a GPU. The call structs are filled in their
+// members' order, which is the entry points' argument order. Nothing here may include torch.
 #include "entry.cuh"
 #include "../kernels/dw_launch.cuh"
 
@@ -52,8 +52,8 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
 
 extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      const void* grad_mean, const void* grad_var, const void* mean,
-                                     const void* out, const void* x, long long N, long long C, long long H,
-                                     long long W, int K, const void* norm_mean,
+                                     const void* out, const void* x, long long N, long long C,
+                                     long long H, long long W, int K, const void* norm_mean,
                                      const void* norm_scale, const void* norm_shift,
                                      const void* weight, const void* bias, void* grad_pre,
                                      void* grad_x, void* grad_weight, void* grad_bias,
@@ -61,7 +61,7 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      size_t workspace_bytes, size_t* workspace_bytes_out,
                                      cudaStream_t stream) {
   const dw::Backward c{problem(dtype, N, C, H, W, K), static_cast<Act>(act), grad_out,
-                       grad_mean, grad_var, mean, out, x, {norm_mean, norm_scale, norm_shift}, weight,
-                       bias, grad_pre, grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc};
+                       grad_mean, grad_var, mean, out, x, {norm_mean, norm_scale, norm_shift},
+                       weight, bias, grad_pre, grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc};
   return cuda::run_entry(c, grad_x, workspace, workspace_bytes, workspace_bytes_out, stream);
 }

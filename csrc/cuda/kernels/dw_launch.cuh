@@ -116,7 +116,8 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
 inline dim3 grid_of(const Shape& s) { return dim3(unsigned(s.channel_blocks), unsigned(s.parts)); }
 
 template <typename Args>
-using LaunchFn = cudaError_t (*)(const Args& args, const Shape& s, size_t smem, cudaStream_t stream);
+using LaunchFn = cudaError_t (*)(const Args& args, const Shape& s, size_t smem,
+                                 cudaStream_t stream);
 
 template <typename T, Act A>
 struct ForwardKernels {

@@ -1,7 +1,8 @@
 // The depthwise stage of a ConvMixer block on NHWC activations (docs/OPS.md, docs/DESIGN.md §4):
 //
 //   forward   out = act(dwconv_k(norm(x)) + b), and per-channel partial statistics of out
-//   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), recomputing a;
+//   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), recomputing a
+//                (ReLU given the forward's out: from out);
 //                dW, db summed per channel (kernel "backward_data")
 //             2. dX = transposed dwconv(dA); grad_x = dX * scale; the norm's sums (kernel
 //                "backward_input")
@@ -17,7 +18,7 @@
 // pixels; a thread computes its strip for its channel. Per tile the input, with the norm applied
 // and a (k-1)/2 halo of zeros outside the image (zero padding *after* the norm, as docs/OPS.md
 // requires), is staged in shared memory in the accumulation type with 16-byte global loads across
-// channels.
+// channels; the forward and backward-input kernels double-buffer it through cp.async (TilePipe).
 //
 // Why these shapes: a k x k tap loop over shared memory would issue one load per FMA and run at a
 // quarter of the FMA rate. With the k*k weights in registers (k <= 9) and each loaded input row
@@ -35,7 +36,8 @@
 #include "elementwise.cuh"
 #include "partials.cuh"
 
-#include <cuda_pipeline_primitives.h>  // cp.async (not <cuda_pipeline.h>: it declares namespace cuda)
+// cp.async. Not <cuda_pipeline.h>: it declares a namespace `cuda` at global scope.
+#include <cuda_pipeline_primitives.h>
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -75,8 +77,8 @@ struct Shape {
   int channel_blocks = 0;  // gridDim.x
 };
 
-// Shared-memory layout, in units of AccT, for one kernel. Every region is a multiple of kCB
-// elements, so all region starts stay 16-byte aligned.
+// Shared-memory layout, in units of AccT, for one kernel. Every region is a multiple of kCB / 2
+// elements (64 bytes), so all region starts stay 16-byte aligned.
 struct SmemLayout {
   int in_h = 0, in_w = 0;  // staged tile + halo
   size_t in = 0, raw = 0, weights = 0, dA = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // offsets
@@ -93,7 +95,7 @@ __host__ __device__ constexpr bool register_taps(int K, size_t acc_size) {
 }
 
 // The balanced dW split of the register-tap path (dw_backward_data_kernel): the K * kTH
-// (tap row i, tile row y) units, i-major, in runs of kDwUnits(K) = 2K per warp. A warp whose run
+// (tap row i, tile row y) units, i-major, in runs of dw_units(K) = 2K per warp. A warp whose run
 // starts inside a tap row (y != 0) adds that row's share into its own slot of the grad_w_split
 // region; the warp whose run holds (i, 0) owns row i's slots in grad_w.
 static_assert(kTH % kGroups == 0, "every warp gets the same number of dW units");
@@ -186,7 +188,8 @@ struct StagingNorm {
   static constexpr int V = kVecWidth<T>;
   bool on = false;
   AccT mean[V], scale[V], shift[V];
-  __device__ __forceinline__ StagingNorm(const AccT* s_norm, bool vectorized) : on(s_norm != nullptr) {
+  __device__ __forceinline__ StagingNorm(const AccT* s_norm, bool vectorized)
+      : on(s_norm != nullptr) {
     const int first = staging_lane<T>(vectorized);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -334,7 +337,8 @@ struct TilePipe {
         pad(pad_),
         vectorized(vectorized_),
         async(l_.async && vectorized_) {
-    if (async && t_begin < t_end) copy_tile_async<T>(s_raw, l, src, s, tile_coord(s, t_begin), c0, pad);
+    if (async && t_begin < t_end)
+      copy_tile_async<T>(s_raw, l, src, s, tile_coord(s, t_begin), c0, pad);
   }
   __device__ __forceinline__ void stage(int64_t tile, const TileCoord& t, int64_t t_end) {
     if (async) __pipeline_wait_prior(0);  // this thread's copies of the tile have landed
@@ -715,8 +719,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
           for (int j = 0; j < kK; ++j) row_sum[j] = fma_acc(d[x], in[x + j], row_sum[j]);
         if (y == kTH - 1 || u == u_begin + kUnits - 1) {
-          // A row begun inside this run (at y = 0, or at the run's start when that is y = 0) is
-          // this warp's in grad_w; the run's first row, begun by another warp, goes to the split slot.
+          // A row begun inside this run (at y = 0) is this warp's, in grad_w; the run's first
+          // row when another warp began it goes to this warp's split slot.
           AccT* dst = i == dw_split_row(kK, group) ? s_gw_split + group * kK * kCB
                                                    : s_gw + i * kK * kCB;
 #pragma unroll
