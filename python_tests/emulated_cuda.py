@@ -63,7 +63,7 @@ class DwKernels:
             P, P, P, P, P, P, P, P,                                 # norm w b out mean var
             P, SZ, ctypes.POINTER(SZ), P])                          # ws, size, size out, stream
         self.bwd = bind(self.lib, "convmixer_dw_backward", ctypes.c_int, [
-            ctypes.c_int, ctypes.c_int, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
+            ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
             P, P, P, P, P, P, P, P, P, P, P,
             P, SZ, ctypes.POINTER(SZ), P])
 
@@ -93,18 +93,20 @@ class DwKernels:
             g.check()
         return out.tensor.permute(0, 3, 1, 2).clone(), mean.tensor.clone(), var.tensor.clone()
 
-    def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act):
-        """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc)."""
+    def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None):
+        """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc). `out`: the forward's output (NCHW
+        shape), which spares ReLU the conv recompute; None: recompute."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
         acc = acc_dtype(dtype)
         nhwc = lambda t: Guarded.like(t.permute(0, 2, 3, 1).contiguous())  # noqa: E731
         xg, gog = nhwc(x), nhwc(grad_out)
+        outg = nhwc(out) if out is not None else None
         size = SZ(0)
         code = DTYPE_CODE[dtype]
         args_head = (code, act_code(act))
-        assert self.bwd(*args_head, None, None, None, None, None, n, c, h, w, k, *([None] * 11),
+        assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 11),
                         None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
@@ -112,13 +114,15 @@ class DwKernels:
         sum_dx, sum_dx_xc = Guarded((c,), acc), Guarded((c,), acc)
         nm, ns, nt = norm if norm is not None else (None, None, None)
         rc = self.bwd(*args_head, ptr(gog.tensor), ptr(grad_mean), ptr(grad_var), ptr(mean),
-                      ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
+                      ptr(outg.tensor) if outg is not None else None, ptr(xg.tensor),
+                      n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
                       ptr(weight.contiguous()), ptr(bias), ptr(grad_pre.tensor),
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
                       ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor), ptr(ws.tensor),
                       ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
-        for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b):
+        for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b,
+                  *([outg] if outg is not None else [])):
             g.check()
         if norm is not None:
             sum_dx.check()
@@ -160,18 +164,20 @@ class _DwStage(torch.autograd.Function):
             assert torch.isnan(mean).all() and torch.isnan(var).all(), (
                 "no statistics asked, yet some written")
             mean = var = x.new_empty((0,), dtype=acc_dtype(x.dtype))
-        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean)
+        # The forward's out too (the next stage keeps it anyway): ReLU's backward then skips the
+        # conv recompute, as the CUDA launcher will once the op's schema passes out.
+        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean, out)
         ctx.act, ctx.stats = act, stats
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
-        x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out = ctx.saved_tensors
         norm = (x_mean, x_scale, x_shift) if x_mean is not None else None
         if not ctx.stats:
             grad_mean = grad_var = mean = None
         grad_x, grad_w, grad_b, sum_dx, sum_dx_xc = dw_kernels().backward(
-            grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, ctx.act)
+            grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, ctx.act, out=out)
         # As the launcher: the norm's gradients from the backward kernel's two sums.
         norm_grads = (-sum_dx * x_scale, sum_dx_xc, sum_dx) if norm else (None, None, None)
         return (grad_x, *norm_grads, grad_w, grad_b if bias is not None else None, None, None)

@@ -67,3 +67,23 @@ def test_scalar_loads_match_vector_loads_bitwise(kernels):
     b = kernels.forward(x, norm, weight, bias, "gelu", stats=True, x_offset=1)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_backward_from_saved_out_matches_recompute_bitwise(kernels, act, dtype):
+    # Given the forward's out, the ReLU backward takes relu'(a) and o from it instead of
+    # recomputing the conv (GELU ignores it): the same dA, hence identical bits in every gradient,
+    # with the statistics' gradient (which reads o) on. k = 9 takes the register-tap path, k = 11
+    # the generic one; C = 40 leaves a partial channel block.
+    for k in (9, 11):
+        x, m, s, t, weight, bias = dw_case((2, 40, 9, 10), k, dtype, device="cpu", seed=7).leaves
+        norm = (m, s, t)
+        out, mean, _ = kernels.forward(x, norm, weight, bias, act, stats=True)
+        gen = torch.Generator().manual_seed(3)
+        grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+        gm, gv = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+        a = kernels.backward(grad_out, gm, gv, mean, x, norm, weight, bias, act)
+        b = kernels.backward(grad_out, gm, gv, mean, x, norm, weight, bias, act, out=out)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)

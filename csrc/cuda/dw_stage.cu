@@ -92,6 +92,8 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.grad_mean = ptr_or_null(a.sg.grad_mean);
   c.grad_var = ptr_or_null(a.sg.grad_var);
   c.mean = ptr_or_null(a.sg.mean);
+  // c.out stays null: the op's schema does not pass the forward's out yet, so ReLU recomputes the
+  // conv too (docs/CUDA.md, "Backward: recompute or save").
   c.x = x.data_ptr();
   c.norm = norm_ptrs(norm);
   c.weight = weight.data_ptr();

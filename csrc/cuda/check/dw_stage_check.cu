@@ -1,13 +1,26 @@
 // The check TU of the depthwise stage: its extern "C" entry points run the stage's launch entries
 // (kernels/dw_launch.cuh, the code the torch launcher csrc/cuda/dw_stage.cu runs) from plain
 // pointers, for the CPU emulation tests (python_tests/cuda_emulation) through ctypes; the
-// protocol is entry.cuh's. Compiling them instantiates every kernel the entries can pick (4
-// storage types x k in {generic, 3, 5, 7, 9} x every activation of csrc/activation.h), so
-// `nvcc -Xptxas -v` (the cuda_kernels_check target) reports registers and spills for each, without
-// torch or a GPU. The call structs are filled in their members' order, which is the entry points'
-// argument order. Nothing here may include torch.
+// protocol is entry.cuh's. The kernels the entries can pick (4 storage types x k in {generic, 3,
+// 5, 7, 9} x every activation of csrc/activation.h) are compiled in csrc/cuda/inst/dw_*.cu,
+// which the cuda_kernels_check target builds with this file, so `nvcc -Xptxas -v` reports
+// registers and spills for each, without torch or a GPU. The call structs are filled in their
+// members' order, which is the entry points' argument order. Nothing here may include torch.
 #include "entry.cuh"
 #include "../kernels/dw_launch.cuh"
+
+// nvcc builds the kernels in the instantiation units (csrc/cuda/inst/dw_*.cu, in the
+// cuda_kernels_check target beside this file); the CPU emulation compiles one translation unit, so
+// it takes them in here.
+#ifdef CONVMIXER_CUDA_EMULATION
+#include "../inst/dw_f32_forward.cu"
+#include "../inst/dw_f32_backward.cu"
+#include "../inst/dw_f16_forward.cu"
+#include "../inst/dw_f16_backward.cu"
+#include "../inst/dw_bf16_forward.cu"
+#include "../inst/dw_bf16_backward.cu"
+#include "../inst/dw_f64.cu"
+#endif
 
 namespace cuda = convmixer_kernels::cuda;
 namespace dw = convmixer_kernels::cuda::dw;
@@ -39,8 +52,8 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
 
 extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      const void* grad_mean, const void* grad_var, const void* mean,
-                                     const void* x, long long N, long long C, long long H,
-                                     long long W, int K, const void* norm_mean,
+                                     const void* out, const void* x, long long N, long long C,
+                                     long long H, long long W, int K, const void* norm_mean,
                                      const void* norm_scale, const void* norm_shift,
                                      const void* weight, const void* bias, void* grad_pre,
                                      void* grad_x, void* grad_weight, void* grad_bias,
@@ -48,7 +61,7 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      size_t workspace_bytes, size_t* workspace_bytes_out,
                                      cudaStream_t stream) {
   const dw::Backward c{problem(dtype, N, C, H, W, K), static_cast<Act>(act), grad_out,
-                       grad_mean, grad_var, mean, x, {norm_mean, norm_scale, norm_shift}, weight,
-                       bias, grad_pre, grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc};
+                       grad_mean, grad_var, mean, out, x, {norm_mean, norm_scale, norm_shift},
+                       weight, bias, grad_pre, grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc};
   return cuda::run_entry(c, grad_x, workspace, workspace_bytes, workspace_bytes_out, stream);
 }

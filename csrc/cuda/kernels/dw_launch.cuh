@@ -7,8 +7,6 @@
 #include "dw_stage.cuh"
 #include "launch.cuh"
 
-#include <type_traits>
-
 namespace convmixer_kernels {
 namespace cuda {
 namespace dw {
@@ -26,6 +24,26 @@ struct Plan {
 template <typename T>
 inline bool can_vectorize(const void* p, int64_t C) {
   return C % kVecWidth<T> == 0 && aligned16({p});
+}
+
+// How many parts (grid y) the tiles are split into. The CTA count parts x channel_blocks is a
+// whole number of waves of kWaveCtas where the shape allows (parts a multiple of
+// kWaveCtas / gcd(channel_blocks, kWaveCtas)), as close to target_ctas as that allows from
+// below; parts differ by at most one tile. Otherwise (few tiles, or a lowered target) the most
+// parts within target_ctas and the tile count.
+inline int64_t plan_parts(int64_t tiles, int64_t channel_blocks, int64_t target_ctas) {
+  if (tiles <= 0 || channel_blocks <= 0) return 0;
+  int64_t parts = target_ctas / channel_blocks;
+  if (parts < 1) parts = 1;
+  if (parts > tiles) parts = tiles;
+  int64_t a = channel_blocks, b = kWaveCtas;  // gcd
+  while (b != 0) {
+    const int64_t r = a % b;
+    a = b;
+    b = r;
+  }
+  const int64_t step = kWaveCtas / a;
+  return parts >= step ? parts / step * step : parts;
 }
 
 // Partitions an [N, H, W, C] problem with odd kernel size K for storage type T. Pure host
@@ -58,24 +76,26 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
   s.tiles_w = int((W + kTW - 1) / kTW);
   s.tiles = N * s.tiles_h * s.tiles_w;
   s.channel_blocks = int((C + kCB - 1) / kCB);
-  if (s.channel_blocks > 65535) {
-    p.error = "too many channels for the grid";
+  s.parts = plan_parts(s.tiles, s.channel_blocks, target_ctas);
+  if (s.parts > 65535) {  // grid y (only reachable with a raised target)
+    p.error = "too many parts for the grid";
     return p;
   }
-  int64_t parts = target_ctas / (s.channel_blocks > 0 ? s.channel_blocks : 1);
-  if (parts < 1) parts = 1;
-  if (parts > s.tiles) parts = s.tiles;
-  s.tiles_per_part = parts > 0 ? (s.tiles + parts - 1) / parts : 0;
-  s.parts = s.tiles_per_part > 0 ? (s.tiles + s.tiles_per_part - 1) / s.tiles_per_part : 0;
+  s.tiles_base = s.parts > 0 ? s.tiles / s.parts : 0;
+  s.tiles_extra = s.parts > 0 ? int(s.tiles % s.parts) : 0;
   // Per-part pixel counts are int (the statistics' counts, TileCounts): keep them well inside.
-  if (s.tiles_per_part * kTH * kTW > (int64_t(1) << 30)) {
+  if ((s.tiles_base + 1) * kTH * kTW > (int64_t(1) << 30)) {
     p.error = "too many pixels per part";
     return p;
   }
-  p.smem_forward = smem_layout(K, Kernel::Forward).total * sizeof(AccT);
-  p.smem_backward_data = smem_layout(K, Kernel::BackwardData).total * sizeof(AccT);
-  p.smem_backward_input = smem_layout(K, Kernel::BackwardInput).total * sizeof(AccT);
-  if (p.smem_backward_data > kMaxDynamicSmem || p.smem_forward > kMaxDynamicSmem) {
+  const auto bytes = [&](Kernel kernel) {
+    return smem_layout(K, kernel, sizeof(AccT), sizeof(T)).total * sizeof(AccT);
+  };
+  p.smem_forward = bytes(Kernel::Forward);
+  p.smem_backward_data = bytes(Kernel::BackwardData);
+  p.smem_backward_input = bytes(Kernel::BackwardInput);
+  if (p.smem_backward_data > kMaxDynamicSmem || p.smem_forward > kMaxDynamicSmem ||
+      p.smem_backward_input > kMaxDynamicSmem) {
     p.error = "the tile for this kernel size and dtype does not fit in shared memory";
     return p;
   }
@@ -86,38 +106,42 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
   return p;
 }
 
-// The instantiation of a kernel for kernel size K: a register-tap specialisation (k = 3, 5, 7, 9
-// with 32-bit accumulation) or the generic runtime-k one. kernel_of(std::integral_constant<int,
-// kK>) names the instantiation for kK.
-template <typename AccT, typename KernelOf>
-inline auto kernel_for_k(int K, KernelOf kernel_of) {
-  if constexpr (kRegisterTaps<3, AccT>) {
-    switch (K) {
-      case 3: return kernel_of(std::integral_constant<int, 3>{});
-      case 5: return kernel_of(std::integral_constant<int, 5>{});
-      case 7: return kernel_of(std::integral_constant<int, 7>{});
-      case 9: return kernel_of(std::integral_constant<int, 9>{});
-      default: break;
-    }
-  }
-  return kernel_of(std::integral_constant<int, 0>{});
-}
+// The kernels' launches (set the shared-memory limit, launch on the plan's grid, report the
+// launch error), one class per storage type and activation. Only declared here: their members
+// are defined in dw_instances.cuh and explicitly instantiated in csrc/cuda/inst/dw_*.cu, a
+// few translation units per storage type (as FlashAttention splits its kernels), so the units
+// that run the launch entries (the torch launcher, the check TU) compile no kernel and the
+// kernels build in parallel.
+// The kernels' grid: one CTA per (channel block, part).
+inline dim3 grid_of(const Shape& s) { return dim3(unsigned(s.channel_blocks), unsigned(s.parts)); }
+
+template <typename Args>
+using LaunchFn = cudaError_t (*)(const Args& args, const Shape& s, size_t smem,
+                                 cudaStream_t stream);
 
 template <typename T, Act A>
-inline auto forward_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(K, [](auto k) { return &dw_forward_kernel<T, decltype(k)::value, A>; });
-}
-
+struct ForwardKernels {
+  static cudaError_t launch(const ForwardArgs<T>& args, const Shape& s, size_t smem,
+                            cudaStream_t stream);
+};
 template <typename T, Act A>
-inline auto backward_data_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(
-      K, [](auto k) { return &dw_backward_data_kernel<T, decltype(k)::value, A>; });
-}
-
+struct BackwardDataKernels {
+  static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
+                            cudaStream_t stream);
+};
 template <typename T>
-inline auto backward_input_kernel_for(int K) {
-  return kernel_for_k<acc_t<T>>(
-      K, [](auto k) { return &dw_backward_input_kernel<T, decltype(k)::value>; });
+struct BackwardInputKernels {
+  static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
+                            cudaStream_t stream);
+};
+
+// The launch function of the kernel family Kernels<T, A> for activation `act`; null for a code
+// that names no activation.
+template <template <typename, Act> class Kernels, typename T, typename Args>
+inline LaunchFn<Args> launcher_for(Act act) {
+  return dispatch_act(
+      act, [](auto tag) -> LaunchFn<Args> { return &Kernels<T, decltype(tag)::value>::launch; },
+      []() -> LaunchFn<Args> { return nullptr; });
 }
 
 // Workspace regions of the forward: part_mean, part_m2 ([parts][C] AccT), part_count ([parts] int).
@@ -190,6 +214,10 @@ struct Backward {
   const void* grad_mean = nullptr;  // [C] or null
   const void* grad_var = nullptr;   // [C] or null (then `mean` may be null too)
   const void* mean = nullptr;       // the forward's batch mean of out, [C]
+  // The forward's out (x's shape and layout), or null. With ReLU the backward then skips the conv
+  // recompute (relu'(a) = relu'(out)): 81 of its 243 FMAs per element at k = 9. Ignored with GELU,
+  // whose derivative needs a itself (docs/CUDA.md, "Backward: recompute or save").
+  const void* out = nullptr;
   const void* x = nullptr;
   NormPtrs norm;
   const void* weight = nullptr;
@@ -217,9 +245,8 @@ template <typename T, typename Args, typename Call>
 inline void set_inputs(Args& args, const Call& c) {
   using AccT = acc_t<T>;
   args.x = static_cast<const T*>(c.x);
-  args.norm_mean = static_cast<const AccT*>(c.norm.mean);
-  args.norm_scale = static_cast<const AccT*>(c.norm.scale);
-  args.norm_shift = static_cast<const AccT*>(c.norm.shift);
+  args.norm = {static_cast<const AccT*>(c.norm.mean), static_cast<const AccT*>(c.norm.scale),
+               static_cast<const AccT*>(c.norm.shift)};
   args.weight = static_cast<const T*>(c.weight);
   args.bias = static_cast<const T*>(c.bias);
 }
@@ -232,10 +259,8 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cud
   const Plan p = plan_of<T>(c.problem);
   if (!p.valid) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
-  const auto kernel = dispatch_act(
-      c.act, [&](auto tag) { return forward_kernel_for<T, decltype(tag)::value>(s.K); },
-      [] { return nullptr; });
-  if (kernel == nullptr) return cudaErrorInvalidValue;
+  const auto run = launcher_for<ForwardKernels, T, ForwardArgs<T>>(c.act);
+  if (run == nullptr) return cudaErrorInvalidValue;
   ForwardArgs<T> args{};
   set_inputs<T>(args, c);
   args.out = static_cast<T*>(c.out);
@@ -249,12 +274,7 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cud
     args.part_count = w.part_count;
   }
   if (s.parts > 0 && s.C > 0) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(p.smem_forward));
-    if (err != cudaSuccess) return err;
-    const dim3 grid(unsigned(s.parts), unsigned(s.channel_blocks));
-    kernel<<<grid, kThreads, p.smem_forward, stream>>>(args, s);
-    err = cudaGetLastError();
+    const cudaError_t err = run(args, s, p.smem_forward, stream);
     if (err != cudaSuccess) return err;
   }
   if (!stats || s.C == 0) return cudaSuccess;
@@ -271,15 +291,14 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   const Plan p = plan_of<T>(c.problem);
   if (!p.valid || ws_bytes < p.ws_backward) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
-  const auto data_kernel = dispatch_act(
-      c.act, [&](auto tag) { return backward_data_kernel_for<T, decltype(tag)::value>(s.K); },
-      [] { return nullptr; });
-  if (data_kernel == nullptr) return cudaErrorInvalidValue;
+  const auto run_data = launcher_for<BackwardDataKernels, T, BackwardArgs<T>>(c.act);
+  if (run_data == nullptr) return cudaErrorInvalidValue;
   BackwardArgs<T> args{};
   args.grad_out = static_cast<const T*>(c.grad_out);
   args.grad_mean = static_cast<const AccT*>(c.grad_mean);
   args.grad_var = static_cast<const AccT*>(c.grad_var);
   args.mean = static_cast<const AccT*>(c.mean);
+  args.out = static_cast<const T*>(c.out);
   set_inputs<T>(args, c);
   args.grad_pre = static_cast<T*>(c.grad_pre);
   args.grad_x = static_cast<T*>(c.grad_x);
@@ -295,7 +314,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
     // No pixels: every gradient sum is empty.
     cudaError_t err = cudaMemsetAsync(grad_weight, 0, size_t(s.C) * kk * sizeof(T), stream);
     if (err == cudaSuccess) err = cudaMemsetAsync(grad_bias, 0, size_t(s.C) * sizeof(T), stream);
-    if (err == cudaSuccess && args.norm_mean != nullptr) {
+    if (err == cudaSuccess && args.norm.mean != nullptr) {
       err = cudaMemsetAsync(sum_dx, 0, size_t(s.C) * sizeof(AccT), stream);
       if (err == cudaSuccess) err = cudaMemsetAsync(sum_dx_xc, 0, size_t(s.C) * sizeof(AccT), stream);
     }
@@ -311,19 +330,10 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   base += align_up(pc * sizeof(AccT), 256);
   args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
 
-  const dim3 grid(unsigned(s.parts), unsigned(s.channel_blocks));
-  cudaError_t err = cudaFuncSetAttribute(data_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         int(p.smem_backward_data));
+  cudaError_t err = run_data(args, s, p.smem_backward_data, stream);
   if (err != cudaSuccess) return err;
-  data_kernel<<<grid, kThreads, p.smem_backward_data, stream>>>(args, s);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-
-  auto input_kernel = backward_input_kernel_for<T>(s.K);
-  err = cudaFuncSetAttribute(input_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             int(p.smem_backward_input));
+  err = BackwardInputKernels<T>::launch(args, s, p.smem_backward_input, stream);
   if (err != cudaSuccess) return err;
-  input_kernel<<<grid, kThreads, p.smem_backward_input, stream>>>(args, s);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   if ((err = launch_sum_parts<AccT, T>(args.part_grad_w, s.parts, int64_t(s.C) * kk, grad_weight,
                                        stream)) != cudaSuccess)
@@ -331,7 +341,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   if ((err = launch_sum_parts<AccT, T>(args.part_grad_b, s.parts, s.C, grad_bias, stream)) !=
       cudaSuccess)
     return err;
-  if (args.norm_mean == nullptr) return cudaSuccess;
+  if (args.norm.mean == nullptr) return cudaSuccess;
   if ((err = launch_sum_parts<AccT, AccT>(args.part_sum_dx, s.parts, s.C, sum_dx, stream)) !=
       cudaSuccess)
     return err;

@@ -1,7 +1,8 @@
 // The depthwise stage of a ConvMixer block on NHWC activations (docs/OPS.md, docs/DESIGN.md §4):
 //
 //   forward   out = act(dwconv_k(norm(x)) + b), and per-channel partial statistics of out
-//   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), recomputing a;
+//   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), recomputing a
+//                (ReLU given the forward's out: from out);
 //                dW, db summed per channel (kernel "backward_data")
 //             2. dX = transposed dwconv(dA); grad_x = dX * scale; the norm's sums (kernel
 //                "backward_input")
@@ -17,7 +18,7 @@
 // pixels; a thread computes its strip for its channel. Per tile the input, with the norm applied
 // and a (k-1)/2 halo of zeros outside the image (zero padding *after* the norm, as docs/OPS.md
 // requires), is staged in shared memory in the accumulation type with 16-byte global loads across
-// channels.
+// channels; the forward and backward-input kernels double-buffer it through cp.async (TilePipe).
 //
 // Why these shapes: a k x k tap loop over shared memory would issue one load per FMA and run at a
 // quarter of the FMA rate. With the k*k weights in registers (k <= 9) and each loaded input row
@@ -35,6 +36,9 @@
 #include "elementwise.cuh"
 #include "partials.cuh"
 
+// cp.async. Not <cuda_pipeline.h>: it declares a namespace `cuda` at global scope.
+#include <cuda_pipeline_primitives.h>
+
 namespace convmixer_kernels {
 namespace cuda {
 namespace dw {
@@ -48,10 +52,15 @@ constexpr int kTW = kRX * kGroupsX;      // 8 output columns per tile
 constexpr int kThreads = kCB * kGroups;  // 256
 constexpr int kMaxK = 15;
 constexpr int kMaxRegK = 9;              // largest k whose k*k taps live in registers
-// CTA-count target for choosing the parts: a constant (not the SM count) so results are bitwise
-// the same on every GPU. ~8 waves of 2 CTAs/SM on 132 SMs.
-constexpr int64_t kTargetCtas = 2048;
+// The CTA count is planned for whole waves of kWaveCtas = 2 CTAs/SM on 132 SMs (an H100/H200): a
+// constant, never the SM count of the device, so the partition, and with it every rounding of every
+// sum, depends on the shape alone and results are bitwise the same on every GPU. kTargetCtas is
+// about 8 such waves: enough CTAs per SM to hide the stagger of the last wave, few enough that the
+// per-part partials (dW: parts x C x k*k) stay small.
+constexpr int64_t kWaveCtas = 2 * 132;
+constexpr int64_t kTargetCtas = 8 * kWaveCtas;
 constexpr size_t kMaxDynamicSmem = 227 * 1024;  // sm_90's opt-in limit per block
+constexpr size_t kTwoCtaSmem = 113 * 1024;      // per block for 2 per SM: 228 KiB less 1 KiB each
 
 // The shape and its partition, computed on the host (make_plan, dw_launch.cuh) and passed to every
 // kernel.
@@ -60,22 +69,44 @@ struct Shape {
   int H = 0, W = 0, C = 0, K = 0;
   int tiles_h = 0, tiles_w = 0;
   int64_t tiles = 0;           // N * tiles_h * tiles_w
-  int64_t parts = 0;           // gridDim.x
-  int64_t tiles_per_part = 0;  // consecutive tiles a CTA walks
-  int channel_blocks = 0;      // gridDim.y
+  int64_t parts = 0;       // gridDim.y
+  // Part p walks tiles_base + (p < tiles_extra) consecutive tiles: tiles = parts * tiles_base +
+  // tiles_extra, so parts differ by at most one tile.
+  int64_t tiles_base = 0;
+  int tiles_extra = 0;
+  int channel_blocks = 0;  // gridDim.x
 };
 
-// Shared-memory layout, in units of AccT, for one kernel. Every region is a multiple of kCB
-// elements, so all region starts stay 16-byte aligned.
+// Shared-memory layout, in units of AccT, for one kernel. Every region is a multiple of kCB / 2
+// elements (64 bytes), so all region starts stay 16-byte aligned.
 struct SmemLayout {
   int in_h = 0, in_w = 0;  // staged tile + halo
-  size_t in = 0, weights = 0, dA = 0, grad_w = 0, norm = 0;  // region offsets
+  size_t in = 0, raw = 0, weights = 0, dA = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // offsets
+  bool async = false;  // raw holds the next tile's window in the storage dtype (TilePipe)
   size_t total = 0;                                         // elements in all
 };
 
 enum class Kernel { Forward, BackwardData, BackwardInput };
 
-__host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel) {
+// Whether the kernels for k and this accumulation type take the register-tap path (the
+// instantiations kRegisterTaps below; the host's kernel_for_k picks them).
+__host__ __device__ constexpr bool register_taps(int K, size_t acc_size) {
+  return (K == 3 || K == 5 || K == 7 || K == 9) && acc_size == 4;
+}
+
+// The balanced dW split of the register-tap path (dw_backward_data_kernel): the K * kTH
+// (tap row i, tile row y) units, i-major, in runs of dw_units(K) = 2K per warp. A warp whose run
+// starts inside a tap row (y != 0) adds that row's share into its own slot of the grad_w_split
+// region; the warp whose run holds (i, 0) owns row i's slots in grad_w.
+static_assert(kTH % kGroups == 0, "every warp gets the same number of dW units");
+__host__ __device__ constexpr int dw_units(int K) { return K * kTH / kGroups; }
+// The tap row of warp g's split slot, or -1 when its run starts at a row's beginning.
+__host__ __device__ constexpr int dw_split_row(int K, int g) {
+  return (g * dw_units(K)) % kTH != 0 ? g * dw_units(K) / kTH : -1;
+}
+
+__host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t acc_size,
+                                                  size_t storage_size) {
   SmemLayout l;
   l.in_h = kTH + K - 1;
   l.in_w = kTW + K - 1;
@@ -84,6 +115,16 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel) {
   at += size_t(l.in_h) * l.in_w * kCB;
   // The end-of-kernel reductions reuse the input region: it must hold 3 * kGroups * kCB values.
   if (at < size_t(3) * kGroups * kCB) at = size_t(3) * kGroups * kCB;
+  // The forward and backward-input kernels with 32-bit accumulation stage through a second window
+  // in the storage dtype, filled by cp.async under the previous tile's compute, where that keeps
+  // two CTAs per SM (k <= 9, and k = 11 in 16-bit storage). Not the backward-data kernel (its dA
+  // and dW regions leave no room for it at k = 9), nor float64 (for gradient checks).
+  l.raw = at;
+  const size_t raw = size_t(l.in_h) * l.in_w * kCB * storage_size / acc_size;
+  const size_t taps_and_norm = size_t(K) * K * kCB + 3 * kCB;
+  l.async = kernel != Kernel::BackwardData && acc_size == 4 &&
+            (at + raw + taps_and_norm) * acc_size <= kTwoCtaSmem;
+  if (l.async) at += raw;
   l.weights = at;  // the taps, [k*k][kCB], staged once per CTA
   at += size_t(K) * K * kCB;
   if (kernel == Kernel::BackwardData) {
@@ -91,6 +132,8 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel) {
     at += size_t(kTH) * kTW * kCB;
     l.grad_w = at;
     at += size_t(K) * K * kCB;
+    l.grad_w_split = at;
+    if (register_taps(K, acc_size)) at += size_t(kGroups) * K * kCB;
   }
   l.norm = at;
   at += 3 * kCB;
@@ -103,6 +146,8 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel) {
 // registers.
 template <int kK, typename AccT>
 constexpr bool kRegisterTaps = kK > 0 && kK <= kMaxRegK && sizeof(AccT) == 4;
+static_assert(register_taps(9, 4) && !register_taps(9, 8) && kMaxRegK == 9,
+              "register_taps must name the kRegisterTaps instantiations kernel_for_k picks");
 
 // ---------------------------------------------------------------------------------------------
 // Device building blocks
@@ -121,34 +166,98 @@ __device__ __forceinline__ TileCoord tile_coord(const Shape& s, int64_t tile) {
   return {n, (rem / s.tiles_w) * kTH, (rem % s.tiles_w) * kTW};
 }
 
-// Stages src's tile + halo for channels [c0, c0 + kCB) into s_in as AccT, applying
-// (v - mean) * scale + shift when a norm is given (s_norm: mean, scale, shift, kCB each) and
-// writing zeros outside the image and past the last channel. `vectorized`: C % V == 0 and src is
-// 16-byte aligned, so each thread moves V channels with one 16-byte load.
+// The staging loops below give every thread the same channels on every item (kThreads is a
+// multiple of kCB, and of the kCB / V items of a pixel): its first one, relative to c0.
 template <typename T>
+__device__ __forceinline__ int staging_lane(bool vectorized) {
+  constexpr int V = kVecWidth<T>;
+  return vectorized ? int(threadIdx.x % (kCB / V)) * V : int(threadIdx.x % kCB);
+}
+static_assert(kThreads % kCB == 0, "a thread's staging channels must not change between items");
+
+// The input norm of a thread's staging channels (V of them on the 16-byte path, one on the scalar
+// path), read into registers from the CTA's copy in shared memory (stage_norm, s_norm: mean,
+// scale, shift, kCB each) once per tile, ahead of the staging loop, which then reads no norm
+// vectors. Not once per kernel: live across the tile loop, the 3V values (24 registers in 16-bit
+// storage) sit on top of the k*k taps of the conv and spilled at k = 9 under the 128-register
+// budget of 2 CTAs/SM (ptxas: 12 bytes); so not from global memory either, whose loads the compiler
+// hoists out of the tile loop (shared-memory loads cannot cross the loop's __syncthreads).
+template <typename T>
+struct StagingNorm {
+  using AccT = acc_t<T>;
+  static constexpr int V = kVecWidth<T>;
+  bool on = false;
+  AccT mean[V], scale[V], shift[V];
+  __device__ __forceinline__ StagingNorm(const AccT* s_norm, bool vectorized)
+      : on(s_norm != nullptr) {
+    const int first = staging_lane<T>(vectorized);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      // Channels past C hold zeros (stage_norm); on the scalar path only j = 0 is used.
+      const bool have = on && (vectorized || j == 0);
+      mean[j] = have ? s_norm[first + j] : AccT(0);
+      scale[j] = have ? s_norm[kCB + first + j] : AccT(0);
+      shift[j] = have ? s_norm[2 * kCB + first + j] : AccT(0);
+    }
+  }
+  // The normalised value of the thread's j-th channel.
+  __device__ __forceinline__ AccT apply(AccT v, int j) const {
+    return on ? (v - mean[j]) * scale[j] + shift[j] : v;
+  }
+};
+
+// The three vectors of an input norm ([C] each, accumulation type); all null: no norm.
+template <typename AccT>
+struct NormArgs {
+  const AccT* mean = nullptr;
+  const AccT* scale = nullptr;
+  const AccT* shift = nullptr;
+};
+
+// Copies the CTA's slice of a norm into shared memory (zeros past the last channel); returns null
+// when there is none. Read by the threads only after the next __syncthreads.
+template <typename AccT>
+__device__ __forceinline__ const AccT* stage_norm(AccT* s_norm, const NormArgs<AccT>& norm, int c0,
+                                                  int C) {
+  if (norm.mean == nullptr) return nullptr;
+  for (int i = threadIdx.x; i < 3 * kCB; i += kThreads) {
+    const int which = i / kCB, c = c0 + i % kCB;
+    const AccT* src = which == 0 ? norm.mean : (which == 1 ? norm.scale : norm.shift);
+    s_norm[i] = c < C ? src[c] : AccT(0);
+  }
+  return s_norm;
+}
+
+// Stages src's tile + halo for channels [c0, c0 + kCB) into s_in as AccT, applying the norm (when
+// s_norm is not null) and writing zeros outside the image and past the last channel.
+// `vectorized`: C % V == 0 and src is 16-byte aligned, so each thread moves V channels with one
+// 16-byte load. kFromRaw: the 16-byte vectors come from s_raw (the window as copy_tile_async
+// left it, [pixel][kCB] in the storage dtype) instead of src; each thread reads the vectors its
+// own copies wrote (same items).
+template <typename T, bool kFromRaw = false>
 __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const SmemLayout& l,
                                            const T* __restrict__ src, const Shape& s,
                                            const TileCoord& t, int c0, int pad,
-                                           const acc_t<T>* s_norm, bool vectorized) {
+                                           const acc_t<T>* s_norm, bool vectorized,
+                                           const T* s_raw = nullptr) {
   using AccT = acc_t<T>;
   const int pixels = l.in_h * l.in_w;
+  const StagingNorm<T> norm(s_norm, vectorized);
+  const int lane0 = staging_lane<T>(vectorized);
   if (vectorized) {
     constexpr int V = kVecWidth<T>;
     constexpr int kPerPixel = kCB / V;
     for (int item = threadIdx.x; item < pixels * kPerPixel; item += kThreads) {
       const int pix = item / kPerPixel;
-      const int lane0 = (item % kPerPixel) * V;
       const int iy = t.y0 - pad + pix / l.in_w;
       const int ix = t.x0 - pad + pix % l.in_w;
       AccT v[V];
       if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane0 < s.C) {
         const int64_t off = ((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane0;
-        Unpack<T>::run(*reinterpret_cast<const uint4*>(src + off), v);
-        if (s_norm != nullptr) {
+        const T* from = kFromRaw ? s_raw + pix * kCB + lane0 : src + off;
+        Unpack<T>::run(*reinterpret_cast<const uint4*>(from), v);
 #pragma unroll
-          for (int j = 0; j < V; ++j)
-            v[j] = (v[j] - s_norm[lane0 + j]) * s_norm[kCB + lane0 + j] + s_norm[2 * kCB + lane0 + j];
-        }
+        for (int j = 0; j < V; ++j) v[j] = norm.apply(v[j], j);
       } else {
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = AccT(0);
@@ -168,18 +277,81 @@ __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const Sm
   } else {
     for (int item = threadIdx.x; item < pixels * kCB; item += kThreads) {
       const int pix = item / kCB;
-      const int lane = item % kCB;
       const int iy = t.y0 - pad + pix / l.in_w;
       const int ix = t.x0 - pad + pix % l.in_w;
       AccT v = AccT(0);
-      if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane < s.C) {
-        v = to_acc(src[((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane]);
-        if (s_norm != nullptr) v = (v - s_norm[lane]) * s_norm[kCB + lane] + s_norm[2 * kCB + lane];
-      }
+      if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane0 < s.C)
+        v = norm.apply(to_acc(src[((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane0]), 0);
       s_in[item] = v;
     }
   }
 }
+
+// Issues the cp.async copies of src's tile + halo (16-byte path) into s_raw, [pixel][kCB] in the
+// storage dtype, one 16-byte vector per item as stage_tile's items; positions stage_tile zeroes
+// are not copied (it does not read them).
+template <typename T>
+__device__ __forceinline__ void copy_tile_async(T* s_raw, const SmemLayout& l, const T* src,
+                                                const Shape& s, const TileCoord& t, int c0,
+                                                int pad) {
+  constexpr int kPerPixel = kCB / kVecWidth<T>;
+  const int lane0 = staging_lane<T>(true);
+  for (int item = threadIdx.x; item < l.in_h * l.in_w * kPerPixel; item += kThreads) {
+    const int pix = item / kPerPixel;
+    const int iy = t.y0 - pad + pix / l.in_w;
+    const int ix = t.x0 - pad + pix % l.in_w;
+    if (iy >= 0 && iy < s.H && ix >= 0 && ix < s.W && c0 + lane0 < s.C)
+      __pipeline_memcpy_async(s_raw + pix * kCB + lane0,
+                              src + ((t.n * s.H + iy) * s.W + ix) * int64_t(s.C) + c0 + lane0, 16);
+  }
+  __pipeline_commit();
+}
+
+// Stages the tiles of a CTA's part, one per stage() call, into the fp32 window s_in. Where the
+// layout has the raw window (l.async) and the 16-byte path applies, double-buffered: the next
+// tile's window is copied with cp.async (sm_80+) into raw while the CTA computes on this one, and
+// stage() converts it (norm, zeros) once it has landed; else stage_tile loads it synchronously.
+// stage() begins with the barrier that ends the previous tile's reads of s_in and ends with the
+// one after which s_in holds the tile.
+template <typename T>
+struct TilePipe {
+  using AccT = acc_t<T>;
+  AccT* s_in;
+  T* s_raw;
+  const SmemLayout& l;
+  const T* src;
+  const Shape& s;
+  const AccT* s_norm;
+  int c0, pad;
+  bool vectorized, async;
+  __device__ __forceinline__ TilePipe(AccT* smem, const SmemLayout& l_, const T* src_,
+                                      const Shape& s_, const AccT* s_norm_, int c0_, int pad_,
+                                      bool vectorized_, int64_t t_begin, int64_t t_end)
+      : s_in(smem + l_.in),
+        s_raw(reinterpret_cast<T*>(smem + l_.raw)),
+        l(l_),
+        src(src_),
+        s(s_),
+        s_norm(s_norm_),
+        c0(c0_),
+        pad(pad_),
+        vectorized(vectorized_),
+        async(l_.async && vectorized_) {
+    if (async && t_begin < t_end)
+      copy_tile_async<T>(s_raw, l, src, s, tile_coord(s, t_begin), c0, pad);
+  }
+  __device__ __forceinline__ void stage(int64_t tile, const TileCoord& t, int64_t t_end) {
+    if (async) __pipeline_wait_prior(0);  // this thread's copies of the tile have landed
+    __syncthreads();
+    if (async)
+      stage_tile<T, true>(s_in, l, src, s, t, c0, pad, s_norm, true, s_raw);
+    else
+      stage_tile<T>(s_in, l, src, s, t, c0, pad, s_norm, vectorized);
+    __syncthreads();  // s_in holds the tile; raw is free again
+    if (async && tile + 1 < t_end)
+      copy_tile_async<T>(s_raw, l, src, s, tile_coord(s, tile + 1), c0, pad);
+  }
+};
 
 // acc[r][x] += sum_ij w[i][j] * in[r + i][x + j] over this thread's strip, with the taps in
 // registers. `in` points at the strip's top-left input (row-major [in_w][kCB] rows, this lane).
@@ -258,7 +430,8 @@ __device__ __forceinline__ void correlate(const AccT* s_in, const SmemLayout& l,
 }
 
 // Where a thread works: its lane's channel, its warp's kRY x kRX strip of every tile, and the CTA's
-// run of tiles [t_begin, t_end).
+// part: the run of tiles [t_begin, t_end). Channel blocks run along grid x, parts along grid y, so
+// the CTAs the scheduler starts together are the channel blocks of the same tiles.
 struct Place {
   int lane, group, strip_y, strip_x, c0, c;
   int64_t t_begin, t_end;
@@ -267,10 +440,14 @@ struct Place {
         group(int(threadIdx.x) / kCB),
         strip_y((group / kGroupsX) * kRY),
         strip_x((group % kGroupsX) * kRX),
-        c0(int(blockIdx.y) * kCB),
+        c0(int(blockIdx.x) * kCB),
         c(c0 + lane),
-        t_begin(int64_t(blockIdx.x) * s.tiles_per_part),
-        t_end(t_begin + s.tiles_per_part < s.tiles ? t_begin + s.tiles_per_part : s.tiles) {}
+        t_begin(int64_t(blockIdx.y) * s.tiles_base +
+                (int(blockIdx.y) < s.tiles_extra ? int(blockIdx.y) : s.tiles_extra)),
+        t_end(t_begin + s.tiles_base + (int(blockIdx.y) < s.tiles_extra ? 1 : 0)) {}
+  // The part's row of the per-part partials. Read from blockIdx where used, not kept live in a
+  // register across the tile loop.
+  __device__ __forceinline__ int64_t part() const { return blockIdx.y; }
 };
 
 template <typename AccT>
@@ -302,9 +479,7 @@ __device__ __forceinline__ AccT sum_over_warps(AccT v, AccT* s_red) {
 template <typename T>
 struct ForwardArgs {
   const T* x;
-  const acc_t<T>* norm_mean;  // all three null: no input norm
-  const acc_t<T>* norm_scale;
-  const acc_t<T>* norm_shift;
+  NormArgs<acc_t<T>> norm;  // applied to x on load
   const T* weight;  // [C][k*k]
   const T* bias;    // [C] or null
   T* out;           // NHWC, like x
@@ -321,10 +496,9 @@ struct BackwardArgs {
   const acc_t<T>* grad_mean;  // [C] or null
   const acc_t<T>* grad_var;   // [C] or null (then `mean` may be null too)
   const acc_t<T>* mean;       // the forward's batch mean of out, [C]
+  const T* out;               // the forward's out (NHWC like x) or null; read with ReLU only
   const T* x;
-  const acc_t<T>* norm_mean;  // all three null: no input norm
-  const acc_t<T>* norm_scale;
-  const acc_t<T>* norm_shift;
+  NormArgs<acc_t<T>> norm;    // applied to x on load
   const T* weight;
   const T* bias;              // [C] or null
   T* grad_pre;                // dA scratch, NHWC like x
@@ -336,18 +510,35 @@ struct BackwardArgs {
   bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
 };
 
-// Loads the CTA's slice of a norm into shared memory; returns null when there is none.
-template <typename AccT>
-__device__ __forceinline__ const AccT* stage_norm(AccT* s_norm, const AccT* mean, const AccT* scale,
-                                                  const AccT* shift, int c0, int C) {
-  if (mean == nullptr) return nullptr;
-  for (int i = threadIdx.x; i < 3 * kCB; i += kThreads) {
-    const int which = i / kCB, c = c0 + i % kCB;
-    const AccT* src = which == 0 ? mean : (which == 1 ? scale : shift);
-    s_norm[i] = c < C ? src[c] : AccT(0);
+// What every dw kernel sets up alike: k and the padding, the shared-memory layout, the thread's
+// place, and the CTA's taps in shared memory (rotated by 180 degrees for the transposed conv of
+// the backward-input kernel).
+template <typename T, int kK>
+struct Setup {
+  using AccT = acc_t<T>;
+  AccT* smem;
+  int K, pad;
+  SmemLayout l;
+  Place me;
+  __device__ __forceinline__ Setup(unsigned char* smem_raw, const Shape& s, Kernel kernel,
+                                   const T* weight)
+      : smem(reinterpret_cast<AccT*>(smem_raw)),
+        K(kK > 0 ? kK : s.K),
+        pad(K / 2),
+        l(smem_layout(K, kernel, sizeof(AccT), sizeof(T))),
+        me(s) {
+    stage_taps<T>(smem + l.weights, weight, me.c0, s.C, K, kernel == Kernel::BackwardInput);
   }
-  return s_norm;
-}
+  // The input norm, into shared memory (null: none).
+  __device__ __forceinline__ const AccT* stage_input_norm(const NormArgs<AccT>& norm,
+                                                          const Shape& s) const {
+    return stage_norm<AccT>(smem + l.norm, norm, me.c0, s.C);
+  }
+  // The bias of the thread's channel (0 without one).
+  __device__ __forceinline__ AccT bias_of(const T* bias, const Shape& s) const {
+    return bias != nullptr && me.c < s.C ? to_acc(bias[me.c]) : AccT(0);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
@@ -358,27 +549,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     dw_forward_kernel(const ForwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  AccT* smem = reinterpret_cast<AccT*>(smem_raw);
-  const int K = kK > 0 ? kK : s.K;
-  const int pad = K / 2;
-  const SmemLayout l = smem_layout(K, Kernel::Forward);
-  const Place me(s);
+  const Setup<T, kK> su(smem_raw, s, Kernel::Forward, args.weight);
+  const auto& [smem, K, pad, l, me] = su;
   const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   const bool stats = args.part_mean != nullptr;
-
-  stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, false);
-  const AccT bias = args.bias != nullptr && c < s.C ? to_acc(args.bias[c]) : AccT(0);
-  const AccT* s_norm = stage_norm<AccT>(smem + l.norm, args.norm_mean, args.norm_scale,
-                                        args.norm_shift, c0, s.C);
+  const AccT* s_norm = su.stage_input_norm(args.norm, s);
+  const AccT bias = su.bias_of(args.bias, s);
   // This thread's running (count, mean, M2) of its channel over its strips of the part's tiles.
   int n_run = 0;
   AccT mean_run = AccT(0), m2_run = AccT(0);
 
+  TilePipe<T> pipe(smem, l, args.x, s, s_norm, c0, pad, args.vectorized, me.t_begin, me.t_end);
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
-    __syncthreads();  // the previous tile's readers are done (and norm/taps are staged)
-    stage_tile<T>(smem + l.in, l, args.x, s, t, c0, pad, s_norm, args.vectorized);
-    __syncthreads();
+    pipe.stage(tile, t, me.t_end);  // (its first barrier also publishes the norm and the taps)
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
     correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
@@ -440,39 +624,38 @@ __global__ void __launch_bounds__(kThreads, 2)
     channel_stats::chan_merge(n, mean, m2, int64_t(s_n[g * kCB + lane]), s_mean[g * kCB + lane],
                               s_m2[g * kCB + lane]);
   if (c < s.C) {
-    args.part_mean[int64_t(blockIdx.x) * s.C + c] = mean;
-    args.part_m2[int64_t(blockIdx.x) * s.C + c] = m2;
+    args.part_mean[me.part() * s.C + c] = mean;
+    args.part_m2[me.part() * s.C + c] = m2;
   }
-  if (blockIdx.y == 0 && lane == 0) args.part_count[blockIdx.x] = int(n);
+  if (blockIdx.x == 0 && lane == 0) args.part_count[me.part()] = int(n);
 }
 
-// Backward, step 1: recompute a on each tile, form dA, write it, and accumulate dW and db.
+// Backward, step 1: recompute a on each tile (not with ReLU when the forward's out is given),
+// form dA, write it, and accumulate dW and db.
 //
 // The recompute is the forward's (register taps for the specialised k). dW[i][j] = sum over the
-// tile of dA[y][x] * in[y + i][x + j]: warp g owns the tap rows i = g, g + 8 of every channel,
-// sums them over the whole tile from dA staged in shared memory, and adds them into its own slots
-// of s_grad_w: each slot has one writer, so no atomics and a fixed order. (At k = 9 warp 0 owns
-// two rows and the others one: a known imbalance to tune.)
+// tile of dA[y][x] * in[y + i][x + j], from dA staged in shared memory. Register-tap path: the
+// K * kTH (tap row, tile row) units are split into equal runs of 2K, one per warp (dw_units), so
+// every warp does the same work at every k (owning whole tap rows, warp 0 had 2 of 9 rows at
+// k = 9 and the dW phase took 2 / (9 / 8) = 1.78x its balanced time; at k = 3 five warps idled).
+// Each row's sums go to one writer's slot: the warp that holds the row's first unit, or, for the
+// part of a row that a run starts inside of, that warp's split slot; the slots are added in warp
+// order at the end. No atomics, a fixed order. The generic path keeps whole rows per warp.
 template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_data_kernel(const BackwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  AccT* smem = reinterpret_cast<AccT*>(smem_raw);
-  const int K = kK > 0 ? kK : s.K;
-  const int pad = K / 2;
-  const SmemLayout l = smem_layout(K, Kernel::BackwardData);
-  const Place me(s);
+  const Setup<T, kK> su(smem_raw, s, Kernel::BackwardData, args.weight);
+  const auto& [smem, K, pad, l, me] = su;
   const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   AccT* s_in = smem + l.in;
   AccT* s_dA = smem + l.dA;
   AccT* s_gw = smem + l.grad_w;
-
-  stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, false);
-  for (int i = threadIdx.x; i < K * K * kCB; i += kThreads) s_gw[i] = AccT(0);
-  const AccT bias = args.bias != nullptr && c < s.C ? to_acc(args.bias[c]) : AccT(0);
-  const AccT* s_norm = stage_norm<AccT>(smem + l.norm, args.norm_mean, args.norm_scale,
-                                        args.norm_shift, c0, s.C);
+  AccT* s_gw_split = smem + l.grad_w_split;  // empty unless kRegisterTaps
+  for (int i = threadIdx.x; i < int(l.norm - l.grad_w); i += kThreads) s_gw[i] = AccT(0);
+  const AccT* s_norm = su.stage_input_norm(args.norm, s);
+  const AccT bias = su.bias_of(args.bias, s);
   // dO = grad_out + const_term + lin_term * o  (the statistics' gradient folded in).
   const AccT inv_count = AccT(1) / static_cast<AccT>(s.N * s.H * s.W);
   AccT const_term = AccT(0), lin_term = AccT(0);
@@ -484,16 +667,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   const bool need_o = args.grad_var != nullptr;
+  // ReLU with the forward's out given: relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN
+  // passing, as threshold_backward on the result) and o = out, so the conv is not recomputed.
+  const bool from_out = A == Act::ReLU && args.out != nullptr;
   AccT grad_b = AccT(0);
 
+  TilePipe<T> pipe(smem, l, args.x, s, s_norm, c0, pad, args.vectorized_x, me.t_begin, me.t_end);
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
-    __syncthreads();
-    stage_tile<T>(s_in, l, args.x, s, t, c0, pad, s_norm, args.vectorized_x);
-    __syncthreads();
+    pipe.stage(tile, t, me.t_end);
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
-    correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
+    if (!from_out) correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
       const int y = t.y0 + me.strip_y + r;
@@ -503,7 +688,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         AccT dA = AccT(0);
         if (y < s.H && xx < s.W && c < s.C) {
           const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-          const ActAt<A, AccT> at(acc[r][x]);
+          const ActAt<A, AccT> at(from_out ? to_acc(args.out[off]) : acc[r][x]);
           AccT dO = to_acc(args.grad_out[off]) + const_term;
           if (need_o) dO += lin_term * round_to_storage<T>(at.value());
           dA = at.backward(dO);
@@ -514,25 +699,40 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     __syncthreads();  // s_dA complete
-    for (int i = group; i < K; i += kGroups) {
-      if constexpr (kRegisterTaps<kK, AccT>) {
-        AccT row_sum[kK];
+    if constexpr (kRegisterTaps<kK, AccT>) {
+      // The warp's run of (tap row, tile row) units; row_sum holds the current row's K sums and
+      // goes to the row's slots when the row ends or the run does.
+      constexpr int kUnits = dw_units(kK);
+      const int u_begin = group * kUnits;
+      AccT row_sum[kK];
 #pragma unroll
-        for (int j = 0; j < kK; ++j) row_sum[j] = AccT(0);
-        for (int y = 0; y < kTH; ++y) {
-          AccT in[kTW + kK - 1], d[kTW];
+      for (int j = 0; j < kK; ++j) row_sum[j] = AccT(0);
+      for (int u = u_begin; u < u_begin + kUnits; ++u) {
+        const int i = u / kTH, y = u % kTH;
+        AccT in[kTW + kK - 1], d[kTW];
 #pragma unroll
-          for (int q = 0; q < kTW + kK - 1; ++q) in[q] = s_in[((y + i) * l.in_w + q) * kCB + lane];
+        for (int q = 0; q < kTW + kK - 1; ++q) in[q] = s_in[((y + i) * l.in_w + q) * kCB + lane];
 #pragma unroll
-          for (int x = 0; x < kTW; ++x) d[x] = s_dA[(y * kTW + x) * kCB + lane];
+        for (int x = 0; x < kTW; ++x) d[x] = s_dA[(y * kTW + x) * kCB + lane];
 #pragma unroll
-          for (int x = 0; x < kTW; ++x)
+        for (int x = 0; x < kTW; ++x)
 #pragma unroll
-            for (int j = 0; j < kK; ++j) row_sum[j] = fma_acc(d[x], in[x + j], row_sum[j]);
+          for (int j = 0; j < kK; ++j) row_sum[j] = fma_acc(d[x], in[x + j], row_sum[j]);
+        if (y == kTH - 1 || u == u_begin + kUnits - 1) {
+          // A row begun inside this run (at y = 0) is this warp's, in grad_w; the run's first
+          // row when another warp began it goes to this warp's split slot.
+          AccT* dst = i == dw_split_row(kK, group) ? s_gw_split + group * kK * kCB
+                                                   : s_gw + i * kK * kCB;
+#pragma unroll
+          for (int j = 0; j < kK; ++j) {
+            dst[j * kCB + lane] += row_sum[j];
+            row_sum[j] = AccT(0);
+          }
         }
-#pragma unroll
-        for (int j = 0; j < kK; ++j) s_gw[(i * kK + j) * kCB + lane] += row_sum[j];
-      } else {
+      }
+    } else {
+      // The generic path (runtime k, float64): warp g owns tap rows g, g + 8, ... whole.
+      for (int i = group; i < K; i += kGroups) {
         for (int j = 0; j < K; ++j) {
           AccT sum = AccT(0);
           for (int y = 0; y < kTH; ++y)
@@ -550,10 +750,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int kk = K * K;
   for (int item = threadIdx.x; item < kk * kCB; item += kThreads) {
     const int tap = item / kCB, cl = c0 + item % kCB;
-    if (cl < s.C) args.part_grad_w[(int64_t(blockIdx.x) * s.C + cl) * kk + tap] = s_gw[item];
+    AccT total = s_gw[item];
+    if constexpr (kRegisterTaps<kK, AccT>) {
+      // The split slots of the tap's row, in warp order.
+      const int i = tap / kK, j = tap % kK;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g)
+        if (dw_split_row(kK, g) == i) total += s_gw_split[(g * kK + j) * kCB + item % kCB];
+    }
+    if (cl < s.C) args.part_grad_w[(me.part() * s.C + cl) * kk + tap] = total;
   }
   const AccT total_b = sum_over_warps<AccT>(grad_b, s_in);
-  if (group == 0 && c < s.C) args.part_grad_b[int64_t(blockIdx.x) * s.C + c] = total_b;
+  if (group == 0 && c < s.C) args.part_grad_b[me.part() * s.C + c] = total_b;
 }
 
 // Backward, step 2: dX = dA correlated with the rotated taps (the transposed depthwise conv),
@@ -563,25 +771,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_input_kernel(const BackwardArgs<T> args, const Shape s) {
   using AccT = acc_t<T>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  AccT* smem = reinterpret_cast<AccT*>(smem_raw);
-  const int K = kK > 0 ? kK : s.K;
-  const int pad = K / 2;
-  const SmemLayout l = smem_layout(K, Kernel::BackwardInput);
-  const Place me(s);
+  const Setup<T, kK> su(smem_raw, s, Kernel::BackwardInput, args.weight);
+  const auto& [smem, K, pad, l, me] = su;
   const int group = me.group, c0 = me.c0, c = me.c;
-
-  stage_taps<T>(smem + l.weights, args.weight, c0, s.C, K, true);
-  const bool norm = args.norm_mean != nullptr;
-  const AccT mean = norm && c < s.C ? args.norm_mean[c] : AccT(0);
-  const AccT scale = norm && c < s.C ? args.norm_scale[c] : AccT(1);
+  const bool norm = args.norm.mean != nullptr;
+  const AccT mean = norm && c < s.C ? args.norm.mean[c] : AccT(0);
+  const AccT scale = norm && c < s.C ? args.norm.scale[c] : AccT(1);
   AccT sum_dx = AccT(0), sum_dx_xc = AccT(0);
 
+  // grad_pre is ours (fresh allocation): aligned whenever x is, and C is the same.
+  TilePipe<T> pipe(smem, l, args.grad_pre, s, nullptr, c0, pad, args.vectorized_x, me.t_begin,
+                   me.t_end);
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
-    __syncthreads();
-    // grad_pre is ours (fresh allocation): aligned whenever x is, and C is the same.
-    stage_tile<T>(smem + l.in, l, args.grad_pre, s, t, c0, pad, nullptr, args.vectorized_x);
-    __syncthreads();
+    pipe.stage(tile, t, me.t_end);
     AccT acc[kRY][kRX];
     fill_strip(acc, AccT(0));
     correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
@@ -608,8 +811,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   __syncthreads();
   const AccT total_c = sum_over_warps<AccT>(sum_dx_xc, smem + l.in + kGroups * kCB);
   if (group == 0 && c < s.C) {
-    args.part_sum_dx[int64_t(blockIdx.x) * s.C + c] = total;
-    args.part_sum_dx_xc[int64_t(blockIdx.x) * s.C + c] = total_c;
+    args.part_sum_dx[me.part() * s.C + c] = total;
+    args.part_sum_dx_xc[me.part() * s.C + c] = total_c;
   }
 }
 

@@ -1,0 +1,87 @@
+// The definitions of the dw kernels' launch classes (declared in dw_launch.cuh), for the
+// instantiation units csrc/cuda/inst/dw_*.cu only: each of them instantiates the classes of
+// one storage type and kernel family, so that no translation unit compiles every kernel.
+// Torch-free (docs/DESIGN.md §8).
+#pragma once
+
+#include "dw_launch.cuh"
+
+#include <type_traits>
+
+namespace convmixer_kernels {
+namespace cuda {
+namespace dw {
+
+// The instantiation of a kernel for kernel size K: a register-tap specialisation (k = 3, 5, 7, 9
+// with 32-bit accumulation) or the generic runtime-k one. kernel_of(std::integral_constant<int,
+// kK>) names the instantiation for kK.
+template <typename AccT, typename KernelOf>
+inline auto kernel_for_k(int K, KernelOf kernel_of) {
+  if constexpr (kRegisterTaps<3, AccT>) {
+    switch (K) {
+      case 3: return kernel_of(std::integral_constant<int, 3>{});
+      case 5: return kernel_of(std::integral_constant<int, 5>{});
+      case 7: return kernel_of(std::integral_constant<int, 7>{});
+      case 9: return kernel_of(std::integral_constant<int, 9>{});
+      default: break;
+    }
+  }
+  return kernel_of(std::integral_constant<int, 0>{});
+}
+
+// Every dw kernel launches the same way: the plan's dynamic shared memory (above the 48 KiB
+// default, so the attribute first), the plan's grid, kThreads threads.
+template <typename Kernel, typename Args>
+inline cudaError_t launch_on_grid(Kernel kernel, const Args& args, const Shape& s, size_t smem,
+                                  cudaStream_t stream) {
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid_of(s), kThreads, smem, stream>>>(args, s);
+  return cudaGetLastError();
+}
+
+template <typename T, Act A>
+cudaError_t ForwardKernels<T, A>::launch(const ForwardArgs<T>& args, const Shape& s, size_t smem,
+                                         cudaStream_t stream) {
+  const auto kernel = kernel_for_k<acc_t<T>>(
+      s.K, [](auto k) { return &dw_forward_kernel<T, decltype(k)::value, A>; });
+  return launch_on_grid(kernel, args, s, smem, stream);
+}
+
+template <typename T, Act A>
+cudaError_t BackwardDataKernels<T, A>::launch(const BackwardArgs<T>& args, const Shape& s,
+                                              size_t smem, cudaStream_t stream) {
+  const auto kernel = kernel_for_k<acc_t<T>>(
+      s.K, [](auto k) { return &dw_backward_data_kernel<T, decltype(k)::value, A>; });
+  return launch_on_grid(kernel, args, s, smem, stream);
+}
+
+template <typename T>
+cudaError_t BackwardInputKernels<T>::launch(const BackwardArgs<T>& args, const Shape& s,
+                                            size_t smem, cudaStream_t stream) {
+  const auto kernel = kernel_for_k<acc_t<T>>(
+      s.K, [](auto k) { return &dw_backward_input_kernel<T, decltype(k)::value>; });
+  return launch_on_grid(kernel, args, s, smem, stream);
+}
+
+}  // namespace dw
+}  // namespace cuda
+}  // namespace convmixer_kernels
+
+// The explicit instantiations of one unit: every activation's forward, or backward (data and
+// input), kernels for the storage type the unit #defines as CONVMIXER_DW_T (a macro, not an alias:
+// the CPU emulation compiles all units into one translation unit, each defining and undefining it).
+#define CONVMIXER_DW_FORWARD_ACT(E, name, code) \
+  template struct ForwardKernels<CONVMIXER_DW_T, Act::E>;
+#define CONVMIXER_DW_BACKWARD_ACT(E, name, code) \
+  template struct BackwardDataKernels<CONVMIXER_DW_T, Act::E>;
+#define CONVMIXER_DW_INSTANTIATE_FORWARD                 \
+  namespace convmixer_kernels::cuda::dw {                \
+  CONVMIXER_ACTIVATIONS(CONVMIXER_DW_FORWARD_ACT)        \
+  }
+#define CONVMIXER_DW_INSTANTIATE_BACKWARD                \
+  namespace convmixer_kernels::cuda::dw {                \
+  CONVMIXER_ACTIVATIONS(CONVMIXER_DW_BACKWARD_ACT)       \
+  template struct BackwardInputKernels<CONVMIXER_DW_T>;  \
+  }
