@@ -64,7 +64,7 @@ class DwKernels:
             P, SZ, ctypes.POINTER(SZ), P])                          # ws, size, size out, stream
         self.bwd = bind(self.lib, "convmixer_dw_backward", ctypes.c_int, [
             ctypes.c_int, ctypes.c_int, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
-            P, P, P, P, P, P, P, P, P, P, P,
+            P, P, P, P, P, P, P, P, P, P, P, P,  # norm w b grad_pre gx gw gb sums grad_res
             P, SZ, ctypes.POINTER(SZ), P])
 
     def forward(self, x, norm, weight, bias, act, stats, x_offset=0):
@@ -93,18 +93,21 @@ class DwKernels:
             g.check()
         return out.tensor.permute(0, 3, 1, 2).clone(), mean.tensor.clone(), var.tensor.clone()
 
-    def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act):
-        """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc)."""
+    def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act,
+                 grad_res=None):
+        """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc); grad_res, when given, is added
+        into grad_x."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
         acc = acc_dtype(dtype)
         nhwc = lambda t: Guarded.like(t.permute(0, 2, 3, 1).contiguous())  # noqa: E731
         xg, gog = nhwc(x), nhwc(grad_out)
+        grg = None if grad_res is None else nhwc(grad_res)
         size = SZ(0)
         code = DTYPE_CODE[dtype]
         args_head = (code, act_code(act))
-        assert self.bwd(*args_head, None, None, None, None, None, n, c, h, w, k, *([None] * 11),
+        assert self.bwd(*args_head, None, None, None, None, None, n, c, h, w, k, *([None] * 12),
                         None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
@@ -115,11 +118,14 @@ class DwKernels:
                       ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
                       ptr(weight.contiguous()), ptr(bias), ptr(grad_pre.tensor),
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
-                      ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor), ptr(ws.tensor),
+                      ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor),
+                      ptr(None if grad_res is None else grg.tensor), ptr(ws.tensor),
                       ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
         for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b):
             g.check()
+        if grg is not None:
+            grg.check()
         if norm is not None:
             sum_dx.check()
             sum_dx_xc.check()
