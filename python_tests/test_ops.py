@@ -885,6 +885,39 @@ def test_opcheck_pw_stage_backward(backend, parts, grads, pre_act):
          p if pre_act == "pre_act" else None, mean, act))
 
 
+@over_backends("act", cpu=ACTS, triton=["relu"], cuda=["relu"])
+def test_opcheck_backward_optional_inputs(backend, act):
+    """dw_stage_backward with grad_res and saved_out, pw_stage_backward with saved_out and no
+    pre_act: schema, fake implementations and dispatch agree."""
+    args, grad_res, out = _dw_backward_inputs(backend, f32, (2, 5, 6, 7), 3, act)
+    torch.library.opcheck(backend.raw("dw_stage_backward").default, (*args, grad_res, out))
+    pw_args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=False)
+    pw_args = (*pw_args[:10], act, *pw_args[11:])
+    x, xm, xs, xt, res, rm, rs, rt, weight, bias = pw_args[:10]
+    out, _, mean, _ = backend.raw("pw_stage")(*pw_args)
+    gen = _gen(25)
+    grad_out = randn(*out.shape, gen=gen).to(backend.device)
+    gm, gv = randn(4, gen=gen).to(backend.device), randn(4, gen=gen).to(backend.device)
+    torch.library.opcheck(
+        backend.raw("pw_stage_backward").default,
+        (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias, None, mean, act, out))
+
+
+@over_backends(cpu=ONCE, triton=ONCE)
+def test_backward_optional_inputs_of_the_wrong_shape_are_refused(backend):
+    args, grad_res, out = _dw_backward_inputs(backend, f32, (2, 5, 6, 7), 3, "relu")
+    op = backend.raw("dw_stage_backward")
+    with pytest.raises(ValueError, match="grad_res must"):
+        op(*args, grad_res[:, :, :5], None)
+    with pytest.raises(ValueError, match="saved_out must"):
+        op(*args, None, out[:1])
+    pw_args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=False)
+    pw_out, _, mean, _ = backend.raw("pw_stage")(*pw_args)
+    with pytest.raises(ValueError, match="saved_out must"):
+        backend.raw("pw_stage_backward")(torch.ones_like(pw_out), None, None, *pw_args[:10],
+                                         None, None, "relu", pw_out[:, :2])
+
+
 @over_backends("stage,dtype", cpu=[("dw", bf16), ("pw", bf16)], triton=[("dw", f32)])
 def test_meta_outputs_match_real(backend, stage, dtype):
     """The fake implementations give the shapes, dtypes and strides the kernels produce."""
