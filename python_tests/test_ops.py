@@ -374,6 +374,20 @@ def test_dw_backward_grad_res_emulated(backend):
     assert_bitwise([base[0] + grad_res], [with_res[0]])
 
 
+@over_backends("act", cpu=ACTS, triton=ACTS)
+def test_saved_out_is_read_where_the_table_says(backend, act):
+    """The kernels read saved_out exactly for the activations whose needs_pre_activation is
+    False (csrc/activation.h's derivative_from_output agrees with activations.py): a wrong
+    saved_out changes dw_stage_backward's results for those, and nothing for the others."""
+    from convmixer_kernels.activations import ACTIVATIONS
+    args, _, out = _dw_backward_inputs(backend, f32, (2, 8, 5, 6), 3, act)
+    op = backend.raw("dw_stage_backward")
+    base = op(*args)
+    wrong = op(*args, None, -out)
+    changed = not all(torch.equal(a, b) for a, b in zip(base, wrong))
+    assert changed == (not ACTIVATIONS[act].needs_pre_activation)
+
+
 @over_backends("dtype,parts",
                cpu=product([f64, f32], ["both_norms_bias", "plain", "norm_residual"]),
                triton=[(f64, "both_norms_bias")], cuda=[(f32, "both_norms_bias")])
