@@ -277,8 +277,9 @@ template <typename scalar_t, Act A>
 void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tensor* grad_mean,
                  const at::Tensor* grad_var, const at::Tensor& x, const Norm& norm,
                  const at::Tensor& weight, const at::Tensor* bias, const at::Tensor* mean,
-                 const at::Tensor* grad_res, const at::Tensor* saved_out, at::Tensor& grad_x, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                 at::Tensor& g_mean, at::Tensor& g_scale, at::Tensor& g_shift) {
+                 const at::Tensor* grad_res, const at::Tensor* saved_out, at::Tensor& grad_x,
+                 at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& g_mean,
+                 at::Tensor& g_scale, at::Tensor& g_shift) {
   using Plan = DwPlan<scalar_t>;
   using L = typename Plan::L;
   using opmath_t = typename Plan::opmath_t;
@@ -470,8 +471,11 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto grad_res = a.have_grad_res ? grad_res_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
-  const auto saved_out = a.have_saved_out ? saved_out_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const auto cl_or_none = [](bool given, const std::optional<at::Tensor>& t) {
+    return given ? t->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  };
+  const auto grad_res = cl_or_none(a.have_grad_res, grad_res_in);
+  const auto saved_out = cl_or_none(a.have_saved_out, saved_out_in);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));

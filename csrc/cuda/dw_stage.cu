@@ -75,8 +75,11 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto grad_res = a.have_grad_res ? grad_res_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
-  const auto saved_out = a.have_saved_out ? saved_out_in->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  const auto cl_or_none = [](bool given, const std::optional<at::Tensor>& t) {
+    return given ? t->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  };
+  const auto grad_res = cl_or_none(a.have_grad_res, grad_res_in);
+  const auto saved_out = cl_or_none(a.have_saved_out, saved_out_in);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);

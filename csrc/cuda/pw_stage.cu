@@ -123,7 +123,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
 
   const auto u = prologue(op, x2d, nx, r2d, nr);
   // Where act' follows from the output (relu), the saved output serves as the pre-activation.
-  const bool out_as_pre = !args.have_pre_act && args.have_saved_out && derivative_from_output(args.act);
+  const bool out_as_pre =
+      !args.have_pre_act && args.have_saved_out && derivative_from_output(args.act);
   const auto p2d = args.have_pre_act ? rows_of(*pre_act_in)
                    : out_as_pre      ? rows_of(*saved_out_in)
                                      : gemm_pre_act(u, w2d, bias);
