@@ -35,9 +35,11 @@ class Activation:
     description: str
     """How messages name it, e.g. "the exact (erf) nn.GELU"."""
     needs_pre_activation: bool
-    """Whether act'(v) needs v itself, not only act(v). Every backward kernel evaluates act' at
-    the pre-activation (the dw stage recomputes it, the pw stage keeps or recomputes it), which
-    is right either way; False records that an output-based backward would also be exact."""
+    """Whether act'(v) needs v itself, not only act(v). False means the backward ops read act'
+    and act from the stage's saved output instead (docs/OPS.md saved_out: the dw stage skips
+    its conv recompute, the pw stage keeps no pre-activation), which is exact only when
+    act(o) = o and act'(o) = act'(v) for o = act(v), as for relu; csrc/activation.h's
+    derivative_from_output must agree."""
     module_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
     """The layer arguments that select this maths (a layer with other values computes
     something else, e.g. GELU's tanh approximation)."""

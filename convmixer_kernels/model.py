@@ -9,7 +9,10 @@ two fused ops (docs/DESIGN.md §4):
     pw_stage:  o = act((BN1(g) + BN2_prev(h)) @ Wᵀ + b)  + batch statistics of o
 
 so a block never materialises its BatchNorm outputs or the residual sum; each BatchNorm is
-applied while the next stage loads its input.
+applied while the next stage loads its input. In the backward (ops.mixer_block) the gradient
+the residual gives h is added inside the dw stage's backward store, not in a pass of its own,
+and with relu both stages take act' from their saved outputs (no pre-activation kept, no conv
+recomputed for it).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .sync_batchnorm import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batch_stats,
                           revert_sync_batchnorm, sync_group)
-from .ops import Norm, apply_norm, bn_norm, dw_stage, pw_stage, uses_batch_stats
+from .ops import Norm, apply_norm, bn_norm, mixer_block, uses_batch_stats
 from .ops.backend import check_backend
 from .activations import ACTIVATIONS, NAMES, activation_of_layer, check_act
 from .ops.checks import acc_dtype
@@ -295,13 +298,12 @@ class ConvMixer(nn.Module):
         """One block as its two fused stages; returns its pre-BN2 output and BN2 as a Norm."""
         dw, bn1 = block[0].fn[0], block[0].fn[2]
         pw, bn2 = block[1], block[3]
-        g, mean, var = dw_stage(
-            h, dw.weight.to(dtype), _cast(dw.bias, dtype), act=self.act, x_norm=norm,
-            stats=uses_batch_stats(bn1), backend=self.backend)
-        norm1 = bn_norm(bn1, *_global_stats(bn1, mean, var, count), acc)
-        h_next, mean, var = pw_stage(
-            g, pw.weight.to(dtype), _cast(pw.bias, dtype), act=self.act, x_norm=norm1,
-            residual=h, residual_norm=norm, stats=uses_batch_stats(bn2), backend=self.backend)
+        h_next, mean, var = mixer_block(
+            h, dw.weight.to(dtype), _cast(dw.bias, dtype), pw.weight.to(dtype),
+            _cast(pw.bias, dtype),
+            lambda mean, var: bn_norm(bn1, *_global_stats(bn1, mean, var, count), acc),
+            act=self.act, x_norm=norm, stats=(uses_batch_stats(bn1), uses_batch_stats(bn2)),
+            backend=self.backend)
         return h_next, bn_norm(bn2, *_global_stats(bn2, mean, var, count), acc)
 
 

@@ -146,4 +146,10 @@ struct ActMath<Act::ReLU> {
   };
 };
 
+// Whether a backward may take act'(a) and act(a) from the stored output o = act(a) instead of a:
+// At(o) then behaves as At(a) does (ReLU: relu(o) = o, and o <= 0 exactly where a <= 0, NaN
+// included), so a backward given the forward's output (saved_out) needs no recompute of a. The
+// Python side's ACTIVATIONS[name].needs_pre_activation is its negation.
+constexpr bool derivative_from_output(Act a) { return a == Act::ReLU; }
+
 }  // namespace convmixer_kernels

@@ -1,4 +1,5 @@
-// The op schemas (docs/OPS.md). Each backend registers its implementations beside its kernels:
+// The op schemas (docs/OPS.md). The backward ops' trailing optional inputs have defaults, so
+// callers written before them keep working. Each backend registers its implementations beside its kernels:
 // csrc/cpu/register_cpu.cpp, csrc/cuda/*_stage.cu.
 #include <torch/library.h>
 
@@ -9,8 +10,9 @@ TORCH_LIBRARY(convmixer_kernels, m) {
   m.def(
       "dw_stage_backward(Tensor grad_out, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor weight, Tensor? bias, "
-      "Tensor? mean, str act) -> (Tensor grad_x, Tensor grad_x_mean, Tensor grad_x_scale, "
-      "Tensor grad_x_shift, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor? mean, str act, Tensor? grad_res=None, Tensor? saved_out=None) -> (Tensor grad_x, "
+      "Tensor grad_x_mean, Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_weight, "
+      "Tensor grad_bias)");
   m.def(
       "pw_stage(Tensor x, Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, "
       "Tensor? res_mean, Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, "
@@ -20,7 +22,7 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "pw_stage_backward(Tensor grad_out, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, Tensor? res_mean, "
       "Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, Tensor? pre_act, "
-      "Tensor? mean, str act) -> (Tensor grad_x, Tensor grad_x_mean, Tensor grad_x_scale, "
-      "Tensor grad_x_shift, Tensor grad_res, Tensor grad_res_mean, Tensor grad_res_scale, "
-      "Tensor grad_res_shift, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor? mean, str act, Tensor? saved_out=None) -> (Tensor grad_x, Tensor grad_x_mean, "
+      "Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_res, Tensor grad_res_mean, "
+      "Tensor grad_res_scale, Tensor grad_res_shift, Tensor grad_weight, Tensor grad_bias)");
 }

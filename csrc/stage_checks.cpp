@@ -157,10 +157,16 @@ DwArgs check_dw_stage_backward(const char* op, const at::Tensor& grad_out,
                                const std::optional<at::Tensor>& x_scale,
                                const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& mean, c10::string_view act) {
+                               const std::optional<at::Tensor>& mean, c10::string_view act,
+                               const std::optional<at::Tensor>& grad_res,
+                               const std::optional<at::Tensor>& saved_out) {
   DwArgs a = check_dw_stage(op, x, x_mean, x_scale, x_shift, weight, bias, act, false);
   check_like_output(op, "grad_out", grad_out, x.sizes(), x);
   a.sg = check_stat_grads(op, grad_mean, grad_var, mean, a.g.C, a.acc, x.device());
+  a.have_grad_res = present(grad_res);
+  if (a.have_grad_res) check_like_output(op, "grad_res", *grad_res, x.sizes(), x);
+  a.have_saved_out = present(saved_out);
+  if (a.have_saved_out) check_like_output(op, "saved_out", *saved_out, x.sizes(), x);
   return a;
 }
 
@@ -193,7 +199,8 @@ PwArgs check_pw_stage_backward(
     const std::optional<at::Tensor>& res_mean, const std::optional<at::Tensor>& res_scale,
     const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
-    const std::optional<at::Tensor>& mean, c10::string_view act) {
+    const std::optional<at::Tensor>& mean, c10::string_view act,
+    const std::optional<at::Tensor>& saved_out) {
   PwArgs a = check_pw_stage(op, x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift,
                             weight, bias, act, false);
   const auto out_sizes = a.out_sizes();
@@ -201,6 +208,8 @@ PwArgs check_pw_stage_backward(
   a.sg = check_stat_grads(op, grad_mean, grad_var, mean, a.g.Cout, a.acc, x.device());
   a.have_pre_act = present(pre_act);
   if (a.have_pre_act) check_like_output(op, "pre_act", *pre_act, out_sizes, x);
+  a.have_saved_out = present(saved_out);
+  if (a.have_saved_out) check_like_output(op, "saved_out", *saved_out, out_sizes, x);
   return a;
 }
 

@@ -60,6 +60,8 @@ struct DwArgs {
   at::ScalarType acc;  // accumulation dtype of the norm and statistics vectors
   Norm norm;
   StatGrads sg;        // backward only
+  // Backward only: a non-empty grad_res (added into grad_x) / saved_out (the forward's out).
+  bool have_grad_res = false, have_saved_out = false;
 };
 
 DwArgs check_dw_stage(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
@@ -74,7 +76,9 @@ DwArgs check_dw_stage_backward(const char* op, const at::Tensor& grad_out,
                                const std::optional<at::Tensor>& x_scale,
                                const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& mean, c10::string_view act);
+                               const std::optional<at::Tensor>& mean, c10::string_view act,
+                               const std::optional<at::Tensor>& grad_res,
+                               const std::optional<at::Tensor>& saved_out);
 
 struct PwArgs {
   PwGeometry g;
@@ -83,6 +87,7 @@ struct PwArgs {
   Norm nx, nr;
   StatGrads sg;               // backward only
   bool have_pre_act = false;  // backward only: a non-empty pre_act was given
+  bool have_saved_out = false;  // backward only: a non-empty saved_out was given
   std::vector<int64_t> out_sizes() const { return {g.N, g.Cout, g.H, g.W}; }
   std::vector<int64_t> in_sizes() const { return {g.N, g.Cin, g.H, g.W}; }
 };
@@ -104,6 +109,7 @@ PwArgs check_pw_stage_backward(
     const std::optional<at::Tensor>& res_mean, const std::optional<at::Tensor>& res_scale,
     const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
-    const std::optional<at::Tensor>& mean, c10::string_view act);
+    const std::optional<at::Tensor>& mean, c10::string_view act,
+    const std::optional<at::Tensor>& saved_out);
 
 }  // namespace convmixer_kernels

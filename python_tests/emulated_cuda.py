@@ -64,7 +64,7 @@ class DwKernels:
             P, SZ, ctypes.POINTER(SZ), P])                          # ws, size, size out, stream
         self.bwd = bind(self.lib, "convmixer_dw_backward", ctypes.c_int, [
             ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
-            P, P, P, P, P, P, P, P, P, P, P,
+            P, P, P, P, P, P, P, P, P, P, P, P,  # norm w b grad_pre gx gw gb sums grad_res
             P, SZ, ctypes.POINTER(SZ), P])
 
     def forward(self, x, norm, weight, bias, act, stats, x_offset=0):
@@ -93,9 +93,11 @@ class DwKernels:
             g.check()
         return out.tensor.permute(0, 3, 1, 2).clone(), mean.tensor.clone(), var.tensor.clone()
 
-    def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None):
+    def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None,
+                 grad_res=None):
         """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc). `out`: the forward's output (NCHW
-        shape), which spares ReLU the conv recompute; None: recompute."""
+        shape), which spares ReLU the conv recompute; None: recompute. grad_res, when given, is
+        added into grad_x."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -103,10 +105,11 @@ class DwKernels:
         nhwc = lambda t: Guarded.like(t.permute(0, 2, 3, 1).contiguous())  # noqa: E731
         xg, gog = nhwc(x), nhwc(grad_out)
         outg = nhwc(out) if out is not None else None
+        grg = None if grad_res is None else nhwc(grad_res)
         size = SZ(0)
         code = DTYPE_CODE[dtype]
         args_head = (code, act_code(act))
-        assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 11),
+        assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 12),
                         None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
@@ -118,12 +121,15 @@ class DwKernels:
                       n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
                       ptr(weight.contiguous()), ptr(bias), ptr(grad_pre.tensor),
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
-                      ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor), ptr(ws.tensor),
+                      ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor),
+                      ptr(None if grad_res is None else grg.tensor), ptr(ws.tensor),
                       ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
         for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b,
                   *([outg] if outg is not None else [])):
             g.check()
+        if grg is not None:
+            grg.check()
         if norm is not None:
             sum_dx.check()
             sum_dx_xc.check()
@@ -165,7 +171,7 @@ class _DwStage(torch.autograd.Function):
                 "no statistics asked, yet some written")
             mean = var = x.new_empty((0,), dtype=acc_dtype(x.dtype))
         # The forward's out too (the next stage keeps it anyway): ReLU's backward then skips the
-        # conv recompute, as the CUDA launcher will once the op's schema passes out.
+        # conv recompute, as the CUDA launcher does when the glue passes saved_out.
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean, out)
         ctx.act, ctx.stats = act, stats
         return out, mean, var

@@ -147,7 +147,8 @@ COMPILE_SMALL = dict(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=4)
 
 @over_backends(
     "compiler,dtype,act,k,patch,batch_shape,size",
-    cpu=[(c, f64, "gelu", 3, 2, (2, 10, 6), "small") for c in ("aot_eager", "inductor")],
+    cpu=[(c, f64, a, 3, 2, (2, 10, 6), "small") for c in ("aot_eager", "inductor")
+         for a in ("gelu", "relu")],
     # aot_eager: the ops themselves run the Triton kernels.
     triton=[("aot_eager", f32, "gelu", 3, 2, (2, 10, 6), "small")],
     triton_gpu=[("inductor", f32, a, 7, 4, (8, 64, 64), "gpu") for a in ("gelu", "relu")],

@@ -322,6 +322,228 @@ def test_block_chain_gradcheck(backend):
 
 
 # ---------------------------------------------------------------------------------------------
+# The backward ops' optional inputs (docs/OPS.md): dw_stage_backward's grad_res (added into
+# grad_x in its store) and saved_out, pw_stage_backward's saved_out (act' from the output for
+# relu), and the block-level path that uses them (ops.mixer_block)
+
+
+def _dw_backward_inputs(backend, dtype, shape, k, act, parts="norm_bias"):
+    """The raw dw_stage_backward arguments of a case (the forward run for out and mean), and the
+    forward's output."""
+    case = _dw(backend, dtype, shape, k, act, parts=parts)
+    (x, weight, bias), kw = stage_args(case)
+    m, s, t = kw.get("x_norm") or (None, None, None)
+    out, mean, _ = backend.raw("dw_stage")(x, m, s, t, weight, bias, act, True)
+    gen = _gen(31)
+    acc = mean.dtype
+    grad_out = randn(*out.shape, dtype=dtype, gen=gen).to(backend.device)
+    gm, gv = (randn(shape[1], dtype=acc, gen=gen).to(backend.device) for _ in range(2))
+    grad_res = randn(*x.shape, dtype=dtype, gen=gen).to(backend.device)
+    return (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act), grad_res, out
+
+
+@over_backends("dtype,shape,k,act,parts",
+               cpu=[(d, (2, 40, 7, 9), 5, a, p) for d in (f64, f32) for a in ACTS
+                    for p in ("norm_bias", "plain")],
+               triton=[(f64, (2, 12, 5, 9), 3, a, "norm_bias") for a in ACTS],
+               cuda=[(d, (4, 40, 18, 22), 7, a, "norm_bias") for d in (f64, f32) for a in ACTS])
+def test_dw_backward_grad_res_and_saved_out(backend, dtype, shape, k, act, parts):
+    """grad_res lands in grad_x and nowhere else: in float64, where adding it inside the store
+    and after it round the same way, bitwise grad_x + grad_res. saved_out changes no bit: for
+    relu the backward reads act' and act from it (o <= 0 exactly where a <= 0, relu(o) = o), for
+    gelu it is not used."""
+    args, grad_res, out = _dw_backward_inputs(backend, dtype, shape, k, act, parts)
+    op = backend.raw("dw_stage_backward")
+    base = op(*args)
+    from_out = op(*args, None, out)
+    assert_bitwise(base, from_out)
+    with_res = op(*args, grad_res, out)
+    assert_bitwise(base[1:], with_res[1:])
+    if dtype == f64:
+        assert_bitwise([base[0] + grad_res], [with_res[0]])
+    else:
+        assert_close_direct(with_res[0], base[0].double() + grad_res.double(), dtype,
+                            name="grad_x with grad_res")
+    # Empty means absent, as for the other optional inputs.
+    empty = torch.empty(0, dtype=dtype, device=backend.device)
+    assert_bitwise(base, op(*args, empty, empty))
+
+
+@over_backends(cuda_emu=ONCE)
+def test_dw_backward_grad_res_emulated(backend):
+    """The CUDA backward-input kernel's grad_res (the launcher passes it straight through):
+    float64, bitwise grad_x + grad_res, every other output unchanged."""
+    import emulated_cuda
+    case = dw_case((2, 40, 9, 10), 5, f64, device="cpu", seed=3)
+    x, m, s, t, weight, bias = case.leaves
+    kernels = emulated_cuda.dw_kernels()
+    out, mean, _ = kernels.forward(x, (m, s, t), weight, bias, "gelu", stats=True)
+    gen = _gen(32)
+    grad_out = randn(*out.shape, dtype=f64, gen=gen)
+    gm, gv = randn(40, dtype=f64, gen=gen), randn(40, dtype=f64, gen=gen)
+    grad_res = randn(*x.shape, dtype=f64, gen=gen)
+    args = (grad_out, gm, gv, mean, x, (m, s, t), weight, bias, "gelu")
+    base = kernels.backward(*args)
+    with_res = kernels.backward(*args, grad_res=grad_res)
+    assert_bitwise(base[1:], with_res[1:])
+    assert_bitwise([base[0] + grad_res], [with_res[0]])
+
+
+@over_backends("act", cpu=ACTS, triton=ACTS)
+def test_saved_out_is_read_where_the_table_says(backend, act):
+    """The kernels read saved_out exactly for the activations whose needs_pre_activation is
+    False (csrc/activation.h's derivative_from_output agrees with activations.py): a wrong
+    saved_out changes dw_stage_backward's results for those, and nothing for the others."""
+    from convmixer_kernels.activations import ACTIVATIONS
+    args, _, out = _dw_backward_inputs(backend, f32, (2, 8, 5, 6), 3, act)
+    op = backend.raw("dw_stage_backward")
+    base = op(*args)
+    wrong = op(*args, None, -out)
+    changed = not all(torch.equal(a, b) for a, b in zip(base, wrong))
+    assert changed == (not ACTIVATIONS[act].needs_pre_activation)
+
+
+@over_backends("dtype,parts",
+               cpu=product([f64, f32], ["both_norms_bias", "plain", "norm_residual"]),
+               triton=[(f64, "both_norms_bias")], cuda=[(f32, "both_norms_bias")])
+def test_pw_backward_saved_out_for_relu(backend, dtype, parts):
+    """For relu, the forward's output stands in for the pre-activation: the same bits as with
+    pre_act, and as recomputing p; for gelu saved_out is not used."""
+    for act in ACTS:
+        case = _pw(backend, dtype, (2, 12, 40, 5, 7), act, parts=parts)
+        (x, weight, bias), kw = stage_args(case)
+        xm, xs, xt = kw.get("x_norm") or (None, None, None)
+        rm, rs, rt = kw.get("residual_norm") or (None, None, None)
+        res = kw.get("residual")
+        out, pre, mean, _ = backend.raw("pw_stage")(x, xm, xs, xt, res, rm, rs, rt, weight, bias,
+                                                    act, True, True)
+        gen = _gen(33)
+        grad_out = randn(*out.shape, dtype=dtype, gen=gen).to(backend.device)
+        gm, gv = (randn(40, dtype=mean.dtype, gen=gen).to(backend.device) for _ in range(2))
+        head = (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias)
+        op = backend.raw("pw_stage_backward")
+        with_pre = op(*head, pre, mean, act)
+        assert_bitwise(with_pre, op(*head, pre, mean, act, out))
+        if act == "relu":
+            assert_bitwise(with_pre, op(*head, None, mean, act, out))
+        else:
+            assert_bitwise(op(*head, None, mean, act), op(*head, None, mean, act, out))
+
+
+def _block_leaves(backend, dtype, c, k, gen, n=2, h=5, w=6):
+    def leaf(*shape, scale=1.0):
+        return randn(*shape, dtype=dtype, gen=gen, scale=scale).to(backend.device)
+    acc = torch.float64 if dtype == f64 else torch.float32
+    h_in = leaf(n, c, h, w)
+    norm = make_norm(c, dtype, gen)
+    gamma = (torch.rand(c, dtype=f64, generator=gen) + 0.5).to(acc).to(backend.device)
+    beta = randn(c, dtype=acc, gen=gen).to(backend.device)
+    return [h_in, *(v.to(backend.device) for v in norm), leaf(c, 1, k, k, scale=1 / k), leaf(c),
+            leaf(c, c, 1, 1, scale=c ** -0.5), leaf(c), gamma, beta]
+
+
+def _block(block_fn, act, stats=(True, True)):
+    """fn(h, mean, scale, shift, dw_w, dw_b, pw_w, pw_b, gamma, beta) -> (out, mean, var): a
+    model block (its input normalised by a previous BN2), BN1 from the dw stage's batch
+    statistics, by `block_fn` (mixer_block's signature)."""
+    def fn(h, m, s, t, dw_w, dw_b, pw_w, pw_b, gamma, beta):
+        def norm1(mean, var):
+            if mean.numel() == 0:  # eval: fixed "running" statistics
+                mean, var = 0.5 * beta, gamma
+            return Norm(mean, gamma * torch.rsqrt(var + 1e-5), beta)
+        return block_fn(h, dw_w, dw_b, pw_w, pw_b, norm1, act=act, x_norm=Norm(m, s, t),
+                        stats=stats)
+    return fn
+
+
+def _two_stages(backend):
+    """mixer_block as the two separate stage calls (their own autograd nodes)."""
+    def fn(h, dw_w, dw_b, pw_w, pw_b, norm1, *, act, x_norm, stats):
+        g, mean, var = backend.stage("dw")(h, dw_w, dw_b, act=act, x_norm=x_norm, stats=stats[0])
+        return backend.stage("pw")(g, pw_w, pw_b, act=act, x_norm=norm1(mean, var), residual=h,
+                                   residual_norm=x_norm, stats=stats[1])
+    return fn
+
+
+def _ref_block(h, dw_w, dw_b, pw_w, pw_b, norm1, *, act, x_norm, stats):
+    g, mean, var = ref_dw_stage(h, dw_w, dw_b, act=act, x_norm=x_norm, stats=stats[0])
+    return ref_pw_stage(g, pw_w, pw_b, act=act, x_norm=norm1(mean, var), residual=h,
+                        residual_norm=x_norm, stats=stats[1])
+
+
+@over_backends("act", cpu=ACTS)
+def test_mixer_block_gradcheck(backend, act):
+    """float64 gradcheck of the block-level function, every input (h, its norm, both stages'
+    weights and biases, BN1's affine parameters) and every output (out and its statistics)."""
+    from convmixer_kernels.ops import mixer_block
+    leaves = [t.requires_grad_() for t in _block_leaves(backend, f64, 3, 3, _gen(34), h=4, w=5)]
+    fn = _block(lambda *a, **kw: mixer_block(*a, **kw, backend=backend.op_backend), act)
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@over_backends("dtype,act,c,k,mode", cpu=product([f64, f32], ACTS, [5, 40], [3, 7], MODES),
+               triton=[(f64, a, 12, 3, "train") for a in ACTS],
+               cuda=[(f32, a, 192, 9, "train") for a in ACTS])
+def test_mixer_block_matches_the_two_stages(backend, dtype, act, c, k, mode):
+    """The block-level path gives the two separate stages' values and gradients (against the
+    float64 eager reference), the residual's gradient now added in the dw backward's store."""
+    from convmixer_kernels.ops import mixer_block
+    stats = (mode == "train",) * 2
+    leaves = _block_leaves(backend, dtype, c, k, _gen(35))
+    gen = _gen(36)
+    cots = [randn(*leaves[0].shape, dtype=dtype, gen=gen).to(backend.device)]
+    if mode == "train":
+        cots += [randn(c, gen=gen, dtype=leaves[1].dtype).to(backend.device) for _ in range(2)]
+    block = _block(lambda *a, **kw: mixer_block(*a, **kw, backend=backend.op_backend), act,
+                   stats)
+    got, got_grads = run(block, leaves, cots)
+    two, two_grads = run(_block(_two_stages(backend), act, stats), leaves, cots)
+    ref, ref_grads = run(_block(_ref_block, act, stats), to64(leaves), [t.double() for t in cots])
+    names = ["h", "norm.mean", "norm.scale", "norm.shift", "dw_w", "dw_b", "pw_w", "pw_b",
+             "gamma", "beta"]
+    assert_bitwise(got, two)  # the forward is the same two op calls
+    for g, t, r, name in zip(got_grads, two_grads, ref_grads, names):
+        if name != "h" and name not in ("norm.mean", "norm.scale", "norm.shift"):
+            assert_bitwise([g], [t])  # only h's gradient (and its norm's) is formed differently
+        assert_close_direct(g, r, dtype, name=f"grad of {name}")
+    for g, r in zip(got, ref):
+        assert_close_direct(g, r, dtype, name="block output")
+
+
+@over_backends("act", cpu=ACTS, triton=["relu"])
+def test_mixer_block_deterministic(backend, act):
+    from convmixer_kernels.ops import mixer_block
+    leaves = _block_leaves(backend, f32, 40, 5, _gen(37))
+    gen = _gen(38)
+    cots = [randn(*leaves[0].shape, gen=gen).to(backend.device),
+            *(randn(40, gen=gen).to(backend.device) for _ in range(2))]
+    block = _block(lambda *a, **kw: mixer_block(*a, **kw, backend=backend.op_backend), act)
+    first = run(block, leaves, cots)
+    second = run(block, leaves, cots)
+    assert_bitwise(first[0], second[0])
+    assert_bitwise(first[1], second[1])
+
+
+@over_backends(cpu=ONCE)
+def test_mixer_block_saves_no_pre_activation_for_relu(backend):
+    """For relu neither stage keeps a pre-activation: the autograd graph holds the stages'
+    inputs and outputs only (which the block returns or the next stage reads anyway)."""
+    from convmixer_kernels.ops import mixer_block
+    leaves = [t.requires_grad_() for t in _block_leaves(backend, f32, 8, 3, _gen(39))]
+    sizes = {}
+    for act in ACTS:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            out, _, _ = _block(lambda *a, **kw: mixer_block(*a, **kw, backend="cpu"), act)(*leaves)
+        big = {t.data_ptr() for t in saved if t.numel() == out.numel()}
+        sizes[act] = len(big - {leaves[0].data_ptr(), out.data_ptr()})
+    # Besides the block's input and output: g (the dw output, pw's x), and for gelu pw's
+    # pre-activation.
+    assert sizes == {"gelu": 2, "relu": 1}, sizes
+
+
+# ---------------------------------------------------------------------------------------------
 # Input layouts: they change nothing but speed
 
 
@@ -690,6 +912,39 @@ def test_opcheck_pw_stage_backward(backend, parts, grads, pre_act):
         backend.raw("pw_stage_backward").default,
         (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias,
          p if pre_act == "pre_act" else None, mean, act))
+
+
+@over_backends("act", cpu=ACTS, triton=["relu"], cuda=["relu"])
+def test_opcheck_backward_optional_inputs(backend, act):
+    """dw_stage_backward with grad_res and saved_out, pw_stage_backward with saved_out and no
+    pre_act: schema, fake implementations and dispatch agree."""
+    args, grad_res, out = _dw_backward_inputs(backend, f32, (2, 5, 6, 7), 3, act)
+    torch.library.opcheck(backend.raw("dw_stage_backward").default, (*args, grad_res, out))
+    pw_args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=False)
+    pw_args = (*pw_args[:10], act, *pw_args[11:])
+    x, xm, xs, xt, res, rm, rs, rt, weight, bias = pw_args[:10]
+    out, _, mean, _ = backend.raw("pw_stage")(*pw_args)
+    gen = _gen(25)
+    grad_out = randn(*out.shape, gen=gen).to(backend.device)
+    gm, gv = randn(4, gen=gen).to(backend.device), randn(4, gen=gen).to(backend.device)
+    torch.library.opcheck(
+        backend.raw("pw_stage_backward").default,
+        (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias, None, mean, act, out))
+
+
+@over_backends(cpu=ONCE, triton=ONCE)
+def test_backward_optional_inputs_of_the_wrong_shape_are_refused(backend):
+    args, grad_res, out = _dw_backward_inputs(backend, f32, (2, 5, 6, 7), 3, "relu")
+    op = backend.raw("dw_stage_backward")
+    with pytest.raises(ValueError, match="grad_res must"):
+        op(*args, grad_res[:, :, :5], None)
+    with pytest.raises(ValueError, match="saved_out must"):
+        op(*args, None, out[:1])
+    pw_args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=False)
+    pw_out, _, mean, _ = backend.raw("pw_stage")(*pw_args)
+    with pytest.raises(ValueError, match="saved_out must"):
+        backend.raw("pw_stage_backward")(torch.ones_like(pw_out), None, None, *pw_args[:10],
+                                         None, None, "relu", pw_out[:, :2])
 
 
 @over_backends("stage,dtype", cpu=[("dw", bf16), ("pw", bf16)], triton=[("dw", f32)])

@@ -18,7 +18,7 @@ from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_dw_stage
-from .grads import in_param_layout
+from .grads import in_param_layout, saved_output
 
 _ops = torch.ops.convmixer_kernels
 
@@ -52,7 +52,7 @@ def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
 @torch.library.register_fake("convmixer_kernels::dw_stage_backward")
 @torch.library.register_fake("convmixer_kernels::dw_stage_backward_triton")
 def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight,
-                            bias, mean, act):
+                            bias, mean, act, grad_res=None, saved_out=None):
     n = x.shape[1] if x_mean is not None else 0
     acc = acc_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.channels_last),
@@ -62,19 +62,20 @@ def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
 
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, weight, bias, act, stats = inputs
-    ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, output[1])
+    ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, output[1],
+                          saved_output(act, output[0]))
     ctx.act = act
 
 
 def _make_backward(backward_op):
     """The autograd formula of a dw_stage op whose backward op is `backward_op`."""
     def _backward(ctx, grad_out, grad_mean, grad_var):
-        x, x_mean, x_scale, x_shift, weight, bias, mean = ctx.saved_tensors
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out = ctx.saved_tensors
         if grad_out is None:  # only the statistics were differentiated
             grad_out = torch.zeros_like(x, memory_format=torch.channels_last)
         gx, gmean, gscale, gshift, gw, gb = backward_op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
-            ctx.act)
+            ctx.act, None, out)
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), (gb if bias is not None else None),
                 None, None)

@@ -1,5 +1,9 @@
-"""Gradient layout for parameters."""
+"""What the stages' autograd formulas share: gradient layout for parameters, saved outputs."""
+from typing import Optional
+
 import torch
+
+from ..activations import ACTIVATIONS
 
 
 def in_param_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -16,3 +20,10 @@ def in_param_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
             g == p for n, g, p in zip(grad.shape, grad.stride(), param.stride()) if n != 1):
         return grad.as_strided(param.shape, param.stride())
     return torch.empty_like(param).copy_(grad)
+
+
+def saved_output(act: str, out: torch.Tensor) -> Optional[torch.Tensor]:
+    """What a stage's autograd saves of its output for the backward op's saved_out: the output
+    where act' follows from it (relu; the backward then recomputes nothing to get act'), else
+    nothing (saving it would keep it alive for no use)."""
+    return None if ACTIVATIONS[act].needs_pre_activation else out

@@ -14,10 +14,11 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from ..activations import ACTIVATIONS
 from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_pw_stage
-from .grads import in_param_layout
+from .grads import in_param_layout, saved_output
 
 _ops = torch.ops.convmixer_kernels
 
@@ -32,16 +33,23 @@ def pw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     """``out = act((norm(x) + residual_norm(residual)) @ Wᵀ + bias)`` over channels.
 
     Returns ``(out, mean, var)`` as :func:`dw_stage` does. When gradients are being recorded
-    the pre-activation is kept for the backward instead of recomputing the GEMM.
+    the pre-activation is kept for the backward instead of recomputing the GEMM, unless act'
+    follows from the output (relu), which the backward then reads instead.
     """
     check_pw_stage(x, weight, bias, act, x_norm, residual, residual_norm, stats)
     op = _ops.pw_stage_triton if resolve(backend, x.device) == "triton" else _ops.pw_stage
     xm, xs, xt = x_norm if x_norm is not None else (None, None, None)
     rm, rs, rt = residual_norm if residual_norm is not None else (None, None, None)
-    keep_pre_act = torch.is_grad_enabled()
+    keep_pre_act = keeps_pre_act(act)
     out, _, mean, var = op(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act, stats,
                            keep_pre_act)
     return out, mean, var
+
+
+def keeps_pre_act(act: str) -> bool:
+    """The forward's keep_pre_act: when gradients are recorded and act' needs the
+    pre-activation (gelu); for relu the saved output serves the backward (saved_out)."""
+    return torch.is_grad_enabled() and ACTIVATIONS[act].needs_pre_activation
 
 
 @torch.library.register_fake("convmixer_kernels::pw_stage")
@@ -60,7 +68,8 @@ def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_sh
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward")
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward_triton")
 def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
-                            res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act):
+                            res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act,
+                            saved_out=None):
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
 
@@ -75,11 +84,11 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
 
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act, *_ = inputs
-    _, pre_act, mean, _ = output
+    out, pre_act, mean, _ = output
     # pre_act exists to be saved for this backward, not to be differentiated through.
     ctx.mark_non_differentiable(pre_act)
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight,
-                          bias, pre_act, mean)
+                          bias, pre_act, mean, saved_output(act, out))
     ctx.act = act
 
 
@@ -87,12 +96,13 @@ def _make_backward(backward_op):
     """The autograd formula of a pw_stage op whose backward op is `backward_op`."""
     def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
-         mean) = ctx.saved_tensors
+         mean, out) = ctx.saved_tensors
         if grad_out is None:  # only the statistics were differentiated
             grad_out = x.new_zeros((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(
                 memory_format=torch.channels_last)
         grads = backward_op(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
-                            res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act)
+                            res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act,
+                            out)
         gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)

@@ -10,9 +10,10 @@ the image; each row of taps is unrolled (tl.static_range) up to k = 9.
 One conv kernel serves three passes, chosen by its EPI constexpr:
   EPI_FWD  out = act(conv(norm(x)) + b), and the batch statistics of out;
   EPI_DA   dA = dO·act'(a), with a recomputed and dO = grad_out + const + lin·o, into a tensor
-           in the storage dtype (as the CUDA backend's backward kernel 1);
-  EPI_DX   dX = conv(dA) with the taps rotated 180° (the transposed conv), grad_x = dX·scale,
-           and the input norm's sums Σ dX, Σ dX·(x - mean).
+           in the storage dtype (as the CUDA backend's backward kernel 1); with the forward's
+           output given (AUX, relu: act' and act follow from it) no conv runs, it is read instead;
+  EPI_DX   dX = conv(dA) with the taps rotated 180° (the transposed conv), grad_x = dX·scale
+           (+ grad_res with AUX), and the input norm's sums Σ dX, Σ dX·(x - mean).
 dW and db come from a fourth kernel that walks a contiguous run of pixels per program with the
 [taps, channels] products accumulated in registers, reduced nowhere until its one store.
 
@@ -101,14 +102,16 @@ def _conv(src_ptr, n, y0, x0, py, px, cs, cmask, H, W, C, wt_ptr, C_PAD, bias, m
 
 @triton.jit
 def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_ptr, gout_ptr,
-                    coef_ptr, x_ptr, part_ptr, N, C, H, W, G, C_PAD,
-                    K: tl.constexpr, ACT: tl.constexpr, HAS_NORM: tl.constexpr,
+                    coef_ptr, x_ptr, part_ptr, aux_ptr, N, C, H, W, G, C_PAD,
+                    K: tl.constexpr, ACT: tl.constexpr, HAS_NORM: tl.constexpr, AUX: tl.constexpr,
                     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_COEF: tl.constexpr,
                     NEED_O: tl.constexpr, EPI: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """The conv pass of kind EPI (see the module docstring). With EPI_DX, `src` is dA (no norm
     on load, no bias) and HAS_NORM says whether x had a norm (its mean and scale at mean_ptr and
-    scale_ptr), which grad_x and the partial sums go through."""
+    scale_ptr), which grad_x and the partial sums go through. With AUX, `aux_ptr` is the
+    forward's output (EPI_DA, which then reads a = o, valid where act' follows from the output)
+    or grad_res (EPI_DX, added into grad_x)."""
     pid_g = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
@@ -134,13 +137,16 @@ def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_
     tiles_img = tl.cdiv(H, BLOCK_H) * tiles_w
     for t in range(pid_g, N * tiles_img, G):
         n, y0, x0 = _tile_origin(t, tiles_img, tiles_w, BLOCK_H, BLOCK_W)
-        a = _conv(src_ptr, n, y0, x0, py, px, cs, cmask, H, W, C, wt_ptr, C_PAD, bias, mean,
-                  scale, shift, NORM_IN, K, ACC)
         ys = y0 + py
         xs = x0 + px
         valid = (ys < H) & (xs < W)
         mask = valid[:, None] & cmask[None, :]
         offs = _nhwc_offsets(n, ys, xs, cs, H, W, C)
+        if EPI == EPI_DA and AUX:  # the saved output stands in for a: no recompute
+            a = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(ACC)
+        else:
+            a = _conv(src_ptr, n, y0, x0, py, px, cs, cmask, H, W, C, wt_ptr, C_PAD, bias, mean,
+                      scale, shift, NORM_IN, K, ACC)
         if EPI == EPI_FWD:
             o = act_fwd(a, ACT).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + offs, o, mask=mask)
@@ -170,6 +176,8 @@ def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_
                 run_a += tl.sum(d_x, axis=0)
                 run_b += tl.sum(d_x * (xv - mean[None, :]), axis=0)
                 a = d_x * scale[None, :]
+            if AUX:
+                a += tl.load(aux_ptr + offs, mask=mask, other=0.0).to(ACC)
             tl.store(out_ptr + offs, a.to(out_ptr.dtype.element_ty), mask=mask)
     row = pid_g * C_PAD + cs
     if EPI == EPI_FWD:
@@ -325,9 +333,9 @@ def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
     wt = geo.taps(weight, acc)
     part = torch.empty((4, geo.groups, geo.c_pad), dtype=acc, device=x.device) if stats else wt
     geo.conv((x, _vec_or(x_mean, wt), _vec_or(x_scale, wt), _vec_or(x_shift, wt), wt,
-              _vec_or(bias, wt), out, x, wt, x, part, geo.n, geo.c, geo.h, geo.w, geo.groups,
+              _vec_or(bias, wt), out, x, wt, x, part, x, geo.n, geo.c, geo.h, geo.w, geo.groups,
               geo.c_pad),
-             dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None,
+             dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None, AUX=False,
                   HAS_BIAS=bias is not None, STATS=stats, HAS_COEF=False, NEED_O=False,
                   EPI=EPI_FWD, ACC=tl_acc(x.dtype)))
     if not stats:
@@ -337,15 +345,21 @@ def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
 
 
 def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias,
-                      mean, act):
+                      mean, act, grad_res=None, saved_out=None):
     """docs/OPS.md dw_stage_backward, on Triton."""
     op = "dw_stage_backward"
     check_dw_args(op, x, (x_mean, x_scale, x_shift), weight, bias, act)
     check_runnable(op, x)
-    if grad_out.shape != x.shape or grad_out.dtype != x.dtype or grad_out.device != x.device:
-        raise ValueError(f"{op}: grad_out must match x ({tuple(x.shape)}, {x.dtype}, "
-                         f"{x.device}), got {tuple(grad_out.shape)}, {grad_out.dtype}, "
-                         f"{grad_out.device}")
+    for name, t in (("grad_out", grad_out), ("grad_res", grad_res), ("saved_out", saved_out)):
+        if t is None or (name != "grad_out" and t.numel() == 0):
+            continue
+        if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{op}: {name} must match x ({tuple(x.shape)}, {x.dtype}, "
+                             f"{x.device}), got {tuple(t.shape)}, {t.dtype}, {t.device}")
+    grad_res = grad_res.contiguous(memory_format=torch.channels_last) if present(grad_res) else None
+    # Only where act' follows from the output (relu) does the saved output replace the recompute.
+    saved_out = (saved_out.contiguous(memory_format=torch.channels_last)
+                 if present(saved_out) and not ACTIVATIONS[act].needs_pre_activation else None)
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
@@ -366,18 +380,20 @@ def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
                  ACC=tl_acc(x.dtype))
     shape = (geo.n, geo.c, geo.h, geo.w)
 
-    # 1. dA = dO·act'(a), a recomputed, in the storage dtype.
+    # 1. dA = dO·act'(a), a recomputed (or read from the saved output), in the storage dtype.
     d_a = torch.empty_like(x, memory_format=torch.channels_last)
     geo.conv((x, xm, xs, xt, wt, _vec_or(bias, wt), d_a, grad_out,
-              coef if coef is not None else wt, x, wt, *shape, geo.groups, geo.c_pad),
+              coef if coef is not None else wt, x, wt,
+              saved_out if saved_out is not None else x, *shape, geo.groups, geo.c_pad),
              dict(flags, HAS_BIAS=bias is not None, HAS_COEF=coef is not None,
-                  NEED_O=present(grad_var), EPI=EPI_DA))
+                  NEED_O=present(grad_var), EPI=EPI_DA, AUX=saved_out is not None))
 
     # 2. dX: the transposed conv of dA (the taps rotated 180°) through the input norm.
     vec_part = torch.empty((2, geo.groups, geo.c_pad), dtype=acc, device=x.device)
     geo.conv((d_a, xm, xs, xt, geo.taps(weight, acc, rotate=True), wt, grad_x, grad_out, wt, x,
-              vec_part, *shape, geo.groups, geo.c_pad),
-             dict(flags, HAS_BIAS=False, HAS_COEF=False, NEED_O=False, EPI=EPI_DX))
+              vec_part, grad_res if grad_res is not None else x, *shape, geo.groups, geo.c_pad),
+             dict(flags, HAS_BIAS=False, HAS_COEF=False, NEED_O=False, EPI=EPI_DX,
+                  AUX=grad_res is not None))
 
     # 3. dW and db, each program over a contiguous run of pixels.
     pixels = geo.n * geo.h * geo.w

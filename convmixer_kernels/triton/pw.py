@@ -446,7 +446,7 @@ def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
 
 
 def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean,
-                      res_scale, res_shift, weight, bias, pre_act, mean, act):
+                      res_scale, res_shift, weight, bias, pre_act, mean, act, saved_out=None):
     """docs/OPS.md pw_stage_backward, on Triton."""
     op = "pw_stage_backward"
     x_norm, res_norm = (x_mean, x_scale, x_shift), (res_mean, res_scale, res_shift)
@@ -455,7 +455,8 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     n, cin, h, w = x.shape
     m, cout = n * h * w, weight.shape[0]
     out_shape = (n, cout, h, w)
-    for name, t in (("grad_out", grad_out), ("pre_act", pre_act if present(pre_act) else None)):
+    for name, t in (("grad_out", grad_out), ("pre_act", pre_act if present(pre_act) else None),
+                    ("saved_out", saved_out if present(saved_out) else None)):
         if t is not None and (tuple(t.shape) != out_shape or t.dtype != x.dtype
                               or t.device != x.device):
             raise ValueError(f"{op}: {name} must be {out_shape} {x.dtype} on {x.device}, got "
@@ -479,6 +480,9 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     w2d = weight.reshape(cout, cin).contiguous()
     if present(pre_act):
         pre = pre_act.contiguous(memory_format=torch.channels_last)
+    elif present(saved_out) and not ACTIVATIONS[act].needs_pre_activation:
+        # act' follows from the output (relu): it serves as p (act(o) = o, o <= 0 where p <= 0).
+        pre = saved_out.contiguous(memory_format=torch.channels_last)
     else:  # recompute p with the forward GEMM, writing nothing else
         pre = torch.empty_like(grad_out, memory_format=torch.channels_last)
         _pw_forward(x, x_norm, res, res_norm, weight, bias, act, None, pre, False)

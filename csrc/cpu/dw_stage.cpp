@@ -277,8 +277,9 @@ template <typename scalar_t, Act A>
 void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tensor* grad_mean,
                  const at::Tensor* grad_var, const at::Tensor& x, const Norm& norm,
                  const at::Tensor& weight, const at::Tensor* bias, const at::Tensor* mean,
-                 at::Tensor& grad_x, at::Tensor& grad_weight, at::Tensor& grad_bias,
-                 at::Tensor& g_mean, at::Tensor& g_scale, at::Tensor& g_shift) {
+                 const at::Tensor* grad_res, const at::Tensor* saved_out, at::Tensor& grad_x,
+                 at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& g_mean,
+                 at::Tensor& g_scale, at::Tensor& g_shift) {
   using Plan = DwPlan<scalar_t>;
   using L = typename Plan::L;
   using opmath_t = typename Plan::opmath_t;
@@ -291,6 +292,12 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* gxp = grad_x.data_ptr<scalar_t>();
   const bool normed = norm.defined();
+  // grad_res (the gradient the residual branch gives the same input) is added in grad_x's store.
+  const scalar_t* grp = grad_res != nullptr ? grad_res->data_ptr<scalar_t>() : nullptr;
+  // With the forward's output, act' (and act) come from it where the activation allows: pass 1
+  // then skips recomputing the convolution (k² FMA per element of the 3k² it costs otherwise).
+  const scalar_t* sop = derivative_from_output(A) && saved_out != nullptr
+                            ? saved_out->data_ptr<scalar_t>() : nullptr;
 
   // The statistics' gradient enters as dO = grad_out + const_term + lin_term * o.
   std::vector<opmath_t> const_term(plan.blocks * kCB, opmath_t(0)), lin_term(plan.blocks * kCB, opmath_t(0));
@@ -319,13 +326,24 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
       for (int64_t x0 = 0; x0 < g.W; x0 += kXT) {
         const int64_t nx = std::min<int64_t>(kXT, g.W - x0);
         const scalar_t* go = gop + ((n * g.H + y) * g.W + x0) * g.C + c0;
+        const scalar_t* so = sop != nullptr ? sop + (go - gop) : nullptr;
         plan.prefetch_tile(go, nx);
-        plan.correlate(xs + plan.at(y, x0), plan.taps.data() + blk * kk * kCB,
-                       plan.bias.data() + c0, tile);
+        if (so != nullptr) {
+          plan.prefetch_tile(so, nx);
+          for (int64_t xo = 0; xo < nx; ++xo) {
+            V o0, o1;
+            L::load(so + xo * g.C, cb, o0, o1);
+            o0.store(tile + xo * kCB), o1.store(tile + xo * kCB + kVS);
+          }
+        } else {
+          plan.correlate(xs + plan.at(y, x0), plan.taps.data() + blk * kk * kCB,
+                         plan.bias.data() + c0, tile);
+        }
         opmath_t* da = dA + plan.at(y + g.pad, x0 + g.pad);
         for (int64_t xo = 0; xo < nx; ++xo, go += g.C, da += kCB) {
           V d0, d1;
           L::load(go, cb, d0, d1);
+          // a, or (saved_out) the output, which serves act' and act alike here.
           const ActAt<A, opmath_t> a0(V::loadu(tile + xo * kCB)), a1(V::loadu(tile + xo * kCB + kVS));
           d0 = d0 + ct0, d1 = d1 + ct1;
           if (need_o) {
@@ -356,16 +374,20 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
         const int64_t pix = (n * g.H + y) * g.W + x0;
         plan.template prefetch_tile<true>(gxp + pix * g.C + c0, nx);
         if (normed) plan.prefetch_tile(xp + pix * g.C + c0, nx);
+        if (grp != nullptr) plan.prefetch_tile(grp + pix * g.C + c0, nx);
         plan.correlate(dA + plan.at(y, x0), plan.flipped.data() + blk * kk * kCB, nullptr,
                        tile);
         for (int64_t xo = 0; xo < nx; ++xo) {
           const int64_t off = (pix + xo) * g.C + c0;
           const V dx0 = V::loadu(tile + xo * kCB), dx1 = V::loadu(tile + xo * kCB + kVS);
-          if (!normed) {
-            L::store(gxp + off, cb, dx0, dx1);
-            continue;
+          V gx0 = normed ? dx0 * s0 : dx0, gx1 = normed ? dx1 * s1 : dx1;
+          if (grp != nullptr) {
+            V r0, r1;
+            L::load(grp + off, cb, r0, r1);
+            gx0 = gx0 + r0, gx1 = gx1 + r1;
           }
-          L::store(gxp + off, cb, dx0 * s0, dx1 * s1);
+          L::store(gxp + off, cb, gx0, gx1);
+          if (!normed) continue;
           V x0v, x1v;
           L::load(xp + off, cb, x0v, x1v);
           sx0 = sx0 + dx0, sx1 = sx1 + dx1;
@@ -435,10 +457,11 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& x_scale,
                   const std::optional<at::Tensor>& x_shift, const at::Tensor& weight_in,
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& mean_in,
-                  c10::string_view act_name) {
+                  c10::string_view act_name, const std::optional<at::Tensor>& grad_res_in,
+                  const std::optional<at::Tensor>& saved_out_in) {
   const DwArgs a = check_dw_stage_backward("dw_stage_backward", grad_out_in, grad_mean_in,
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, weight_in,
-                                           bias_in, mean_in, act_name);
+                                           bias_in, mean_in, act_name, grad_res_in, saved_out_in);
   const DwGeometry& g = a.g;
   const auto acc = a.acc;
   const Norm& norm = a.norm;
@@ -448,6 +471,11 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto cl_or_none = [](bool given, const std::optional<at::Tensor>& t) {
+    return given ? t->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  };
+  const auto grad_res = cl_or_none(a.have_grad_res, grad_res_in);
+  const auto saved_out = cl_or_none(a.have_saved_out, saved_out_in);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -463,8 +491,9 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
     dispatch_act(a.act, [&](auto act) {
       dw_backward<scalar_t, decltype(act)::value>(
           g, grad_out, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr, x,
-          norm, weight, bias ? &*bias : nullptr, mean ? &*mean : nullptr, grad_x, grad_weight,
-          grad_bias, g_mean, g_scale, g_shift);
+          norm, weight, bias ? &*bias : nullptr, mean ? &*mean : nullptr,
+          a.have_grad_res ? &grad_res : nullptr, a.have_saved_out ? &saved_out : nullptr, grad_x,
+          grad_weight, grad_bias, g_mean, g_scale, g_shift);
     });
   });
   return {grad_x, g_mean, g_scale, g_shift, grad_weight, grad_bias};

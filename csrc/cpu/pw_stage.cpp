@@ -573,11 +573,12 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& res_scale,
                   const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& pre_act_in,
-                  const std::optional<at::Tensor>& mean_in, c10::string_view act_name) {
+                  const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
+                  const std::optional<at::Tensor>& saved_out_in) {
   const PwArgs a = check_pw_stage_backward("pw_stage_backward", grad_out, grad_mean_in,
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, res_in,
                                            res_mean, res_scale, res_shift, weight, bias_in,
-                                           pre_act_in, mean_in, act_name);
+                                           pre_act_in, mean_in, act_name, saved_out_in);
   const PwGeometry& g = a.g;
   const auto acc = a.acc;
   const Norm &nx = a.nx, &nr = a.nr;
@@ -589,7 +590,14 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const auto r2d = res_in.has_value() ? std::optional<at::Tensor>(rows_view(*res_in)) : std::nullopt;
   const auto w2d = weight.reshape({g.Cout, g.Cin});
   const auto go2d = rows_view(grad_out);
-  const auto pre2d = a.have_pre_act ? std::optional<at::Tensor>(rows_view(*pre_act_in)) : std::nullopt;
+  // Where act' follows from the output (relu), the saved output serves as the pre-activation:
+  // the backward reads it exactly as it would read p (act(o) = o, o <= 0 exactly where p <= 0).
+  std::optional<at::Tensor> pre2d;
+  if (a.have_pre_act) {
+    pre2d = rows_view(*pre_act_in);
+  } else if (a.have_saved_out && derivative_from_output(a.act)) {
+    pre2d = rows_view(*saved_out_in);
+  }
   const auto in_sizes = a.in_sizes();
   PwGrads gr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "pw_stage_backward_cpu", [&] {

@@ -62,16 +62,24 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& x_scale,
                   const std::optional<at::Tensor>& x_shift, const at::Tensor& weight_in,
                   const std::optional<at::Tensor>& bias_in,
-                  const std::optional<at::Tensor>& mean_in, c10::string_view act_name) {
+                  const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
+                  const std::optional<at::Tensor>& grad_res_in,
+                  const std::optional<at::Tensor>& saved_out_in) {
   const char* op = "dw_stage_backward";
   const DwArgs a = check_dw_stage_backward(op, grad_out_in, grad_mean_in, grad_var_in, x_in, x_mean,
-                                           x_scale, x_shift, weight_in, bias_in, mean_in, act_name);
+                                           x_scale, x_shift, weight_in, bias_in, mean_in, act_name,
+                                           grad_res_in, saved_out_in);
   const DwGeometry& g = a.g;
   const Norm& norm = a.norm;
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto grad_out = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto cl_or_none = [](bool given, const std::optional<at::Tensor>& t) {
+    return given ? t->contiguous(at::MemoryFormat::ChannelsLast) : at::Tensor();
+  };
+  const auto grad_res = cl_or_none(a.have_grad_res, grad_res_in);
+  const auto saved_out = cl_or_none(a.have_saved_out, saved_out_in);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
@@ -92,8 +100,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.grad_mean = ptr_or_null(a.sg.grad_mean);
   c.grad_var = ptr_or_null(a.sg.grad_var);
   c.mean = ptr_or_null(a.sg.mean);
-  // c.out stays null: the op's schema does not pass the forward's out yet, so ReLU recomputes the
-  // conv too (docs/CUDA.md, "Backward: recompute or save").
+  c.out = ptr_or_null(saved_out);  // ReLU then skips the conv recompute; GELU ignores it
   c.x = x.data_ptr();
   c.norm = norm_ptrs(norm);
   c.weight = weight.data_ptr();
@@ -104,6 +111,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.grad_bias = grad_bias.data_ptr();
   c.sum_dx = out_ptr_or_null(sum_dx);
   c.sum_dx_xc = out_ptr_or_null(sum_dx_xc);
+  c.grad_res = ptr_or_null(grad_res);
   launch_entry(op, c, x, true, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
 

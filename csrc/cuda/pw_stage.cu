@@ -100,12 +100,13 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias_in,
                   const std::optional<at::Tensor>& pre_act_in,
-                  const std::optional<at::Tensor>& mean_in, c10::string_view act_name) {
+                  const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
+                  const std::optional<at::Tensor>& saved_out_in) {
   const char* op = "pw_stage_backward";
   const PwArgs args = check_pw_stage_backward(op, grad_out, grad_mean_in, grad_var_in, x_in, x_mean,
                                               x_scale, x_shift, res_in, res_mean, res_scale,
                                               res_shift, weight, bias_in, pre_act_in, mean_in,
-                                              act_name);
+                                              act_name, saved_out_in);
   const PwGeometry& g = args.g;
   const auto acc = args.acc;
   const Norm &nx = args.nx, &nr = args.nr;
@@ -131,7 +132,12 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   // the forward's u over; saving it would take those 3E off every backward for E of memory held
   // per block (docs/CUDA.md "pw stage", byte count). The forward writes u for its GEMM anyway.
   const auto u = prologue(op, x2d, nx, r2d, nr);
-  const auto p2d = args.have_pre_act ? rows_of(*pre_act_in) : gemm_pre_act(u, w2d, bias);
+  // Where act' follows from the output (relu), the saved output serves as the pre-activation.
+  const bool out_as_pre =
+      !args.have_pre_act && args.have_saved_out && derivative_from_output(args.act);
+  const auto p2d = args.have_pre_act ? rows_of(*pre_act_in)
+                   : out_as_pre      ? rows_of(*saved_out_in)
+                                     : gemm_pre_act(u, w2d, bias);
   auto dp2d = at::empty({g.rows(), g.Cout}, x_in.options());
   pw::EpilogueBackward e;
   e.problem = problem_of(x_in, g.rows(), g.Cout);

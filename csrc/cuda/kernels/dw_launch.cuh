@@ -228,6 +228,7 @@ struct Backward {
   void* grad_bias = nullptr;
   void* sum_dx = nullptr;     // with a norm only
   void* sum_dx_xc = nullptr;  // with a norm only
+  const void* grad_res = nullptr;  // like x, or null: added into grad_x (the residual's gradient)
 };
 
 inline Requirements requirements(const Forward& c) {
@@ -302,6 +303,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   set_inputs<T>(args, c);
   args.grad_pre = static_cast<T*>(c.grad_pre);
   args.grad_x = static_cast<T*>(c.grad_x);
+  args.grad_res = static_cast<const T*>(c.grad_res);
   args.vectorized_x = can_vectorize<T>(c.x, s.C) && can_vectorize<T>(c.grad_pre, s.C);
   T* const grad_weight = static_cast<T*>(c.grad_weight);
   T* const grad_bias = static_cast<T*>(c.grad_bias);

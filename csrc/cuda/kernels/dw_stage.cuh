@@ -507,6 +507,7 @@ struct BackwardArgs {
   acc_t<T>* part_grad_b;      // [parts][C]
   acc_t<T>* part_sum_dx;      // [parts][C], only with a norm
   acc_t<T>* part_sum_dx_xc;   // [parts][C], only with a norm
+  const T* grad_res;          // NHWC like x, or null: added into grad_x (the residual's gradient)
   bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
 };
 
@@ -797,7 +798,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (y >= s.H || xx >= s.W || c >= s.C) continue;
         const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
         const AccT dx = acc[r][x];
-        args.grad_x[off] = from_acc<T>(norm ? dx * scale : dx);
+        const AccT gx = norm ? dx * scale : dx;
+        args.grad_x[off] = from_acc<T>(args.grad_res ? gx + to_acc(args.grad_res[off]) : gx);
         if (norm) {
           sum_dx += dx;
           sum_dx_xc = fma_acc(dx, to_acc(args.x[off]) - mean, sum_dx_xc);

@@ -1,0 +1,122 @@
+"""A whole ConvMixer block as the two fused stages, with one backward pass for its input.
+
+The block input h (with its norm, the previous block's BN2) feeds both stages: dw_stage reads it
+as x, pw_stage as its residual. As two independent autograd nodes, each returns a gradient for h
+and the autograd engine adds them: an extra pass reading two activation-sized tensors and writing
+one, per block and step. Here the dw stage's autograd node also outputs a *carrier*, a zero-byte
+stand-in with h's shape (a broadcast scalar) that the pw stage takes in h's place on the
+gradient path; pw_stage's gradient for its residual therefore arrives at the dw node, whose
+backward op adds it into grad_x in the same store (dw_stage_backward's grad_res). The residual
+norm's [C] gradients are still summed by the engine with the dw stage's (vectors, not
+activations). The same nodes save each stage's output for the backward where act' follows from
+it (relu), so neither stage recomputes its pre-activation for act' nor keeps one (docs/OPS.md).
+
+The two nodes are torch.autograd.Function subclasses around the registered ops: torch.compile
+traces them (the ops have fake implementations), checkpointing replays them, and without
+gradients the block is the two plain stage calls.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from ..activations import ACTIVATIONS
+from .backend import resolve
+from .checks import Norm, check_dw_stage, check_pw_stage
+from .dw_stage import dw_stage
+from .grads import in_param_layout, saved_output
+from .pw_stage import pw_stage
+
+_ops = torch.ops.convmixer_kernels
+
+
+def _triple(norm: Optional[Norm]):
+    return tuple(norm) if norm is not None else (None, None, None)
+
+
+class _DwNode(torch.autograd.Function):
+    """dw_stage, plus the carrier output through which h's residual gradient comes back."""
+
+    @staticmethod
+    def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats, triton):
+        op = _ops.dw_stage_triton if triton else _ops.dw_stage
+        out, mean, var = op(x, x_mean, x_scale, x_shift, weight, bias, act, stats)
+        carrier = x.new_zeros(()).expand(x.shape)
+        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
+                              saved_output(act, out))
+        ctx.act, ctx.triton = act, triton
+        return out, mean, var, carrier
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var, grad_res):
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out = ctx.saved_tensors
+        op = _ops.dw_stage_backward_triton if ctx.triton else _ops.dw_stage_backward
+        gx, gmean, gscale, gshift, gw, gb = op(
+            grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
+            ctx.act, grad_res, out)
+        norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
+        return (gx, *norm_grads, in_param_layout(gw, weight), gb if bias is not None else None,
+                None, None, None)
+
+
+class _PwNode(torch.autograd.Function):
+    """pw_stage whose residual's gradient goes to `carrier` (the residual itself, passed as
+    `res`, gets none: its gradient is the carrier's)."""
+
+    @staticmethod
+    def forward(ctx, x, x_mean, x_scale, x_shift, carrier, res, res_mean, res_scale, res_shift,
+                weight, bias, act, stats, triton):
+        op = _ops.pw_stage_triton if triton else _ops.pw_stage
+        keep_pre_act = ACTIVATIONS[act].needs_pre_activation
+        out, pre_act, mean, var = op(x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
+                                     res_shift, weight, bias, act, stats, keep_pre_act)
+        ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift,
+                              weight, bias, pre_act if keep_pre_act else None, mean,
+                              saved_output(act, out))
+        ctx.act, ctx.triton = act, triton
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
+         mean, out) = ctx.saved_tensors
+        op = _ops.pw_stage_backward_triton if ctx.triton else _ops.pw_stage_backward
+        gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = op(
+            grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
+            res_shift, weight, bias, pre_act, mean, ctx.act, out)
+        x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
+        res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
+        return (gx, *x_norm_grads, gr, None, *res_norm_grads, in_param_layout(gw, weight),
+                gb if bias is not None else None, None, None, None)
+
+
+def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
+                pw_weight: torch.Tensor, pw_bias: Optional[torch.Tensor],
+                norm1: Callable[[torch.Tensor, torch.Tensor], Norm], *, act: str = "gelu",
+                x_norm: Optional[Norm] = None, stats: tuple = (True, True),
+                backend: str = "auto"):
+    """One block: ``g = dw_stage(h, x_norm)``, ``norm1(mean, var)`` of g's statistics (BN1, as
+    the caller builds it: batch or running statistics, synchronised or not), then
+    ``pw_stage(g, x_norm=norm1, residual=h, residual_norm=x_norm)``.
+
+    Returns pw_stage's ``(out, mean, var)``; `stats` is the pair of the two stages' `stats`.
+    Values and gradients are those of the two calls; the backward adds h's two gradients inside
+    the dw stage's backward op instead of in a separate pass.
+    """
+    dw_stats, pw_stats = stats
+    if not torch.is_grad_enabled():
+        g, mean, var = dw_stage(h, dw_weight, dw_bias, act=act, x_norm=x_norm, stats=dw_stats,
+                                backend=backend)
+        return pw_stage(g, pw_weight, pw_bias, act=act, x_norm=norm1(mean, var), residual=h,
+                        residual_norm=x_norm, stats=pw_stats, backend=backend)
+    check_dw_stage(h, dw_weight, dw_bias, act, x_norm, dw_stats)
+    triton = resolve(backend, h.device) == "triton"
+    xm, xs, xt = _triple(x_norm)
+    g, mean, var, carrier = _DwNode.apply(h, xm, xs, xt, dw_weight, dw_bias, act, dw_stats,
+                                          triton)
+    n1 = norm1(mean, var)
+    check_pw_stage(g, pw_weight, pw_bias, act, n1, h, x_norm, pw_stats)
+    return _PwNode.apply(g, *n1, carrier, h, xm, xs, xt, pw_weight, pw_bias, act, pw_stats,
+                         triton)
