@@ -52,39 +52,45 @@ def test_glue_launches_per_block_match_the_ledger(autocast):
     Python, the same on every backend, so the CPU run counts what a GPU would launch."""
     two, three = _glue_ops(2, autocast), _glue_ops(3, autocast)
     per_block = {op: three[op] - two[op] for op in three if three[op] != two[op]}
-    expected = sum(e.launches for e in ledger.block_step(autocast) if e.stage == "block")
+    expected = sum(e.launches for e in ledger.block_step("gelu", autocast)
+                   if e.stage == "block")
     assert sum(per_block.values()) == expected, per_block
 
 
-def test_every_kernel_named_exists():
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_every_kernel_named_exists(act):
     source = "\n".join(p.read_text() for p in (ROOT / "csrc" / "cuda").rglob("*.cu*"))
-    for entry in ledger.block_step():
+    for entry in ledger.block_step(act):
         if entry.kernel.endswith("_kernel"):
             assert re.search(rf"\b{entry.kernel}\s*[<(]", source), entry.kernel
 
 
-def test_passes_add_up():
-    step = ledger.block_step()
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_passes_add_up(act):
+    step = ledger.block_step(act)
     fwd = sum(e.passes for e in step if e.phase == "fwd")
-    assert ledger.passes_per_block() == fwd + sum(e.passes for e in step if e.phase != "fwd")
+    assert ledger.passes_per_block(act) == fwd + sum(e.passes for e in step if e.phase != "fwd")
     # the implementation cannot move less than the fused data flow's floor
-    assert ledger.passes_per_block() >= roofline.FUSED_PASSES_PER_BLOCK
+    assert ledger.passes_per_block(act) >= roofline.FUSED_PASSES_PER_BLOCK
 
 
 def test_step_cost_takes_the_ledgers_bytes():
     cost = roofline.step_cost(dim=768, depth=32, kernel_size=7, patch_size=7, batch=128,
                               image_size=224, dtype=torch.bfloat16)
     activation = 128 * 32 * 32 * 768 * 2
-    assert cost.cuda_bytes == 32 * ledger.passes_per_block() * activation
+    assert cost.cuda_bytes == 32 * ledger.passes_per_block("gelu") * activation
     assert cost.fused_bytes == 32 * roofline.FUSED_PASSES_PER_BLOCK * activation
 
 
-def test_cli_ends_with_the_two_totals(capsys):
-    roofline_main(["--ledger", "--model", "convmixer_1536_20"])
+@pytest.mark.parametrize("model,act,rows", [("convmixer_1536_20", "gelu", 64 * 32 * 32),
+                                            ("convmixer_768_32", "relu", 128 * 32 * 32)])
+def test_cli_ends_with_the_two_totals(capsys, model, act, rows):
+    """The model's activation and the issue's batch (64 for 1536/20, 128 for 768/32)."""
+    roofline_main(["--ledger", "--model", model])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2] == f"passes per block: {ledger.passes_per_block():g}"
-    assert lines[-1] == f"launches per block: {ledger.launches_per_block()}"
-    assert "E = 65536 rows x 1536 channels x 2 B" in lines[-3]
+    assert lines[-2] == f"passes per block: {ledger.passes_per_block(act):g}"
+    assert lines[-1] == f"launches per block: {ledger.launches_per_block(act)}"
+    assert f"E = {rows} rows x " in lines[-3]
 
 
 def test_bench_table_shows_the_own_floor_only_when_measured():

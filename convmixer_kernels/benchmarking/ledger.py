@@ -41,67 +41,70 @@ class Launch:
         return self.reads + self.writes
 
 
-# The CUDA backend's block step, as the code runs it today (GELU; batch statistics; the block's
-# dw input carries the previous block's BN2 norm, its pw stage BN1 and the residual with that
-# same norm; a pw bias; keep_pre_act). Autocast adds AUTOCAST_CASTS.
-BLOCK_STEP = [
-    # ---- forward
-    Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=1, dw_taps=1,
-           note="norm on load, conv, bias, act, per-CTA statistics"),
-    Launch("dw", "fwd", "channel_stats_finalize_kernel", 1, note="BN1 statistics"),
-    Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
-           note="u = BN1(g) + BN2_prev(h)"),
-    Launch("pw", "fwd", "cuBLAS addmm", 1, reads=1, writes=1, gemms=1, note="pre = u Wᵀ + b"),
-    Launch("pw", "fwd", "pw_epilogue_forward_kernel", 1, reads=1, writes=1,
-           note="act, per-tile statistics; pre kept for the backward"),
-    Launch("pw", "fwd", "channel_stats_finalize_kernel", 1, note="BN2 statistics"),
-    # ---- backward, pw stage first
-    Launch("pw", "bwd", "pw_prologue_kernel", 1, reads=2, writes=1, note="u recomputed"),
-    Launch("pw", "bwd", "pw_epilogue_backward_kernel", 1, reads=2, writes=1,
-           note="dP from grad_out, pre and the statistics' gradients; bias partials"),
-    Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
-    Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
-    Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=3, writes=2,
-           note="grad_x, grad_res through the two norms, their sums' partials"),
-    Launch("pw", "bwd", "pw_backward_finalize_kernel", 1,
-           note="grad_bias and both norms' gradients from the partials"),
-    # ---- backward, dw stage
-    Launch("dw", "bwd", "dw_backward_data_kernel", 1, reads=2, writes=1, dw_taps=2,
-           note="conv recomputed for act', dA, dW partials"),
-    Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=2, writes=1, dw_taps=1,
-           note="dX = transposed conv of dA, norm-gradient partials"),
-    Launch("dw", "bwd", "sum_parts_kernel", 4, note="dW, db, the norm's two sums"),
-    Launch("dw", "bwd", "ATen ops on [dim] vectors", 2, note="norm gradients from the sums"),
-    # ---- the model's glue
-    Launch("block", "bwd", "ATen add", 1, reads=2, writes=1,
-           note="autograd adds pw's grad_res to dw's grad_x"),
-    Launch("block", "fwd+bwd", "ATen ops on [dim] vectors", 35,
-           note="bn_norm, running statistics and their backward (python_tests/test_ledger.py)"),
-]
+def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
+    """The CUDA backend's block step as the code runs it today: batch statistics; the block's dw
+    input carries the previous block's BN2 norm, its pw stage BN1 and the residual with that same
+    norm (ops.mixer_block); a pw bias; under autocast the weight casts too."""
+    relu = act == "relu"
+    step = [
+        # ---- forward
+        Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=1, dw_taps=1,
+               note="norm on load, conv, bias, act, per-CTA statistics"),
+        Launch("dw", "fwd", "channel_stats_finalize_kernel", 1, note="BN1 statistics"),
+        Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
+               note="u = BN1(g) + BN2_prev(h)"),
+        Launch("pw", "fwd", "cuBLAS addmm", 1, reads=1, writes=1, gemms=1,
+               note="pre = u Wᵀ + b"),
+        Launch("pw", "fwd", "pw_epilogue_forward_kernel", 1, reads=1, writes=1,
+               note="act, per-tile statistics; " + (
+                   "pre dropped (the backward takes act' from out)" if relu
+                   else "pre kept for the backward")),
+        Launch("pw", "fwd", "channel_stats_finalize_kernel", 1, note="BN2 statistics"),
+        # ---- backward, pw stage first
+        Launch("pw", "bwd", "pw_prologue_kernel", 1, reads=2, writes=1, note="u recomputed"),
+        Launch("pw", "bwd", "pw_epilogue_backward_kernel", 1, reads=2, writes=1,
+               note="dP from grad_out, " + ("out" if relu else "pre")
+               + " and the statistics' gradients; bias partials"),
+        Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
+        Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
+        Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=3, writes=2,
+               note="grad_g, grad_h (the residual's) through the two norms, their sums"),
+        Launch("pw", "bwd", "pw_backward_finalize_kernel", 1,
+               note="grad_bias and both norms' gradients from the partials"),
+        # ---- backward, dw stage
+        Launch("dw", "bwd", "dw_backward_data_kernel", 1, reads=3 if relu else 2, writes=1,
+               dw_taps=1 if relu else 2,
+               note="act' from the saved out, dA, dW partials" if relu
+               else "conv recomputed for act', dA, dW partials"),
+        Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=3, writes=1, dw_taps=1,
+               note="dX = transposed conv of dA, + grad_h in the store, norm-sum partials"),
+        Launch("dw", "bwd", "sum_parts_kernel", 4, note="dW, db, the norm's two sums"),
+        Launch("dw", "bwd", "ATen ops on [dim] vectors", 2, note="norm gradients from the sums"),
+        # ---- the model's glue (python_tests/test_ledger.py counts it)
+        Launch("block", "fwd", "ATen new_zeros", 1,
+               note="mixer_block's one-element carrier of h's gradient into the dw backward"),
+        Launch("block", "fwd+bwd", "ATen ops on [dim] vectors", 35,
+               note="bn_norm, running statistics and their backward"),
+    ]
+    if autocast:
+        step.append(Launch("block", "fwd+bwd", "ATen _to_copy", 8,
+                           note="autocast: weights and biases to the storage dtype and back"))
+    return step
 
-# Under autocast: the dw and pw weights and biases cast to the storage dtype in the forward,
-# their gradients cast back in the backward.
-AUTOCAST_CASTS = Launch("block", "fwd+bwd", "ATen _to_copy", 8,
-                        note="autocast: weights and biases to the storage dtype and back")
+
+def passes_per_block(act: str = "gelu", autocast: bool = True) -> float:
+    return sum(entry.passes for entry in block_step(act, autocast))
 
 
-def block_step(autocast: bool = True) -> list[Launch]:
-    return BLOCK_STEP + ([AUTOCAST_CASTS] if autocast else [])
-
-
-def passes_per_block(autocast: bool = True) -> float:
-    return sum(entry.passes for entry in block_step(autocast))
-
-
-def launches_per_block(autocast: bool = True) -> int:
-    return sum(entry.launches for entry in block_step(autocast))
+def launches_per_block(act: str = "gelu", autocast: bool = True) -> int:
+    return sum(entry.launches for entry in block_step(act, autocast))
 
 
 def _fmt_number(v: float) -> str:
     return f"{v:g}"
 
 
-def table(dim: int, rows: int, kernel_size: int, dtype: torch.dtype,
+def table(dim: int, rows: int, kernel_size: int, dtype: torch.dtype, act: str = "gelu",
           autocast: bool = True) -> str:
     """The ledger at one size, one line per entry, then totals; the last two lines are exactly
     `passes per block: N` and `launches per block: N`."""
@@ -113,16 +116,16 @@ def table(dim: int, rows: int, kernel_size: int, dtype: torch.dtype,
             f"{'write MB':>10}{'GFLOP':>9}  note")
     lines = [head, "-" * len(head)]
     total_r = total_w = total_f = 0.0
-    for entry in block_step(autocast):
+    for entry in block_step(act, autocast):
         r, w = entry.reads * e, entry.writes * e
         f = entry.dw_taps * taps + entry.gemms * gemm
         total_r, total_w, total_f = total_r + r, total_w + w, total_f + f
         lines.append(f"{entry.stage:<6}{entry.phase:<8}{entry.kernel:<31}{entry.launches:>9}"
                      f"{r / 1e6:>10.0f}{w / 1e6:>10.0f}{f / 1e9:>9.1f}  {entry.note}")
     lines.append("-" * len(head))
-    lines.append(f"{'total per block':<45}{launches_per_block(autocast):>9}"
+    lines.append(f"{'total per block':<45}{launches_per_block(act, autocast):>9}"
                  f"{total_r / 1e6:>10.0f}{total_w / 1e6:>10.0f}{total_f / 1e9:>9.1f}")
     lines.append(f"E = {rows} rows x {dim} channels x {elem} B = {e / 1e6:.0f} MB")
-    lines.append(f"passes per block: {_fmt_number(passes_per_block(autocast))}")
-    lines.append(f"launches per block: {launches_per_block(autocast)}")
+    lines.append(f"passes per block: {_fmt_number(passes_per_block(act, autocast))}")
+    lines.append(f"launches per block: {launches_per_block(act, autocast)}")
     return "\n".join(lines)

@@ -56,7 +56,8 @@ class Ceilings:
 
 
 def step_cost(dim: int, depth: int, kernel_size: int, patch_size: int, batch: int,
-              image_size: int, dtype: torch.dtype, in_chans: int = 3) -> StepCost:
+              image_size: int, dtype: torch.dtype, in_chans: int = 3,
+              act: str = "gelu") -> StepCost:
     """Work of one training step (forward + backward) of a ConvMixer."""
     tokens = (image_size // patch_size) ** 2
     m = batch * tokens                      # rows of the pointwise GEMM
@@ -69,7 +70,7 @@ def step_cost(dim: int, depth: int, kernel_size: int, patch_size: int, batch: in
                     dw_flops=depth * dw_per_block,
                     fused_bytes=depth * FUSED_PASSES_PER_BLOCK * activation,
                     eager_bytes=depth * EAGER_PASSES_PER_BLOCK * activation,
-                    cuda_bytes=depth * ledger.passes_per_block(dtype != torch.float32)
+                    cuda_bytes=depth * ledger.passes_per_block(act, dtype != torch.float32)
                     * activation)
 
 
@@ -77,7 +78,7 @@ def model_cost(model, batch: int, image_size: int, dtype: torch.dtype) -> StepCo
     conv = model.stem[0]
     kernel = model.blocks[0][0].fn[0].kernel_size[0] if len(model.blocks) else 1
     return step_cost(model.num_features, len(model.blocks), kernel, conv.kernel_size[0], batch,
-                     image_size, dtype, conv.in_channels)
+                     image_size, dtype, conv.in_channels, model.act)
 
 
 # Per stage and pass (bench/test_stages.py): the bytes a fused stage cannot avoid moving, as
@@ -214,9 +215,9 @@ def main(argv=None) -> None:
     patch = shape.stem[0].kernel_size[0]
     kernel = shape.blocks[0][0].fn[0].kernel_size[0]
     rows = batch * (image // patch) ** 2
-    print(f"{args.model}, batch {batch}, {image}x{image}, {args.dtype}")
+    print(f"{args.model} ({shape.act}), batch {batch}, {image}x{image}, {args.dtype}")
     if args.ledger:
-        print(ledger.table(shape.num_features, rows, kernel, dtype,
+        print(ledger.table(shape.num_features, rows, kernel, dtype, shape.act,
                            autocast=dtype != torch.float32))
         return
     cost = model_cost(shape, batch, image, dtype)
