@@ -6,6 +6,7 @@
 
 #include "dw_launch.cuh"
 
+#include <atomic>
 #include <type_traits>
 
 namespace convmixer_kernels {
@@ -29,40 +30,64 @@ inline auto kernel_for_k(int K, KernelOf kernel_of) {
   return kernel_of(std::integral_constant<int, 0>{});
 }
 
-// Every dw kernel launches the same way: the plan's dynamic shared memory (above the 48 KiB
-// default, so the attribute first), the plan's grid, kThreads threads.
-template <typename Kernel, typename Args>
-inline cudaError_t launch_on_grid(Kernel kernel, const Args& args, const Shape& s, size_t smem,
-                                  cudaStream_t stream) {
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+// The kernel may use `smem` bytes of dynamic shared memory on the current device. The opt-in
+// above the 48 KiB default (cudaFuncSetAttribute, a driver call) is made when a launch needs more
+// than the kernel was allowed so far on that device, not before every launch: a training step
+// launches the same few kernels at the same sizes. The allowance only grows; two threads racing
+// may both make the call, which is harmless.
+template <auto Kernel>
+inline cudaError_t allow_dynamic_smem(size_t smem) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> allowed[kDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  kernel<<<grid_of(s), kThreads, smem, stream>>>(args, s);
+  const bool cached = device >= 0 && device < kDevices;
+  if (cached && int(smem) <= allowed[device].load(std::memory_order_acquire)) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess || !cached) return err;
+  int have = allowed[device].load(std::memory_order_relaxed);
+  while (have < int(smem) &&
+         !allowed[device].compare_exchange_weak(have, int(smem), std::memory_order_release)) {
+  }
+  return cudaSuccess;
+}
+
+// Every dw kernel launches the same way: the plan's dynamic shared memory, the plan's grid,
+// kThreads threads.
+template <auto Kernel, typename Args>
+cudaError_t launch_on_grid(const Args& args, const Shape& s, size_t smem, cudaStream_t stream) {
+  const cudaError_t err = allow_dynamic_smem<Kernel>(smem);
+  if (err != cudaSuccess) return err;
+  Kernel<<<grid_of(s), kThreads, smem, stream>>>(args, s);
   return cudaGetLastError();
 }
 
 template <typename T, Act A>
 cudaError_t ForwardKernels<T, A>::launch(const ForwardArgs<T>& args, const Shape& s, size_t smem,
                                          cudaStream_t stream) {
-  const auto kernel = kernel_for_k<acc_t<T>>(
-      s.K, [](auto k) { return &dw_forward_kernel<T, decltype(k)::value, A>; });
-  return launch_on_grid(kernel, args, s, smem, stream);
+  const auto run = kernel_for_k<acc_t<T>>(s.K, [](auto k) {
+    return &launch_on_grid<&dw_forward_kernel<T, decltype(k)::value, A>, ForwardArgs<T>>;
+  });
+  return run(args, s, smem, stream);
 }
 
 template <typename T, Act A>
 cudaError_t BackwardDataKernels<T, A>::launch(const BackwardArgs<T>& args, const Shape& s,
                                               size_t smem, cudaStream_t stream) {
-  const auto kernel = kernel_for_k<acc_t<T>>(
-      s.K, [](auto k) { return &dw_backward_data_kernel<T, decltype(k)::value, A>; });
-  return launch_on_grid(kernel, args, s, smem, stream);
+  const auto run = kernel_for_k<acc_t<T>>(s.K, [](auto k) {
+    return &launch_on_grid<&dw_backward_data_kernel<T, decltype(k)::value, A>, BackwardArgs<T>>;
+  });
+  return run(args, s, smem, stream);
 }
 
 template <typename T>
 cudaError_t BackwardInputKernels<T>::launch(const BackwardArgs<T>& args, const Shape& s,
                                             size_t smem, cudaStream_t stream) {
-  const auto kernel = kernel_for_k<acc_t<T>>(
-      s.K, [](auto k) { return &dw_backward_input_kernel<T, decltype(k)::value>; });
-  return launch_on_grid(kernel, args, s, smem, stream);
+  const auto run = kernel_for_k<acc_t<T>>(s.K, [](auto k) {
+    return &launch_on_grid<&dw_backward_input_kernel<T, decltype(k)::value>, BackwardArgs<T>>;
+  });
+  return run(args, s, smem, stream);
 }
 
 }  // namespace dw
