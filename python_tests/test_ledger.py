@@ -102,3 +102,76 @@ def test_bench_table_shows_the_own_floor_only_when_measured():
     cuda = Result("fused-cuda", step_ms=5.0, roofline=0.4, roofline_own=0.7)
     table = format_table([eager, cuda])
     assert "of own" in table and "70.0%" in table.splitlines()[-1]
+
+
+def _kernels_launched(log: list[str]) -> collections.Counter:
+    return collections.Counter(re.search(r"(\w+_kernel)\b", line).group(1) for line in log)
+
+
+def _ledger_kernels(stage: str, act: str) -> collections.Counter:
+    counts = collections.Counter()
+    for entry in ledger.block_step(act):
+        if entry.stage == stage and entry.kernel.endswith("_kernel"):
+            counts[entry.kernel] += entry.launches
+    return counts
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_dw_kernel_launches_match_the_ledger(act):
+    """The shipped dw launch entries under emulation (python_tests/cuda_emulation): one block's
+    forward with statistics and backward with a norm, the residual's gradient and (ReLU) the
+    saved output, launch exactly the ledger's dw kernels."""
+    emulated_cuda = pytest.importorskip("emulated_cuda")
+    from cuda_emulation import compiler, launch_log
+    if compiler() is None:
+        pytest.skip("the CUDA emulation needs a C++ compiler")
+    kernels = emulated_cuda.dw_kernels()
+    gen = torch.Generator().manual_seed(0)
+    n, c, h, w, k = 2, 40, 9, 9, 9
+    x = torch.randn(n, c, h, w, generator=gen)
+    norm = (torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.5,
+            torch.randn(c, generator=gen))
+    weight = torch.randn(c, 1, k, k, generator=gen) * 0.1
+    bias = torch.randn(c, generator=gen)
+    launch_log(kernels.lib)
+    out, mean, _ = kernels.forward(x, norm, weight, bias, act, stats=True)
+    kernels.backward(torch.randn_like(out), torch.randn(c), torch.randn(c), mean, x, norm, weight,
+                     bias, act, out=out if act == "relu" else None, grad_res=torch.randn_like(x))
+    assert _kernels_launched(launch_log(kernels.lib)) == _ledger_kernels("dw", act)
+
+
+def test_pw_kernel_launches_match_the_ledger():
+    """The shipped pw launch entries under emulation, in the order the launcher runs them for one
+    block (forward with statistics; backward recomputing u, then the bias and both norms'
+    gradients through one finalize), launch exactly the ledger's pw kernels (the GEMMs are
+    cuBLAS's, not emulated)."""
+    pytest.importorskip("emulated_cuda")
+    from cuda_emulation import compiler, launch_log
+    if compiler() is None:
+        pytest.skip("the CUDA emulation needs a C++ compiler")
+    from test_cuda_emulation_pw import PwKernels
+    kernels = PwKernels()
+    gen = torch.Generator().manual_seed(1)
+    rows, c = 130, 40
+
+    def vec():
+        return torch.rand(c, generator=gen) + 0.5
+
+    x, res = torch.randn(rows, c, generator=gen), torch.randn(rows, c, generator=gen)
+    nx, nr = (vec(), vec(), vec()), (vec(), vec(), vec())
+    pre = torch.randn(rows, c, generator=gen)
+    launch_log(kernels.lib)
+    kernels.prologue(x, nx, res, nr)
+    _, mean, _ = kernels.epilogue_forward(pre, "gelu", stats=True)
+    forward = _kernels_launched(launch_log(kernels.lib))
+    kernels.prologue(x, nx, res, nr)
+    _, ws = kernels.epilogue_backward(torch.randn_like(pre), pre, vec(), vec(), mean, "gelu",
+                                       keep_partials=True)
+    kernels.through_norms(torch.randn_like(x), x, nx, res, nr, True, True, bias=(ws, c))
+    backward = _kernels_launched(launch_log(kernels.lib))
+    ledger_fwd, ledger_bwd = collections.Counter(), collections.Counter()
+    for entry in ledger.block_step("gelu"):
+        if entry.stage == "pw" and entry.kernel.endswith("_kernel"):
+            (ledger_fwd if entry.phase == "fwd" else ledger_bwd)[entry.kernel] += entry.launches
+    assert forward == ledger_fwd
+    assert backward == ledger_bwd

@@ -3,9 +3,10 @@
 bytes it reads and writes and its FLOPs.
 
 It is written from the code (csrc/cuda/*_stage.cu and their launch entries, the model's glue in
-convmixer_kernels/model.py and ops/batch_norm.py) and kept honest by tests: the glue's launches
-are counted by running a block under a dispatch counter (python_tests/test_ledger.py), and every
-kernel the ledger names must exist in csrc/cuda. `roofline.step_cost` takes the implementation's
+convmixer_kernels/model.py, ops/block.py and ops/batch_norm.py) and kept honest by
+python_tests/test_ledger.py: the glue's launches are counted by running blocks under a dispatch
+counter, the dw and pw kernels' launches by running the shipped launch entries under the CUDA
+emulation, and every kernel the ledger names must exist in csrc/cuda. `roofline.step_cost` takes the implementation's
 bytes per block from here (StepCost.cuda_bytes); the ideal floor stays roofline.STAGE_PASSES.
 
 Units. E is one activation tensor, [N·H·W, dim] in the storage dtype: the block is square, so
