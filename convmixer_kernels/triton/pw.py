@@ -97,6 +97,17 @@ def _gemm_tile(M, N, ACC: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.const
             tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC))
 
 
+@triton.jit
+def _weight_tile(w_ptr, w_desc, co0, ci0, cos, cis, comask, cimask, Cin, W_DESC: tl.constexpr):
+    """The [cos, cis] tile of the [Cout, Cin] weight (cos from co0, cis from ci0), zero outside
+    the weight: one box through the tensor descriptor, or masked pointer loads."""
+    if W_DESC:
+        return w_desc.load([co0, ci0])
+    else:
+        return tl.load(w_ptr + cos[:, None] * Cin + cis[None, :],
+                       mask=comask[:, None] & cimask[None, :], other=0.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
@@ -117,11 +128,8 @@ def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
         kmask = ks < Cin
         u = _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, rows, ks,
                     rmask, kmask, Cin, HAS_XNORM, HAS_RES, HAS_RNORM, ACC)
-        if W_DESC:  # a [BLOCK_N, BLOCK_K] box of the [Cout, Cin] weight, zero past its edges
-            w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))
-        else:
-            w = tl.load(w_ptr + ns[None, :] * Cin + ks[:, None],
-                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+        w = tl.trans(_weight_tile(w_ptr, w_desc, pid_n * BLOCK_N, k0, ns, ks, nmask, kmask, Cin,
+                                  W_DESC))
         # IEEE fp32 products for float32: the contract is fp32 accuracy, which TF32 is not.
         # out_dtype: tl.dot accumulates in float32 unless told (triton 3.6 then refuses a
         # float64 accumulator).
@@ -243,11 +251,7 @@ def _pw_dgrad_kernel(dp_ptr, w_ptr, w_desc, x_ptr, xm_ptr, xs_ptr, r_ptr, rm_ptr
         comask = cos < Cout
         d_p = tl.load(dp_ptr + rows.to(tl.int64)[:, None] * Cout + cos[None, :],
                       mask=rmask[:, None] & comask[None, :], other=0.0)
-        if W_DESC:  # a [BLOCK_K, BLOCK_N] box of the [Cout, Cin] weight, zero past its edges
-            w = w_desc.load([k0, pid_n * BLOCK_N])
-        else:
-            w = tl.load(w_ptr + cos[:, None] * Cin + cis[None, :],
-                        mask=comask[:, None] & cimask[None, :], other=0.0)
+        w = _weight_tile(w_ptr, w_desc, k0, pid_n * BLOCK_N, cos, cis, comask, cimask, Cin, W_DESC)
         acc = tl.dot(d_p, w, acc, input_precision="ieee", out_dtype=ACC)
     mask = rmask[:, None] & cimask[None, :]
     offs = rows.to(tl.int64)[:, None] * Cin + cis[None, :]

@@ -296,6 +296,22 @@ scalar_t* ptr_or_null(const at::Tensor* t) {
   return t != nullptr ? t->data_ptr<scalar_t>() : nullptr;
 }
 
+// u = the prologue of every row, as one [rows, Cin] matrix (the whole-matrix path), chunk by
+// chunk on the pool's threads.
+template <typename K, typename scalar_t>
+at::Tensor whole_prologue(const K& k, const Chunks& ch, int64_t Cin, const scalar_t* xp,
+                          const scalar_t* rp, const at::TensorOptions& opts) {
+  at::Tensor u = at::empty({ch.rows, Cin}, opts);
+  scalar_t* up = u.data_ptr<scalar_t>();
+  at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r0 = ch.begin(i);
+      k.prologue(xp + r0 * Cin, rp ? rp + r0 * Cin : nullptr, up + r0 * Cin, ch.length(i));
+    }
+  });
+  return u;
+}
+
 // The forward: out = act(p), p = u Wᵀ + bias, u the prologue; pre2d = p when keep_pre_act; the
 // statistics of out into mean and var when stats.
 template <typename scalar_t, Act A>
@@ -344,17 +360,7 @@ void pw_forward(const PwGeometry& g, const at::Tensor& x2d, const Norm& nx, cons
       }
     });
   } else {
-    at::Tensor u = x2d;
-    if (prologue) {
-      u = at::empty({rows, g.Cin}, opts);
-      scalar_t* up = u.data_ptr<scalar_t>();
-      at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t r0 = ch.begin(i);
-          k.prologue(xp + r0 * g.Cin, rp ? rp + r0 * g.Cin : nullptr, up + r0 * g.Cin, ch.length(i));
-        }
-      });
-    }
+    const at::Tensor u = prologue ? whole_prologue(k, ch, g.Cin, xp, rp, x2d.options()) : x2d;
     pre2d = gemm(u, w2d, bias);
     scalar_t* pp = pre2d.data_ptr<scalar_t>();
     at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
@@ -481,17 +487,7 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
       }
     });
   } else {
-    at::Tensor u = x2d;
-    if (prologue) {
-      u = at::empty({rows, g.Cin}, opts);
-      scalar_t* up = u.data_ptr<scalar_t>();
-      at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t r0 = ch.begin(i);
-          k.prologue(xp + r0 * g.Cin, rp ? rp + r0 * g.Cin : nullptr, up + r0 * g.Cin, ch.length(i));
-        }
-      });
-    }
+    const at::Tensor u = prologue ? whole_prologue(k, ch, g.Cin, xp, rp, x2d.options()) : x2d;
     const at::Tensor p = pre2d != nullptr ? *pre2d : gemm(u, w2d, bias);
     auto dp = at::empty({rows, g.Cout}, opts);
     const scalar_t* pp = p.data_ptr<scalar_t>();
