@@ -64,7 +64,7 @@ class DwKernels:
             P, SZ, ctypes.POINTER(SZ), P])                          # ws, size, size out, stream
         self.bwd = bind(self.lib, "convmixer_dw_backward", ctypes.c_int, [
             ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
-            P, P, P, P, P, P, P, P, P, P, P, P,  # norm w b grad_pre gx gw gb sums grad_res
+            P, P, P, P, P, P, P, P, P, P, P, P, P,  # norm w b grad_pre gx gw gb sums grad_res gmean
             P, SZ, ctypes.POINTER(SZ), P])
 
     def forward(self, x, norm, weight, bias, act, stats, x_offset=0):
@@ -95,9 +95,10 @@ class DwKernels:
 
     def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None,
                  grad_res=None):
-        """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc). `out`: the forward's output (NCHW
-        shape), which spares ReLU the conv recompute; None: recompute. grad_res, when given, is
-        added into grad_x."""
+        """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc, grad_norm_mean): the norm's
+        gradients are (grad_norm_mean, sum_dx_xc, sum_dx), the last three garbage without a norm.
+        `out`: the forward's output (NCHW shape), which spares ReLU the conv recompute; None:
+        recompute. grad_res, when given, is added into grad_x."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -109,12 +110,13 @@ class DwKernels:
         size = SZ(0)
         code = DTYPE_CODE[dtype]
         args_head = (code, act_code(act))
-        assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 12),
+        assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 13),
                         None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
         grad_w, grad_b = Guarded((c, k * k), dtype), Guarded((c,), dtype)
         sum_dx, sum_dx_xc = Guarded((c,), acc), Guarded((c,), acc)
+        grad_norm_mean = Guarded((c,), acc)
         nm, ns, nt = norm if norm is not None else (None, None, None)
         rc = self.bwd(*args_head, ptr(gog.tensor), ptr(grad_mean), ptr(grad_var), ptr(mean),
                       ptr(outg.tensor) if outg is not None else None, ptr(xg.tensor),
@@ -122,7 +124,8 @@ class DwKernels:
                       ptr(weight.contiguous()), ptr(bias), ptr(grad_pre.tensor),
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
                       ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor),
-                      ptr(None if grad_res is None else grg.tensor), ptr(ws.tensor),
+                      ptr(None if grad_res is None else grg.tensor), ptr(grad_norm_mean.tensor),
+                      ptr(ws.tensor),
                       ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
         for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b,
@@ -133,8 +136,10 @@ class DwKernels:
         if norm is not None:
             sum_dx.check()
             sum_dx_xc.check()
+            grad_norm_mean.check()
         return (grad_x.tensor.permute(0, 3, 1, 2).clone(), grad_w.tensor.view(c, 1, k, k).clone(),
-                grad_b.tensor.clone(), sum_dx.tensor.clone(), sum_dx_xc.tensor.clone())
+                grad_b.tensor.clone(), sum_dx.tensor.clone(), sum_dx_xc.tensor.clone(),
+                grad_norm_mean.tensor.clone())
 
 
 @functools.cache
@@ -182,10 +187,10 @@ class _DwStage(torch.autograd.Function):
         norm = (x_mean, x_scale, x_shift) if x_mean is not None else None
         if not ctx.stats:
             grad_mean = grad_var = mean = None
-        grad_x, grad_w, grad_b, sum_dx, sum_dx_xc = dw_kernels().backward(
+        grad_x, grad_w, grad_b, sum_dx, sum_dx_xc, g_mean = dw_kernels().backward(
             grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, ctx.act, out=out)
-        # As the launcher: the norm's gradients from the backward kernel's two sums.
-        norm_grads = (-sum_dx * x_scale, sum_dx_xc, sum_dx) if norm else (None, None, None)
+        # As the launcher: the norm's gradients as the kernels' finalize wrote them.
+        norm_grads = (g_mean, sum_dx_xc, sum_dx) if norm else (None, None, None)
         return (grad_x, *norm_grads, grad_w, grad_b if bias is not None else None, None, None)
 
 

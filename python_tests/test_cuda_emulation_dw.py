@@ -87,3 +87,23 @@ def test_backward_from_saved_out_matches_recompute_bitwise(kernels, act, dtype):
         b = kernels.backward(grad_out, gm, gv, mean, x, norm, weight, bias, act, out=out)
         for u, v in zip(a, b):
             assert torch.equal(u, v)
+        # The finalize's mean gradient is bitwise what the launcher's ATen ops made of the sum.
+        sum_dx, grad_norm_mean = a[3], a[5]
+        assert torch.equal(grad_norm_mean, -sum_dx * s)
+
+
+def test_backward_of_no_pixels_is_zero_sums_from_one_finalize(kernels):
+    # N = 0: no tile, no part. Only the finalize runs (the data and input kernels have no grid):
+    # dW, db and the norm's sums are empty sums, zero, and the mean gradient is -0 · scale.
+    x, norm, weight, bias = _inputs((2, 24, 5, 6), 3, seed=9)
+    empty = x[:0]
+    c = x.shape[1]
+    launch_log(kernels.lib)
+    grad_x, grad_w, grad_b, sum_dx, sum_dx_xc, grad_mean = kernels.backward(
+        empty, torch.ones(c), torch.ones(c), torch.zeros(c), empty, norm, weight, bias, "gelu")
+    log = launch_log(kernels.lib)
+    assert len(log) == 1 and "dw_backward_finalize_kernel" in log[0], log
+    assert grad_x.shape == empty.shape
+    for t in (grad_w, grad_b, sum_dx, sum_dx_xc):
+        assert torch.equal(t, torch.zeros_like(t))
+    assert torch.equal(grad_mean, -torch.zeros(c) * norm[1])

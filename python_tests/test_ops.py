@@ -1068,3 +1068,24 @@ def test_dw_forward_beyond_int32_indexing(backend, layout):
     stored_mean, stored_var = stats_of_stored(got)
     assert_close_direct(mean.index_select(0, chans), stored_mean, f32, name="mean")
     assert_close_direct(var.index_select(0, chans), stored_var, f32, name="var")
+
+
+@over_backends("stage", cpu=["dw", "pw", "block"], triton=["dw"])
+def test_second_order_gradients_are_refused(backend, stage):
+    """The backward ops have no derivative: a gradient of a gradient is a clear error, never a
+    silent zero (PyTorch's fallback for an op without autograd would only warn)."""
+    from convmixer_kernels import ConvMixer
+    gen = _gen(40)
+    if stage == "block":
+        model = ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, fused=True,
+                          backend=backend.op_backend).double()
+        x = randn(2, 3, 8, 8, dtype=f64, gen=gen).requires_grad_()
+        out = model(x)
+    else:
+        x = randn(2, 4, 5, 6, dtype=f64, gen=gen).to(backend.device).requires_grad_()
+        shape = (4, 1, 3, 3) if stage == "dw" else (4, 4, 1, 1)
+        w = randn(*shape, dtype=f64, gen=gen).to(backend.device).requires_grad_()
+        out = backend.stage(stage)(x, w, None, act="relu")[0]
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        g.sum().backward()

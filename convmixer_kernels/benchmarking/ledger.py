@@ -79,8 +79,8 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
                else "conv recomputed for act', dA, dW partials"),
         Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=3, writes=1, dw_taps=1,
                note="dX = transposed conv of dA, + grad_h in the store, norm-sum partials"),
-        Launch("dw", "bwd", "sum_parts_kernel", 4, note="dW, db, the norm's two sums"),
-        Launch("dw", "bwd", "ATen ops on [dim] vectors", 2, note="norm gradients from the sums"),
+        Launch("dw", "bwd", "dw_backward_finalize_kernel", 1,
+               note="dW, db and the norm's gradients from the parts' rows"),
         # ---- the model's glue (python_tests/test_ledger.py counts it)
         Launch("block", "fwd", "ATen new_zeros", 1,
                note="mixer_block's one-element carrier of h's gradient into the dw backward"),

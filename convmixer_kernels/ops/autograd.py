@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 from torch import _C
+from torch.autograd.function import once_differentiable
 
 _libs: list = []  # keeps the Library fragments (and so the registrations) alive
 
@@ -40,6 +41,10 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
         setup_context(ctx, args, output)
         return output
 
+    # The backward ops have no derivative of their own: without this a create_graph backward
+    # would give their outputs PyTorch's warn-only fallback node, and a second-order gradient
+    # would silently be zero instead of an error.
+    @once_differentiable
     def backward_with_keyset(ctx, *grads):
         return (None, *backward(ctx, *grads))
 

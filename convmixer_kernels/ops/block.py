@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from ..activations import ACTIVATIONS
@@ -50,6 +51,7 @@ class _DwNode(torch.autograd.Function):
         return out, mean, var, carrier
 
     @staticmethod
+    @once_differentiable  # the backward ops have no derivative: a second order is an error
     def backward(ctx, grad_out, grad_mean, grad_var, grad_res):
         x, x_mean, x_scale, x_shift, weight, bias, mean, out = ctx.saved_tensors
         op = _ops.dw_stage_backward_triton if ctx.triton else _ops.dw_stage_backward
@@ -79,6 +81,7 @@ class _PwNode(torch.autograd.Function):
         return out, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_mean, grad_var):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
          mean, out) = ctx.saved_tensors

@@ -87,10 +87,13 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   auto grad_pre = at::empty(x.sizes(), cl);  // dA, between the two kernels
   auto grad_weight = at::empty(weight_in.sizes(), weight.options());
   auto grad_bias = at::empty({g.C}, weight.options());
-  at::Tensor sum_dx, sum_dx_xc;
+  // The norm's gradients: the kernels' finalize writes all three (grad_scale and grad_shift are
+  // the two sums themselves).
+  at::Tensor sum_dx, sum_dx_xc, g_mean_out;
   if (norm.defined()) {
     sum_dx = at::empty({g.C}, x.options().dtype(a.acc));
     sum_dx_xc = at::empty({g.C}, x.options().dtype(a.acc));
+    g_mean_out = at::empty({g.C}, x.options().dtype(a.acc));
   }
 
   dw::Backward c;
@@ -111,6 +114,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.grad_bias = grad_bias.data_ptr();
   c.sum_dx = out_ptr_or_null(sum_dx);
   c.sum_dx_xc = out_ptr_or_null(sum_dx_xc);
+  c.grad_norm_mean = out_ptr_or_null(g_mean_out);
   c.grad_res = ptr_or_null(grad_res);
   launch_entry(op, c, x, true, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
@@ -118,7 +122,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   at::Tensor g_mean = empty_output(x, a.acc), g_scale = empty_output(x, a.acc),
              g_shift = empty_output(x, a.acc);
   if (norm.defined()) {
-    g_mean = -sum_dx * norm.scale;
+    g_mean = g_mean_out;
     g_scale = sum_dx_xc;
     g_shift = sum_dx;
   }

@@ -7,6 +7,7 @@
 #include "dw_launch.cuh"
 
 #include <atomic>
+#include <mutex>
 #include <type_traits>
 
 namespace convmixer_kernels {
@@ -33,24 +34,25 @@ inline auto kernel_for_k(int K, KernelOf kernel_of) {
 // The kernel may use `smem` bytes of dynamic shared memory on the current device. The opt-in
 // above the 48 KiB default (cudaFuncSetAttribute, a driver call) is made when a launch needs more
 // than the kernel was allowed so far on that device, not before every launch: a training step
-// launches the same few kernels at the same sizes. The allowance only grows; two threads racing
-// may both make the call, which is harmless.
+// launches the same few kernels at the same sizes. The allowance only grows: the raise and its
+// record happen under one lock, so two threads asking for different sizes (the generic-k kernel
+// serves several) cannot leave the attribute below what the record says.
 template <auto Kernel>
 inline cudaError_t allow_dynamic_smem(size_t smem) {
   constexpr int kDevices = 64;
   static std::atomic<int> allowed[kDevices] = {};
+  static std::mutex raising;
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
-  const bool cached = device >= 0 && device < kDevices;
-  if (cached && int(smem) <= allowed[device].load(std::memory_order_acquire)) return cudaSuccess;
+  if (device < 0 || device >= kDevices)
+    return cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (int(smem) <= allowed[device].load(std::memory_order_acquire)) return cudaSuccess;
+  const std::lock_guard<std::mutex> lock(raising);
+  if (int(smem) <= allowed[device].load(std::memory_order_relaxed)) return cudaSuccess;
   err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess || !cached) return err;
-  int have = allowed[device].load(std::memory_order_relaxed);
-  while (have < int(smem) &&
-         !allowed[device].compare_exchange_weak(have, int(smem), std::memory_order_release)) {
-  }
-  return cudaSuccess;
+  if (err == cudaSuccess) allowed[device].store(int(smem), std::memory_order_release);
+  return err;
 }
 
 // Every dw kernel launches the same way: the plan's dynamic shared memory, the plan's grid,
@@ -90,6 +92,16 @@ cudaError_t BackwardInputKernels<T>::launch(const BackwardArgs<T>& args, const S
   return run(args, s, smem, stream);
 }
 
+template <typename T>
+cudaError_t BackwardFinalizeKernel<T>::launch(const BackwardFinalizeArgs<T>& a, int64_t parts,
+                                              int C, int64_t kk, cudaStream_t stream) {
+  constexpr int kBlock = 256;
+  const int64_t n = int64_t(C) * kk;  // >= C: every channel's thread is in the grid
+  dw_backward_finalize_kernel<T><<<unsigned((n + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
+      a, parts, C, kk);
+  return cudaGetLastError();
+}
+
 }  // namespace dw
 }  // namespace cuda
 }  // namespace convmixer_kernels
@@ -109,4 +121,5 @@ cudaError_t BackwardInputKernels<T>::launch(const BackwardArgs<T>& args, const S
   namespace convmixer_kernels::cuda::dw {                \
   CONVMIXER_ACTIVATIONS(CONVMIXER_DW_BACKWARD_ACT)       \
   template struct BackwardInputKernels<CONVMIXER_DW_T>;  \
+  template struct BackwardFinalizeKernel<CONVMIXER_DW_T>; \
   }

@@ -134,6 +134,11 @@ struct BackwardInputKernels {
   static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
                             cudaStream_t stream);
 };
+template <typename T>
+struct BackwardFinalizeKernel {
+  static cudaError_t launch(const BackwardFinalizeArgs<T>& a, int64_t parts, int C, int64_t kk,
+                            cudaStream_t stream);
+};
 
 // The launch function of the kernel family Kernels<T, A> for activation `act`; null for a code
 // that names no activation.
@@ -229,6 +234,7 @@ struct Backward {
   void* sum_dx = nullptr;     // with a norm only
   void* sum_dx_xc = nullptr;  // with a norm only
   const void* grad_res = nullptr;  // like x, or null: added into grad_x (the residual's gradient)
+  void* grad_norm_mean = nullptr;  // with a norm, [C] accumulation type or null: -sum_dx * scale
 };
 
 inline Requirements requirements(const Forward& c) {
@@ -312,42 +318,35 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   const int64_t kk = int64_t(s.K) * s.K;
   const size_t pc = size_t(s.parts) * size_t(s.C);
   if (s.C == 0) return cudaSuccess;
-  if (s.parts == 0) {
-    // No pixels: every gradient sum is empty.
-    cudaError_t err = cudaMemsetAsync(grad_weight, 0, size_t(s.C) * kk * sizeof(T), stream);
-    if (err == cudaSuccess) err = cudaMemsetAsync(grad_bias, 0, size_t(s.C) * sizeof(T), stream);
-    if (err == cudaSuccess && args.norm.mean != nullptr) {
-      err = cudaMemsetAsync(sum_dx, 0, size_t(s.C) * sizeof(AccT), stream);
-      if (err == cudaSuccess) err = cudaMemsetAsync(sum_dx_xc, 0, size_t(s.C) * sizeof(AccT), stream);
-    }
-    return err;
+  const bool norm = args.norm.mean != nullptr;
+  if (s.parts > 0) {
+    if (ws == nullptr) return cudaErrorInvalidValue;
+    char* base = static_cast<char*>(ws);
+    args.part_grad_w = reinterpret_cast<AccT*>(base);
+    base += align_up(pc * kk * sizeof(AccT), 256);
+    args.part_grad_b = reinterpret_cast<AccT*>(base);
+    base += align_up(pc * sizeof(AccT), 256);
+    args.part_sum_dx = reinterpret_cast<AccT*>(base);
+    base += align_up(pc * sizeof(AccT), 256);
+    args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
+
+    cudaError_t err = run_data(args, s, p.smem_backward_data, stream);
+    if (err != cudaSuccess) return err;
+    err = BackwardInputKernels<T>::launch(args, s, p.smem_backward_input, stream);
+    if (err != cudaSuccess) return err;
   }
-  if (ws == nullptr) return cudaErrorInvalidValue;
-  char* base = static_cast<char*>(ws);
-  args.part_grad_w = reinterpret_cast<AccT*>(base);
-  base += align_up(pc * kk * sizeof(AccT), 256);
-  args.part_grad_b = reinterpret_cast<AccT*>(base);
-  base += align_up(pc * sizeof(AccT), 256);
-  args.part_sum_dx = reinterpret_cast<AccT*>(base);
-  base += align_up(pc * sizeof(AccT), 256);
-  args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
-
-  cudaError_t err = run_data(args, s, p.smem_backward_data, stream);
-  if (err != cudaSuccess) return err;
-  err = BackwardInputKernels<T>::launch(args, s, p.smem_backward_input, stream);
-  if (err != cudaSuccess) return err;
-
-  if ((err = launch_sum_parts<AccT, T>(args.part_grad_w, s.parts, int64_t(s.C) * kk, grad_weight,
-                                       stream)) != cudaSuccess)
-    return err;
-  if ((err = launch_sum_parts<AccT, T>(args.part_grad_b, s.parts, s.C, grad_bias, stream)) !=
-      cudaSuccess)
-    return err;
-  if (args.norm.mean == nullptr) return cudaSuccess;
-  if ((err = launch_sum_parts<AccT, AccT>(args.part_sum_dx, s.parts, s.C, sum_dx, stream)) !=
-      cudaSuccess)
-    return err;
-  return launch_sum_parts<AccT, AccT>(args.part_sum_dx_xc, s.parts, s.C, sum_dx_xc, stream);
+  // With no parts (no pixels) only the finalize runs: every sum is empty, zero.
+  const BackwardFinalizeArgs<T> f{args.part_grad_w,
+                                  args.part_grad_b,
+                                  norm ? args.part_sum_dx : nullptr,
+                                  args.part_sum_dx_xc,
+                                  args.norm.scale,
+                                  grad_weight,
+                                  grad_bias,
+                                  norm ? sum_dx : nullptr,
+                                  sum_dx_xc,
+                                  norm ? static_cast<AccT*>(c.grad_norm_mean) : nullptr};
+  return BackwardFinalizeKernel<T>::launch(f, s.parts, s.C, kk, stream);
 }
 
 }  // namespace dw

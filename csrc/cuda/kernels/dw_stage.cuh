@@ -6,8 +6,9 @@
 //                dW, db summed per channel (kernel "backward_data")
 //             2. dX = transposed dwconv(dA); grad_x = dX * scale; the norm's sums (kernel
 //                "backward_input")
-//             3. fixed-order sums of the per-part partials (sum_parts_kernel), and the shared
-//                statistics finalize (channel_stats.cuh)
+//             3. fixed-order sums of the per-part partials and the norm's gradients
+//                (dw_backward_finalize_kernel); the forward's statistics finalize is the shared
+//                one (channel_stats.cuh)
 //
 // The kernels and what they share with the host (Shape, SmemLayout); the plan and the launch entry
 // are in dw_launch.cuh. Torch-free (docs/DESIGN.md §8).
@@ -29,7 +30,7 @@
 //
 // Determinism. No float atomics. The partition (parts, tiles per part) depends only on the shape
 // (never on the SM count); every sum runs in a fixed order: per thread over its tiles, then over
-// the 8 warps in warp order, then over parts in part order (sum_parts_kernel / finalize).
+// the 8 warps in warp order, then over parts in part order (the finalize kernels).
 #pragma once
 
 #include "channel_stats.cuh"
@@ -510,6 +511,51 @@ struct BackwardArgs {
   const T* grad_res;          // NHWC like x, or null: added into grad_x (the residual's gradient)
   bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
 };
+
+// The backward's second level in one launch: the parts' rows of dW, db and, with a norm, the two
+// norm sums, each added in part order (as sum_parts_kernel adds them: the same bits), and the
+// norm's mean gradient formed from them, -Σ dX · scale (the other two are the sums themselves:
+// grad_scale = Σ dX (x - mean), grad_shift = Σ dX). Thread i owns element i of dW ([C][k*k]) and,
+// for i < C, channel i's vectors. With no parts every sum is empty: zeros.
+template <typename T>
+struct BackwardFinalizeArgs {
+  const acc_t<T>* part_grad_w;     // [parts][C * kk]
+  const acc_t<T>* part_grad_b;     // [parts][C]
+  const acc_t<T>* part_sum_dx;     // [parts][C]; null: no norm
+  const acc_t<T>* part_sum_dx_xc;  // [parts][C]
+  const acc_t<T>* norm_scale;      // [C], with a norm
+  T* grad_weight;                  // [C * kk]
+  T* grad_bias;                    // [C]
+  acc_t<T>* sum_dx;                // [C], with a norm
+  acc_t<T>* sum_dx_xc;             // [C], with a norm
+  acc_t<T>* grad_norm_mean;        // [C] or null
+};
+
+template <typename T>
+__global__ void dw_backward_finalize_kernel(const BackwardFinalizeArgs<T> a, int64_t parts, int C,
+                                            int64_t kk) {
+  using AccT = acc_t<T>;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n = int64_t(C) * kk;
+  if (i < n) {
+    AccT w = AccT(0);
+    for (int64_t p = 0; p < parts; ++p) w += a.part_grad_w[p * n + i];
+    a.grad_weight[i] = from_acc<T>(w);
+  }
+  if (i >= C) return;
+  AccT b = AccT(0);
+  for (int64_t p = 0; p < parts; ++p) b += a.part_grad_b[p * C + i];
+  a.grad_bias[i] = from_acc<T>(b);
+  if (a.sum_dx == nullptr) return;
+  AccT s0 = AccT(0), s1 = AccT(0);
+  for (int64_t p = 0; p < parts; ++p) {
+    s0 += a.part_sum_dx[p * C + i];
+    s1 += a.part_sum_dx_xc[p * C + i];
+  }
+  a.sum_dx[i] = s0;
+  a.sum_dx_xc[i] = s1;
+  if (a.grad_norm_mean != nullptr) a.grad_norm_mean[i] = -s0 * a.norm_scale[i];
+}
 
 // What every dw kernel sets up alike: k and the padding, the shared-memory layout, the thread's
 // place, and the CTA's taps in shared memory (rotated by 180 degrees for the transposed conv of
