@@ -74,11 +74,16 @@ def step_cost(dim: int, depth: int, kernel_size: int, patch_size: int, batch: in
                     * activation)
 
 
-def model_cost(model, batch: int, image_size: int, dtype: torch.dtype) -> StepCost:
-    conv = model.stem[0]
+def kernel_and_patch(model) -> tuple[int, int]:
+    """A ConvMixer's depthwise kernel size and patch size."""
     kernel = model.blocks[0][0].fn[0].kernel_size[0] if len(model.blocks) else 1
-    return step_cost(model.num_features, len(model.blocks), kernel, conv.kernel_size[0], batch,
-                     image_size, dtype, conv.in_channels, model.act)
+    return kernel, model.stem[0].kernel_size[0]
+
+
+def model_cost(model, batch: int, image_size: int, dtype: torch.dtype) -> StepCost:
+    kernel, patch = kernel_and_patch(model)
+    return step_cost(model.num_features, len(model.blocks), kernel, patch, batch, image_size,
+                     dtype, model.stem[0].in_channels, model.act)
 
 
 # Per stage and pass (bench/test_stages.py): the bytes a fused stage cannot avoid moving, as
@@ -212,8 +217,7 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype]
     with torch.device("meta"):
         shape = getattr(models, args.model)()
-    patch = shape.stem[0].kernel_size[0]
-    kernel = shape.blocks[0][0].fn[0].kernel_size[0]
+    kernel, patch = kernel_and_patch(shape)
     rows = batch * (image // patch) ** 2
     print(f"{args.model} ({shape.act}), batch {batch}, {image}x{image}, {args.dtype}")
     if args.ledger:

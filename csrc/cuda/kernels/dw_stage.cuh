@@ -35,7 +35,6 @@
 
 #include "channel_stats.cuh"
 #include "elementwise.cuh"
-#include "partials.cuh"
 
 // cp.async. Not <cuda_pipeline.h>: it declares a namespace `cuda` at global scope.
 #include <cuda_pipeline_primitives.h>
