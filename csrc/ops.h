@@ -62,13 +62,13 @@ dw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   c10::string_view act, const std::optional<at::Tensor>& grad_res,
                   const std::optional<at::Tensor>& saved_out);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const std::optional<at::Tensor>& res, const std::optional<at::Tensor>& res_mean,
     const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view act,
-    bool stats, bool keep_pre_act);
+    bool stats, bool keep_pre_act, bool keep_u);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor, at::Tensor>
@@ -82,7 +82,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
                   const std::optional<at::Tensor>& mean, c10::string_view act,
-                  const std::optional<at::Tensor>& saved_out);
+                  const std::optional<at::Tensor>& saved_out,
+                  const std::optional<at::Tensor>& saved_u);
 
 }  // namespace cpu
 }  // namespace convmixer_kernels

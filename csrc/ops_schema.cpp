@@ -16,13 +16,13 @@ TORCH_LIBRARY(convmixer_kernels, m) {
   m.def(
       "pw_stage(Tensor x, Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, "
       "Tensor? res_mean, Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, "
-      "str act, bool stats, bool keep_pre_act) -> (Tensor out, Tensor pre_act, Tensor mean, "
-      "Tensor var)");
+      "str act, bool stats, bool keep_pre_act, bool keep_u=False) -> (Tensor out, "
+      "Tensor pre_act, Tensor mean, Tensor var, Tensor u)");
   m.def(
       "pw_stage_backward(Tensor grad_out, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, Tensor? res_mean, "
       "Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, Tensor? pre_act, "
-      "Tensor? mean, str act, Tensor? saved_out=None) -> (Tensor grad_x, Tensor grad_x_mean, "
+      "Tensor? mean, str act, Tensor? saved_out=None, Tensor? saved_u=None) -> (Tensor grad_x, Tensor grad_x_mean, "
       "Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_res, Tensor grad_res_mean, "
       "Tensor grad_res_scale, Tensor grad_res_shift, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -200,7 +200,7 @@ PwArgs check_pw_stage_backward(
     const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
     const std::optional<at::Tensor>& mean, c10::string_view act,
-    const std::optional<at::Tensor>& saved_out) {
+    const std::optional<at::Tensor>& saved_out, const std::optional<at::Tensor>& saved_u) {
   PwArgs a = check_pw_stage(op, x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift,
                             weight, bias, act, false);
   const auto out_sizes = a.out_sizes();
@@ -210,6 +210,8 @@ PwArgs check_pw_stage_backward(
   if (a.have_pre_act) check_like_output(op, "pre_act", *pre_act, out_sizes, x);
   a.have_saved_out = present(saved_out);
   if (a.have_saved_out) check_like_output(op, "saved_out", *saved_out, out_sizes, x);
+  a.have_saved_u = present(saved_u);
+  if (a.have_saved_u) check_like_output(op, "saved_u", *saved_u, a.in_sizes(), x);
   return a;
 }
 

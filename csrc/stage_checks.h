@@ -88,6 +88,7 @@ struct PwArgs {
   StatGrads sg;               // backward only
   bool have_pre_act = false;  // backward only: a non-empty pre_act was given
   bool have_saved_out = false;  // backward only: a non-empty saved_out was given
+  bool have_saved_u = false;    // backward only: a non-empty saved_u (the forward's u) was given
   std::vector<int64_t> out_sizes() const { return {g.N, g.Cout, g.H, g.W}; }
   std::vector<int64_t> in_sizes() const { return {g.N, g.Cin, g.H, g.W}; }
 };
@@ -110,6 +111,6 @@ PwArgs check_pw_stage_backward(
     const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
     const std::optional<at::Tensor>& mean, c10::string_view act,
-    const std::optional<at::Tensor>& saved_out);
+    const std::optional<at::Tensor>& saved_out, const std::optional<at::Tensor>& saved_u);
 
 }  // namespace convmixer_kernels

@@ -330,7 +330,7 @@ def _dw_backward_args(**over):
 
 def _pw_backward_args(**over):
     x, w = _x(), _pw_w()
-    out, pre_act, mean, _ = _ops.pw_stage(x, None, None, None, None, None, None, None, w, None,
+    out, pre_act, mean, _, _ = _ops.pw_stage(x, None, None, None, None, None, None, None, w, None,
                                           "gelu", True, True)
     args = dict(grad_out=torch.ones_like(out), grad_mean=torch.ones(COUT),
                 grad_var=torch.ones(COUT), x=x, x_mean=None, x_scale=None, x_shift=None,

@@ -142,8 +142,8 @@ def test_dw_kernel_launches_match_the_ledger(act):
 
 def test_pw_kernel_launches_match_the_ledger():
     """The shipped pw launch entries under emulation, in the order the launcher runs them for one
-    block (forward with statistics; backward recomputing u, then the bias and both norms'
-    gradients through one finalize), launch exactly the ledger's pw kernels (the GEMMs are
+    block (forward with statistics; backward on the forward's u (keep_u), then the bias and both
+    norms' gradients through one finalize), launch exactly the ledger's pw kernels (the GEMMs are
     cuBLAS's, not emulated)."""
     pytest.importorskip("emulated_cuda")
     from cuda_emulation import compiler, launch_log
@@ -164,7 +164,6 @@ def test_pw_kernel_launches_match_the_ledger():
     kernels.prologue(x, nx, res, nr)
     _, mean, _ = kernels.epilogue_forward(pre, "gelu", stats=True)
     forward = _kernels_launched(launch_log(kernels.lib))
-    kernels.prologue(x, nx, res, nr)
     _, ws = kernels.epilogue_backward(torch.randn_like(pre), pre, vec(), vec(), mean, "gelu",
                                        keep_partials=True)
     kernels.through_norms(torch.randn_like(x), x, nx, res, nr, True, True, bias=(ws, c))

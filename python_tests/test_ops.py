@@ -415,7 +415,7 @@ def test_pw_backward_saved_out_for_relu(backend, dtype, parts):
         xm, xs, xt = kw.get("x_norm") or (None, None, None)
         rm, rs, rt = kw.get("residual_norm") or (None, None, None)
         res = kw.get("residual")
-        out, pre, mean, _ = backend.raw("pw_stage")(x, xm, xs, xt, res, rm, rs, rt, weight, bias,
+        out, pre, mean, _, _ = backend.raw("pw_stage")(x, xm, xs, xt, res, rm, rs, rt, weight, bias,
                                                     act, True, True)
         gen = _gen(33)
         grad_out = randn(*out.shape, dtype=dtype, gen=gen).to(backend.device)
@@ -428,6 +428,44 @@ def test_pw_backward_saved_out_for_relu(backend, dtype, parts):
             assert_bitwise(with_pre, op(*head, None, mean, act, out))
         else:
             assert_bitwise(op(*head, None, mean, act), op(*head, None, mean, act, out))
+
+
+@over_backends("dtype,parts",
+               cpu=product([f64, f32, bf16], ["both_norms_bias", "plain", "norm_residual"]),
+               triton=[(f64, "both_norms_bias")], cuda=[(f32, "both_norms_bias")])
+def test_pw_keep_u(backend, dtype, parts):
+    """keep_u hands the forward's GEMM input u = norm(x) + res_norm(res) over (nothing without a
+    norm or residual: u is x); the backward given it as saved_u gives the same bits as the one
+    that forms u again, with and without pre_act."""
+    case = _pw(backend, dtype, (2, 12, 40, 5, 7), "gelu", parts=parts)
+    (x, weight, bias), kw = stage_args(case)
+    xm, xs, xt = kw.get("x_norm") or (None, None, None)
+    rm, rs, rt = kw.get("residual_norm") or (None, None, None)
+    res = kw.get("residual")
+    out, pre, mean, _, u = backend.raw("pw_stage")(x, xm, xs, xt, res, rm, rs, rt, weight, bias,
+                                                   "gelu", True, True, True)
+    if parts == "plain":
+        assert u.numel() == 0
+        return
+    expected = torch.zeros_like(x, dtype=mean.dtype)
+    for v, norm in ((x, (xm, xs, xt)), (res, (rm, rs, rt))):
+        if v is not None:
+            m, sc, sh = (t.view(1, -1, 1, 1) if t is not None else None for t in norm)
+            expected += (v.to(mean.dtype) - m) * sc + sh if m is not None else v.to(mean.dtype)
+    assert u.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(u, expected.to(dtype))
+    gen = _gen(34)
+    grad_out = randn(*out.shape, dtype=dtype, gen=gen).to(backend.device)
+    gm, gv = (randn(40, dtype=mean.dtype, gen=gen).to(backend.device) for _ in range(2))
+    head = (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias)
+    op = backend.raw("pw_stage_backward")
+    for p in (pre, None):
+        assert_bitwise(op(*head, p, mean, "gelu"), op(*head, p, mean, "gelu", None, u))
+    # ... because the saved u is what the weight gradient reads (dW = dPᵀ u: doubling u doubles
+    # it exactly), while the gradients through the norms still come from x and res.
+    base, doubled = op(*head, pre, mean, "gelu", None, u), op(*head, pre, mean, "gelu", None, 2 * u)
+    assert_bitwise(doubled[-2], 2 * base[-2])
+    assert_bitwise(doubled[:-2] + doubled[-1:], base[:-2] + base[-1:])
 
 
 def _block_leaves(backend, dtype, c, k, gen, n=2, h=5, w=6):
@@ -644,7 +682,7 @@ def test_pw_stage_pre_activation(backend, shape, compare):
         assert torch.equal(r.detach(), p)
 
     args = tuple(case.leaves)  # x, x_norm (3), residual, residual_norm (3), weight, bias
-    out, pre_act, mean, _ = backend.raw("pw_stage")(*args, "gelu", True, True)
+    out, pre_act, mean, _, _ = backend.raw("pw_stage")(*args, "gelu", True, True)
     gen = _gen(6)
     cout = shape[2]
     g_out, g_mean, g_var = (randn(*s, gen=gen).to(backend.device)
@@ -665,7 +703,7 @@ def test_raw_pw_stage_pre_act_is_not_differentiable(backend):
     gen = _gen(13)
     x = randn(2, 3, 2, 3, dtype=f64, gen=gen).to(backend.device).requires_grad_()
     w = randn(2, 3, 1, 1, dtype=f64, gen=gen).to(backend.device).requires_grad_()
-    out, pre_act, mean, var = backend.raw("pw_stage")(x, None, None, None, None, None, None,
+    out, pre_act, mean, var, _ = backend.raw("pw_stage")(x, None, None, None, None, None, None,
                                                       None, w, None, "gelu", True, True)
     assert out.requires_grad and mean.requires_grad and var.requires_grad
     assert not pre_act.requires_grad
@@ -849,7 +887,7 @@ def _raw_dw_args(backend, parts, requires_grad, stats=True):
     return (*args, "gelu", stats)
 
 
-def _raw_pw_args(backend, parts, requires_grad, keep_pre_act, stats=True):
+def _raw_pw_args(backend, parts, requires_grad, keep_pre_act, stats=True, keep_u=False):
     case = _pw(backend, f32, (2, 5, 4, 6, 7), parts=parts)
     (x, weight, bias), kw = stage_args(case)
     xm, xs, xt = kw.get("x_norm") or (None, None, None)
@@ -857,7 +895,7 @@ def _raw_pw_args(backend, parts, requires_grad, keep_pre_act, stats=True):
     args = [x, xm, xs, xt, kw.get("residual"), rm, rs, rt, weight, bias]
     if requires_grad:
         args = [a.requires_grad_() if a is not None else None for a in args]
-    return (*args, "relu", stats, keep_pre_act)
+    return (*args, "relu", stats, keep_pre_act, keep_u)
 
 
 @over_backends("parts,mode", cpu=product(["norm_bias", "plain", "norm"], MODES),
@@ -867,12 +905,13 @@ def test_opcheck_dw_stage(backend, parts, mode):
                           _raw_dw_args(backend, parts, True, stats=mode == "train"))
 
 
-@over_backends("parts,keep_pre_act", cpu=product(PW_PARTS, ["keep_pre_act", "no_pre_act"]),
-               triton=[("both_norms_bias", k) for k in ("keep_pre_act", "no_pre_act")],
-               cuda=[("both_norms_bias", "keep_pre_act")])
-def test_opcheck_pw_stage(backend, parts, keep_pre_act):
+@over_backends("parts,keep", cpu=product(PW_PARTS, ["keep_pre_act", "no_pre_act", "keep_u"]),
+               triton=[("both_norms_bias", k) for k in ("keep_pre_act", "no_pre_act", "keep_u")],
+               cuda=[("both_norms_bias", "keep_pre_act"), ("both_norms_bias", "keep_u")])
+def test_opcheck_pw_stage(backend, parts, keep):
     torch.library.opcheck(backend.raw("pw_stage").default,
-                          _raw_pw_args(backend, parts, True, keep_pre_act == "keep_pre_act"))
+                          _raw_pw_args(backend, parts, True, keep == "keep_pre_act",
+                                       keep_u=keep == "keep_u"))
 
 
 @over_backends("parts,grads",
@@ -895,13 +934,14 @@ def test_opcheck_dw_stage_backward(backend, parts, grads):
 
 
 @over_backends("parts,grads,pre_act",
-               cpu=product(PW_PARTS, ["all", "out_only"], ["pre_act", "recompute"]),
-               triton=[("both_norms_bias", "all", "pre_act")],
-               cuda=[("both_norms_bias", "all", "pre_act")])
+               cpu=product(PW_PARTS, ["all", "out_only"], ["pre_act", "recompute", "saved_u"]),
+               triton=[("both_norms_bias", "all", m) for m in ("pre_act", "saved_u")],
+               cuda=[("both_norms_bias", "all", m) for m in ("pre_act", "saved_u")])
 def test_opcheck_pw_stage_backward(backend, parts, grads, pre_act):
-    args = _raw_pw_args(backend, parts, requires_grad=False, keep_pre_act=pre_act == "pre_act")
-    x, xm, xs, xt, res, rm, rs, rt, weight, bias, act, _, _ = args
-    out, p, mean, _ = backend.raw("pw_stage")(*args)
+    args = _raw_pw_args(backend, parts, requires_grad=False, keep_pre_act=pre_act == "pre_act",
+                        keep_u=pre_act == "saved_u")
+    x, xm, xs, xt, res, rm, rs, rt, weight, bias, act, _, _, _ = args
+    out, p, mean, _, u = backend.raw("pw_stage")(*args)
     gen = _gen(24)
     grad_out = randn(*out.shape, gen=gen).to(backend.device)
     gm, gv = ((randn(4, gen=gen).to(backend.device), randn(4, gen=gen).to(backend.device))
@@ -911,7 +951,8 @@ def test_opcheck_pw_stage_backward(backend, parts, grads, pre_act):
     torch.library.opcheck(
         backend.raw("pw_stage_backward").default,
         (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias,
-         p if pre_act == "pre_act" else None, mean, act))
+         p if pre_act == "pre_act" else None, mean, act, None,
+         u if pre_act == "saved_u" else None))
 
 
 @over_backends("act", cpu=ACTS, triton=["relu"], cuda=["relu"])
@@ -923,7 +964,7 @@ def test_opcheck_backward_optional_inputs(backend, act):
     pw_args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=False)
     pw_args = (*pw_args[:10], act, *pw_args[11:])
     x, xm, xs, xt, res, rm, rs, rt, weight, bias = pw_args[:10]
-    out, _, mean, _ = backend.raw("pw_stage")(*pw_args)
+    out, _, mean, _, _ = backend.raw("pw_stage")(*pw_args)
     gen = _gen(25)
     grad_out = randn(*out.shape, gen=gen).to(backend.device)
     gm, gv = randn(4, gen=gen).to(backend.device), randn(4, gen=gen).to(backend.device)
@@ -941,10 +982,13 @@ def test_backward_optional_inputs_of_the_wrong_shape_are_refused(backend):
     with pytest.raises(ValueError, match="saved_out must"):
         op(*args, None, out[:1])
     pw_args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=False)
-    pw_out, _, mean, _ = backend.raw("pw_stage")(*pw_args)
+    pw_out, _, mean, _, _ = backend.raw("pw_stage")(*pw_args)
     with pytest.raises(ValueError, match="saved_out must"):
         backend.raw("pw_stage_backward")(torch.ones_like(pw_out), None, None, *pw_args[:10],
                                          None, None, "relu", pw_out[:, :2])
+    with pytest.raises(ValueError, match="saved_u must"):
+        backend.raw("pw_stage_backward")(torch.ones_like(pw_out), None, None, *pw_args[:10],
+                                         None, None, "relu", None, pw_args[0][:, :2])
 
 
 @over_backends("stage,dtype", cpu=[("dw", bf16), ("pw", bf16)], triton=[("dw", f32)])
@@ -980,7 +1024,7 @@ def test_raw_ops_refuse_an_unknown_act(backend, act):
         backend.raw("dw_stage_backward")(torch.ones_like(out), None, None, x, m, s, t, w, b,
                                          mean, act)
     args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=True)
-    out, pre, mean, _ = backend.raw("pw_stage")(*args)
+    out, pre, mean, _, _ = backend.raw("pw_stage")(*args)
     with refused("pw_stage"):
         backend.raw("pw_stage")(*args[:10], act, *args[11:])
     with refused("pw_stage_backward"):

@@ -135,10 +135,14 @@ def _pw_calls(dtype, shape):
         res = _t((n, cin, h, w), dtype) if has_res else None
         bias = _t((cout,), dtype) if has_bias else None
         base = dict(act=act, x_norm=has_xn, res=has_res, res_norm=has_rn, bias=has_bias)
-        for stats, keep in itertools.product((False, True), (False, True)):
-            yield dict(base, op="pw_stage", stats=stats, keep_pre_act=keep), (
-                lambda xn=xn, res=res, rn=rn, bias=bias, act=act, stats=stats, keep=keep:
-                pw.pw_stage(x, *xn, res, *rn, weight, bias, act, stats, keep))
+        # keep_u only in training (stats) and where there is a u to keep (a norm or residual).
+        for stats, keep, keep_u in itertools.product((False, True), (False, True), (False, True)):
+            if keep_u and not (stats and (has_xn or has_res)):
+                continue
+            yield dict(base, op="pw_stage", stats=stats, keep_pre_act=keep, keep_u=keep_u), (
+                lambda xn=xn, res=res, rn=rn, bias=bias, act=act, stats=stats, keep=keep,
+                keep_u=keep_u: pw.pw_stage(x, *xn, res, *rn, weight, bias, act, stats, keep,
+                                           keep_u))
         for grads, kept in itertools.product(("none", "mean", "mean+var"), (False, True)):
             gm = _t((cout,), acc) if grads != "none" else None
             gv = _t((cout,), acc) if grads == "mean+var" else None

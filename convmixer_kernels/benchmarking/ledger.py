@@ -53,7 +53,7 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
                note="norm on load, conv, bias, act, per-CTA statistics"),
         Launch("dw", "fwd", "channel_stats_finalize_kernel", 1, note="BN1 statistics"),
         Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
-               note="u = BN1(g) + BN2_prev(h)"),
+               note="u = BN1(g) + BN2_prev(h), kept for the backward (keep_u)"),
         Launch("pw", "fwd", "cuBLAS addmm", 1, reads=1, writes=1, gemms=1,
                note="pre = u Wᵀ + b"),
         Launch("pw", "fwd", "pw_epilogue_forward_kernel", 1, reads=1, writes=1,
@@ -62,7 +62,6 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
                    else "pre kept for the backward")),
         Launch("pw", "fwd", "channel_stats_finalize_kernel", 1, note="BN2 statistics"),
         # ---- backward, pw stage first
-        Launch("pw", "bwd", "pw_prologue_kernel", 1, reads=2, writes=1, note="u recomputed"),
         Launch("pw", "bwd", "pw_epilogue_backward_kernel", 1, reads=2, writes=1,
                note="dP from grad_out, " + ("out" if relu else "pre")
                + " and the statistics' gradients; bias partials"),

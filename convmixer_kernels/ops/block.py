@@ -28,7 +28,7 @@ from .backend import resolve
 from .checks import Norm, check_dw_stage, check_pw_stage
 from .dw_stage import dw_stage
 from .grads import in_param_layout, saved_output
-from .pw_stage import pw_stage
+from .pw_stage import keeps_u, pw_stage
 
 _ops = torch.ops.convmixer_kernels
 
@@ -72,11 +72,12 @@ class _PwNode(torch.autograd.Function):
                 weight, bias, act, stats, triton):
         op = _ops.pw_stage_triton if triton else _ops.pw_stage
         keep_pre_act = ACTIVATIONS[act].needs_pre_activation
-        out, pre_act, mean, var = op(x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
-                                     res_shift, weight, bias, act, stats, keep_pre_act)
+        out, pre_act, mean, var, u = op(x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
+                                        res_shift, weight, bias, act, stats, keep_pre_act,
+                                        keeps_u(triton, x))
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift,
                               weight, bias, pre_act if keep_pre_act else None, mean,
-                              saved_output(act, out))
+                              saved_output(act, out), u)
         ctx.act, ctx.triton = act, triton
         return out, mean, var
 
@@ -84,11 +85,11 @@ class _PwNode(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, grad_mean, grad_var):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
-         mean, out) = ctx.saved_tensors
+         mean, out, u) = ctx.saved_tensors
         op = _ops.pw_stage_backward_triton if ctx.triton else _ops.pw_stage_backward
         gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
-            res_shift, weight, bias, pre_act, mean, ctx.act, out)
+            res_shift, weight, bias, pre_act, mean, ctx.act, out, u)
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
         return (gx, *x_norm_grads, gr, None, *res_norm_grads, in_param_layout(gw, weight),

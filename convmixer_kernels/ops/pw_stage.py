@@ -41,8 +41,8 @@ def pw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     xm, xs, xt = x_norm if x_norm is not None else (None, None, None)
     rm, rs, rt = residual_norm if residual_norm is not None else (None, None, None)
     keep_pre_act = keeps_pre_act(act)
-    out, _, mean, var = op(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act, stats,
-                           keep_pre_act)
+    out, _, mean, var, _ = op(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act, stats,
+                              keep_pre_act, keeps_u(op is _ops.pw_stage_triton, x))
     return out, mean, var
 
 
@@ -52,24 +52,40 @@ def keeps_pre_act(act: str) -> bool:
     return torch.is_grad_enabled() and ACTIVATIONS[act].needs_pre_activation
 
 
+def keeps_u(triton: bool, x: torch.Tensor) -> bool:
+    """The forward's keep_u, by counting (docs/CUDA.md "pw stage"): where the forward writes the
+    GEMM input u = norm(x) + res_norm(res) whole anyway, keeping it costs memory and no pass,
+    and spares the backward re-forming it (read x and res, write u: three passes). That is the
+    CUDA kernels (u feeds cuBLAS) and the CPU's 16-bit path (u feeds oneDNN whole; float32 and
+    float64 take the row-chunk pipeline, csrc/cpu/pw_stage.cpp fused_pipeline). The Triton
+    GEMMs and the CPU pipeline form u per tile or chunk and re-form it in the backward on the
+    reads of x and res they make anyway for the norms' gradients: keeping it would add a pass."""
+    if triton or not torch.is_grad_enabled():
+        return False
+    return x.device.type == "cuda" or x.dtype in (torch.bfloat16, torch.float16)
+
+
 @torch.library.register_fake("convmixer_kernels::pw_stage")
 @torch.library.register_fake("convmixer_kernels::pw_stage_triton")
 def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
-                   act, stats, keep_pre_act):
+                   act, stats, keep_pre_act, keep_u=False):
     n, _, h, w = x.shape
     shape = (n, weight.shape[0], h, w)
     stat = weight.shape[0] if stats else 0
     acc = acc_dtype(x.dtype)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pre_act = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
-    return out, pre_act, x.new_empty((stat,), dtype=acc), x.new_empty((stat,), dtype=acc)
+    # u is x without a norm or residual: then nothing is kept.
+    u = (torch.empty_like(x, memory_format=torch.channels_last)
+         if keep_u and (x_mean is not None or res is not None) else x.new_empty((0,)))
+    return (out, pre_act, x.new_empty((stat,), dtype=acc), x.new_empty((stat,), dtype=acc), u)
 
 
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward")
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward_triton")
 def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act,
-                            saved_out=None):
+                            saved_out=None, saved_u=None):
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
 
@@ -84,31 +100,31 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
 
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act, *_ = inputs
-    out, pre_act, mean, _ = output
-    # pre_act exists to be saved for this backward, not to be differentiated through.
-    ctx.mark_non_differentiable(pre_act)
+    out, pre_act, mean, _, u = output
+    # pre_act and u exist to be saved for this backward, not to be differentiated through.
+    ctx.mark_non_differentiable(pre_act, u)
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight,
-                          bias, pre_act, mean, saved_output(act, out))
+                          bias, pre_act, mean, saved_output(act, out), u)
     ctx.act = act
 
 
 def _make_backward(backward_op):
     """The autograd formula of a pw_stage op whose backward op is `backward_op`."""
-    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
+    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var, grad_u):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
-         mean, out) = ctx.saved_tensors
+         mean, out, u) = ctx.saved_tensors
         if grad_out is None:  # only the statistics were differentiated
             grad_out = x.new_zeros((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(
                 memory_format=torch.channels_last)
         grads = backward_op(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act,
-                            out)
+                            out, u)
         gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
         return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads,
                 in_param_layout(gw, weight),
-                (gb if bias is not None else None), None, None, None)
+                (gb if bias is not None else None), None, None, None, None)
     return _backward
 
 

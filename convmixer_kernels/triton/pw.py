@@ -114,10 +114,11 @@ def _weight_tile(w_ptr, w_desc, co0, ci0, cos, cis, comask, cimask, Cin, W_DESC:
 
 @triton.jit
 def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, w_ptr, w_desc,
-                   b_ptr, out_ptr, pre_ptr, part_ptr, M, Cin, Cout, C_PART,
+                   b_ptr, out_ptr, pre_ptr, u_ptr, part_ptr, M, Cin, Cout, C_PART,
                    HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr,
-                   STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, W_DESC: tl.constexpr,
+                   STORE_OUT: tl.constexpr, KEEP_PRE: tl.constexpr, KEEP_U: tl.constexpr,
+                   W_DESC: tl.constexpr,
                    ACC: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -128,6 +129,10 @@ def _pw_fwd_kernel(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr,
         kmask = ks < Cin
         u = _load_u(x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_ptr, rt_ptr, rows, ks,
                     rmask, kmask, Cin, HAS_XNORM, HAS_RES, HAS_RNORM, ACC)
+        if KEEP_U:  # written once, by the first column of tiles
+            if pid_n == 0:
+                tl.store(u_ptr + rows.to(tl.int64)[:, None] * Cin + ks[None, :], u,
+                         mask=rmask[:, None] & kmask[None, :])
         w = tl.trans(_weight_tile(w_ptr, w_desc, pid_n * BLOCK_N, k0, ns, ks, nmask, kmask, Cin,
                                   W_DESC))
         # IEEE fp32 products for float32: the contract is fp32 accuracy, which TF32 is not.
@@ -389,7 +394,7 @@ def _vec_or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
 
 
 def pw_stage(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
-             act, stats, keep_pre_act):
+             act, stats, keep_pre_act, keep_u=False):
     """docs/OPS.md pw_stage, on Triton."""
     op = "pw_stage"
     check_pw_args(op, x, (x_mean, x_scale, x_shift), res, (res_mean, res_scale, res_shift),
@@ -405,20 +410,24 @@ def pw_stage(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, w
     out = torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
     pre = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
+    # u is x itself without a norm or residual: nothing to keep then.
+    keep_u = keep_u and (x_mean is not None or res is not None)
+    u = torch.empty_like(x, memory_format=torch.channels_last) if keep_u else x.new_empty((0,))
     if m == 0:
         nan = torch.full((cout if stats else 0,), float("nan"), dtype=acc, device=x.device)
-        return out, pre, nan, nan.clone()
+        return out, pre, nan, nan.clone(), u
     part = _pw_forward(x, (x_mean, x_scale, x_shift), res, (res_mean, res_scale, res_shift),
-                       weight, bias, act, out, pre if keep_pre_act else None, stats)
+                       weight, bias, act, out, pre if keep_pre_act else None, stats,
+                       u if keep_u else None)
     if not stats:
         empty = x.new_empty((0,), dtype=acc)
-        return out, pre, empty, empty.clone()
+        return out, pre, empty, empty.clone(), u
     mean, var = merge_moments(part, acc)
-    return out, pre, mean, var
+    return out, pre, mean, var, u
 
 
-def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
-    """Launches the forward GEMM; writes out (when given) and pre (when given); returns the
+def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats, u=None):
+    """Launches the forward GEMM; writes out, pre and u (each when given); returns the
     statistics partials when `stats`."""
     n, cin, h, w = x.shape
     m, cout = n * h * w, weight.shape[0]
@@ -438,19 +447,20 @@ def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats):
     launch(_fwd, lambda meta: (m_tiles * triton.cdiv(cout, meta["BLOCK_N"]),),
            (x, xm, xs, xt, res if res is not None else x, rm, rs, rt, w2d,
             w_desc if w_desc is not None else w2d, bias.contiguous() if bias is not None else w2d,
-            out if out is not None else x, pre if pre is not None else x, part, m, cin, cout,
-            c_part),
+            out if out is not None else x, pre if pre is not None else x,
+            u if u is not None else x, part, m, cin, cout, c_part),
            dict(HAS_XNORM=x_norm[0] is not None, HAS_RES=res is not None,
                 HAS_RNORM=res_norm[0] is not None, HAS_BIAS=bias is not None,
                 ACT=ACTIVATIONS[act].code, STATS=stats, STORE_OUT=out is not None,
-                KEEP_PRE=pre is not None, W_DESC=w_desc is not None, ACC=tl_acc(x.dtype),
+                KEEP_PRE=pre is not None, KEEP_U=u is not None, W_DESC=w_desc is not None, ACC=tl_acc(x.dtype),
                 GROUP_M=_group_m(x),
                 BLOCK_M=block_m))
     return part[:, :, :cout] if stats else None
 
 
 def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean,
-                      res_scale, res_shift, weight, bias, pre_act, mean, act, saved_out=None):
+                      res_scale, res_shift, weight, bias, pre_act, mean, act, saved_out=None,
+                      saved_u=None):
     """docs/OPS.md pw_stage_backward, on Triton."""
     op = "pw_stage_backward"
     x_norm, res_norm = (x_mean, x_scale, x_shift), (res_mean, res_scale, res_shift)
@@ -458,12 +468,14 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     check_runnable(op, x)
     n, cin, h, w = x.shape
     m, cout = n * h * w, weight.shape[0]
-    out_shape = (n, cout, h, w)
-    for name, t in (("grad_out", grad_out), ("pre_act", pre_act if present(pre_act) else None),
-                    ("saved_out", saved_out if present(saved_out) else None)):
-        if t is not None and (tuple(t.shape) != out_shape or t.dtype != x.dtype
+    out_shape, in_shape = (n, cout, h, w), (n, cin, h, w)
+    for name, t, shape in (("grad_out", grad_out, out_shape),
+                           ("pre_act", pre_act if present(pre_act) else None, out_shape),
+                           ("saved_out", saved_out if present(saved_out) else None, out_shape),
+                           ("saved_u", saved_u if present(saved_u) else None, in_shape)):
+        if t is not None and (tuple(t.shape) != shape or t.dtype != x.dtype
                               or t.device != x.device):
-            raise ValueError(f"{op}: {name} must be {out_shape} {x.dtype} on {x.device}, got "
+            raise ValueError(f"{op}: {name} must be {shape} {x.dtype} on {x.device}, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
     acc = acc_dtype(x.dtype)
     coef = stat_coefficients(op, grad_mean, grad_var, mean, m, cout, x.device, acc)
@@ -482,6 +494,11 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
     res = res.contiguous(memory_format=torch.channels_last) if res is not None else None
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     w2d = weight.reshape(cout, cin).contiguous()
+    # The GEMMs' input: the forward's u when kept (read as a plain input, no norm to apply),
+    # else formed again on load from x and res.
+    none3 = (None, None, None)
+    u_in = ((saved_u.contiguous(memory_format=torch.channels_last), none3, None, none3)
+            if present(saved_u) else (x, x_norm, res, res_norm))
     if present(pre_act):
         pre = pre_act.contiguous(memory_format=torch.channels_last)
     elif present(saved_out) and not ACTIVATIONS[act].needs_pre_activation:
@@ -489,7 +506,7 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
         pre = saved_out.contiguous(memory_format=torch.channels_last)
     else:  # recompute p with the forward GEMM, writing nothing else
         pre = torch.empty_like(grad_out, memory_format=torch.channels_last)
-        _pw_forward(x, x_norm, res, res_norm, weight, bias, act, None, pre, False)
+        _pw_forward(*u_in, weight, bias, act, None, pre, False)
     block_m = _block_m(x)
     m_tiles = triton.cdiv(m, block_m)
 
@@ -500,17 +517,21 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
            dict(ACT=ACTIVATIONS[act].code, HAS_COEF=coef is not None, NEED_O=present(grad_var),
                 ACC=tl_acc(x.dtype), BLOCK_M=block_m))
 
+    m_per_split = _m_per_split(m, cin, cout, x)
+    splits = triton.cdiv(m, m_per_split)
+    gw_part = torch.empty((splits, cout, cin), dtype=acc, device=x.device)
+    ux, ux_norm, ur, ur_norm = u_in
+    launch(_wgrad, lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]),
+                                 triton.cdiv(cin, meta["BLOCK_CI"]), splits),
+           (d_p, ux, *(_vec_or(v, w2d) for v in ux_norm), ur if ur is not None else ux,
+            *(_vec_or(v, w2d) for v in ur_norm), gw_part, m, cin, cout, m_per_split),
+           dict(HAS_XNORM=ux_norm[0] is not None, HAS_RES=ur is not None,
+                HAS_RNORM=ur_norm[0] is not None, ACC=tl_acc(x.dtype)))
+
     xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
     rm, rs, rt = (_vec_or(v, w2d) for v in res_norm)
     flags = dict(HAS_XNORM=has_xnorm, HAS_RES=res is not None, HAS_RNORM=has_rnorm,
                  ACC=tl_acc(x.dtype))
-    m_per_split = _m_per_split(m, cin, cout, x)
-    splits = triton.cdiv(m, m_per_split)
-    gw_part = torch.empty((splits, cout, cin), dtype=acc, device=x.device)
-    launch(_wgrad, lambda meta: (triton.cdiv(cout, meta["BLOCK_CO"]),
-                                 triton.cdiv(cin, meta["BLOCK_CI"]), splits),
-           (d_p, x, xm, xs, xt, res if res is not None else x, rm, rs, rt, gw_part, m, cin, cout,
-            m_per_split), flags)
 
     part = torch.empty((3, m_tiles, cin), dtype=acc, device=x.device)
     w_desc = _weight_desc(w2d, x, transposed=False)

@@ -312,13 +312,14 @@ at::Tensor whole_prologue(const K& k, const Chunks& ch, int64_t Cin, const scala
   return u;
 }
 
-// The forward: out = act(p), p = u Wᵀ + bias, u the prologue; pre2d = p when keep_pre_act; the
-// statistics of out into mean and var when stats.
+// The forward: out = act(p), p = u Wᵀ + bias, u the prologue; pre2d = p when keep_pre_act; u2d
+// = u when keep_u and there is a prologue (u is x otherwise); the statistics of out into mean and
+// var when stats.
 template <typename scalar_t, Act A>
 void pw_forward(const PwGeometry& g, const at::Tensor& x2d, const Norm& nx, const at::Tensor* r2d,
                 const Norm& nr, const at::Tensor& w2d, const std::optional<at::Tensor>& bias,
-                bool stats, bool keep_pre_act, at::Tensor& out2d, at::Tensor& pre2d,
-                at::Tensor& mean, at::Tensor& var) {
+                bool stats, bool keep_pre_act, bool keep_u, at::Tensor& out2d, at::Tensor& pre2d,
+                at::Tensor& u2d, at::Tensor& mean, at::Tensor& var) {
   using K = PwRows<scalar_t, A>;
   using opmath_t = typename K::opmath_t;
   const K k(g, nx, nr);
@@ -340,18 +341,21 @@ void pw_forward(const PwGeometry& g, const at::Tensor& x2d, const Norm& nx, cons
 
   if constexpr (fused) {
     pre2d = at::empty({rows, g.Cout}, opts);
+    // A kept u is written whole, each chunk's rows in place of the thread's scratch.
+    if (keep_u && prologue) u2d = at::empty({rows, g.Cin}, opts);
     // The chunk GEMMs are ATen ops called from the pool's threads: they must see this thread's
     // dispatch state (below autograd), not a fresh thread's.
     const at::ThreadLocalState tls;
     at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
       const at::ThreadLocalStateGuard tls_guard(tls);
       const SequentialBlas one_thread;
-      at::Tensor ubuf = prologue ? at::empty({ch.size, g.Cin}, opts) : at::Tensor();
+      at::Tensor ubuf =
+          prologue && !u2d.defined() ? at::empty({ch.size, g.Cin}, opts) : at::Tensor();
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r0 = ch.begin(i), n = ch.length(i);
         at::Tensor u = rows_of(x2d, r0, n);
         if (prologue) {
-          u = ubuf.narrow(0, 0, n);
+          u = u2d.defined() ? rows_of(u2d, r0, n) : ubuf.narrow(0, 0, n);
           k.prologue(xp + r0 * g.Cin, rp ? rp + r0 * g.Cin : nullptr, u.data_ptr<scalar_t>(), n);
         }
         at::Tensor p = rows_of(pre2d, r0, n);
@@ -361,6 +365,7 @@ void pw_forward(const PwGeometry& g, const at::Tensor& x2d, const Norm& nx, cons
     });
   } else {
     const at::Tensor u = prologue ? whole_prologue(k, ch, g.Cin, xp, rp, x2d.options()) : x2d;
+    if (keep_u && prologue) u2d = u;
     pre2d = gemm(u, w2d, bias);
     scalar_t* pp = pre2d.data_ptr<scalar_t>();
     at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
@@ -396,14 +401,16 @@ template <typename scalar_t, Act A>
 PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tensor& x2d,
                     const Norm& nx, const at::Tensor* r2d, const Norm& nr, const at::Tensor& w2d,
                     const std::optional<at::Tensor>& bias, const at::Tensor* pre2d,
-                    const at::Tensor* grad_mean, const at::Tensor* grad_var,
-                    const at::Tensor* mean) {
+                    const at::Tensor* u2d, const at::Tensor* grad_mean,
+                    const at::Tensor* grad_var, const at::Tensor* mean) {
   using K = PwRows<scalar_t, A>;
   using opmath_t = typename K::opmath_t;
   K k(g, nx, nr);
   k.set_stat_grads(grad_mean, grad_var, mean, g.rows());
   const int64_t rows = g.rows();
-  const bool prologue = k.has_prologue(r2d != nullptr);
+  // With the forward's u given (saved_u) there is nothing to form: x and res are still read,
+  // for the norms' gradients.
+  const bool prologue = k.has_prologue(r2d != nullptr) && u2d == nullptr;
   const scalar_t* xp = x2d.data_ptr<scalar_t>();
   const scalar_t* rp = ptr_or_null<scalar_t>(r2d);
   const scalar_t* gop = go2d.data_ptr<scalar_t>();
@@ -446,7 +453,7 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
           const int64_t r0 = ch.begin(i), n = ch.length(i);
           const scalar_t* xr = xp + r0 * g.Cin;
           const scalar_t* rr = rp ? rp + r0 * g.Cin : nullptr;
-          at::Tensor u = prologue ? ubuf.narrow(0, 0, n) : rows_of(x2d, r0, n);
+          at::Tensor u = prologue ? ubuf.narrow(0, 0, n) : rows_of(u2d ? *u2d : x2d, r0, n);
           at::Tensor p;
           if (pre2d != nullptr) {
             p = rows_of(*pre2d, r0, n);
@@ -487,7 +494,8 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
       }
     });
   } else {
-    const at::Tensor u = prologue ? whole_prologue(k, ch, g.Cin, xp, rp, x2d.options()) : x2d;
+    const at::Tensor u = prologue ? whole_prologue(k, ch, g.Cin, xp, rp, x2d.options())
+                                  : (u2d ? *u2d : x2d);
     const at::Tensor p = pre2d != nullptr ? *pre2d : gemm(u, w2d, bias);
     auto dp = at::empty({rows, g.Cout}, opts);
     const scalar_t* pp = p.data_ptr<scalar_t>();
@@ -524,13 +532,13 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const std::optional<at::Tensor>& res_in, const std::optional<at::Tensor>& res_mean,
     const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
-    bool stats, bool keep_pre_act) {
+    bool stats, bool keep_pre_act, bool keep_u) {
   const PwArgs a = check_pw_stage("pw_stage", x_in, x_mean, x_scale, x_shift, res_in, res_mean,
                                   res_scale, res_shift, weight, bias_in, act_name, stats);
   const PwGeometry& g = a.g;
@@ -542,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   const auto w2d = weight.reshape({g.Cout, g.Cin});
   const auto out_sizes = a.out_sizes();
   auto out2d = at::empty({g.rows(), g.Cout}, x_in.options());
-  at::Tensor mean = empty_output(x_in, acc), var = empty_output(x_in, acc), pre2d;
+  at::Tensor mean = empty_output(x_in, acc), var = empty_output(x_in, acc), pre2d, u2d;
   if (stats) {
     mean = at::empty({g.Cout}, x_in.options().dtype(acc));
     var = at::empty({g.Cout}, x_in.options().dtype(acc));
@@ -550,12 +558,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "pw_stage_cpu", [&] {
     dispatch_act(a.act, [&](auto act) {
       pw_forward<scalar_t, decltype(act)::value>(g, x2d, nx, r2d ? &*r2d : nullptr, nr, w2d,
-                                                 bias_in, stats, keep_pre_act, out2d, pre2d,
-                                                 mean, var);
+                                                 bias_in, stats, keep_pre_act, keep_u, out2d,
+                                                 pre2d, u2d, mean, var);
     });
   });
   auto pre_act = keep_pre_act ? from_rows(pre2d, out_sizes) : empty_output(x_in, x_in.scalar_type());
-  return {from_rows(out2d, out_sizes), pre_act, mean, var};
+  auto u = u2d.defined() ? from_rows(u2d, a.in_sizes()) : empty_output(x_in, x_in.scalar_type());
+  return {from_rows(out2d, out_sizes), pre_act, mean, var, u};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -570,11 +579,13 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
-                  const std::optional<at::Tensor>& saved_out_in) {
+                  const std::optional<at::Tensor>& saved_out_in,
+                  const std::optional<at::Tensor>& saved_u_in) {
   const PwArgs a = check_pw_stage_backward("pw_stage_backward", grad_out, grad_mean_in,
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, res_in,
                                            res_mean, res_scale, res_shift, weight, bias_in,
-                                           pre_act_in, mean_in, act_name, saved_out_in);
+                                           pre_act_in, mean_in, act_name, saved_out_in,
+                                           saved_u_in);
   const PwGeometry& g = a.g;
   const auto acc = a.acc;
   const Norm &nx = a.nx, &nr = a.nr;
@@ -594,13 +605,14 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   } else if (a.have_saved_out && derivative_from_output(a.act)) {
     pre2d = rows_view(*saved_out_in);
   }
+  const auto u2d = a.have_saved_u ? std::optional<at::Tensor>(rows_view(*saved_u_in)) : std::nullopt;
   const auto in_sizes = a.in_sizes();
   PwGrads gr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_in.scalar_type(), "pw_stage_backward_cpu", [&] {
     dispatch_act(a.act, [&](auto act) {
       gr = pw_backward<scalar_t, decltype(act)::value>(
           g, go2d, x2d, nx, r2d ? &*r2d : nullptr, nr, w2d, bias_in, pre2d ? &*pre2d : nullptr,
-          grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr,
+          u2d ? &*u2d : nullptr, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr,
           mean ? &*mean : nullptr);
     });
   });

@@ -51,13 +51,13 @@ at::Tensor gemm_pre_act(const at::Tensor& u, const at::Tensor& w2d, const at::Te
   return bias.defined() ? at::addmm(bias, u, w2d.t()) : at::mm(u, w2d.t());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const std::optional<at::Tensor>& res_in, const std::optional<at::Tensor>& res_mean,
     const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
-    bool stats, bool keep_pre_act) {
+    bool stats, bool keep_pre_act, bool keep_u) {
   const char* op = "pw_stage";
   const PwArgs args = check_pw_stage(op, x_in, x_mean, x_scale, x_shift, res_in, res_mean,
                                      res_scale, res_shift, weight, bias_in, act_name, stats);
@@ -85,7 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   launch_entry(op, c, x_in, stats, g.rows(), " rows of ", g.Cout, " channels");
   const at::Tensor pre_act =
       keep_pre_act ? nchw_of(p2d, out_sizes) : empty_output(x_in, x_in.scalar_type());
-  return {nchw_of(out2d, out_sizes), pre_act, mean, var};
+  // u is written above for the GEMM in any case: handing it over costs no pass, only the memory
+  // it keeps (none without a norm or residual: u is x then, which the backward has).
+  const bool u_written = u.data_ptr() != x2d.data_ptr();
+  const at::Tensor u_out = keep_u && u_written ? nchw_of(u, args.in_sizes())
+                                               : empty_output(x_in, x_in.scalar_type());
+  return {nchw_of(out2d, out_sizes), pre_act, mean, var, u_out};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -101,12 +106,13 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& bias_in,
                   const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
-                  const std::optional<at::Tensor>& saved_out_in) {
+                  const std::optional<at::Tensor>& saved_out_in,
+                  const std::optional<at::Tensor>& saved_u_in) {
   const char* op = "pw_stage_backward";
   const PwArgs args = check_pw_stage_backward(op, grad_out, grad_mean_in, grad_var_in, x_in, x_mean,
                                               x_scale, x_shift, res_in, res_mean, res_scale,
                                               res_shift, weight, bias_in, pre_act_in, mean_in,
-                                              act_name, saved_out_in);
+                                              act_name, saved_out_in, saved_u_in);
   const PwGeometry& g = args.g;
   const auto acc = args.acc;
   const Norm &nx = args.nx, &nr = args.nr;
@@ -128,10 +134,9 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   };
   const std::array<at::Tensor, 3> gx_norm = norm_grads(nx), gr_norm = norm_grads(nr);
 
-  // u is recomputed (3E: read x and res, write u) because the op's schema has no output to hand
-  // the forward's u over; saving it would take those 3E off every backward for E of memory held
-  // per block (docs/CUDA.md "pw stage", byte count). The forward writes u for its GEMM anyway.
-  const auto u = prologue(op, x2d, nx, r2d, nr);
+  // The forward's u when it was kept (keep_u): recomputing it costs 3E (read x and res, write u)
+  // and a launch, keeping it E of memory per block (docs/CUDA.md "pw stage").
+  const auto u = args.have_saved_u ? rows_of(*saved_u_in) : prologue(op, x2d, nx, r2d, nr);
   // Where act' follows from the output (relu), the saved output serves as the pre-activation.
   const bool out_as_pre =
       !args.have_pre_act && args.have_saved_out && derivative_from_output(args.act);
