@@ -87,8 +87,9 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
                note="bn_norm, running statistics and their backward"),
     ]
     if autocast:
-        step.append(Launch("block", "fwd+bwd", "ATen _to_copy", 8,
-                           note="autocast: weights and biases to the storage dtype and back"))
+        step.append(Launch("block", "fwd+bwd", "ATen cat, _to_copy", 4,
+                           note="autocast: the block's weights and biases cast as one buffer, "
+                                "the gradients back (model._cast_params)"))
     return step
 
 
