@@ -83,7 +83,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
                   const std::optional<at::Tensor>& mean, c10::string_view act,
                   const std::optional<at::Tensor>& saved_out,
-                  const std::optional<at::Tensor>& saved_u);
+                  const std::optional<at::Tensor>& saved_u, bool grad_res_normed);
 
 }  // namespace cpu
 }  // namespace convmixer_kernels

@@ -22,7 +22,8 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "pw_stage_backward(Tensor grad_out, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, Tensor? res_mean, "
       "Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, Tensor? pre_act, "
-      "Tensor? mean, str act, Tensor? saved_out=None, Tensor? saved_u=None) -> (Tensor grad_x, Tensor grad_x_mean, "
-      "Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_res, Tensor grad_res_mean, "
-      "Tensor grad_res_scale, Tensor grad_res_shift, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor? mean, str act, Tensor? saved_out=None, Tensor? saved_u=None, "
+      "bool grad_res_normed=False) -> (Tensor grad_x, Tensor grad_x_mean, Tensor grad_x_scale, "
+      "Tensor grad_x_shift, Tensor grad_res, Tensor grad_res_mean, Tensor grad_res_scale, "
+      "Tensor grad_res_shift, Tensor grad_weight, Tensor grad_bias)");
 }

@@ -98,7 +98,7 @@ class DwKernels:
         """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc, grad_norm_mean): the norm's
         gradients are (grad_norm_mean, sum_dx_xc, sum_dx), the last three garbage without a norm.
         `out`: the forward's output (NCHW shape), which spares ReLU the conv recompute; None:
-        recompute. grad_res, when given, is added into grad_x."""
+        recompute. grad_res, when given, joins dX before the norm's backward."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype

@@ -342,28 +342,46 @@ def _dw_backward_inputs(backend, dtype, shape, k, act, parts="norm_bias"):
     return (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act), grad_res, out
 
 
+def _with_grad_res(base, grad_res, x, norm, dtype):
+    """Checks dw_stage_backward's outputs given grad_res against its outputs `base` without:
+    grad_res is a gradient of norm(x) joining dX before the norm's backward, so grad_x gains
+    grad_res·scale and the norm's sums gain grad_res's; the weight and bias gradients keep
+    every bit. Returns the expected outputs, in float64."""
+    gx, gm, gs, gt, gw, gb = base
+    r = grad_res.double()
+    if norm[0] is None:
+        return gx.double() + r, gm, gs, gt, gw, gb
+    mean, scale = (v.double().view(1, -1, 1, 1) for v in norm[:2])
+    shift_g = gt.double() + r.sum((0, 2, 3))
+    return (gx.double() + r * scale, -scale.flatten() * shift_g,
+            gs.double() + (r * (x.double() - mean)).sum((0, 2, 3)), shift_g, gw, gb)
+
+
+def _assert_grad_res(with_res, base, grad_res, x, norm, dtype):
+    expected = _with_grad_res(base, grad_res, x, norm, dtype)
+    assert_bitwise(with_res[4:], base[4:])
+    for name, a, e in zip(("grad_x", "grad_x_mean", "grad_x_scale", "grad_x_shift"), with_res,
+                          expected):
+        assert_close_direct(a, e, dtype, name=f"{name} with grad_res")
+    if norm[0] is None and dtype == f64:  # dX + grad_res rounded once, as Python rounds it
+        assert_bitwise([with_res[0]], [base[0] + grad_res])
+
+
 @over_backends("dtype,shape,k,act,parts",
                cpu=[(d, (2, 40, 7, 9), 5, a, p) for d in (f64, f32) for a in ACTS
                     for p in ("norm_bias", "plain")],
                triton=[(f64, (2, 12, 5, 9), 3, a, "norm_bias") for a in ACTS],
                cuda=[(d, (4, 40, 18, 22), 7, a, "norm_bias") for d in (f64, f32) for a in ACTS])
 def test_dw_backward_grad_res_and_saved_out(backend, dtype, shape, k, act, parts):
-    """grad_res lands in grad_x and nowhere else: in float64, where adding it inside the store
-    and after it round the same way, bitwise grad_x + grad_res. saved_out changes no bit: for
-    relu the backward reads act' and act from it (o <= 0 exactly where a <= 0, relu(o) = o), for
-    gelu it is not used."""
+    """grad_res joins dX before the norm's backward (_with_grad_res) and changes nothing else.
+    saved_out changes no bit: for relu the backward reads act' and act from it (o <= 0 exactly
+    where a <= 0, relu(o) = o), for gelu it is not used."""
     args, grad_res, out = _dw_backward_inputs(backend, dtype, shape, k, act, parts)
     op = backend.raw("dw_stage_backward")
     base = op(*args)
     from_out = op(*args, None, out)
     assert_bitwise(base, from_out)
-    with_res = op(*args, grad_res, out)
-    assert_bitwise(base[1:], with_res[1:])
-    if dtype == f64:
-        assert_bitwise([base[0] + grad_res], [with_res[0]])
-    else:
-        assert_close_direct(with_res[0], base[0].double() + grad_res.double(), dtype,
-                            name="grad_x with grad_res")
+    _assert_grad_res(op(*args, grad_res, out), base, grad_res, args[3], args[4:7], dtype)
     # Empty means absent, as for the other optional inputs.
     empty = torch.empty(0, dtype=dtype, device=backend.device)
     assert_bitwise(base, op(*args, empty, empty))
@@ -371,8 +389,8 @@ def test_dw_backward_grad_res_and_saved_out(backend, dtype, shape, k, act, parts
 
 @over_backends(cuda_emu=ONCE)
 def test_dw_backward_grad_res_emulated(backend):
-    """The CUDA backward-input kernel's grad_res (the launcher passes it straight through):
-    float64, bitwise grad_x + grad_res, every other output unchanged."""
+    """The CUDA backward-input kernel's grad_res (the launcher passes it straight through), as
+    the ops' (_with_grad_res), in float64."""
     import emulated_cuda
     case = dw_case((2, 40, 9, 10), 5, f64, device="cpu", seed=3)
     x, m, s, t, weight, bias = case.leaves
@@ -383,10 +401,11 @@ def test_dw_backward_grad_res_emulated(backend):
     gm, gv = randn(40, dtype=f64, gen=gen), randn(40, dtype=f64, gen=gen)
     grad_res = randn(*x.shape, dtype=f64, gen=gen)
     args = (grad_out, gm, gv, mean, x, (m, s, t), weight, bias, "gelu")
-    base = kernels.backward(*args)
-    with_res = kernels.backward(*args, grad_res=grad_res)
-    assert_bitwise(base[1:], with_res[1:])
-    assert_bitwise([base[0] + grad_res], [with_res[0]])
+    # The emulation's outputs in the op's order: grad_x, the norm's (mean, scale, shift), w, b.
+    as_op = lambda o: (o[0], o[5], o[4], o[3], o[1], o[2])  # noqa: E731
+    base = as_op(kernels.backward(*args))
+    with_res = as_op(kernels.backward(*args, grad_res=grad_res))
+    _assert_grad_res(with_res, base, grad_res, x, (m, s, t), f64)
 
 
 @over_backends("act", cpu=ACTS, triton=ACTS)
@@ -466,6 +485,34 @@ def test_pw_keep_u(backend, dtype, parts):
     base, doubled = op(*head, pre, mean, "gelu", None, u), op(*head, pre, mean, "gelu", None, 2 * u)
     assert_bitwise(doubled[-2], 2 * base[-2])
     assert_bitwise(doubled[:-2] + doubled[-1:], base[:-2] + base[-1:])
+
+
+@over_backends("dtype,parts", cpu=product([f64, f32], ["both_norms_bias", "residual_norm"]),
+               triton=[(f64, "both_norms_bias")], cuda=[(f32, "both_norms_bias")])
+def test_pw_backward_grad_res_normed(backend, dtype, parts):
+    """grad_res_normed: the residual's gradient is dU itself, the gradient of norm_res(res) (the
+    plain one times res_scale), and the res norm's gradients are left to the caller (empty);
+    every other output keeps its bits."""
+    case = _pw(backend, dtype, (2, 12, 40, 5, 7), "gelu", parts=parts)
+    (x, weight, bias), kw = stage_args(case)
+    xm, xs, xt = kw.get("x_norm") or (None, None, None)
+    rm, rs, rt = kw["residual_norm"]
+    res = kw["residual"]
+    out, pre, mean, _, _ = backend.raw("pw_stage")(x, xm, xs, xt, res, rm, rs, rt, weight, bias,
+                                                   "gelu", True, True)
+    gen = _gen(35)
+    grad_out = randn(*out.shape, dtype=dtype, gen=gen).to(backend.device)
+    gm, gv = (randn(40, dtype=mean.dtype, gen=gen).to(backend.device) for _ in range(2))
+    args = (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias, pre, mean, "gelu")
+    op = backend.raw("pw_stage_backward")
+    plain, normed = op(*args), op(*args, None, None, True)
+    assert_bitwise(normed[:4] + normed[8:], plain[:4] + plain[8:])
+    assert all(g.numel() == 0 for g in normed[5:8])
+    scaled = normed[4].double() * rs.double().view(1, -1, 1, 1)
+    if dtype == f64:
+        assert_bitwise([scaled], [plain[4]])
+    else:
+        assert_close_direct(plain[4], scaled, dtype, name="grad_res")
 
 
 def _block_leaves(backend, dtype, c, k, gen, n=2, h=5, w=6):
@@ -934,9 +981,12 @@ def test_opcheck_dw_stage_backward(backend, parts, grads):
 
 
 @over_backends("parts,grads,pre_act",
-               cpu=product(PW_PARTS, ["all", "out_only"], ["pre_act", "recompute", "saved_u"]),
-               triton=[("both_norms_bias", "all", m) for m in ("pre_act", "saved_u")],
-               cuda=[("both_norms_bias", "all", m) for m in ("pre_act", "saved_u")])
+               cpu=product(PW_PARTS, ["all", "out_only"],
+                           ["pre_act", "recompute", "saved_u", "grad_res_normed"]),
+               triton=[("both_norms_bias", "all", m)
+                       for m in ("pre_act", "saved_u", "grad_res_normed")],
+               cuda=[("both_norms_bias", "all", m)
+                     for m in ("pre_act", "saved_u", "grad_res_normed")])
 def test_opcheck_pw_stage_backward(backend, parts, grads, pre_act):
     args = _raw_pw_args(backend, parts, requires_grad=False, keep_pre_act=pre_act == "pre_act",
                         keep_u=pre_act == "saved_u")
@@ -952,7 +1002,7 @@ def test_opcheck_pw_stage_backward(backend, parts, grads, pre_act):
         backend.raw("pw_stage_backward").default,
         (grad_out, gm, gv, x, xm, xs, xt, res, rm, rs, rt, weight, bias,
          p if pre_act == "pre_act" else None, mean, act, None,
-         u if pre_act == "saved_u" else None))
+         u if pre_act == "saved_u" else None, pre_act == "grad_res_normed"))
 
 
 @over_backends("act", cpu=ACTS, triton=["relu"], cuda=["relu"])

@@ -6,9 +6,12 @@ and the autograd engine adds them: an extra pass reading two activation-sized te
 one, per block and step. Here the dw stage's autograd node also outputs a *carrier*, a zero-byte
 stand-in with h's shape (a broadcast scalar) that the pw stage takes in h's place on the
 gradient path; pw_stage's gradient for its residual therefore arrives at the dw node, whose
-backward op adds it into grad_x in the same store (dw_stage_backward's grad_res). The residual
-norm's [C] gradients are still summed by the engine with the dw stage's (vectors, not
-activations). The same nodes save each stage's output for the backward where act' follows from
+backward op adds it into grad_x in the same store (dw_stage_backward's grad_res). Both stages
+read h through the same norm, so the pw backward hands over dU, the gradient of the normed
+residual, without that norm's backward (pw_stage_backward's grad_res_normed: no second read of
+h for its sums, no scaled copy written); the dw backward adds it to its own dX before the
+norm's backward, whose three [C] gradients then cover both branches (no autograd adds of
+vectors either). The same nodes save each stage's output for the backward where act' follows from
 it (relu), so neither stage recomputes its pre-activation for act' nor keeps one (docs/OPS.md).
 
 The two nodes are torch.autograd.Function subclasses around the registered ops: torch.compile
@@ -87,12 +90,13 @@ class _PwNode(torch.autograd.Function):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
          mean, out, u) = ctx.saved_tensors
         op = _ops.pw_stage_backward_triton if ctx.triton else _ops.pw_stage_backward
-        gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = op(
+        # grad_res_normed: the residual's gradient as dU, of the normed residual, which the dw
+        # backward takes through the norm the two stages share, with its own dX.
+        gx, gxm, gxs, gxt, gr, _, _, _, gw, gb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
-            res_shift, weight, bias, pre_act, mean, ctx.act, out, u)
+            res_shift, weight, bias, pre_act, mean, ctx.act, out, u, True)
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
-        res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
-        return (gx, *x_norm_grads, gr, None, *res_norm_grads, in_param_layout(gw, weight),
+        return (gx, *x_norm_grads, gr, None, None, None, None, in_param_layout(gw, weight),
                 gb if bias is not None else None, None, None, None)
 
 

@@ -85,7 +85,7 @@ def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_sh
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward_triton")
 def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act,
-                            saved_out=None, saved_u=None):
+                            saved_out=None, saved_u=None, grad_res_normed=False):
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
 
@@ -94,7 +94,7 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
 
     grad_res = torch.empty_like(x, memory_format=torch.channels_last) if res is not None else x.new_empty((0,))
     return (torch.empty_like(x, memory_format=torch.channels_last), *norm_grads(x_mean is not None),
-            grad_res, *norm_grads(res_mean is not None),
+            grad_res, *norm_grads(res_mean is not None and not grad_res_normed),
             weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
 
 

@@ -12,8 +12,9 @@ One conv kernel serves three passes, chosen by its EPI constexpr:
   EPI_DA   dA = dO·act'(a), with a recomputed and dO = grad_out + const + lin·o, into a tensor
            in the storage dtype (as the CUDA backend's backward kernel 1); with the forward's
            output given (AUX, relu: act' and act follow from it) no conv runs, it is read instead;
-  EPI_DX   dX = conv(dA) with the taps rotated 180° (the transposed conv), grad_x = dX·scale
-           (+ grad_res with AUX), and the input norm's sums Σ dX, Σ dX·(x - mean).
+  EPI_DX   dX = conv(dA) with the taps rotated 180° (the transposed conv) (+ grad_res with AUX,
+           the residual's gradient of the same norm(x)), grad_x = dX·scale, and the input
+           norm's sums Σ dX, Σ dX·(x - mean).
 dW and db come from a fourth kernel that walks a contiguous run of pixels per program with the
 [taps, channels] products accumulated in registers, reduced nowhere until its one store.
 
@@ -111,7 +112,7 @@ def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_
     on load, no bias) and HAS_NORM says whether x had a norm (its mean and scale at mean_ptr and
     scale_ptr), which grad_x and the partial sums go through. With AUX, `aux_ptr` is the
     forward's output (EPI_DA, which then reads a = o, valid where act' follows from the output)
-    or grad_res (EPI_DX, added into grad_x)."""
+    or grad_res (EPI_DX, added to dX)."""
     pid_g = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
@@ -170,14 +171,14 @@ def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_
             tl.store(out_ptr + offs, act_bwd(a, d_o, ACT).to(out_ptr.dtype.element_ty),
                      mask=mask)
         else:
+            if AUX:  # grad_res, a gradient of norm(x) too: before the norm's backward
+                a += tl.load(aux_ptr + offs, mask=mask, other=0.0).to(ACC)
             if HAS_NORM:
                 d_x = tl.where(mask, a, 0.0)
                 xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
                 run_a += tl.sum(d_x, axis=0)
                 run_b += tl.sum(d_x * (xv - mean[None, :]), axis=0)
                 a = d_x * scale[None, :]
-            if AUX:
-                a += tl.load(aux_ptr + offs, mask=mask, other=0.0).to(ACC)
             tl.store(out_ptr + offs, a.to(out_ptr.dtype.element_ty), mask=mask)
     row = pid_g * C_PAD + cs
     if EPI == EPI_FWD:

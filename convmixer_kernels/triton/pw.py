@@ -460,7 +460,7 @@ def _pw_forward(x, x_norm, res, res_norm, weight, bias, act, out, pre, stats, u=
 
 def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean,
                       res_scale, res_shift, weight, bias, pre_act, mean, act, saved_out=None,
-                      saved_u=None):
+                      saved_u=None, grad_res_normed=False):
     """docs/OPS.md pw_stage_backward, on Triton."""
     op = "pw_stage_backward"
     x_norm, res_norm = (x_mean, x_scale, x_shift), (res_mean, res_scale, res_shift)
@@ -479,7 +479,9 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
     acc = acc_dtype(x.dtype)
     coef = stat_coefficients(op, grad_mean, grad_var, mean, m, cout, x.device, acc)
-    has_xnorm, has_rnorm = x_mean is not None, res_mean is not None
+    # The res norm's backward, unless the caller takes dU itself as the residual's gradient (of
+    # norm_res(res)) and does that backward elsewhere (u is still formed with the norm).
+    has_xnorm, has_rnorm = x_mean is not None, res_mean is not None and not grad_res_normed
     grad_x = torch.empty_like(x, memory_format=torch.channels_last)
     grad_res = (torch.empty_like(x, memory_format=torch.channels_last) if res is not None
                 else x.new_empty((0,)))
@@ -528,6 +530,8 @@ def pw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
            dict(HAS_XNORM=ux_norm[0] is not None, HAS_RES=ur is not None,
                 HAS_RNORM=ur_norm[0] is not None, ACC=tl_acc(x.dtype)))
 
+    if not has_rnorm:
+        res_norm = none3
     xm, xs, xt = (_vec_or(v, w2d) for v in x_norm)
     rm, rs, rt = (_vec_or(v, w2d) for v in res_norm)
     flags = dict(HAS_XNORM=has_xnorm, HAS_RES=res is not None, HAS_RNORM=has_rnorm,

@@ -292,7 +292,8 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* gxp = grad_x.data_ptr<scalar_t>();
   const bool normed = norm.defined();
-  // grad_res (the gradient the residual branch gives the same input) is added in grad_x's store.
+  // grad_res (the gradient the residual branch gives the same normed input, norm(x)) joins dX
+  // before the norm's backward, in pass 2.
   const scalar_t* grp = grad_res != nullptr ? grad_res->data_ptr<scalar_t>() : nullptr;
   // With the forward's output, act' (and act) come from it where the activation allows: pass 1
   // then skips recomputing the convolution (k² FMA per element of the 3k² it costs otherwise).
@@ -379,13 +380,13 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
                        tile);
         for (int64_t xo = 0; xo < nx; ++xo) {
           const int64_t off = (pix + xo) * g.C + c0;
-          const V dx0 = V::loadu(tile + xo * kCB), dx1 = V::loadu(tile + xo * kCB + kVS);
-          V gx0 = normed ? dx0 * s0 : dx0, gx1 = normed ? dx1 * s1 : dx1;
-          if (grp != nullptr) {
+          V dx0 = V::loadu(tile + xo * kCB), dx1 = V::loadu(tile + xo * kCB + kVS);
+          if (grp != nullptr) {  // a gradient of norm(x) too: before the norm's backward
             V r0, r1;
             L::load(grp + off, cb, r0, r1);
-            gx0 = gx0 + r0, gx1 = gx1 + r1;
+            dx0 = dx0 + r0, dx1 = dx1 + r1;
           }
+          const V gx0 = normed ? dx0 * s0 : dx0, gx1 = normed ? dx1 * s1 : dx1;
           L::store(gxp + off, cb, gx0, gx1);
           if (!normed) continue;
           V x0v, x1v;

@@ -61,6 +61,9 @@ struct PwRows {
   PaddedNorm<opmath_t> nx, nr;
   std::vector<opmath_t> const_term, lin_term;  // backward: dO = go + const + lin * o
   bool need_o = false;
+  // Backward: grad_res is dU itself, the gradient of norm_res(res), and the res norm's sums are
+  // not taken (pw_stage_backward's grad_res_normed).
+  bool grad_res_normed = false;
 
   PwRows(const PwGeometry& g, const Norm& x_norm, const Norm& res_norm)
       : Cin(g.Cin),
@@ -211,7 +214,12 @@ struct PwRows {
     };
     add_to(acc + c, du0, du1);
     through(nx, xv, gx, acc + win);
-    if (res) through(nr, rv, gr, acc + 2 * win);
+    if (!res) return;
+    if (grad_res_normed) {
+      if (gr != dur) L::store(gr + c, k, du0, du1);
+    } else {
+      through(nr, rv, gr, acc + 2 * win);
+    }
   }
 
   // The norm gradients (through_pair) for n rows of dU, x and res (res may be null).
@@ -223,7 +231,8 @@ struct PwRows {
         V du0, du1, xv[2], rv[2];
         L::load(du + off + c, k, du0, du1);
         if (nx.defined()) L::load(x + off + c, k, xv[0], xv[1]);
-        if (res != nullptr && nr.defined()) L::load(res + off + c, k, rv[0], rv[1]);
+        if (res != nullptr && nr.defined() && !grad_res_normed)
+          L::load(res + off + c, k, rv[0], rv[1]);
         through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx + off,
                      res ? gr + off : nullptr, c, k, acc);
       });
@@ -402,10 +411,11 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
                     const Norm& nx, const at::Tensor* r2d, const Norm& nr, const at::Tensor& w2d,
                     const std::optional<at::Tensor>& bias, const at::Tensor* pre2d,
                     const at::Tensor* u2d, const at::Tensor* grad_mean,
-                    const at::Tensor* grad_var, const at::Tensor* mean) {
+                    const at::Tensor* grad_var, const at::Tensor* mean, bool grad_res_normed) {
   using K = PwRows<scalar_t, A>;
   using opmath_t = typename K::opmath_t;
   K k(g, nx, nr);
+  k.grad_res_normed = grad_res_normed;
   k.set_stat_grads(grad_mean, grad_var, mean, g.rows());
   const int64_t rows = g.rows();
   // With the forward's u given (saved_u) there is nothing to form: x and res are still read,
@@ -512,7 +522,8 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
     // Outputs may not alias: dU itself is returned at most once, as the gradient of an input
     // without a norm.
     out.gx = nx.defined() ? at::empty_like(du) : du;
-    if (r2d != nullptr) out.gr = (nr.defined() || !nx.defined()) ? at::empty_like(du) : du;
+    if (r2d != nullptr)
+      out.gr = ((nr.defined() && !grad_res_normed) || !nx.defined()) ? at::empty_like(du) : du;
     const scalar_t* dup = du.data_ptr<scalar_t>();
     scalar_t* gxp = out.gx.data_ptr<scalar_t>();
     scalar_t* grp = r2d != nullptr ? out.gr.data_ptr<scalar_t>() : nullptr;
@@ -580,7 +591,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
                   const std::optional<at::Tensor>& saved_out_in,
-                  const std::optional<at::Tensor>& saved_u_in) {
+                  const std::optional<at::Tensor>& saved_u_in, bool grad_res_normed) {
   const PwArgs a = check_pw_stage_backward("pw_stage_backward", grad_out, grad_mean_in,
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, res_in,
                                            res_mean, res_scale, res_shift, weight, bias_in,
@@ -613,7 +624,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
       gr = pw_backward<scalar_t, decltype(act)::value>(
           g, go2d, x2d, nx, r2d ? &*r2d : nullptr, nr, w2d, bias_in, pre2d ? &*pre2d : nullptr,
           u2d ? &*u2d : nullptr, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr,
-          mean ? &*mean : nullptr);
+          mean ? &*mean : nullptr, grad_res_normed);
     });
   });
   auto grad_x = from_rows(gr.gx, in_sizes);
@@ -648,7 +659,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
     });
   };
   if (nx.defined()) norm_grads(nx, gr.norm_sums.data() + g.Cin, gx_mean, gx_scale, gx_shift);
-  if (nr.defined()) norm_grads(nr, gr.norm_sums.data() + 2 * g.Cin, gr_mean, gr_scale, gr_shift);
+  if (nr.defined() && !grad_res_normed)
+    norm_grads(nr, gr.norm_sums.data() + 2 * g.Cin, gr_mean, gr_scale, gr_shift);
   return {grad_x, gx_mean, gx_scale, gx_shift, grad_res, gr_mean, gr_scale, gr_shift, grad_w, grad_bias};
 }
 

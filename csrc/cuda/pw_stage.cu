@@ -107,7 +107,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
                   const std::optional<at::Tensor>& saved_out_in,
-                  const std::optional<at::Tensor>& saved_u_in) {
+                  const std::optional<at::Tensor>& saved_u_in, bool grad_res_normed) {
   const char* op = "pw_stage_backward";
   const PwArgs args = check_pw_stage_backward(op, grad_out, grad_mean_in, grad_var_in, x_in, x_mean,
                                               x_scale, x_shift, res_in, res_mean, res_scale,
@@ -116,6 +116,9 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const PwGeometry& g = args.g;
   const auto acc = args.acc;
   const Norm &nx = args.nx, &nr = args.nr;
+  // The res norm's backward, unless the caller takes dU itself as the residual's gradient (the
+  // gradient of norm_res(res)) and does that backward elsewhere (grad_res_normed).
+  const Norm nr_back = grad_res_normed ? Norm{} : nr;
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x2d = rows_of(x_in);
@@ -132,7 +135,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
       t = n.defined() ? at::empty({g.Cin}, x_in.options().dtype(acc)) : empty_output(x_in, acc);
     return v;
   };
-  const std::array<at::Tensor, 3> gx_norm = norm_grads(nx), gr_norm = norm_grads(nr);
+  const std::array<at::Tensor, 3> gx_norm = norm_grads(nx), gr_norm = norm_grads(nr_back);
 
   // The forward's u when it was kept (keep_u): recomputing it costs 3E (read x and res, write u)
   // and a launch, keeping it E of memory per block (docs/CUDA.md "pw stage").
@@ -163,7 +166,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   // Outputs may not alias: dU itself is returned at most once (as docs/OPS.md's CPU kernels do).
   at::Tensor gx2d = nx.defined() ? at::empty_like(du) : du;
   at::Tensor gr2d;
-  if (r2d.defined()) gr2d = (nr.defined() || !nx.defined()) ? at::empty_like(du) : du;
+  if (r2d.defined()) gr2d = (nr_back.defined() || !nx.defined()) ? at::empty_like(du) : du;
   const bool write_res = r2d.defined() && gr2d.data_ptr() != du.data_ptr();
   pw::ThroughNorms t;
   t.problem = problem_of(x_in, g.rows(), g.Cin);
@@ -171,7 +174,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   t.x = x2d.data_ptr();
   t.x_norm = norm_ptrs(nx);
   t.res = ptr_or_null(r2d);
-  t.res_norm = norm_ptrs(nr);
+  t.res_norm = norm_ptrs(nr_back);
   t.grad_x = nx.defined() ? gx2d.data_ptr() : nullptr;
   t.grad_res = write_res ? gr2d.data_ptr() : nullptr;
   auto grads_ptrs = [](const Norm& n, const std::array<at::Tensor, 3>& v) {
@@ -179,7 +182,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                        : pw::NormGrads{};
   };
   t.x_grads = grads_ptrs(nx, gx_norm);
-  t.res_grads = grads_ptrs(nr, gr_norm);
+  t.res_grads = grads_ptrs(nr_back, gr_norm);
   t.bias.partials = bias_ws.defined() ? bias_ws.data_ptr() : nullptr;
   t.bias.C = g.Cout;
   t.bias.grad = grad_bias.data_ptr();

@@ -233,7 +233,7 @@ struct Backward {
   void* grad_bias = nullptr;
   void* sum_dx = nullptr;     // with a norm only
   void* sum_dx_xc = nullptr;  // with a norm only
-  const void* grad_res = nullptr;  // like x, or null: added into grad_x (the residual's gradient)
+  const void* grad_res = nullptr;  // like x, or null: the residual's gradient of norm(x), added to dX
   void* grad_norm_mean = nullptr;  // with a norm, [C] accumulation type or null: -sum_dx * scale
 };
 

@@ -507,7 +507,7 @@ struct BackwardArgs {
   acc_t<T>* part_grad_b;      // [parts][C]
   acc_t<T>* part_sum_dx;      // [parts][C], only with a norm
   acc_t<T>* part_sum_dx_xc;   // [parts][C], only with a norm
-  const T* grad_res;          // NHWC like x, or null: added into grad_x (the residual's gradient)
+  const T* grad_res;          // NHWC like x, or null: the residual's gradient of norm(x), added to dX
   bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
 };
 
@@ -810,8 +810,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (group == 0 && c < s.C) args.part_grad_b[me.part() * s.C + c] = total_b;
 }
 
-// Backward, step 2: dX = dA correlated with the rotated taps (the transposed depthwise conv),
-// grad_x = dX * scale, and the norm's sums  sum dX  and  sum dX (x - mean).
+// Backward, step 2: dX = dA correlated with the rotated taps (the transposed depthwise conv) plus
+// grad_res (a residual branch's gradient of the same norm(x)), grad_x = dX * scale, and the norm's
+// sums  sum dX  and  sum dX (x - mean).
 template <typename T, int kK>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_input_kernel(const BackwardArgs<T> args, const Shape s) {
@@ -842,9 +843,11 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int xx = t.x0 + me.strip_x + x;
         if (y >= s.H || xx >= s.W || c >= s.C) continue;
         const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-        const AccT dx = acc[r][x];
+        // The residual's gradient is with respect to norm(x) too: it joins dX before the norm's
+        // backward, so the sums below cover both branches.
+        const AccT dx = args.grad_res ? acc[r][x] + to_acc(args.grad_res[off]) : acc[r][x];
         const AccT gx = norm ? dx * scale : dx;
-        args.grad_x[off] = from_acc<T>(args.grad_res ? gx + to_acc(args.grad_res[off]) : gx);
+        args.grad_x[off] = from_acc<T>(gx);
         if (norm) {
           sum_dx += dx;
           sum_dx_xc = fma_acc(dx, to_acc(args.x[off]) - mean, sum_dx_xc);
