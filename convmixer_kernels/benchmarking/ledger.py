@@ -81,8 +81,6 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
         Launch("dw", "bwd", "dw_backward_finalize_kernel", 1,
                note="dW, db and the norm's gradients from the parts' rows"),
         # ---- the model's glue (python_tests/test_ledger.py counts it)
-        Launch("block", "fwd", "ATen new_zeros", 1,
-               note="mixer_block's one-element carrier of h's gradient into the dw backward"),
         Launch("block", "fwd+bwd", "ATen ops on [dim] vectors", 32,
                note="bn_norm, running statistics and their backward"),
     ]

@@ -4,7 +4,7 @@ The block input h (with its norm, the previous block's BN2) feeds both stages: d
 as x, pw_stage as its residual. As two independent autograd nodes, each returns a gradient for h
 and the autograd engine adds them: an extra pass reading two activation-sized tensors and writing
 one, per block and step. Here the dw stage's autograd node also outputs a *carrier*, a zero-byte
-stand-in with h's shape (a broadcast scalar) that the pw stage takes in h's place on the
+stand-in with h's shape (a broadcast scalar, never read) that the pw stage takes in h's place on the
 gradient path; pw_stage's gradient for its residual therefore arrives at the dw node, whose
 backward op adds it into grad_x in the same store (dw_stage_backward's grad_res). Both stages
 read h through the same norm, so the pw backward hands over dU, the gradient of the normed
@@ -47,7 +47,8 @@ class _DwNode(torch.autograd.Function):
     def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats, triton):
         op = _ops.dw_stage_triton if triton else _ops.dw_stage
         out, mean, var = op(x, x_mean, x_scale, x_shift, weight, bias, act, stats)
-        carrier = x.new_zeros(()).expand(x.shape)
+        # Only its gradient is ever used, never its value: an allocation, no kernel.
+        carrier = x.new_empty(()).expand(x.shape)
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
                               saved_output(act, out))
         ctx.act, ctx.triton = act, triton
