@@ -59,7 +59,11 @@ def _check_stats(bn: nn.BatchNorm2d, mean, var, dtype: torch.dtype) -> None:
                             f"{t.dtype}")
     if var.device != mean.device:
         raise ValueError(f"bn_norm: var is on {var.device} but mean is on {mean.device}")
-    # The module's parameters and buffers on another device: the ops' checks name them.
+    for name in ("weight", "running_mean"):
+        t = getattr(bn, name, None)
+        if t is not None and t.device != mean.device:
+            raise ValueError(f"bn_norm: the statistics are on {mean.device} but the BatchNorm's "
+                             f"{name} is on {t.device}")
 
 
 def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,

@@ -70,8 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift_backward(
       if (affine) gw[c] = g[c] * invstd;
     }
   });
-  const auto empty = at::empty({0}, opts);
-  if (!affine) return {grad_var.to(var_in.scalar_type()), empty, empty};
+  if (!affine) {  // two empty outputs, not one tensor twice: outputs must not alias
+    return {grad_var.to(var_in.scalar_type()), at::empty({0}, opts), at::empty({0}, opts)};
+  }
   const auto grad_bias = grad_shift.has_value() ? grad_shift->to(bias_in->scalar_type(), false, /*copy=*/true)
                                                 : at::zeros({C}, opts.dtype(bias_in->scalar_type()));
   return {grad_var.to(var_in.scalar_type()), grad_weight.to(weight_in->scalar_type()), grad_bias};
