@@ -21,21 +21,15 @@ from torch import nn
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .autograd import register_autograd
+from .backend import _native_has
 from .checks import Norm
 
 _ops = torch.ops.convmixer_kernels
 _BN_OPS = ("bn_scale_shift", "bn_scale_shift_backward", "bn_update_running_stats")
 
-
-def _native_has(dispatch_key: str) -> bool:
-    return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"convmixer_kernels::{op}", dispatch_key)
-        for op in _BN_OPS)
-
-
 # Device type -> whether the bn ops have kernels for it; fixed once the extension is loaded (a
 # constant, so torch.compile traces the choice for free). "meta" runs the fake implementations.
-_NATIVE = {"cpu": _native_has("CPU"), "cuda": _native_has("CUDA"), "meta": True}
+_NATIVE = {"cpu": _native_has("CPU", _BN_OPS), "cuda": _native_has("CUDA", _BN_OPS), "meta": True}
 
 
 def _has_kernels(device: torch.device) -> bool:

@@ -11,6 +11,7 @@
 // not depend on the compiler's contraction choices. Torch-free (docs/DESIGN.md §8).
 #pragma once
 
+#include "channel_stats.cuh"
 #include "launch.cuh"
 
 #include <type_traits>
@@ -110,20 +111,18 @@ __device__ __forceinline__ void store(const Out& o, int64_t i, double v) {
   }
 }
 
-__device__ __forceinline__ float rn_sqrt(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double rn_sqrt(double a) { return __dsqrt_rn(a); }
-__device__ __forceinline__ float rn_div(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double rn_div(double a, double b) { return __ddiv_rn(a, b); }
-__device__ __forceinline__ float rn_mul(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double rn_mul(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float rn_add(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double rn_add(double a, double b) { return __dadd_rn(a, b); }
+// The statistics' explicitly rounded arithmetic, and a square root to match.
+using channel_stats::acc_add;
+using channel_stats::acc_div;
+using channel_stats::acc_mul;
+__device__ __forceinline__ float acc_sqrt(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double acc_sqrt(double a) { return __dsqrt_rn(a); }
 
 // 1 / sqrt(var + eps), as torch.rsqrt(var + eps) (correctly rounded steps, not the approximate
 // rsqrt instruction).
 template <typename Acc>
 __device__ __forceinline__ Acc invstd_of(Acc var, Acc eps) {
-  return rn_div(Acc(1), rn_sqrt(rn_add(var, eps)));
+  return acc_div(Acc(1), acc_sqrt(acc_add(var, eps)));
 }
 
 template <typename Acc>
@@ -135,7 +134,7 @@ bn_scale_shift_kernel(ScaleShift c) {
   Acc* scale = static_cast<Acc*>(c.scale);
   Acc* shift = static_cast<Acc*>(c.shift);
   if (c.weight.data != nullptr) {
-    scale[i] = rn_mul(load<Acc>(c.weight.data, c.weight.type, i), invstd);
+    scale[i] = acc_mul(load<Acc>(c.weight.data, c.weight.type, i), invstd);
     shift[i] = load<Acc>(c.bias.data, c.bias.type, i);
   } else {
     scale[i] = invstd;
@@ -153,9 +152,9 @@ bn_scale_shift_backward_kernel(ScaleShiftBackward c) {
   const Acc invstd = invstd_of(load<Acc>(c.var.data, c.var.type, i), Acc(c.eps));
   const Acc w = c.weight.data != nullptr ? load<Acc>(c.weight.data, c.weight.type, i) : Acc(1);
   // -gs · w · invstd³ / 2, in the order of autograd's formula for weight · (var + eps)^(-1/2)
-  const Acc cube = rn_mul(rn_mul(invstd, invstd), invstd);
-  store(c.grad_var, i, rn_mul(rn_mul(rn_mul(gs, w), Acc(-0.5)), cube));
-  if (c.grad_weight.data != nullptr) store(c.grad_weight, i, rn_mul(gs, invstd));
+  const Acc cube = acc_mul(acc_mul(invstd, invstd), invstd);
+  store(c.grad_var, i, acc_mul(acc_mul(acc_mul(gs, w), Acc(-0.5)), cube));
+  if (c.grad_weight.data != nullptr) store(c.grad_weight, i, acc_mul(gs, invstd));
   if (c.grad_bias.data != nullptr) {
     store(c.grad_bias, i,
           c.grad_shift != nullptr ? static_cast<const Acc*>(c.grad_shift)[i] : Acc(0));
@@ -173,7 +172,7 @@ bn_running_stats_kernel(RunningStats c, Elem stat_type) {
   if (c.num_batches_tracked != nullptr) {
     const int64_t tracked = *c.num_batches_tracked + 1;
     if (c.cumulative) {
-      factor = rn_div(Acc(1), Acc(tracked));
+      factor = acc_div(Acc(1), Acc(tracked));
       keep = Acc(1) - factor;
     }
     __syncthreads();
@@ -182,18 +181,18 @@ bn_running_stats_kernel(RunningStats c, Elem stat_type) {
   Acc bessel = Acc(c.count / (c.count - 1.0));
   if (c.count_tensor.data != nullptr) {
     const Acc n = load<Acc>(c.count_tensor.data, c.count_tensor.type, 0);
-    bessel = rn_div(n, n - Acc(1));
+    bessel = acc_div(n, n - Acc(1));
   }
   for (int64_t i = threadIdx.x; i < c.problem.C; i += kThreads) {
     if (c.running_mean.data != nullptr) {
       const Acc r = load<Acc>(c.running_mean.data, c.running_mean.type, i);
       const Acc m = load<Acc>(c.mean, stat_type, i);
-      store(c.running_mean, i, rn_add(rn_mul(r, keep), rn_mul(m, factor)));
+      store(c.running_mean, i, acc_add(acc_mul(r, keep), acc_mul(m, factor)));
     }
     if (c.running_var.data != nullptr) {
       const Acc r = load<Acc>(c.running_var.data, c.running_var.type, i);
-      const Acc v = rn_mul(load<Acc>(c.var, stat_type, i), bessel);
-      store(c.running_var, i, rn_add(rn_mul(r, keep), rn_mul(v, factor)));
+      const Acc v = acc_mul(load<Acc>(c.var, stat_type, i), bessel);
+      store(c.running_var, i, acc_add(acc_mul(r, keep), acc_mul(v, factor)));
     }
   }
 }
