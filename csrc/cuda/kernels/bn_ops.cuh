@@ -239,9 +239,10 @@ inline Requirements requirements(const RunningStats& c) {
   if (c.problem.C > 0 && ((c.running_mean.data != nullptr && c.mean == nullptr) ||
                           (c.running_var.data != nullptr && c.var == nullptr)))
     return invalid("a running statistic needs its batch statistic");
-  if (!is_float(c.running_mean.type) || !is_float(c.running_var.type) ||
-      int(c.count_tensor.type) < 0 || int(c.count_tensor.type) > 4)
+  if (!is_float(c.running_mean.type) || !is_float(c.running_var.type))
     return invalid("the running statistics must be floating");
+  if (int(c.count_tensor.type) < 0 || int(c.count_tensor.type) > int(Elem::Int64))
+    return invalid("the count tensor must be floating or int64");
   return {true, "", 0};
 }
 
