@@ -1,6 +1,6 @@
 // The op schemas (docs/OPS.md). The backward ops' trailing optional inputs have defaults, so
 // callers written before them keep working. Each backend registers its implementations beside its kernels:
-// csrc/cpu/register_cpu.cpp, csrc/cuda/*_stage.cu.
+// csrc/cpu/register_cpu.cpp, csrc/cuda/*_stage.cu, csrc/cuda/bn_ops.cu.
 #include <torch/library.h>
 
 TORCH_LIBRARY(convmixer_kernels, m) {
@@ -26,4 +26,16 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "bool grad_res_normed=False) -> (Tensor grad_x, Tensor grad_x_mean, Tensor grad_x_scale, "
       "Tensor grad_x_shift, Tensor grad_res, Tensor grad_res_mean, Tensor grad_res_scale, "
       "Tensor grad_res_shift, Tensor grad_weight, Tensor grad_bias)");
+  // The BatchNorm glue (convmixer_kernels/ops/batch_norm.py): one kernel each.
+  m.def(
+      "bn_scale_shift(Tensor var, Tensor? weight, Tensor? bias, float eps, ScalarType dtype) -> "
+      "(Tensor scale, Tensor shift)");
+  m.def(
+      "bn_scale_shift_backward(Tensor? grad_scale, Tensor? grad_shift, Tensor var, "
+      "Tensor? weight, Tensor? bias, float eps, ScalarType dtype) -> (Tensor grad_var, "
+      "Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "bn_update_running_stats(Tensor mean, Tensor var, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float count, "
+      "Tensor? count_tensor) -> ()");
 }

@@ -3,9 +3,9 @@
 bytes it reads and writes and its FLOPs.
 
 It is written from the code (csrc/cuda/*_stage.cu and their launch entries, the model's glue in
-convmixer_kernels/model.py, ops/block.py and ops/batch_norm.py) and kept honest by
-python_tests/test_ledger.py: the glue's launches are counted by running blocks under a dispatch
-counter, the dw and pw kernels' launches by running the shipped launch entries under the CUDA
+convmixer_kernels/model.py, ops/block.py, ops/batch_norm.py and csrc/cuda/bn_ops.cu) and kept
+honest by python_tests/test_ledger.py: the glue's launches (ATen ops and the BatchNorm ops) are
+counted by running blocks under a dispatch counter, the dw and pw kernels' launches by running the shipped launch entries under the CUDA
 emulation, and every kernel the ledger names must exist in csrc/cuda. `roofline.step_cost` takes the implementation's
 bytes per block from here (StepCost.cuda_bytes); the ideal floor stays roofline.STAGE_PASSES.
 
@@ -81,8 +81,12 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
         Launch("dw", "bwd", "dw_backward_finalize_kernel", 1,
                note="dW, db and the norm's gradients from the parts' rows"),
         # ---- the model's glue (python_tests/test_ledger.py counts it)
-        Launch("block", "fwd+bwd", "ATen ops on [dim] vectors", 32,
-               note="bn_norm, running statistics and their backward"),
+        Launch("block", "fwd", "bn_running_stats_kernel", 2,
+               note="BN1, BN2 running statistics in place (bn_update_running_stats)"),
+        Launch("block", "fwd", "bn_scale_shift_kernel", 2,
+               note="BN1, BN2 norms: weight·rsqrt(var + eps), bias (bn_scale_shift)"),
+        Launch("block", "bwd", "bn_scale_shift_backward_kernel", 2,
+               note="grad var, weight, bias of BN1, BN2 (bn_scale_shift_backward)"),
     ]
     if autocast:
         step.append(Launch("block", "fwd+bwd", "ATen cat, _to_copy", 4,

@@ -3,8 +3,14 @@
 The stage ops return batch statistics; this module turns them, or the running statistics in
 eval, into the Norm the next stage applies on load, and updates the running statistics exactly
 as nn.BatchNorm2d does (momentum, momentum=None's cumulative average, num_batches_tracked,
-unbiased running_var, track_running_stats=False). Ops cannot mutate buffers and carry an
-autograd formula at once, so the update happens here, under no_grad.
+unbiased running_var, track_running_stats=False).
+
+Both jobs are one op each (docs/OPS.md § BatchNorm ops), one kernel launch on a GPU instead of
+the dozen ATen ops on [C] vectors their formulas take: ``bn_scale_shift`` (with one backward op,
+``bn_scale_shift_backward``) and ``bn_update_running_stats``, which mutates the buffers and so
+carries no autograd formula; it runs under no_grad. On a device the extension has no kernels for
+(a build without CUDA while the Triton backend runs on a GPU) the ATen formulas below do the
+same.
 """
 from __future__ import annotations
 
@@ -13,12 +19,45 @@ from typing import Union
 import torch
 from torch import nn
 
+from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .autograd import register_autograd
+from .backend import _native_has
 from .checks import Norm
+
+_ops = torch.ops.convmixer_kernels
+_BN_OPS = ("bn_scale_shift", "bn_scale_shift_backward", "bn_update_running_stats")
+
+# Device type -> whether the bn ops have kernels for it; fixed once the extension is loaded (a
+# constant, so torch.compile traces the choice for free). "meta" runs the fake implementations.
+_NATIVE = {"cpu": _native_has("CPU", _BN_OPS), "cuda": _native_has("CUDA", _BN_OPS), "meta": True}
+
+
+def _has_kernels(device: torch.device) -> bool:
+    return _NATIVE.get(device.type, False)
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     """Whether `bn` normalises with the batch's statistics (as _BatchNorm.forward decides)."""
     return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _check_stats(bn: nn.BatchNorm2d, mean, var, dtype: torch.dtype) -> None:
+    for name, t in (("mean", mean), ("var", var)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"bn_norm: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != bn.num_features:
+            raise ValueError(f"bn_norm: {name} must have shape [{bn.num_features}] (the "
+                             f"BatchNorm's num_features), got {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"bn_norm: {name} must be {dtype}, the accumulation dtype, got "
+                            f"{t.dtype}")
+    if var.device != mean.device:
+        raise ValueError(f"bn_norm: var is on {var.device} but mean is on {mean.device}")
+    for name in ("weight", "running_mean"):
+        t = getattr(bn, name, None)
+        if t is not None and t.device != mean.device:
+            raise ValueError(f"bn_norm: the statistics are on {mean.device} but the BatchNorm's "
+                             f"{name} is on {t.device}")
 
 
 def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
@@ -30,19 +69,45 @@ def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
     accumulation dtype of the norm vectors. Updates running statistics when training.
     """
     if uses_batch_stats(bn):
+        _check_stats(bn, mean, var, dtype)
         if bn.training and bn.track_running_stats:
             _update_running_stats(bn, mean, var, count)
     else:
-        mean, var = bn.running_mean.to(dtype), bn.running_var.to(dtype)
-    invstd = torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        return Norm(mean, bn.weight.to(dtype) * invstd, bn.bias.to(dtype))
-    return Norm(mean, invstd, torch.zeros_like(invstd))
+        # The kernel reads running_var in its own dtype; the mean is the Norm's own vector.
+        mean, var = bn.running_mean.to(dtype), bn.running_var
+    weight, bias = (bn.weight, bn.bias) if bn.affine else (None, None)
+    if not _has_kernels(var.device):
+        return _aten_norm(mean, var, weight, bias, bn.eps, dtype)
+    scale, shift = _ops.bn_scale_shift(var, weight, bias, bn.eps, dtype)
+    return Norm(mean, scale, shift)
 
 
 @torch.no_grad()
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
                           count: Union[int, torch.Tensor]) -> None:
+    if bn.num_batches_tracked is None and bn.running_mean is None and bn.running_var is None:
+        return
+    if not _has_kernels(mean.device):
+        return _aten_update(bn, mean, var, count)
+    momentum = None if bn.momentum is None else float(bn.momentum)
+    if isinstance(count, torch.Tensor):
+        _ops.bn_update_running_stats(mean, var, bn.running_mean, bn.running_var,
+                                     bn.num_batches_tracked, momentum, 0.0, count)
+    else:
+        _ops.bn_update_running_stats(mean, var, bn.running_mean, bn.running_var,
+                                     bn.num_batches_tracked, momentum, float(count), None)
+
+
+# ---- the ATen formulas, for devices without the ops' kernels
+
+def _aten_norm(mean, var, weight, bias, eps, dtype) -> Norm:
+    invstd = torch.rsqrt(var.to(dtype) + eps)
+    if weight is not None:
+        return Norm(mean, weight.to(dtype) * invstd, bias.to(dtype))
+    return Norm(mean, invstd, torch.zeros_like(invstd))
+
+
+def _aten_update(bn: nn.BatchNorm2d, mean, var, count) -> None:
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
     if bn.running_mean is None:
@@ -54,6 +119,43 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
     unbiased = var * (count / (count - 1))
     bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
     bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
+
+
+# ---- fake implementations and the autograd formula
+
+@torch.library.register_fake("convmixer_kernels::bn_scale_shift")
+def _bn_scale_shift_fake(var, weight, bias, eps, dtype):
+    return var.new_empty(var.shape, dtype=dtype), var.new_empty(var.shape, dtype=dtype)
+
+
+@torch.library.register_fake("convmixer_kernels::bn_scale_shift_backward")
+def _bn_scale_shift_backward_fake(grad_scale, grad_shift, var, weight, bias, eps, dtype):
+    def like(t):
+        return var.new_empty((0,), dtype=dtype) if t is None else t.new_empty(t.shape)
+    return var.new_empty(var.shape), like(weight), like(bias)
+
+
+@torch.library.register_fake("convmixer_kernels::bn_update_running_stats")
+def _bn_update_running_stats_fake(mean, var, running_mean, running_var, num_batches_tracked,
+                                  momentum, count, count_tensor):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    var, weight, bias, eps, dtype = inputs
+    ctx.save_for_backward(var, weight, bias)
+    ctx.eps, ctx.dtype = eps, dtype
+
+
+def _backward(ctx, grad_scale, grad_shift):
+    var, weight, bias = ctx.saved_tensors
+    grad_var, grad_weight, grad_bias = _ops.bn_scale_shift_backward(
+        grad_scale, grad_shift, var, weight, bias, ctx.eps, ctx.dtype)
+    affine = weight is not None
+    return (grad_var, grad_weight if affine else None, grad_bias if affine else None, None, None)
+
+
+register_autograd("convmixer_kernels::bn_scale_shift", _backward, _setup_context)
 
 
 def apply_norm(h: torch.Tensor, norm: Norm) -> torch.Tensor:

@@ -1,5 +1,6 @@
-// The CPU implementations of the ops (csrc/cpu/dw_stage.cpp, pw_stage.cpp), registered for the
-// schemas of csrc/ops_schema.cpp.
+// The CPU implementations of the ops (csrc/cpu/dw_stage.cpp, pw_stage.cpp, bn_ops.cpp),
+// registered for the schemas of csrc/ops_schema.cpp.
+#include "../bn_ops.h"
 #include "../ops.h"
 
 #include <torch/library.h>
@@ -9,4 +10,7 @@ TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) {
   m.impl("dw_stage_backward", &convmixer_kernels::cpu::dw_stage_backward);
   m.impl("pw_stage", &convmixer_kernels::cpu::pw_stage);
   m.impl("pw_stage_backward", &convmixer_kernels::cpu::pw_stage_backward);
+  m.impl("bn_scale_shift", &convmixer_kernels::cpu::bn_scale_shift);
+  m.impl("bn_scale_shift_backward", &convmixer_kernels::cpu::bn_scale_shift_backward);
+  m.impl("bn_update_running_stats", &convmixer_kernels::cpu::bn_update_running_stats);
 }

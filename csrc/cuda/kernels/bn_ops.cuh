@@ -1,0 +1,289 @@
+// The BatchNorm glue of the fused model on [C] vectors (docs/OPS.md § BatchNorm ops), one kernel
+// per job instead of a dozen ATen ops each:
+//   bn_scale_shift_kernel           (var, weight, bias) -> the Norm's scale = weight / sqrt(var +
+//                                   eps) and shift = bias (invstd and 0 without weight and bias)
+//   bn_scale_shift_backward_kernel  (grad_scale, grad_shift) -> grad_var, grad_weight, grad_bias
+//   bn_running_stats_kernel         running_mean, running_var, num_batches_tracked in place, as
+//                                   nn.BatchNorm2d updates them
+// Every vector is read and written in its own element type (the running statistics of a
+// half-precision model, bfloat16 parameters, ...), converted in registers: no cast launches. The
+// maths is in the accumulation type, with correctly rounded sqrt and division, so the results do
+// not depend on the compiler's contraction choices. Torch-free (docs/DESIGN.md §8).
+#pragma once
+
+#include "channel_stats.cuh"
+#include "launch.cuh"
+
+#include <type_traits>
+
+namespace convmixer_kernels {
+namespace cuda {
+namespace bn {
+
+// The element type of one vector: the storage codes of DType, and int64 (num_batches_tracked, a
+// count gathered as an integer tensor).
+enum class Elem : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int64 = 4 };
+
+struct In {
+  const void* data = nullptr;  // null: absent
+  Elem type = Elem::Float32;
+};
+
+struct Out {
+  void* data = nullptr;  // null: absent
+  Elem type = Elem::Float32;
+};
+
+// problem.dtype: the accumulation type (Float32 or Float64), that of scale and shift, of
+// grad_scale and grad_shift, of the batch statistics. C: the channels.
+struct Problem {
+  DType dtype = DType::Float32;
+  int64_t C = 0;
+};
+
+// scale, shift [C] of the accumulation type from var (and weight and bias, both or neither).
+struct ScaleShift {
+  Problem problem;
+  double eps = 0;
+  In var, weight, bias;
+  void* scale = nullptr;
+  void* shift = nullptr;
+};
+
+// The gradients of ScaleShift's inputs from those of its outputs (null: zero), each in its input's
+// element type; grad_weight and grad_bias exactly when weight (and so bias) was given.
+struct ScaleShiftBackward {
+  Problem problem;
+  double eps = 0;
+  const void* grad_scale = nullptr;
+  const void* grad_shift = nullptr;
+  In var, weight;
+  Out grad_var, grad_weight, grad_bias;
+};
+
+// running <- (1 - f) running + f stat for the mean and the unbiased variance var · n / (n - 1),
+// f = momentum, or 1 / num_batches_tracked (after its increment) when `cumulative`; n is `count`,
+// or the 0-d `count_tensor` when given (read on the device: a gathered count needs no host sync).
+// Each of the three running tensors may be absent; cumulative needs num_batches_tracked.
+struct RunningStats {
+  Problem problem;
+  const void* mean = nullptr;
+  const void* var = nullptr;
+  Out running_mean, running_var;
+  int64_t* num_batches_tracked = nullptr;
+  double momentum = 0.1;
+  bool cumulative = false;
+  double count = 0;
+  In count_tensor;
+};
+
+constexpr int kThreads = 256;
+
+template <typename Acc>
+__device__ __forceinline__ Acc load(const void* p, Elem t, int64_t i) {
+  switch (t) {
+    case Elem::Float32: return Acc(static_cast<const float*>(p)[i]);
+    case Elem::Float64: return Acc(static_cast<const double*>(p)[i]);
+    case Elem::Float16: return Acc(__half2float(static_cast<const __half*>(p)[i]));
+    case Elem::BFloat16: return Acc(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]));
+    case Elem::Int64: return Acc(static_cast<const int64_t*>(p)[i]);
+  }
+  return Acc(0);
+}
+
+__device__ __forceinline__ void store(const Out& o, int64_t i, float v) {
+  switch (o.type) {
+    case Elem::Float32: static_cast<float*>(o.data)[i] = v; break;
+    case Elem::Float64: static_cast<double*>(o.data)[i] = double(v); break;
+    case Elem::Float16: static_cast<__half*>(o.data)[i] = __float2half_rn(v); break;
+    case Elem::BFloat16: static_cast<__nv_bfloat16*>(o.data)[i] = __float2bfloat16_rn(v); break;
+    case Elem::Int64: break;  // no floating output is an integer (requirements)
+  }
+}
+
+__device__ __forceinline__ void store(const Out& o, int64_t i, double v) {
+  switch (o.type) {
+    case Elem::Float32: static_cast<float*>(o.data)[i] = float(v); break;
+    case Elem::Float64: static_cast<double*>(o.data)[i] = v; break;
+    case Elem::Float16: static_cast<__half*>(o.data)[i] = __double2half(v); break;
+    case Elem::BFloat16: static_cast<__nv_bfloat16*>(o.data)[i] = __double2bfloat16(v); break;
+    case Elem::Int64: break;
+  }
+}
+
+// The statistics' explicitly rounded arithmetic, and a square root to match.
+using channel_stats::acc_add;
+using channel_stats::acc_div;
+using channel_stats::acc_mul;
+__device__ __forceinline__ float acc_sqrt(float a) { return __fsqrt_rn(a); }
+__device__ __forceinline__ double acc_sqrt(double a) { return __dsqrt_rn(a); }
+
+// 1 / sqrt(var + eps), as torch.rsqrt(var + eps) (correctly rounded steps, not the approximate
+// rsqrt instruction).
+template <typename Acc>
+__device__ __forceinline__ Acc invstd_of(Acc var, Acc eps) {
+  return acc_div(Acc(1), acc_sqrt(acc_add(var, eps)));
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+bn_scale_shift_kernel(ScaleShift c) {
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= c.problem.C) return;
+  const Acc invstd = invstd_of(load<Acc>(c.var.data, c.var.type, i), Acc(c.eps));
+  Acc* scale = static_cast<Acc*>(c.scale);
+  Acc* shift = static_cast<Acc*>(c.shift);
+  if (c.weight.data != nullptr) {
+    scale[i] = acc_mul(load<Acc>(c.weight.data, c.weight.type, i), invstd);
+    shift[i] = load<Acc>(c.bias.data, c.bias.type, i);
+  } else {
+    scale[i] = invstd;
+    shift[i] = Acc(0);
+  }
+}
+
+// d scale / d var = -weight · invstd³ / 2; d scale / d weight = invstd; d shift / d bias = 1.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+bn_scale_shift_backward_kernel(ScaleShiftBackward c) {
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= c.problem.C) return;
+  const Acc gs = c.grad_scale != nullptr ? static_cast<const Acc*>(c.grad_scale)[i] : Acc(0);
+  const Acc invstd = invstd_of(load<Acc>(c.var.data, c.var.type, i), Acc(c.eps));
+  const Acc w = c.weight.data != nullptr ? load<Acc>(c.weight.data, c.weight.type, i) : Acc(1);
+  // -gs · w · invstd³ / 2, in the order of autograd's formula for weight · (var + eps)^(-1/2)
+  const Acc cube = acc_mul(acc_mul(invstd, invstd), invstd);
+  store(c.grad_var, i, acc_mul(acc_mul(acc_mul(gs, w), Acc(-0.5)), cube));
+  if (c.grad_weight.data != nullptr) store(c.grad_weight, i, acc_mul(gs, invstd));
+  if (c.grad_bias.data != nullptr) {
+    store(c.grad_bias, i,
+          c.grad_shift != nullptr ? static_cast<const Acc*>(c.grad_shift)[i] : Acc(0));
+  }
+}
+
+// One CTA: every thread reads num_batches_tracked before thread 0 increments it, which a grid of
+// CTAs could not order without a second launch.
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+bn_running_stats_kernel(RunningStats c, Elem stat_type) {
+  // A momentum and an integer count are host numbers: 1 - momentum and n / (n - 1) in double,
+  // as Python computes them for the ATen formula; a count tensor's in its own arithmetic.
+  Acc factor = Acc(c.momentum), keep = Acc(1.0 - c.momentum);
+  if (c.num_batches_tracked != nullptr) {
+    const int64_t tracked = *c.num_batches_tracked + 1;
+    if (c.cumulative) {
+      factor = acc_div(Acc(1), Acc(tracked));
+      keep = Acc(1) - factor;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *c.num_batches_tracked = tracked;
+  }
+  Acc bessel = Acc(c.count / (c.count - 1.0));
+  if (c.count_tensor.data != nullptr) {
+    const Acc n = load<Acc>(c.count_tensor.data, c.count_tensor.type, 0);
+    bessel = acc_div(n, n - Acc(1));
+  }
+  for (int64_t i = threadIdx.x; i < c.problem.C; i += kThreads) {
+    if (c.running_mean.data != nullptr) {
+      const Acc r = load<Acc>(c.running_mean.data, c.running_mean.type, i);
+      const Acc m = load<Acc>(c.mean, stat_type, i);
+      store(c.running_mean, i, acc_add(acc_mul(r, keep), acc_mul(m, factor)));
+    }
+    if (c.running_var.data != nullptr) {
+      const Acc r = load<Acc>(c.running_var.data, c.running_var.type, i);
+      const Acc v = acc_mul(load<Acc>(c.var, stat_type, i), bessel);
+      store(c.running_var, i, acc_add(acc_mul(r, keep), acc_mul(v, factor)));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch entries (launch.cuh's protocol; no workspace)
+// ---------------------------------------------------------------------------------------------
+
+inline bool is_float(Elem t) { return int(t) >= 0 && int(t) <= 3; }
+inline bool is_acc(DType d) { return d == DType::Float32 || d == DType::Float64; }
+
+inline Requirements invalid(const char* why) { return {false, why, 0}; }
+
+inline Requirements requirements(const ScaleShift& c) {
+  if (!is_acc(c.problem.dtype)) return invalid("the accumulation type must be float32 or float64");
+  if (c.problem.C < 0) return invalid("negative channel count");
+  if (c.problem.C > 0 && (c.var.data == nullptr || c.scale == nullptr || c.shift == nullptr))
+    return invalid("var, scale and shift are required");
+  if ((c.weight.data == nullptr) != (c.bias.data == nullptr))
+    return invalid("weight and bias are both given or both absent");
+  if (!is_float(c.var.type) || !is_float(c.weight.type) || !is_float(c.bias.type))
+    return invalid("var, weight and bias must be floating");
+  return {true, "", 0};
+}
+
+inline Requirements requirements(const ScaleShiftBackward& c) {
+  if (!is_acc(c.problem.dtype)) return invalid("the accumulation type must be float32 or float64");
+  if (c.problem.C < 0) return invalid("negative channel count");
+  if (c.problem.C > 0 && (c.var.data == nullptr || c.grad_var.data == nullptr))
+    return invalid("var and grad_var are required");
+  if ((c.weight.data == nullptr) != (c.grad_weight.data == nullptr))
+    return invalid("grad_weight is written exactly when weight is given");
+  if (!is_float(c.var.type) || !is_float(c.weight.type) || !is_float(c.grad_var.type) ||
+      !is_float(c.grad_weight.type) || !is_float(c.grad_bias.type))
+    return invalid("every vector must be floating");
+  return {true, "", 0};
+}
+
+inline Requirements requirements(const RunningStats& c) {
+  if (!is_acc(c.problem.dtype)) return invalid("the statistics must be float32 or float64");
+  if (c.problem.C < 0) return invalid("negative channel count");
+  if (c.cumulative && c.num_batches_tracked == nullptr)
+    return invalid("a cumulative average (momentum None) needs num_batches_tracked");
+  if (c.problem.C > 0 && ((c.running_mean.data != nullptr && c.mean == nullptr) ||
+                          (c.running_var.data != nullptr && c.var == nullptr)))
+    return invalid("a running statistic needs its batch statistic");
+  if (!is_float(c.running_mean.type) || !is_float(c.running_var.type))
+    return invalid("the running statistics must be floating");
+  if (int(c.count_tensor.type) < 0 || int(c.count_tensor.type) > int(Elem::Int64))
+    return invalid("the count tensor must be floating or int64");
+  return {true, "", 0};
+}
+
+inline unsigned blocks_for(int64_t C) { return unsigned((C + kThreads - 1) / kThreads); }
+
+template <typename T>
+inline cudaError_t launch_as(T, const ScaleShift& c, void*, size_t, cudaStream_t stream) {
+  if (!requirements(c).valid) return cudaErrorInvalidValue;
+  if (c.problem.C == 0) return cudaSuccess;
+  bn_scale_shift_kernel<acc_t<T>><<<blocks_for(c.problem.C), kThreads, 0, stream>>>(c);
+  return cudaGetLastError();
+}
+
+template <typename T>
+inline cudaError_t launch_as(T, const ScaleShiftBackward& c, void*, size_t, cudaStream_t stream) {
+  if (!requirements(c).valid) return cudaErrorInvalidValue;
+  if (c.problem.C == 0) return cudaSuccess;
+  bn_scale_shift_backward_kernel<acc_t<T>><<<blocks_for(c.problem.C), kThreads, 0, stream>>>(c);
+  return cudaGetLastError();
+}
+
+// In double when the statistics or a running statistic are double (a running statistic is
+// updated in its own precision at least, as the in-place ATen update computes it), else float.
+template <typename T>
+inline cudaError_t launch_as(T, const RunningStats& c, void*, size_t, cudaStream_t stream) {
+  if (!requirements(c).valid) return cudaErrorInvalidValue;
+  if (c.num_batches_tracked == nullptr && c.running_mean.data == nullptr &&
+      c.running_var.data == nullptr)
+    return cudaSuccess;
+  const Elem stat_type = std::is_same<acc_t<T>, double>::value ? Elem::Float64 : Elem::Float32;
+  const bool wide = stat_type == Elem::Float64 ||
+                    (c.running_mean.data != nullptr && c.running_mean.type == Elem::Float64) ||
+                    (c.running_var.data != nullptr && c.running_var.type == Elem::Float64);
+  if (wide) {
+    bn_running_stats_kernel<double><<<1, kThreads, 0, stream>>>(c, stat_type);
+  } else {
+    bn_running_stats_kernel<float><<<1, kThreads, 0, stream>>>(c, stat_type);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace bn
+}  // namespace cuda
+}  // namespace convmixer_kernels

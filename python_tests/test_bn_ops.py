@@ -1,0 +1,286 @@
+"""The BatchNorm glue ops (docs/OPS.md § BatchNorm ops) and bn_norm, which runs them: the Norm and
+its gradients against nn.BatchNorm2d and gradcheck, the running statistics against nn.BatchNorm2d
+over several steps (momentum, momentum=None, affine=False, track_running_stats=False, eval,
+running statistics of another dtype, a gathered count), opcheck, the ATen fallback for devices
+without the ops' kernels, and the errors for bad input. The CUDA kernels run the same cases under
+emulation in test_cuda_emulation_bn.py; the model tests (test_model.py: training, eval, momentum,
+track_running_stats=False, torch.compile) run them inside the fused model."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from convmixer_kernels.ops import apply_norm, batch_norm, bn_norm
+
+_ops = torch.ops.convmixer_kernels
+f32, f64 = torch.float32, torch.float64
+# One BatchNorm's forward and backward in float32: a few roundings of values of order one
+# (the statistics over 4·6·5 values included); float64 the same at its own epsilon.
+TOL = {f32: dict(rtol=2e-5, atol=2e-5), f64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def _norm_of(bn, x, count=None):
+    """Our fused BatchNorm: the batch statistics of x, bn_norm, then the Norm applied."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    norm = bn_norm(bn, mean, var, n if count is None else count(n), x.dtype)
+    return apply_norm(x, norm)
+
+
+def _pair(c, dtype, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    ref = nn.BatchNorm2d(c, dtype=dtype, **kwargs)
+    if ref.affine:
+        with torch.no_grad():
+            ref.weight.copy_(torch.randn(c, dtype=dtype))
+            ref.bias.copy_(torch.randn(c, dtype=dtype))
+    ours = nn.BatchNorm2d(c, dtype=dtype, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _assert_same_state(ref, ours, dtype):
+    for (name, a), b in zip(ref.state_dict().items(), ours.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, **TOL[dtype], msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("count", ["int", "tensor"])
+def test_training_steps_match_batchnorm(dtype, affine, momentum, count):
+    """Three training steps: outputs, gradients of x, weight and bias, and the running
+    statistics and num_batches_tracked after each step."""
+    ref, ours = _pair(6, dtype, affine=affine, momentum=momentum)
+    as_count = None if count == "int" else (lambda n: torch.tensor(float(n), dtype=dtype))
+    for step in range(3):
+        x = torch.randn(4, 6, 5, 6, dtype=dtype) * (step + 1) + step
+        g = torch.randn_like(x)
+        xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_r, out_o = ref(xr), _norm_of(ours, xo, as_count)
+        torch.testing.assert_close(out_o, out_r, **TOL[dtype])
+        (out_r * g).sum().backward()
+        (out_o * g).sum().backward()
+        torch.testing.assert_close(xo.grad, xr.grad, **TOL[dtype])
+        if affine:
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **TOL[dtype])
+            torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **TOL[dtype])
+        _assert_same_state(ref, ours, dtype)
+
+
+@pytest.mark.parametrize("dtype", [f32, f64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_uses_running_stats(dtype, affine):
+    ref, ours = _pair(6, dtype, affine=affine)
+    for _ in range(2):
+        x = torch.randn(4, 6, 5, 6, dtype=dtype) + 1
+        ref(x)
+        _norm_of(ours, x)
+    ref.eval()
+    ours.eval()
+    x = torch.randn(2, 6, 3, 4, dtype=dtype)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r = ref(xr)
+    out_o = apply_norm(xo, bn_norm(ours, torch.empty(0), torch.empty(0), 0, dtype))
+    torch.testing.assert_close(out_o, out_r, **TOL[dtype])
+    out_r.sum().backward()
+    out_o.sum().backward()
+    torch.testing.assert_close(xo.grad, xr.grad, **TOL[dtype])
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **TOL[dtype])
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **TOL[dtype])
+    _assert_same_state(ref, ours, dtype)
+
+
+def test_track_running_stats_false():
+    """No buffers: batch statistics in training and in eval, nothing to update."""
+    ref, ours = _pair(5, f64, track_running_stats=False)
+    for mode in ("train", "eval"):
+        getattr(ref, mode)()
+        getattr(ours, mode)()
+        x = torch.randn(3, 5, 4, 4, dtype=f64)
+        torch.testing.assert_close(_norm_of(ours, x), ref(x), **TOL[f64])
+    assert ours.running_mean is None and ours.num_batches_tracked is None
+
+
+def test_running_stats_of_another_dtype():
+    """Running statistics (and parameters) in bfloat16 and float16, the statistics float32: the
+    kernels read and write them in their own dtype; the reference is the ATen formula."""
+    bn = nn.BatchNorm2d(7)
+    bn.weight.data = torch.randn(7).bfloat16()
+    bn.bias.data = torch.randn(7).half()
+    bn.running_mean = torch.randn(7).bfloat16()
+    bn.running_var = (torch.rand(7) + 0.5).half()
+    mean, var = torch.randn(7), torch.rand(7) + 0.1
+    expect = (bn.running_mean.float() * 0.9 + mean * 0.1,
+              bn.running_var.float() * 0.9 + var * (10 / 9) * 0.1)
+    norm = bn_norm(bn, mean, var, 10, f32)
+    torch.testing.assert_close(bn.running_mean, expect[0].bfloat16())
+    torch.testing.assert_close(bn.running_var, expect[1].half())
+    assert bn.running_mean.dtype == torch.bfloat16 and bn.running_var.dtype == torch.float16
+    torch.testing.assert_close(norm.scale, bn.weight.float() * (var + bn.eps).rsqrt())
+    assert norm.scale.dtype == norm.shift.dtype == f32
+    bn.eval()  # eval: the running var is read in float16 by the kernel
+    norm = bn_norm(bn, torch.empty(0), torch.empty(0), 0, f32)
+    torch.testing.assert_close(norm.scale,
+                               bn.weight.float() * (bn.running_var.float() + bn.eps).rsqrt())
+    assert norm.mean.dtype == f32
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck(affine):
+    gen = torch.Generator().manual_seed(0)
+    var = (torch.rand(9, generator=gen, dtype=f64) + 0.1).requires_grad_()
+    w = torch.randn(9, generator=gen, dtype=f64, requires_grad=True) if affine else None
+    b = torch.randn(9, generator=gen, dtype=f64, requires_grad=True) if affine else None
+    inputs = (var, w, b) if affine else (var,)
+
+    def f(var, w=None, b=None):
+        return _ops.bn_scale_shift(var, w, b, 1e-3, f64)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_gradient_of_one_output_only():
+    """Only the scale (or only the shift) differentiated: the other's gradient is zero."""
+    var = (torch.rand(4, dtype=f64) + 0.1).requires_grad_()
+    w, b = (torch.randn(4, dtype=f64, requires_grad=True) for _ in range(2))
+    scale, _ = _ops.bn_scale_shift(var, w, b, 1e-5, f64)
+    scale.sum().backward()
+    assert b.grad is None or (b.grad == 0).all()
+    torch.testing.assert_close(w.grad, (var.detach() + 1e-5).rsqrt())
+
+
+def _scale_shift_samples():
+    v = torch.rand(8) + 0.1
+    return [(v, torch.randn(8), torch.randn(8), 1e-5, f32),
+            (v.double(), None, None, 1e-5, f64),
+            (v.half(), torch.randn(8).bfloat16(), torch.randn(8, dtype=f64), 1e-3, f32)]
+
+
+@pytest.mark.parametrize("i", range(3))
+def test_opcheck_scale_shift(i):
+    var, w, b, eps, dtype = _scale_shift_samples()[i]
+    args = (var.requires_grad_(var.is_floating_point()),
+            None if w is None else w.requires_grad_(), None if b is None else b.requires_grad_(),
+            eps, dtype)
+    torch.library.opcheck(_ops.bn_scale_shift.default, args)
+    grads = (torch.randn(8, dtype=dtype), None)
+    torch.library.opcheck(_ops.bn_scale_shift_backward.default,
+                          (*grads, var.detach(), None if w is None else w.detach(),
+                           None if b is None else b.detach(), eps, dtype))
+
+
+@pytest.mark.parametrize("momentum,count_tensor", [(0.1, None), (None, None),
+                                                  (0.3, torch.tensor(12.0))])
+def test_opcheck_update_running_stats(momentum, count_tensor):
+    torch.library.opcheck(_ops.bn_update_running_stats.default,
+                          (torch.randn(8), torch.rand(8), torch.zeros(8), torch.ones(8).half(),
+                           torch.tensor(3), momentum, 12.0, count_tensor))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten.detach.default:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_aten_fallback_matches_the_ops(monkeypatch, momentum):
+    """A device without the ops' kernels (an extension built without CUDA, the Triton backend on
+    a GPU) runs the ATen formulas: the same Norm, gradients and buffers, and no bn op called."""
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(batch_norm, "_NATIVE", {})
+        bn = _pair(6, f64, momentum=momentum)[1]
+        with _Ops() as seen:
+            for step in range(2):
+                x = (torch.randn(3, 6, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(step))
+                     .requires_grad_())
+                _norm_of(bn, x).square().sum().backward()
+        called = any(op.startswith("convmixer_kernels.bn_") for op in seen.ops)
+        assert called == native, seen.ops
+        results.append((x.grad, bn.weight.grad, bn.bias.grad, *bn.state_dict().values()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TOL[f64])
+
+
+def test_one_op_per_job():
+    """A training BatchNorm's forward is two ops (running statistics, the Norm), its backward one."""
+    bn = _pair(6, f32)[1]
+    mean = torch.randn(6, requires_grad=True)
+    var = (torch.rand(6) + 0.1).requires_grad_()
+    with _Ops() as seen:
+        norm = bn_norm(bn, mean, var, 10, f32)
+    assert +seen.ops == {"convmixer_kernels.bn_update_running_stats.default": 1,
+                         "convmixer_kernels.bn_scale_shift.default": 1}
+    grads = (torch.ones(6), torch.ones(6))
+    with _Ops() as seen:
+        torch.autograd.backward((norm.scale, norm.shift), grads)
+    assert list(seen.ops) == ["convmixer_kernels.bn_scale_shift_backward.default"]
+
+
+# ---- bad input
+
+def test_bn_norm_bad_statistics():
+    bn = nn.BatchNorm2d(4)
+    good = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"mean must have shape \[4\]"):
+        bn_norm(bn, torch.zeros(5), good, 8, f32)
+    with pytest.raises(TypeError, match="var must be torch.float32"):
+        bn_norm(bn, good, good.double(), 8, f32)
+    with pytest.raises(ValueError, match="var is on meta"):
+        bn_norm(bn, good, torch.zeros(4, device="meta"), 8, f32)
+    with pytest.raises(ValueError, match="statistics are on meta but the BatchNorm's weight is on cpu"):
+        bn_norm(bn, torch.zeros(4, device="meta"), torch.zeros(4, device="meta"), 8, f32)
+    assert int(bn.num_batches_tracked) == 0  # nothing was updated by the failed calls
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: _ops.bn_scale_shift(torch.ones(4), torch.ones(4), None, 1e-5, f32), ValueError,
+     "weight and bias must be given together"),
+    (lambda: _ops.bn_scale_shift(torch.ones(4), None, None, 1e-5, torch.float16), TypeError,
+     "dtype must be float32 or float64"),
+    (lambda: _ops.bn_scale_shift(torch.ones(4, 1), None, None, 1e-5, f32), ValueError,
+     r"var must be \[C\]"),
+    (lambda: _ops.bn_scale_shift(torch.ones(4, dtype=torch.int32), None, None, 1e-5, f32),
+     TypeError, "var must be float32, float64, float16 or bfloat16"),
+    (lambda: _ops.bn_scale_shift(torch.ones(4), torch.ones(3), torch.ones(3), 1e-5, f32),
+     ValueError, r"weight must be \[4\]"),
+    (lambda: _ops.bn_scale_shift_backward(torch.ones(4, dtype=f64), None, torch.ones(4), None,
+                                          None, 1e-5, f32), TypeError,
+     "grad_scale must be Float"),
+    (lambda: _ops.bn_update_running_stats(torch.ones(4), torch.ones(4), torch.ones(4), None,
+                                          torch.tensor(1.0), 0.1, 8.0, None), TypeError,
+     "num_batches_tracked must be int64"),
+    (lambda: _ops.bn_update_running_stats(torch.ones(4), torch.ones(4), torch.ones(4), None,
+                                          None, None, 8.0, None), ValueError,
+     "momentum None .* needs num_batches_tracked"),
+    (lambda: _ops.bn_update_running_stats(torch.ones(4), torch.ones(4), torch.ones(8)[::2],
+                                          None, None, 0.1, 8.0, None), ValueError,
+     "running_mean must be contiguous"),
+    (lambda: _ops.bn_update_running_stats(torch.ones(4), torch.ones(4).double(), None, None,
+                                          None, 0.1, 8.0, None), TypeError, "var must be Float"),
+    (lambda: _ops.bn_update_running_stats(torch.ones(4), torch.ones(4), None, torch.ones(4),
+                                          None, 0.1, 0.0, torch.ones(2)), ValueError,
+     "count_tensor must have one element"),
+    (lambda: _ops.bn_update_running_stats(torch.ones(4).half(), torch.ones(4).half(), None,
+                                          None, None, 0.1, 8.0, None), TypeError,
+     "mean must be float32 or float64"),
+])
+def test_raw_ops_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
