@@ -541,33 +541,53 @@ def test_mixer_block_deterministic(backend, act):
     assert_bitwise(first[1], second[1])
 
 
+@over_backends("act", cpu=ACTS, triton=["gelu"])
+def test_kept_dw_pre_activation_changes_no_bit(backend, act, monkeypatch):
+    """With the dw pre-activation kept (forced here, whatever ops.dw_stage.keeps_pre_act says
+    for this backend and k), the block and the lone dw stage give the recompute's bits in
+    float32: the forward stores a as the backward's recompute forms it (and for relu a read
+    back gives the same act' as its saved out)."""
+    import importlib
+    from convmixer_kernels.ops import mixer_block
+    block_module = importlib.import_module("convmixer_kernels.ops.block")
+    dw_module = importlib.import_module("convmixer_kernels.ops.dw_stage")
+    leaves = _block_leaves(backend, f32, 8, 3, _gen(40))
+    gen = _gen(41)
+    cots = [randn(*leaves[0].shape, gen=gen).to(backend.device),
+            *(randn(8, gen=gen).to(backend.device) for _ in range(2))]
+    fused = _block(lambda *a, **kw: mixer_block(*a, **kw, backend=backend.op_backend), act)
+    two = _block(_two_stages(backend), act)
+    base = [run(fn, leaves, cots) for fn in (fused, two)]
+    for module in (block_module, dw_module):
+        monkeypatch.setattr(module, "keeps_pre_act", lambda *args: True)
+    kept = [run(fn, leaves, cots) for fn in (fused, two)]
+    for b, k in zip(base, kept):
+        assert_bitwise(b[0], k[0])
+        assert_bitwise(b[1], k[1])
+
+
 @over_backends(cpu=ONCE)
 def test_mixer_block_saves_no_pre_activation_for_relu(backend):
     """For relu neither stage keeps a pre-activation: the autograd graph holds the stages'
     inputs and outputs only (which the block returns or the next stage reads anyway). For gelu
-    the pw stage keeps one, and the dw stage where its policy says so: at k = 3 on the CPU not,
-    at k = 9 yes (ops.dw_stage.keeps_pre_act)."""
+    the pw stage keeps one, and the dw stage where ops.dw_stage.keeps_pre_act says so."""
     from convmixer_kernels.ops import mixer_block
     from convmixer_kernels.ops.dw_stage import keeps_pre_act
-    assert not keeps_pre_act("gelu", 3, f32, "cpu") and keeps_pre_act("gelu", 9, f32, "cpu")
-    leaves = [t.requires_grad_() for t in _block_leaves(backend, f32, 8, 3, _gen(39))]
-    sizes = {}
-    for act in ACTS:
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t) or t, lambda t: t):
-            out, _, _ = _block(lambda *a, **kw: mixer_block(*a, **kw, backend="cpu"), act)(*leaves)
-        big = {t.data_ptr() for t in saved if t.numel() == out.numel()}
-        sizes[act] = len(big - {leaves[0].data_ptr(), out.data_ptr()})
-    # Besides the block's input and output: g (the dw output, pw's x), and for gelu pw's
-    # pre-activation.
-    assert sizes == {"gelu": 2, "relu": 1}, sizes
-    k9 = [t.requires_grad_() for t in _block_leaves(backend, f32, 8, 9, _gen(39))]
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out, _, _ = _block(lambda *a, **kw: mixer_block(*a, **kw, backend="cpu"), "gelu")(*k9)
-    big = {t.data_ptr() for t in saved if t.numel() == out.numel()}
-    assert len(big - {k9[0].data_ptr(), out.data_ptr()}) == 3  # and the dw pre-activation
+    for k in (3, 9):
+        leaves = [t.requires_grad_() for t in _block_leaves(backend, f32, 8, k, _gen(39))]
+        sizes = {}
+        for act in ACTS:
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append(t) or t, lambda t: t):
+                out, _, _ = _block(lambda *a, **kw: mixer_block(*a, **kw, backend="cpu"),
+                                   act)(*leaves)
+            big = {t.data_ptr() for t in saved if t.numel() == out.numel()}
+            sizes[act] = len(big - {leaves[0].data_ptr(), out.data_ptr()})
+        # Besides the block's input and output: g (the dw output, pw's x), and for gelu pw's
+        # pre-activation and the dw one where kept.
+        dw_pre = int(keeps_pre_act("gelu", k, f32, "cpu"))
+        assert sizes == {"gelu": 2 + dw_pre, "relu": 1}, (k, sizes)
 
 
 # ---------------------------------------------------------------------------------------------

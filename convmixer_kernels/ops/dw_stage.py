@@ -46,31 +46,36 @@ def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return out, mean, var
 
 
-# The dw backward needs act'(a), a = dwconv(norm(x)) + b. Without it saved, the backward
-# recomputes the conv: k*k FMAs per element. Saved, it costs one write in the forward and one read
-# in the backward (2 x the storage dtype's size in bytes per element) and one activation of memory
-# per block until the backward. The count (docs/CUDA.md, "Backward: recompute or save"): on an
-# H200, 67 TFLOPS fp32 FMA (2 FLOPs each) against 4.8 TB/s of HBM3e, saving wins when
-# 2 k^2 / 67e12 > 2 s / 4.8e12, i.e. k^2 > 14 s: from k = 7 in 16-bit storage (49 > 28; at k = 5,
-# 25 < 28), from k = 9 in float32 (81 > 56), float64 as float32 (34 TFLOPS against 8 bytes: also
-# 81 > 57). Both the CUDA and the Triton kernels reach the peak FMA rate at best, so the count
-# favours recomputing as much as it can; Triton's conv (a global load per tap) runs further from
-# it. The CPU measured so (docs/CUDA.md): reading a beat recomputing from k = _CPU_MIN_K.
-_BYTES_PER_FLOP = {"cuda": 4.8e12 / 67e12, "triton": 4.8e12 / 67e12}
-_CPU_MIN_K = 7
+# The dw backward needs act'(a), a = dwconv(norm(x)) + b. Without a saved, the backward recomputes
+# the conv: k*k FMAs (2 k^2 FLOPs) per element, compute-bound. Saved, a costs one write in the
+# forward and one read in the backward (2 x the storage dtype's size in bytes per element) and one
+# activation of memory per block until the backward. The count (docs/CUDA.md, "Backward:
+# recompute or save"), on the H200's datasheet figures: saving wins when
+# 2 k^2 / FMA rate > 2 size / bandwidth. In 16-bit storage from k = 7 (at k = 5 recomputing wins by
+# 10%), in float32 from k = 9, in float64 (half the FMA rate, 8 bytes) from k = 9. The kernels reach
+# the peak FMA rate at best (Triton's conv, a global load per tap, less), so the count leans
+# towards recomputing; the copy rate the project measures (~4.3 TB/s, DESIGN.md §5) gives the same
+# thresholds. The CPU backend recomputes at every k: measured (tools/cpu_dw_pre_act.py,
+# docs/CUDA.md), keeping a lost 6-15% at k <= 5 and won at most a few percent at k = 7 and 9,
+# inside this shared machine's noise, for an activation of memory per block.
+_H200_BYTES_PER_S = 4.8e12  # HBM3e
+_H200_FMA_FLOPS = {torch.float64: 34e12}  # non-tensor; every other dtype accumulates in fp32:
+_H200_FP32_FMA_FLOPS = 67e12
 
 
 def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
     """Whether a dw forward whose backward will run keeps its pre-activation on `backend`
-    ("cpu", "cuda" or "triton"): when act' needs it (gelu; relu's comes from the saved output)
-    and the count above says reading it back is cheaper than recomputing the k x k conv."""
+    ("cpu", "cuda" or "triton"), for activations stored as `dtype`: when act' needs it (gelu;
+    relu's comes from the saved output) and the count above says reading it back is cheaper
+    than recomputing the k x k conv."""
     if not ACTIVATIONS[act].needs_pre_activation:
         return False
     if backend == "cpu":
-        return k >= _CPU_MIN_K
+        return False
     size = torch.empty((), dtype=dtype).element_size()
-    # recompute: 2 k^2 FLOPs per element; save: 2 * size bytes (write + read) per element.
-    return 2 * k * k * _BYTES_PER_FLOP[backend] > 2 * size
+    recompute_s = 2 * k * k / _H200_FMA_FLOPS.get(dtype, _H200_FP32_FMA_FLOPS)
+    save_s = 2 * size / _H200_BYTES_PER_S
+    return recompute_s > save_s
 
 
 @torch.library.register_fake("convmixer_kernels::dw_stage")
