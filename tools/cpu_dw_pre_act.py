@@ -3,7 +3,8 @@
 pre-activation kept and read back (keep_pre_act / pre_act) against recomputing the conv in the
 backward, per kernel size and storage dtype: what ops.dw_stage.keeps_pre_act's CPU threshold
 rests on (docs/CUDA.md, "Backward: recompute or save"). One thread; the two variants timed
-alternately, the fastest call of each (the least disturbed by other load). Run it on a quiet machine."""
+alternately, the fastest call of each (the least disturbed by other load). Run it on a quiet
+machine."""
 import argparse
 import time
 
@@ -16,7 +17,8 @@ ops = torch.ops.convmixer_kernels
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--shape", type=int, nargs=4, default=[4, 256, 32, 32], metavar=("N", "C", "H", "W"))
+    p.add_argument("--shape", type=int, nargs=4, default=[4, 256, 32, 32],
+                   metavar=("N", "C", "H", "W"))
     p.add_argument("--reps", type=int, default=15)
     args = p.parse_args()
     torch.set_num_threads(1)

@@ -52,10 +52,10 @@ def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 # activation of memory per block until the backward. The count (docs/CUDA.md, "Backward:
 # recompute or save"), on the H200's datasheet figures: saving wins when
 # 2 k^2 / FMA rate > 2 size / bandwidth. In 16-bit storage from k = 7 (at k = 5 recomputing wins by
-# 10%), in float32 from k = 9, in float64 (half the FMA rate, 8 bytes) from k = 9. The kernels reach
-# the peak FMA rate at best (Triton's conv, a global load per tap, less), so the count leans
-# towards recomputing; the copy rate the project measures (~4.3 TB/s, DESIGN.md §5) gives the same
-# thresholds. The CPU backend recomputes at every k: measured (tools/cpu_dw_pre_act.py,
+# 10%), in float32 from k = 9, in float64 (half the FMA rate, 8 bytes) from k = 9. The kernels
+# reach the peak FMA rate at best (Triton's conv, a global load per tap, less), so the count leans
+# towards recomputing; the copy rate the project measures (~4.3 TB/s, docs/DESIGN.md §5) gives
+# the same thresholds. The CPU backend recomputes at every k: measured (tools/cpu_dw_pre_act.py,
 # docs/CUDA.md), keeping a lost 6-15% at k <= 5 and won at most a few percent at k = 7 and 9,
 # inside this shared machine's noise, for an activation of memory per block.
 _H200_BYTES_PER_S = 4.8e12  # HBM3e
