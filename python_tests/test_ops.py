@@ -541,6 +541,17 @@ def test_mixer_block_deterministic(backend, act):
     assert_bitwise(first[1], second[1])
 
 
+def test_dw_keeps_pre_act_where_docs_cuda_counts_it():
+    """ops.dw_stage.keeps_pre_act is the rule docs/CUDA.md derives ("Backward: recompute or
+    save"): on the GPU backends from k = 7 in 16-bit storage and k = 9 in float32/float64, only
+    where act' needs the pre-activation; never on the CPU (measured, no clear win)."""
+    from convmixer_kernels.ops.dw_stage import keeps_pre_act
+    first = {torch.bfloat16: 7, torch.float16: 7, f32: 9, f64: 9}
+    for backend, dtype, k in product(("cuda", "triton", "cpu"), first, range(1, 16, 2)):
+        assert keeps_pre_act("gelu", k, dtype, backend) == (backend != "cpu" and k >= first[dtype])
+        assert not keeps_pre_act("relu", k, dtype, backend)
+
+
 @over_backends("act", cpu=ACTS, triton=["gelu"])
 def test_kept_dw_pre_activation_changes_no_bit(backend, act, monkeypatch):
     """With the dw pre-activation kept (forced here, whatever ops.dw_stage.keeps_pre_act says

@@ -72,7 +72,7 @@ def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
         return False
     if backend == "cpu":
         return False
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     recompute_s = 2 * k * k / _H200_FMA_FLOPS.get(dtype, _H200_FP32_FMA_FLOPS)
     save_s = 2 * size / _H200_BYTES_PER_S
     return recompute_s > save_s
