@@ -56,8 +56,8 @@ def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 # reach the peak FMA rate at best (Triton's conv, a global load per tap, less), so the count leans
 # towards recomputing; the copy rate the project measures (~4.3 TB/s, docs/DESIGN.md §5) gives
 # the same thresholds. The CPU backend recomputes at every k: measured (tools/cpu_dw_pre_act.py,
-# docs/CUDA.md), keeping a lost 6-15% at k <= 5 and won at most a few percent at k = 7 and 9,
-# inside this shared machine's noise, for an activation of memory per block.
+# docs/CUDA.md), keeping a was 0-23% slower at k <= 5 and between 11% faster and 9% slower at
+# k = 7 and 9 from run to run on a shared machine: no clear win for an activation of memory.
 _H200_BYTES_PER_S = 4.8e12  # HBM3e
 _H200_FMA_FLOPS = {torch.float64: 34e12}  # non-tensor; every other dtype accumulates in fp32:
 _H200_FP32_FMA_FLOPS = 67e12
