@@ -46,11 +46,11 @@ inline at::Tensor empty_output(const at::Tensor& like, at::ScalarType dtype) {
 
 namespace cpu {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
     const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view act,
-    bool stats);
+    bool stats, bool keep_pre_act);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_mean,
@@ -60,7 +60,8 @@ dw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean,
                   c10::string_view act, const std::optional<at::Tensor>& grad_res,
-                  const std::optional<at::Tensor>& saved_out);
+                  const std::optional<at::Tensor>& saved_out,
+                  const std::optional<at::Tensor>& pre_act);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const at::Tensor& x, const std::optional<at::Tensor>& x_mean,

@@ -6,11 +6,13 @@
 TORCH_LIBRARY(convmixer_kernels, m) {
   m.def(
       "dw_stage(Tensor x, Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor weight, "
-      "Tensor? bias, str act, bool stats) -> (Tensor out, Tensor mean, Tensor var)");
+      "Tensor? bias, str act, bool stats, bool keep_pre_act=False) -> (Tensor out, Tensor pre_act, "
+      "Tensor mean, Tensor var)");
   m.def(
       "dw_stage_backward(Tensor grad_out, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor weight, Tensor? bias, "
-      "Tensor? mean, str act, Tensor? grad_res=None, Tensor? saved_out=None) -> (Tensor grad_x, "
+      "Tensor? mean, str act, Tensor? grad_res=None, Tensor? saved_out=None, "
+      "Tensor? pre_act=None) -> (Tensor grad_x, "
       "Tensor grad_x_mean, Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_weight, "
       "Tensor grad_bias)");
   m.def(

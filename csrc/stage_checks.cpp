@@ -159,7 +159,8 @@ DwArgs check_dw_stage_backward(const char* op, const at::Tensor& grad_out,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& mean, c10::string_view act,
                                const std::optional<at::Tensor>& grad_res,
-                               const std::optional<at::Tensor>& saved_out) {
+                               const std::optional<at::Tensor>& saved_out,
+                               const std::optional<at::Tensor>& pre_act) {
   DwArgs a = check_dw_stage(op, x, x_mean, x_scale, x_shift, weight, bias, act, false);
   check_like_output(op, "grad_out", grad_out, x.sizes(), x);
   a.sg = check_stat_grads(op, grad_mean, grad_var, mean, a.g.C, a.acc, x.device());
@@ -167,6 +168,8 @@ DwArgs check_dw_stage_backward(const char* op, const at::Tensor& grad_out,
   if (a.have_grad_res) check_like_output(op, "grad_res", *grad_res, x.sizes(), x);
   a.have_saved_out = present(saved_out);
   if (a.have_saved_out) check_like_output(op, "saved_out", *saved_out, x.sizes(), x);
+  a.have_pre_act = present(pre_act);
+  if (a.have_pre_act) check_like_output(op, "pre_act", *pre_act, x.sizes(), x);
   return a;
 }
 

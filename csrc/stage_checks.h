@@ -60,8 +60,9 @@ struct DwArgs {
   at::ScalarType acc;  // accumulation dtype of the norm and statistics vectors
   Norm norm;
   StatGrads sg;        // backward only
-  // Backward only: a non-empty grad_res (added into grad_x) / saved_out (the forward's out).
-  bool have_grad_res = false, have_saved_out = false;
+  // Backward only: a non-empty grad_res (added into grad_x) / saved_out (the forward's out) /
+  // pre_act (the forward's pre-activation a, kept by keep_pre_act).
+  bool have_grad_res = false, have_saved_out = false, have_pre_act = false;
 };
 
 DwArgs check_dw_stage(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
@@ -78,7 +79,8 @@ DwArgs check_dw_stage_backward(const char* op, const at::Tensor& grad_out,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& mean, c10::string_view act,
                                const std::optional<at::Tensor>& grad_res,
-                               const std::optional<at::Tensor>& saved_out);
+                               const std::optional<at::Tensor>& saved_out,
+                               const std::optional<at::Tensor>& pre_act);
 
 struct PwArgs {
   PwGeometry g;

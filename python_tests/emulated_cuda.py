@@ -20,6 +20,7 @@ import torch
 
 from convmixer_kernels.activations import ACTIVATIONS
 from convmixer_kernels.ops.checks import check_dw_stage
+from convmixer_kernels.ops.dw_stage import keeps_pre_act
 from cuda_emulation import Guarded, bind, load_check_library, ptr, reverse_cta_order
 from reference import acc_dtype
 
@@ -60,16 +61,18 @@ class DwKernels:
         self.lib = load_check_library("dw_stage_check.cu")
         self.fwd = bind(self.lib, "convmixer_dw_forward", ctypes.c_int, [
             ctypes.c_int, ctypes.c_int, P, LL, LL, LL, LL, ctypes.c_int,  # dtype act x N C H W K
-            P, P, P, P, P, P, P, P,                                 # norm w b out mean var
+            P, P, P, P, P, P, P, P, P,                       # norm w b out mean var pre_act
             P, SZ, ctypes.POINTER(SZ), P])                          # ws, size, size out, stream
         self.bwd = bind(self.lib, "convmixer_dw_backward", ctypes.c_int, [
             ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
             P, P, P, P, P, P, P, P, P, P, P, P, P,  # norm w b grad_pre gx gw gb sums grad_res gmean
+            P,                                      # pre_act
             P, SZ, ctypes.POINTER(SZ), P])
 
-    def forward(self, x, norm, weight, bias, act, stats, x_offset=0):
-        """(out NCHW view of NHWC memory, mean, var); x NCHW-shaped, any layout. Without `stats`
-        mean and var are what the kernels left in their (NaN-poisoned) buffers."""
+    def forward(self, x, norm, weight, bias, act, stats, x_offset=0, keep_pre_act=False):
+        """(out NCHW view of NHWC memory, mean, var), and with keep_pre_act the pre-activation
+        too, as a fourth; x NCHW-shaped, any layout. Without `stats` mean and var are what the
+        kernels left in their (NaN-poisoned) buffers."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -78,27 +81,33 @@ class DwKernels:
         xg.tensor.copy_(x.permute(0, 2, 3, 1))
         size = SZ(0)
         code = DTYPE_CODE[dtype]
-        assert self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, *([None] * 9),
+        assert self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, *([None] * 10),
                         0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         out = Guarded((n, h, w, c), dtype)
         mean, var = Guarded((c,), acc), Guarded((c,), acc)
+        pre = Guarded((n, h, w, c), dtype) if keep_pre_act else None
         nm, ns, nt = norm if norm is not None else (None, None, None)
         rc = self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
                       ptr(weight.contiguous()), ptr(bias), ptr(out.tensor),
                       ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
+                      ptr(pre.tensor) if pre is not None else None,
                       ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_forward returned cudaError {rc}"
-        for g in (xg, ws, out, mean, var):
+        for g in (xg, ws, out, mean, var, *([pre] if pre is not None else [])):
             g.check()
-        return out.tensor.permute(0, 3, 1, 2).clone(), mean.tensor.clone(), var.tensor.clone()
+        result = (out.tensor.permute(0, 3, 1, 2).clone(), mean.tensor.clone(), var.tensor.clone())
+        if pre is not None:
+            result += (pre.tensor.permute(0, 3, 1, 2).clone(),)
+        return result
 
     def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None,
-                 grad_res=None):
+                 grad_res=None, pre_act=None):
         """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc, grad_norm_mean): the norm's
         gradients are (grad_norm_mean, sum_dx_xc, sum_dx), the last three garbage without a norm.
         `out`: the forward's output (NCHW shape), which spares ReLU the conv recompute; None:
-        recompute. grad_res, when given, joins dX before the norm's backward."""
+        recompute. pre_act (the forward's, NCHW shape), given, replaces the recompute for every
+        activation. grad_res, when given, joins dX before the norm's backward."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -106,11 +115,12 @@ class DwKernels:
         nhwc = lambda t: Guarded.like(t.permute(0, 2, 3, 1).contiguous())  # noqa: E731
         xg, gog = nhwc(x), nhwc(grad_out)
         outg = nhwc(out) if out is not None else None
+        preg = nhwc(pre_act) if pre_act is not None else None
         grg = None if grad_res is None else nhwc(grad_res)
         size = SZ(0)
         code = DTYPE_CODE[dtype]
         args_head = (code, act_code(act))
-        assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 13),
+        assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 14),
                         None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
@@ -125,11 +135,11 @@ class DwKernels:
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
                       ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor),
                       ptr(None if grad_res is None else grg.tensor), ptr(grad_norm_mean.tensor),
-                      ptr(ws.tensor),
+                      ptr(None if preg is None else preg.tensor), ptr(ws.tensor),
                       ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
         for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b,
-                  *([outg] if outg is not None else [])):
+                  *(t for t in (outg, preg) if t is not None)):
             g.check()
         if grg is not None:
             grg.check()
@@ -170,25 +180,31 @@ class _DwStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats):
         norm = (x_mean, x_scale, x_shift) if x_mean is not None else None
-        out, mean, var = dw_kernels().forward(x, norm, weight, bias, act, stats)
+        # The pre-activation where the CUDA backend's policy keeps it (as ops.dw_stage and
+        # ops.mixer_block ask the launcher to): the backward then reads it, else recomputes.
+        keep = keeps_pre_act(act, weight.shape[-1], x.dtype, "cuda")
+        out, mean, var, *pre = dw_kernels().forward(x, norm, weight, bias, act, stats,
+                                                    keep_pre_act=keep)
         if not stats:
             assert torch.isnan(mean).all() and torch.isnan(var).all(), (
                 "no statistics asked, yet some written")
             mean = var = x.new_empty((0,), dtype=acc_dtype(x.dtype))
         # The forward's out too (the next stage keeps it anyway): ReLU's backward then skips the
         # conv recompute, as the CUDA launcher does when the glue passes saved_out.
-        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean, out)
+        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean, out,
+                              pre[0] if keep else None)
         ctx.act, ctx.stats = act, stats
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
-        x, x_mean, x_scale, x_shift, weight, bias, mean, out = ctx.saved_tensors
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act = ctx.saved_tensors
         norm = (x_mean, x_scale, x_shift) if x_mean is not None else None
         if not ctx.stats:
             grad_mean = grad_var = mean = None
         grad_x, grad_w, grad_b, sum_dx, sum_dx_xc, g_mean = dw_kernels().backward(
-            grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, ctx.act, out=out)
+            grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, ctx.act, out=out,
+            pre_act=pre_act)
         # As the launcher: the norm's gradients as the kernels' finalize wrote them.
         norm_grads = (g_mean, sum_dx_xc, sum_dx) if norm else (None, None, None)
         return (grad_x, *norm_grads, grad_w, grad_b if bias is not None else None, None, None)

@@ -320,7 +320,7 @@ RAW_BAD = [
 
 def _dw_backward_args(**over):
     x, w = _x(), _dw_w()
-    out, mean, _ = _ops.dw_stage(x, None, None, None, w, None, "gelu", True)
+    out, _, mean, _ = _ops.dw_stage(x, None, None, None, w, None, "gelu", True)
     args = dict(grad_out=torch.ones_like(out), grad_mean=torch.ones(C), grad_var=torch.ones(C),
                 x=x, x_mean=None, x_scale=None, x_shift=None, weight=w, bias=None, mean=mean,
                 act="gelu")

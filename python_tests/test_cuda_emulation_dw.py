@@ -37,7 +37,7 @@ def test_float64_tiles_too_large_for_shared_memory_are_refused(kernels):
     # ValueError naming dtype and kernel size) instead of launching a kernel that cannot start.
     size = ctypes.c_size_t(0)
     rc = kernels.fwd(DTYPE_CODE[torch.float64], act_code("gelu"), None, 1, 5, 4, 15, 13,
-                     *([None] * 9), 0, ctypes.byref(size), None)
+                     *([None] * 10), 0, ctypes.byref(size), None)
     assert rc == CUDA_ERROR_INVALID_VALUE
 
 
@@ -90,6 +90,61 @@ def test_backward_from_saved_out_matches_recompute_bitwise(kernels, act, dtype):
         # The finalize's mean gradient is bitwise what the launcher's ATen ops made of the sum.
         sum_dx, grad_norm_mean = a[3], a[5]
         assert torch.equal(grad_norm_mean, -sum_dx * s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_given", [True, False], ids=["norm", "no_norm"])
+def test_backward_from_pre_act(kernels, act, dtype, norm_given):
+    # keep_pre_act: the forward writes a = dwconv(norm(x)) + b (its out unchanged), and the
+    # backward given it reads a instead of recomputing the conv, for every activation (it wins
+    # over ReLU's saved out). float32: a as stored is the recompute's a, so every gradient has
+    # the recompute's bits. bfloat16: a rounded once to the storage dtype, as eager's conv output
+    # is, so the gradients meet the stage's bound against the float64 reference (DW_MAX_ERROR);
+    # the recompute path's values are checked there by test_ops.py. k = 9 is the register-tap
+    # path, k = 11 the generic one; C = 40 leaves a partial channel block.
+    from emulated_cuda import DW_MAX_ERROR
+    from reference import ref_dw_stage
+    for k in (9, 11):
+        x, m, s, t, weight, bias = dw_case((2, 40, 9, 10), k, dtype, device="cpu", seed=7).leaves
+        norm = (m, s, t) if norm_given else None
+        out, mean, var = kernels.forward(x, norm, weight, bias, act, stats=True)
+        out_k, mean_k, var_k, pre = kernels.forward(x, norm, weight, bias, act, stats=True,
+                                                    keep_pre_act=True)
+        for u, v in zip((out, mean, var), (out_k, mean_k, var_k)):
+            assert torch.equal(u, v)
+        gen = torch.Generator().manual_seed(3)
+        grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+        gm, gv = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+        args = (grad_out, gm, gv, mean, x, norm, weight, bias, act)
+        recompute = kernels.backward(*args)
+        read = kernels.backward(*args, out=out, pre_act=pre)
+        # The forward's a, against the same sum in float64.
+        x64 = x.double() if norm is None else (x.double() - m.double()[:, None, None]) * (
+            s.double()[:, None, None]) + t.double()[:, None, None]
+        a64 = torch.nn.functional.conv2d(x64, weight.double(), bias.double(), padding=k // 2,
+                                         groups=40)
+        assert ((pre.double() - a64).abs().max() / a64.abs().max()).item() <= DW_MAX_ERROR[dtype]
+        if dtype == torch.float32:
+            # (Without a norm the norm's three outputs are the poisoned buffers: not compared.)
+            for u, v in zip(recompute[:6 if norm_given else 3], read):
+                assert torch.equal(u, v)
+            continue
+        # The gradients against the float64 reference of the stored inputs.
+        leaves = [v.double().requires_grad_() if v is not None else None
+                  for v in (x, weight, bias, *(norm or ()))]
+        x64, w64, b64 = leaves[:3]
+        n64 = tuple(leaves[3:]) if norm is not None else None
+        o, mu, va = ref_dw_stage(x64, w64, b64, act=act, x_norm=n64, stats=True)
+        torch.autograd.backward((o, mu, va), (grad_out.double(), gm.double(), gv.double()))
+        names = ["grad_x", "grad_weight", "grad_bias"]
+        pairs = list(zip(read[:3], (x64.grad, w64.grad, b64.grad)))
+        if norm is not None:  # (grad_mean, grad_scale, grad_shift) = (read[5], read[4], read[3])
+            names += ["grad_norm_mean", "grad_norm_scale", "grad_norm_shift"]
+            pairs += list(zip((read[5], read[4], read[3]), (v.grad for v in n64)))
+        for name, (got, ref) in zip(names, pairs):
+            err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err <= DW_MAX_ERROR[dtype], (name, err)
 
 
 def test_backward_of_no_pixels_is_zero_sums_from_one_finalize(kernels):

@@ -91,18 +91,19 @@ def test_step_cost_takes_the_ledgers_bytes():
     cost = roofline.step_cost(dim=768, depth=32, kernel_size=7, patch_size=7, batch=128,
                               image_size=224, dtype=torch.bfloat16)
     activation = 128 * 32 * 32 * 768 * 2
-    assert cost.cuda_bytes == 32 * ledger.passes_per_block("gelu") * activation
+    assert cost.cuda_bytes == 32 * ledger.passes_per_block("gelu", kernel_size=7) * activation
     assert cost.fused_bytes == 32 * roofline.FUSED_PASSES_PER_BLOCK * activation
 
 
-@pytest.mark.parametrize("model,act,rows", [("convmixer_1536_20", "gelu", 64 * 32 * 32),
-                                            ("convmixer_768_32", "relu", 128 * 32 * 32)])
-def test_cli_ends_with_the_two_totals(capsys, model, act, rows):
-    """The model's activation and the issue's batch (64 for 1536/20, 128 for 768/32)."""
+@pytest.mark.parametrize("model,act,k,rows", [("convmixer_1536_20", "gelu", 9, 64 * 32 * 32),
+                                              ("convmixer_768_32", "relu", 7, 128 * 32 * 32)])
+def test_cli_ends_with_the_two_totals(capsys, model, act, k, rows):
+    """The model's activation and kernel size, the issue's batch (64 for 1536/20, 128 for
+    768/32)."""
     roofline_main(["--ledger", "--model", model])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2] == f"passes per block: {ledger.passes_per_block(act):g}"
-    assert lines[-1] == f"launches per block: {ledger.launches_per_block(act)}"
+    assert lines[-2] == f"passes per block: {ledger.passes_per_block(act, kernel_size=k):g}"
+    assert lines[-1] == f"launches per block: {ledger.launches_per_block(act, kernel_size=k)}"
     assert f"E = {rows} rows x " in lines[-3]
 
 
@@ -121,9 +122,9 @@ def _kernels_launched(log: list[str]) -> collections.Counter:
     return collections.Counter(re.search(r"(\w+_kernel)\b", line).group(1) for line in log)
 
 
-def _ledger_kernels(stage: str, act: str) -> collections.Counter:
+def _ledger_kernels(stage: str, act: str, **kw) -> collections.Counter:
     counts = collections.Counter()
-    for entry in ledger.block_step(act):
+    for entry in ledger.block_step(act, **kw):
         if entry.stage == stage and entry.kernel.endswith("_kernel"):
             counts[entry.kernel] += entry.launches
     return counts
@@ -132,8 +133,9 @@ def _ledger_kernels(stage: str, act: str) -> collections.Counter:
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_dw_kernel_launches_match_the_ledger(act):
     """The shipped dw launch entries under emulation (python_tests/cuda_emulation): one block's
-    forward with statistics and backward with a norm, the residual's gradient and (ReLU) the
-    saved output, launch exactly the ledger's dw kernels."""
+    forward with statistics and backward with a norm, the residual's gradient, (ReLU) the saved
+    output and the pre-activation where the CUDA policy keeps it, launch exactly the ledger's dw
+    kernels (float32 storage: the ledger without autocast)."""
     emulated_cuda = pytest.importorskip("emulated_cuda")
     from cuda_emulation import compiler, launch_log
     if compiler() is None:
@@ -146,11 +148,16 @@ def test_dw_kernel_launches_match_the_ledger(act):
             torch.randn(c, generator=gen))
     weight = torch.randn(c, 1, k, k, generator=gen) * 0.1
     bias = torch.randn(c, generator=gen)
+    keep = ledger.keeps_dw_pre_act(act, k, autocast=False)
+    assert keep == (act == "gelu")
     launch_log(kernels.lib)
-    out, mean, _ = kernels.forward(x, norm, weight, bias, act, stats=True)
+    out, mean, _, *pre = kernels.forward(x, norm, weight, bias, act, stats=True,
+                                         keep_pre_act=keep)
     kernels.backward(torch.randn_like(out), torch.randn(c), torch.randn(c), mean, x, norm, weight,
-                     bias, act, out=out if act == "relu" else None, grad_res=torch.randn_like(x))
-    assert _kernels_launched(launch_log(kernels.lib)) == _ledger_kernels("dw", act)
+                     bias, act, out=out if act == "relu" else None, grad_res=torch.randn_like(x),
+                     pre_act=pre[0] if keep else None)
+    assert _kernels_launched(launch_log(kernels.lib)) == _ledger_kernels(
+        "dw", act, autocast=False, kernel_size=k)
 
 
 def test_pw_kernel_launches_match_the_ledger():

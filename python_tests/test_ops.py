@@ -327,19 +327,20 @@ def test_block_chain_gradcheck(backend):
 # relu), and the block-level path that uses them (ops.mixer_block)
 
 
-def _dw_backward_inputs(backend, dtype, shape, k, act, parts="norm_bias"):
+def _dw_backward_inputs(backend, dtype, shape, k, act, parts="norm_bias", with_pre_act=False):
     """The raw dw_stage_backward arguments of a case (the forward run for out and mean), and the
-    forward's output."""
+    forward's output; with_pre_act: and its pre-activation, as a fourth."""
     case = _dw(backend, dtype, shape, k, act, parts=parts)
     (x, weight, bias), kw = stage_args(case)
     m, s, t = kw.get("x_norm") or (None, None, None)
-    out, mean, _ = backend.raw("dw_stage")(x, m, s, t, weight, bias, act, True)
+    out, pre, mean, _ = backend.raw("dw_stage")(x, m, s, t, weight, bias, act, True, with_pre_act)
     gen = _gen(31)
     acc = mean.dtype
     grad_out = randn(*out.shape, dtype=dtype, gen=gen).to(backend.device)
     gm, gv = (randn(shape[1], dtype=acc, gen=gen).to(backend.device) for _ in range(2))
     grad_res = randn(*x.shape, dtype=dtype, gen=gen).to(backend.device)
-    return (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act), grad_res, out
+    args = (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act)
+    return (args, grad_res, out, pre) if with_pre_act else (args, grad_res, out)
 
 
 def _with_grad_res(base, grad_res, x, norm, dtype):
@@ -375,16 +376,21 @@ def _assert_grad_res(with_res, base, grad_res, x, norm, dtype):
 def test_dw_backward_grad_res_and_saved_out(backend, dtype, shape, k, act, parts):
     """grad_res joins dX before the norm's backward (_with_grad_res) and changes nothing else.
     saved_out changes no bit: for relu the backward reads act' and act from it (o <= 0 exactly
-    where a <= 0, relu(o) = o), for gelu it is not used."""
-    args, grad_res, out = _dw_backward_inputs(backend, dtype, shape, k, act, parts)
+    where a <= 0, relu(o) = o), for gelu it is not used. Nor does the forward's pre_act
+    (keep_pre_act), read instead of the recompute: in float32 and float64 the forward stored a
+    exactly as the recompute forms it."""
+    args, grad_res, out, pre = _dw_backward_inputs(backend, dtype, shape, k, act, parts,
+                                                   with_pre_act=True)
     op = backend.raw("dw_stage_backward")
     base = op(*args)
     from_out = op(*args, None, out)
     assert_bitwise(base, from_out)
+    assert_bitwise(base, op(*args, None, None, pre))
+    assert_bitwise(base, op(*args, None, out, pre))
     _assert_grad_res(op(*args, grad_res, out), base, grad_res, args[3], args[4:7], dtype)
     # Empty means absent, as for the other optional inputs.
     empty = torch.empty(0, dtype=dtype, device=backend.device)
-    assert_bitwise(base, op(*args, empty, empty))
+    assert_bitwise(base, op(*args, empty, empty, empty))
 
 
 @over_backends(cuda_emu=ONCE)
@@ -420,6 +426,18 @@ def test_saved_out_is_read_where_the_table_says(backend, act):
     wrong = op(*args, None, -out)
     changed = not all(torch.equal(a, b) for a, b in zip(base, wrong))
     assert changed == (not ACTIVATIONS[act].needs_pre_activation)
+
+
+@over_backends("act", cpu=ACTS, triton=ACTS)
+def test_pre_act_is_read_whenever_given(backend, act):
+    """dw_stage_backward reads a given pre_act for every activation, in place of the recompute
+    (and of relu's saved_out): a wrong one changes the results."""
+    args, _, out, pre = _dw_backward_inputs(backend, f32, (2, 8, 5, 6), 3, act,
+                                            with_pre_act=True)
+    op = backend.raw("dw_stage_backward")
+    base = op(*args, None, out)
+    wrong = op(*args, None, out, -pre)
+    assert not all(torch.equal(a, b) for a, b in zip(base, wrong))
 
 
 @over_backends("dtype,parts",
@@ -609,23 +627,64 @@ def test_mixer_block_deterministic(backend, act):
     assert_bitwise(first[1], second[1])
 
 
+def test_dw_keeps_pre_act_where_docs_cuda_counts_it():
+    """ops.dw_stage.keeps_pre_act is the rule docs/CUDA.md derives ("Backward: recompute or
+    save"): on the GPU backends from k = 7 in 16-bit storage and k = 9 in float32/float64, only
+    where act' needs the pre-activation; never on the CPU (measured, no clear win)."""
+    from convmixer_kernels.ops.dw_stage import keeps_pre_act
+    first = {torch.bfloat16: 7, torch.float16: 7, f32: 9, f64: 9}
+    for backend, dtype, k in product(("cuda", "triton", "cpu"), first, range(1, 16, 2)):
+        assert keeps_pre_act("gelu", k, dtype, backend) == (backend != "cpu" and k >= first[dtype])
+        assert not keeps_pre_act("relu", k, dtype, backend)
+
+
+@over_backends("act", cpu=ACTS, triton=["gelu"])
+def test_kept_dw_pre_activation_changes_no_bit(backend, act, monkeypatch):
+    """With the dw pre-activation kept (forced here, whatever ops.dw_stage.keeps_pre_act says
+    for this backend and k), the block and the lone dw stage give the recompute's bits in
+    float32: the forward stores a as the backward's recompute forms it (and for relu a read
+    back gives the same act' as its saved out)."""
+    import importlib
+    from convmixer_kernels.ops import mixer_block
+    block_module = importlib.import_module("convmixer_kernels.ops.block")
+    dw_module = importlib.import_module("convmixer_kernels.ops.dw_stage")
+    leaves = _block_leaves(backend, f32, 8, 3, _gen(40))
+    gen = _gen(41)
+    cots = [randn(*leaves[0].shape, gen=gen).to(backend.device),
+            *(randn(8, gen=gen).to(backend.device) for _ in range(2))]
+    fused = _block(lambda *a, **kw: mixer_block(*a, **kw, backend=backend.op_backend), act)
+    two = _block(_two_stages(backend), act)
+    base = [run(fn, leaves, cots) for fn in (fused, two)]
+    for module in (block_module, dw_module):
+        monkeypatch.setattr(module, "keeps_pre_act", lambda *args: True)
+    kept = [run(fn, leaves, cots) for fn in (fused, two)]
+    for b, k in zip(base, kept):
+        assert_bitwise(b[0], k[0])
+        assert_bitwise(b[1], k[1])
+
+
 @over_backends(cpu=ONCE)
 def test_mixer_block_saves_no_pre_activation_for_relu(backend):
     """For relu neither stage keeps a pre-activation: the autograd graph holds the stages'
-    inputs and outputs only (which the block returns or the next stage reads anyway)."""
+    inputs and outputs only (which the block returns or the next stage reads anyway). For gelu
+    the pw stage keeps one, and the dw stage where ops.dw_stage.keeps_pre_act says so."""
     from convmixer_kernels.ops import mixer_block
-    leaves = [t.requires_grad_() for t in _block_leaves(backend, f32, 8, 3, _gen(39))]
-    sizes = {}
-    for act in ACTS:
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.append(t) or t, lambda t: t):
-            out, _, _ = _block(lambda *a, **kw: mixer_block(*a, **kw, backend="cpu"), act)(*leaves)
-        big = {t.data_ptr() for t in saved if t.numel() == out.numel()}
-        sizes[act] = len(big - {leaves[0].data_ptr(), out.data_ptr()})
-    # Besides the block's input and output: g (the dw output, pw's x), and for gelu pw's
-    # pre-activation.
-    assert sizes == {"gelu": 2, "relu": 1}, sizes
+    from convmixer_kernels.ops.dw_stage import keeps_pre_act
+    for k in (3, 9):
+        leaves = [t.requires_grad_() for t in _block_leaves(backend, f32, 8, k, _gen(39))]
+        sizes = {}
+        for act in ACTS:
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: saved.append(t) or t, lambda t: t):
+                out, _, _ = _block(lambda *a, **kw: mixer_block(*a, **kw, backend="cpu"),
+                                   act)(*leaves)
+            big = {t.data_ptr() for t in saved if t.numel() == out.numel()}
+            sizes[act] = len(big - {leaves[0].data_ptr(), out.data_ptr()})
+        # Besides the block's input and output: g (the dw output, pw's x), and for gelu pw's
+        # pre-activation and the dw one where kept.
+        dw_pre = int(keeps_pre_act("gelu", k, f32, "cpu"))
+        assert sizes == {"gelu": 2 + dw_pre, "relu": 1}, (k, sizes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -924,14 +983,14 @@ def test_empty_batch(backend, stage, dtype, mode):
 # dispatch) and the fake implementations' strides
 
 
-def _raw_dw_args(backend, parts, requires_grad, stats=True):
+def _raw_dw_args(backend, parts, requires_grad, stats=True, keep_pre_act=False):
     case = _dw(backend, f32, (2, 5, 6, 7), 3, parts=parts)
     (x, weight, bias), kw = stage_args(case)
     m, s, t = kw.get("x_norm") or (None, None, None)
     args = [x, m, s, t, weight, bias]
     if requires_grad:
         args = [a.requires_grad_() if a is not None else None for a in args]
-    return (*args, "gelu", stats)
+    return (*args, "gelu", stats, keep_pre_act)
 
 
 def _raw_pw_args(backend, parts, requires_grad, keep_pre_act, stats=True, keep_u=False):
@@ -945,11 +1004,14 @@ def _raw_pw_args(backend, parts, requires_grad, keep_pre_act, stats=True, keep_u
     return (*args, "relu", stats, keep_pre_act, keep_u)
 
 
-@over_backends("parts,mode", cpu=product(["norm_bias", "plain", "norm"], MODES),
-               triton=[("norm_bias", m) for m in MODES], cuda=[("norm_bias", "train")])
-def test_opcheck_dw_stage(backend, parts, mode):
+@over_backends("parts,mode,keep_pre_act",
+               cpu=product(["norm_bias", "plain", "norm"], MODES, ["keep_pre_act", "no_pre_act"]),
+               triton=[("norm_bias", m, k) for m in MODES for k in ("keep_pre_act", "no_pre_act")],
+               cuda=[("norm_bias", "train", "keep_pre_act")])
+def test_opcheck_dw_stage(backend, parts, mode, keep_pre_act):
     torch.library.opcheck(backend.raw("dw_stage").default,
-                          _raw_dw_args(backend, parts, True, stats=mode == "train"))
+                          _raw_dw_args(backend, parts, True, stats=mode == "train",
+                                       keep_pre_act=keep_pre_act == "keep_pre_act"))
 
 
 @over_backends("parts,keep", cpu=product(PW_PARTS, ["keep_pre_act", "no_pre_act", "keep_u"]),
@@ -965,8 +1027,8 @@ def test_opcheck_pw_stage(backend, parts, keep):
                cpu=product(["norm_bias", "plain"], ["all", "out_only", "empty_stats_grads"]),
                triton=[("norm_bias", "all")], cuda=[("norm_bias", "all")])
 def test_opcheck_dw_stage_backward(backend, parts, grads):
-    x, m, s, t, weight, bias, act, _ = _raw_dw_args(backend, parts, requires_grad=False)
-    out, mean, _ = backend.raw("dw_stage")(x, m, s, t, weight, bias, act, True)
+    x, m, s, t, weight, bias, act, *_ = _raw_dw_args(backend, parts, requires_grad=False)
+    out, pre, mean, _ = backend.raw("dw_stage")(x, m, s, t, weight, bias, act, True, True)
     gen = _gen(23)
     grad_out = randn(*out.shape, gen=gen).to(backend.device).contiguous(
         memory_format=torch.channels_last)
@@ -978,6 +1040,8 @@ def test_opcheck_dw_stage_backward(backend, parts, grads):
         gm, gv = (torch.empty(0, device=backend.device) for _ in range(2))
     torch.library.opcheck(backend.raw("dw_stage_backward").default,
                           (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act))
+    torch.library.opcheck(backend.raw("dw_stage_backward").default,
+                          (grad_out, gm, gv, x, m, s, t, weight, bias, mean, act, None, None, pre))
 
 
 @over_backends("parts,grads,pre_act",
@@ -1031,6 +1095,8 @@ def test_backward_optional_inputs_of_the_wrong_shape_are_refused(backend):
         op(*args, grad_res[:, :, :5], None)
     with pytest.raises(ValueError, match="saved_out must"):
         op(*args, None, out[:1])
+    with pytest.raises(ValueError, match="pre_act must"):
+        op(*args, None, None, out[:1])
     pw_args = _raw_pw_args(backend, "both_norms_bias", requires_grad=False, keep_pre_act=False)
     pw_out, _, mean, _, _ = backend.raw("pw_stage")(*pw_args)
     with pytest.raises(ValueError, match="saved_out must"):
@@ -1066,8 +1132,8 @@ def test_raw_ops_refuse_an_unknown_act(backend, act):
                              match=rf"^{op}: act must be one of {re.escape(str(NAMES))}, got "
                                    rf"{re.escape(repr(act))}$")
 
-    x, m, s, t, w, b, good, _ = _raw_dw_args(backend, "norm_bias", requires_grad=False)
-    out, mean, _ = backend.raw("dw_stage")(x, m, s, t, w, b, good, True)
+    x, m, s, t, w, b, good, *_ = _raw_dw_args(backend, "norm_bias", requires_grad=False)
+    out, _, mean, _ = backend.raw("dw_stage")(x, m, s, t, w, b, good, True)
     with refused("dw_stage"):
         backend.raw("dw_stage")(x, m, s, t, w, b, act, True)
     with refused("dw_stage_backward"):

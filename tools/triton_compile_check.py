@@ -58,7 +58,7 @@ import triton  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
-from convmixer_kernels.activations import NAMES  # noqa: E402
+from convmixer_kernels.activations import ACTIVATIONS, NAMES  # noqa: E402
 from convmixer_kernels.triton import _common, dw, pw  # noqa: E402
 from convmixer_kernels.triton._plan import _target, compilations  # noqa: E402
 
@@ -108,17 +108,25 @@ def _dw_calls(dtype, shape):
         bias = _t((c,), dtype) if has_bias else None
         norm = _norm(c, dtype, has_norm)
         base = dict(k=k, act=act, norm=has_norm, bias=has_bias)
-        for stats in (False, True):
-            yield dict(base, op="dw_stage", stats=stats), (
-                lambda norm=norm, weight=weight, bias=bias, act=act, stats=stats:
-                dw.dw_stage(x, *norm, weight, bias, act, stats))
-        for grads in ("none", "mean", "mean+var"):
+        # keep_pre_act / pre_act: where the models use them, training (batch statistics) with an
+        # activation whose derivative needs the pre-activation (ops.dw_stage.keeps_pre_act).
+        keeps = (False, True) if ACTIVATIONS[act].needs_pre_activation else (False,)
+        for stats, keep in itertools.product((False, True), keeps):
+            if keep and not stats:
+                continue
+            yield dict(base, op="dw_stage", stats=stats, keep_pre_act=keep), (
+                lambda norm=norm, weight=weight, bias=bias, act=act, stats=stats, keep=keep:
+                dw.dw_stage(x, *norm, weight, bias, act, stats, keep))
+        for grads, pre in itertools.product(("none", "mean", "mean+var"), keeps):
+            if pre and grads != "mean+var":
+                continue
             gm = _t((c,), acc) if grads != "none" else None
             gv = _t((c,), acc) if grads == "mean+var" else None
             mean = _t((c,), acc) if gv is not None else None
-            yield dict(base, op="dw_stage_backward", stat_grads=grads), (
-                lambda norm=norm, weight=weight, bias=bias, act=act, gm=gm, gv=gv, mean=mean:
-                dw.dw_stage_backward(x, gm, gv, x, *norm, weight, bias, mean, act))
+            yield dict(base, op="dw_stage_backward", stat_grads=grads, pre_act=pre), (
+                lambda norm=norm, weight=weight, bias=bias, act=act, gm=gm, gv=gv, mean=mean,
+                pre=pre: dw.dw_stage_backward(x, gm, gv, x, *norm, weight, bias, mean, act,
+                                              None, None, x if pre else None))
 
 
 def _pw_calls(dtype, shape):

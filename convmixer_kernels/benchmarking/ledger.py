@@ -42,15 +42,32 @@ class Launch:
         return self.reads + self.writes
 
 
-def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
+def keeps_dw_pre_act(act: str, kernel_size: int, autocast: bool) -> bool:
+    """Whether the CUDA dw stage keeps its pre-activation in this step: ops.dw_stage.keeps_pre_act
+    for the storage dtype (bfloat16 under autocast, else float32)."""
+    from ..ops.dw_stage import keeps_pre_act
+    return keeps_pre_act(act, kernel_size, torch.bfloat16 if autocast else torch.float32, "cuda")
+
+
+def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -> list[Launch]:
     """The CUDA backend's block step as the code runs it today: batch statistics; the block's dw
     input carries the previous block's BN2 norm, its pw stage BN1 and the residual with that same
-    norm (ops.mixer_block); a pw bias; under autocast the weight casts too."""
+    norm (ops.mixer_block); a pw bias; under autocast the weight casts too. The dw stage keeps
+    its pre-activation a where keeps_dw_pre_act says (GELU at k >= 7 under autocast): one more
+    write in the forward and read in the backward, one conv recompute fewer."""
     relu = act == "relu"
+    keep = keeps_dw_pre_act(act, kernel_size, autocast)
+    if relu:
+        dw_data = dict(reads=3, dw_taps=1, note="act' from the saved out, dA, dW partials")
+    elif keep:
+        dw_data = dict(reads=3, dw_taps=1, note="act' from the kept a, dA, dW partials")
+    else:
+        dw_data = dict(reads=2, dw_taps=2, note="conv recomputed for act', dA, dW partials")
     step = [
         # ---- forward
-        Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=1, dw_taps=1,
-               note="norm on load, conv, bias, act, per-CTA statistics"),
+        Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=2 if keep else 1, dw_taps=1,
+               note="norm on load, conv, bias, act, per-CTA statistics"
+               + ("; a kept for the backward" if keep else "")),
         Launch("dw", "fwd", "channel_stats_finalize_kernel", 1, note="BN1 statistics"),
         Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
                note="u = BN1(g) + BN2_prev(h), kept for the backward (keep_u)"),
@@ -72,10 +89,7 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
         Launch("pw", "bwd", "pw_backward_finalize_kernel", 1,
                note="grad_bias and BN1's gradients from the partials"),
         # ---- backward, dw stage
-        Launch("dw", "bwd", "dw_backward_data_kernel", 1, reads=3 if relu else 2, writes=1,
-               dw_taps=1 if relu else 2,
-               note="act' from the saved out, dA, dW partials" if relu
-               else "conv recomputed for act', dA, dW partials"),
+        Launch("dw", "bwd", "dw_backward_data_kernel", 1, writes=1, **dw_data),
         Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=3, writes=1, dw_taps=1,
                note="dX = transposed conv of dA + dU, through BN2_prev, its sums"),
         Launch("dw", "bwd", "dw_backward_finalize_kernel", 1,
@@ -95,12 +109,12 @@ def block_step(act: str = "gelu", autocast: bool = True) -> list[Launch]:
     return step
 
 
-def passes_per_block(act: str = "gelu", autocast: bool = True) -> float:
-    return sum(entry.passes for entry in block_step(act, autocast))
+def passes_per_block(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -> float:
+    return sum(entry.passes for entry in block_step(act, autocast, kernel_size))
 
 
-def launches_per_block(act: str = "gelu", autocast: bool = True) -> int:
-    return sum(entry.launches for entry in block_step(act, autocast))
+def launches_per_block(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -> int:
+    return sum(entry.launches for entry in block_step(act, autocast, kernel_size))
 
 
 def _fmt_number(v: float) -> str:
@@ -119,16 +133,16 @@ def table(dim: int, rows: int, kernel_size: int, dtype: torch.dtype, act: str = 
             f"{'write MB':>10}{'GFLOP':>9}  note")
     lines = [head, "-" * len(head)]
     total_r = total_w = total_f = 0.0
-    for entry in block_step(act, autocast):
+    for entry in block_step(act, autocast, kernel_size):
         r, w = entry.reads * e, entry.writes * e
         f = entry.dw_taps * taps + entry.gemms * gemm
         total_r, total_w, total_f = total_r + r, total_w + w, total_f + f
         lines.append(f"{entry.stage:<6}{entry.phase:<8}{entry.kernel:<31}{entry.launches:>9}"
                      f"{r / 1e6:>10.0f}{w / 1e6:>10.0f}{f / 1e9:>9.1f}  {entry.note}")
     lines.append("-" * len(head))
-    lines.append(f"{'total per block':<45}{launches_per_block(act, autocast):>9}"
+    lines.append(f"{'total per block':<45}{launches_per_block(act, autocast, kernel_size):>9}"
                  f"{total_r / 1e6:>10.0f}{total_w / 1e6:>10.0f}{total_f / 1e9:>9.1f}")
     lines.append(f"E = {rows} rows x {dim} channels x {elem} B = {e / 1e6:.0f} MB")
-    lines.append(f"passes per block: {_fmt_number(passes_per_block(act, autocast))}")
-    lines.append(f"launches per block: {launches_per_block(act, autocast)}")
+    lines.append(f"passes per block: {_fmt_number(passes_per_block(act, autocast, kernel_size))}")
+    lines.append(f"launches per block: {launches_per_block(act, autocast, kernel_size)}")
     return "\n".join(lines)

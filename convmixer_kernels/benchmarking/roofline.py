@@ -70,8 +70,8 @@ def step_cost(dim: int, depth: int, kernel_size: int, patch_size: int, batch: in
                     dw_flops=depth * dw_per_block,
                     fused_bytes=depth * FUSED_PASSES_PER_BLOCK * activation,
                     eager_bytes=depth * EAGER_PASSES_PER_BLOCK * activation,
-                    cuda_bytes=depth * ledger.passes_per_block(act, dtype != torch.float32)
-                    * activation)
+                    cuda_bytes=depth * ledger.passes_per_block(act, dtype != torch.float32,
+                                                               kernel_size) * activation)
 
 
 def kernel_and_patch(model) -> tuple[int, int]:

@@ -12,7 +12,9 @@ residual, without that norm's backward (pw_stage_backward's grad_res_normed: no 
 h for its sums, no scaled copy written); the dw backward adds it to its own dX before the
 norm's backward, whose three [C] gradients then cover both branches (no autograd adds of
 vectors either). The same nodes save each stage's output for the backward where act' follows from
-it (relu), so neither stage recomputes its pre-activation for act' nor keeps one (docs/OPS.md).
+it (relu), so neither stage recomputes its pre-activation for act' nor keeps one (docs/OPS.md);
+for gelu the pw stage keeps its pre-activation, the dw stage where dw_stage.keeps_pre_act's count
+says reading it back beats recomputing the conv.
 
 The two nodes are torch.autograd.Function subclasses around the registered ops: torch.compile
 traces them (the ops have fake implementations), checkpointing replays them, and without
@@ -29,7 +31,7 @@ from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from ..activations import ACTIVATIONS
 from .backend import resolve
 from .checks import Norm, check_dw_stage, check_pw_stage
-from .dw_stage import dw_stage
+from .dw_stage import dw_stage, keeps_pre_act
 from .grads import in_param_layout, saved_output
 from .pw_stage import keeps_u, pw_stage
 
@@ -46,22 +48,23 @@ class _DwNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats, triton):
         op = _ops.dw_stage_triton if triton else _ops.dw_stage
-        out, mean, var = op(x, x_mean, x_scale, x_shift, weight, bias, act, stats)
+        keep = keeps_pre_act(act, weight.shape[-1], x.dtype, "triton" if triton else x.device.type)
+        out, pre_act, mean, var = op(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep)
         # Only its gradient is ever used, never its value: an allocation, no kernel.
         carrier = x.new_empty(()).expand(x.shape)
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
-                              saved_output(act, out))
+                              saved_output(act, out), pre_act if keep else None)
         ctx.act, ctx.triton = act, triton
         return out, mean, var, carrier
 
     @staticmethod
     @once_differentiable  # the backward ops have no derivative: a second order is an error
     def backward(ctx, grad_out, grad_mean, grad_var, grad_res):
-        x, x_mean, x_scale, x_shift, weight, bias, mean, out = ctx.saved_tensors
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act = ctx.saved_tensors
         op = _ops.dw_stage_backward_triton if ctx.triton else _ops.dw_stage_backward
         gx, gmean, gscale, gshift, gw, gb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
-            ctx.act, grad_res, out)
+            ctx.act, grad_res, out, pre_act)
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), gb if bias is not None else None,
                 None, None, None)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from ..activations import ACTIVATIONS
 from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_dw_stage
@@ -32,27 +33,65 @@ def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     """``out = act(dwconv_k(norm(x)) + bias)`` with "same" zero padding.
 
     Returns ``(out, mean, var)``: ``out`` is channels_last; ``mean`` and ``var`` (biased) are
-    the per-channel batch statistics of ``out`` when ``stats``, empty tensors otherwise.
+    the per-channel batch statistics of ``out`` when ``stats``, empty tensors otherwise. When
+    gradients are being recorded the pre-activation is kept for the backward where
+    :func:`keeps_pre_act` says that beats recomputing the conv.
     """
     check_dw_stage(x, weight, bias, act, x_norm, stats)
-    op = _ops.dw_stage_triton if resolve(backend, x.device) == "triton" else _ops.dw_stage
+    name = resolve(backend, x.device)
+    op = _ops.dw_stage_triton if name == "triton" else _ops.dw_stage
     m, s, t = x_norm if x_norm is not None else (None, None, None)
-    return op(x, m, s, t, weight, bias, act, stats)
+    keep = torch.is_grad_enabled() and keeps_pre_act(act, weight.shape[-1], x.dtype, name)
+    out, _, mean, var = op(x, m, s, t, weight, bias, act, stats, keep)
+    return out, mean, var
+
+
+# The dw backward needs act'(a), a = dwconv(norm(x)) + b. Without a saved, the backward recomputes
+# the conv: k*k FMAs (2 k^2 FLOPs) per element, compute-bound. Saved, a costs one write in the
+# forward and one read in the backward (2 x the storage dtype's size in bytes per element) and one
+# activation of memory per block until the backward. The count (docs/CUDA.md, "Backward:
+# recompute or save"), on the H200's datasheet figures: saving wins when
+# 2 k^2 / FMA rate > 2 size / bandwidth. In 16-bit storage from k = 7 (at k = 5 recomputing wins by
+# 10%), in float32 from k = 9, in float64 (half the FMA rate, 8 bytes) from k = 9. The kernels
+# reach the peak FMA rate at best (Triton's conv, a global load per tap, less), so the count leans
+# towards recomputing; the copy rate the project measures (~4.3 TB/s, docs/DESIGN.md §5) gives
+# the same thresholds. The CPU backend recomputes at every k: measured (tools/cpu_dw_pre_act.py,
+# docs/CUDA.md), keeping a was 0-23% slower at k <= 5 and between 11% faster and 9% slower at
+# k = 7 and 9 from run to run on a shared machine: no clear win for an activation of memory.
+_H200_BYTES_PER_S = 4.8e12  # HBM3e
+_H200_FMA_FLOPS = {torch.float64: 34e12}  # non-tensor; every other dtype accumulates in fp32:
+_H200_FP32_FMA_FLOPS = 67e12
+
+
+def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
+    """Whether a dw forward whose backward will run keeps its pre-activation on `backend`
+    ("cpu", "cuda" or "triton"), for activations stored as `dtype`: when act' needs it (gelu;
+    relu's comes from the saved output) and the count above says reading it back is cheaper
+    than recomputing the k x k conv."""
+    if not ACTIVATIONS[act].needs_pre_activation:
+        return False
+    if backend == "cpu":
+        return False
+    size = dtype.itemsize
+    recompute_s = 2 * k * k / _H200_FMA_FLOPS.get(dtype, _H200_FP32_FMA_FLOPS)
+    save_s = 2 * size / _H200_BYTES_PER_S
+    return recompute_s > save_s
 
 
 @torch.library.register_fake("convmixer_kernels::dw_stage")
 @torch.library.register_fake("convmixer_kernels::dw_stage_triton")
-def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
+def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep_pre_act=False):
     n = x.shape[1] if stats else 0
     acc = acc_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=torch.channels_last),
-            x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc))
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    pre_act = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
+    return out, pre_act, x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
 
 
 @torch.library.register_fake("convmixer_kernels::dw_stage_backward")
 @torch.library.register_fake("convmixer_kernels::dw_stage_backward_triton")
 def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight,
-                            bias, mean, act, grad_res=None, saved_out=None):
+                            bias, mean, act, grad_res=None, saved_out=None, pre_act=None):
     n = x.shape[1] if x_mean is not None else 0
     acc = acc_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.channels_last),
@@ -61,24 +100,27 @@ def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_mean, x_scale, x_shift, weight, bias, act, stats = inputs
-    ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, output[1],
-                          saved_output(act, output[0]))
+    x, x_mean, x_scale, x_shift, weight, bias, act, *_ = inputs
+    out, pre_act, mean, _ = output
+    # pre_act exists to be saved for this backward, not to be differentiated through.
+    ctx.mark_non_differentiable(pre_act)
+    ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
+                          saved_output(act, out), pre_act if pre_act.numel() else None)
     ctx.act = act
 
 
 def _make_backward(backward_op):
     """The autograd formula of a dw_stage op whose backward op is `backward_op`."""
-    def _backward(ctx, grad_out, grad_mean, grad_var):
-        x, x_mean, x_scale, x_shift, weight, bias, mean, out = ctx.saved_tensors
+    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act = ctx.saved_tensors
         if grad_out is None:  # only the statistics were differentiated
             grad_out = torch.zeros_like(x, memory_format=torch.channels_last)
         gx, gmean, gscale, gshift, gw, gb = backward_op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
-            ctx.act, None, out)
+            ctx.act, None, out, pre_act)
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), (gb if bias is not None else None),
-                None, None)
+                None, None, None)
     return _backward
 
 

@@ -8,10 +8,12 @@ tap (neighbouring taps and tiles hit L1), with the input norm applied on load an
 the image; each row of taps is unrolled (tl.static_range) up to k = 9.
 
 One conv kernel serves three passes, chosen by its EPI constexpr:
-  EPI_FWD  out = act(conv(norm(x)) + b), and the batch statistics of out;
+  EPI_FWD  out = act(conv(norm(x)) + b), and the batch statistics of out; with AUX also the
+           pre-activation a = conv(norm(x)) + b (keep_pre_act);
   EPI_DA   dA = dO·act'(a), with a recomputed and dO = grad_out + const + lin·o, into a tensor
            in the storage dtype (as the CUDA backend's backward kernel 1); with the forward's
-           output given (AUX, relu: act' and act follow from it) no conv runs, it is read instead;
+           pre-activation given, or its output where act' and act follow from it (relu), as AUX,
+           no conv runs: a is read instead;
   EPI_DX   dX = conv(dA) with the taps rotated 180° (the transposed conv) (+ grad_res with AUX,
            the residual's gradient of the same norm(x)), grad_x = dX·scale, and the input
            norm's sums Σ dX, Σ dX·(x - mean).
@@ -110,9 +112,9 @@ def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """The conv pass of kind EPI (see the module docstring). With EPI_DX, `src` is dA (no norm
     on load, no bias) and HAS_NORM says whether x had a norm (its mean and scale at mean_ptr and
-    scale_ptr), which grad_x and the partial sums go through. With AUX, `aux_ptr` is the
-    forward's output (EPI_DA, which then reads a = o, valid where act' follows from the output)
-    or grad_res (EPI_DX, added to dX)."""
+    scale_ptr), which grad_x and the partial sums go through. With AUX, `aux_ptr` is where
+    EPI_FWD stores a, what EPI_DA reads a from (the forward's pre-activation, or its output
+    where act' follows from it), or grad_res (EPI_DX, added to dX)."""
     pid_g = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
@@ -143,12 +145,14 @@ def _dw_conv_kernel(src_ptr, mean_ptr, scale_ptr, shift_ptr, wt_ptr, b_ptr, out_
         valid = (ys < H) & (xs < W)
         mask = valid[:, None] & cmask[None, :]
         offs = _nhwc_offsets(n, ys, xs, cs, H, W, C)
-        if EPI == EPI_DA and AUX:  # the saved output stands in for a: no recompute
+        if EPI == EPI_DA and AUX:  # the saved a (or relu's output) stands in: no recompute
             a = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(ACC)
         else:
             a = _conv(src_ptr, n, y0, x0, py, px, cs, cmask, H, W, C, wt_ptr, C_PAD, bias, mean,
                       scale, shift, NORM_IN, K, ACC)
         if EPI == EPI_FWD:
+            if AUX:
+                tl.store(aux_ptr + offs, a.to(aux_ptr.dtype.element_ty), mask=mask)
             o = act_fwd(a, ACT).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + offs, o, mask=mask)
             if STATS:  # of the output as stored (rounded), per docs/OPS.md
@@ -315,7 +319,7 @@ def _vec_or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
 # The ops
 
 
-def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
+def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep_pre_act=False):
     """docs/OPS.md dw_stage, on Triton."""
     op = "dw_stage"
     check_dw_args(op, x, (x_mean, x_scale, x_shift), weight, bias, act)
@@ -326,41 +330,50 @@ def dw_stage(x, x_mean, x_scale, x_shift, weight, bias, act, stats):
     x = x.contiguous(memory_format=torch.channels_last)
     acc = acc_dtype(x.dtype)
     out = torch.empty_like(x, memory_format=torch.channels_last)
+    pre_act = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
     if x.numel() == 0:
         nan = torch.full((x.shape[1] if stats else 0,), float("nan"), dtype=acc,
                          device=x.device)
-        return out, nan, nan.clone()
+        return out, pre_act, nan, nan.clone()
     geo = _Geometry(x, weight.shape[-1])
     wt = geo.taps(weight, acc)
     part = torch.empty((4, geo.groups, geo.c_pad), dtype=acc, device=x.device) if stats else wt
     geo.conv((x, _vec_or(x_mean, wt), _vec_or(x_scale, wt), _vec_or(x_shift, wt), wt,
-              _vec_or(bias, wt), out, x, wt, x, part, x, geo.n, geo.c, geo.h, geo.w, geo.groups,
-              geo.c_pad),
-             dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None, AUX=False,
+              _vec_or(bias, wt), out, x, wt, x, part, pre_act if keep_pre_act else x, geo.n, geo.c,
+              geo.h, geo.w, geo.groups, geo.c_pad),
+             dict(K=geo.k, ACT=ACTIVATIONS[act].code, HAS_NORM=x_mean is not None,
+                  AUX=keep_pre_act,
                   HAS_BIAS=bias is not None, STATS=stats, HAS_COEF=False, NEED_O=False,
                   EPI=EPI_FWD, ACC=tl_acc(x.dtype)))
     if not stats:
         empty = x.new_empty((0,), dtype=acc)
-        return out, empty, empty.clone()
-    return (out, *merge_moments(part[:, :, :geo.c], acc))
+        return out, pre_act, empty, empty.clone()
+    return (out, pre_act, *merge_moments(part[:, :, :geo.c], acc))
 
 
 def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias,
-                      mean, act, grad_res=None, saved_out=None):
+                      mean, act, grad_res=None, saved_out=None, pre_act=None):
     """docs/OPS.md dw_stage_backward, on Triton."""
     op = "dw_stage_backward"
     check_dw_args(op, x, (x_mean, x_scale, x_shift), weight, bias, act)
     check_runnable(op, x)
-    for name, t in (("grad_out", grad_out), ("grad_res", grad_res), ("saved_out", saved_out)):
+    for name, t in (("grad_out", grad_out), ("grad_res", grad_res), ("saved_out", saved_out),
+                    ("pre_act", pre_act)):
         if t is None or (name != "grad_out" and t.numel() == 0):
             continue
         if t.shape != x.shape or t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"{op}: {name} must match x ({tuple(x.shape)}, {x.dtype}, "
                              f"{x.device}), got {tuple(t.shape)}, {t.dtype}, {t.device}")
     grad_res = grad_res.contiguous(memory_format=torch.channels_last) if present(grad_res) else None
-    # Only where act' follows from the output (relu) does the saved output replace the recompute.
-    saved_out = (saved_out.contiguous(memory_format=torch.channels_last)
-                 if present(saved_out) and not ACTIVATIONS[act].needs_pre_activation else None)
+    # What replaces the recompute of a: the forward's pre-activation, or, only where act'
+    # follows from the output (relu), the saved output.
+    if present(pre_act):
+        saved = pre_act
+    elif present(saved_out) and not ACTIVATIONS[act].needs_pre_activation:
+        saved = saved_out
+    else:
+        saved = None
+    saved = saved.contiguous(memory_format=torch.channels_last) if saved is not None else None
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     acc = acc_dtype(x.dtype)
@@ -381,13 +394,14 @@ def dw_stage_backward(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift
                  ACC=tl_acc(x.dtype))
     shape = (geo.n, geo.c, geo.h, geo.w)
 
-    # 1. dA = dO·act'(a), a recomputed (or read from the saved output), in the storage dtype.
+    # 1. dA = dO·act'(a), a recomputed (or read from pre_act or the saved output), in the
+    # storage dtype.
     d_a = torch.empty_like(x, memory_format=torch.channels_last)
     geo.conv((x, xm, xs, xt, wt, _vec_or(bias, wt), d_a, grad_out,
               coef if coef is not None else wt, x, wt,
-              saved_out if saved_out is not None else x, *shape, geo.groups, geo.c_pad),
+              saved if saved is not None else x, *shape, geo.groups, geo.c_pad),
              dict(flags, HAS_BIAS=bias is not None, HAS_COEF=coef is not None,
-                  NEED_O=present(grad_var), EPI=EPI_DA, AUX=saved_out is not None))
+                  NEED_O=present(grad_var), EPI=EPI_DA, AUX=saved is not None))
 
     # 2. dX: the transposed conv of dA (the taps rotated 180°) through the input norm.
     vec_part = torch.empty((2, geo.groups, geo.c_pad), dtype=acc, device=x.device)

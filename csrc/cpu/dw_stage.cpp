@@ -211,7 +211,7 @@ struct Slots {
 template <typename scalar_t, Act A>
 void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
                 const at::Tensor& weight, const at::Tensor* bias, bool stats, at::Tensor& out,
-                at::Tensor& mean, at::Tensor& var) {
+                at::Tensor* pre_act, at::Tensor& mean, at::Tensor& var) {
   using Plan = DwPlan<scalar_t>;
   using L = typename Plan::L;
   using opmath_t = typename Plan::opmath_t;
@@ -221,6 +221,7 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
   const Plan plan(g, weight, bias, norm);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
+  scalar_t* pp = pre_act != nullptr ? pre_act->data_ptr<scalar_t>() : nullptr;
   // Per task: the shift K (its first output), Σ (o - K) and Σ (o - K)².
   Slots<opmath_t> sums(stats ? plan.slots() : 0, 3, kCB, plan.blocks);
 
@@ -236,9 +237,12 @@ void dw_forward(const DwGeometry& g, const at::Tensor& x, const Norm& norm,
         plan.template prefetch_tile<true>(dst, nx);
         plan.correlate(buf + plan.at(y, x0), plan.taps.data() + blk * plan.kk * kCB,
                        plan.bias.data() + c0, tile);
+        if (pp != nullptr) plan.template prefetch_tile<true>(pp + (dst - op), nx);
         for (int64_t xo = 0; xo < nx; ++xo, dst += g.C) {
-          V a = act_forward<A>(V::loadu(tile + xo * kCB));
-          V b = act_forward<A>(V::loadu(tile + xo * kCB + kVS));
+          const V p0 = V::loadu(tile + xo * kCB), p1 = V::loadu(tile + xo * kCB + kVS);
+          if (pp != nullptr) L::store(pp + (dst - op), cb, p0, p1);
+          V a = act_forward<A>(p0);
+          V b = act_forward<A>(p1);
           L::store(dst, cb, a, b);
           if (!stats) continue;
           L::round(a, b);
@@ -277,7 +281,8 @@ template <typename scalar_t, Act A>
 void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tensor* grad_mean,
                  const at::Tensor* grad_var, const at::Tensor& x, const Norm& norm,
                  const at::Tensor& weight, const at::Tensor* bias, const at::Tensor* mean,
-                 const at::Tensor* grad_res, const at::Tensor* saved_out, at::Tensor& grad_x,
+                 const at::Tensor* grad_res, const at::Tensor* saved_out,
+                 const at::Tensor* pre_act, at::Tensor& grad_x,
                  at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& g_mean,
                  at::Tensor& g_scale, at::Tensor& g_shift) {
   using Plan = DwPlan<scalar_t>;
@@ -295,9 +300,11 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
   // grad_res (the gradient the residual branch gives the same normed input, norm(x)) joins dX
   // before the norm's backward, in pass 2.
   const scalar_t* grp = grad_res != nullptr ? grad_res->data_ptr<scalar_t>() : nullptr;
-  // With the forward's output, act' (and act) come from it where the activation allows: pass 1
-  // then skips recomputing the convolution (k² FMA per element of the 3k² it costs otherwise).
-  const scalar_t* sop = derivative_from_output(A) && saved_out != nullptr
+  // With the forward's pre-activation a (any activation), or its output where act' follows
+  // from it (relu), pass 1 reads act' (and act) from that instead of recomputing the
+  // convolution (k² FMA per element of the 3k² it costs otherwise).
+  const scalar_t* sop = pre_act != nullptr ? pre_act->data_ptr<scalar_t>()
+                        : derivative_from_output(A) && saved_out != nullptr
                             ? saved_out->data_ptr<scalar_t>() : nullptr;
 
   // The statistics' gradient enters as dO = grad_out + const_term + lin_term * o.
@@ -344,7 +351,8 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
         for (int64_t xo = 0; xo < nx; ++xo, go += g.C, da += kCB) {
           V d0, d1;
           L::load(go, cb, d0, d1);
-          // a, or (saved_out) the output, which serves act' and act alike here.
+          // a (recomputed or pre_act), or (saved_out) the output, which serves act' and act
+          // alike here.
           const ActAt<A, opmath_t> a0(V::loadu(tile + xo * kCB)), a1(V::loadu(tile + xo * kCB + kVS));
           d0 = d0 + ct0, d1 = d1 + ct1;
           if (need_o) {
@@ -422,11 +430,11 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
-    bool stats) {
+    bool stats, bool keep_pre_act) {
   const DwArgs a = check_dw_stage("dw_stage", x_in, x_mean, x_scale, x_shift, weight_in, bias_in,
                                   act_name, stats);
   const DwGeometry& g = a.g;
@@ -437,6 +445,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor pre_act = keep_pre_act ? at::empty_like(out) : empty_output(x, x.scalar_type());
   at::Tensor mean = empty_output(x, acc), var = empty_output(x, acc);
   if (stats) {
     mean = at::empty({g.C}, x.options().dtype(acc));
@@ -445,10 +454,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dw_stage_cpu", [&] {
     dispatch_act(a.act, [&](auto act) {
       dw_forward<scalar_t, decltype(act)::value>(g, x, norm, weight, bias ? &*bias : nullptr,
-                                                 stats, out, mean, var);
+                                                 stats, out, keep_pre_act ? &pre_act : nullptr,
+                                                 mean, var);
     });
   });
-  return {out, mean, var};
+  return {out, pre_act, mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -459,10 +469,12 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& x_shift, const at::Tensor& weight_in,
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& mean_in,
                   c10::string_view act_name, const std::optional<at::Tensor>& grad_res_in,
-                  const std::optional<at::Tensor>& saved_out_in) {
+                  const std::optional<at::Tensor>& saved_out_in,
+                  const std::optional<at::Tensor>& pre_act_in) {
   const DwArgs a = check_dw_stage_backward("dw_stage_backward", grad_out_in, grad_mean_in,
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, weight_in,
-                                           bias_in, mean_in, act_name, grad_res_in, saved_out_in);
+                                           bias_in, mean_in, act_name, grad_res_in, saved_out_in,
+                                           pre_act_in);
   const DwGeometry& g = a.g;
   const auto acc = a.acc;
   const Norm& norm = a.norm;
@@ -477,6 +489,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   };
   const auto grad_res = cl_or_none(a.have_grad_res, grad_res_in);
   const auto saved_out = cl_or_none(a.have_saved_out, saved_out_in);
+  const auto pre_act = cl_or_none(a.have_pre_act, pre_act_in);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
   auto grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -493,7 +506,8 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
       dw_backward<scalar_t, decltype(act)::value>(
           g, grad_out, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr, x,
           norm, weight, bias ? &*bias : nullptr, mean ? &*mean : nullptr,
-          a.have_grad_res ? &grad_res : nullptr, a.have_saved_out ? &saved_out : nullptr, grad_x,
+          a.have_grad_res ? &grad_res : nullptr, a.have_saved_out ? &saved_out : nullptr,
+          a.have_pre_act ? &pre_act : nullptr, grad_x,
           grad_weight, grad_bias, g_mean, g_scale, g_shift);
     });
   });

@@ -22,11 +22,11 @@ dw::Problem problem_of(const DwGeometry& g, const at::Tensor& x) {
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
-    c10::string_view act_name, bool stats) {
+    c10::string_view act_name, bool stats, bool keep_pre_act) {
   const char* op = "dw_stage";
   const DwArgs a = check_dw_stage(op, x_in, x_mean, x_scale, x_shift, weight_in, bias_in, act_name,
                                   stats);
@@ -37,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor pre_act = keep_pre_act ? at::empty_like(out) : empty_output(x, x.scalar_type());
   at::Tensor mean = stats ? at::empty({g.C}, x.options().dtype(a.acc)) : empty_output(x, a.acc);
   at::Tensor var = stats ? at::empty({g.C}, x.options().dtype(a.acc)) : empty_output(x, a.acc);
 
@@ -50,9 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_stage(
   c.out = out.data_ptr();
   c.mean = stats ? mean.data_ptr() : nullptr;
   c.var = stats ? var.data_ptr() : nullptr;
+  c.pre_act = keep_pre_act ? pre_act.data_ptr() : nullptr;
   launch_entry(op, c, x, stats, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
-  return {out, mean, var};
+  return {out, pre_act, mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -64,11 +66,12 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& bias_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
                   const std::optional<at::Tensor>& grad_res_in,
-                  const std::optional<at::Tensor>& saved_out_in) {
+                  const std::optional<at::Tensor>& saved_out_in,
+                  const std::optional<at::Tensor>& pre_act_in) {
   const char* op = "dw_stage_backward";
   const DwArgs a = check_dw_stage_backward(op, grad_out_in, grad_mean_in, grad_var_in, x_in, x_mean,
                                            x_scale, x_shift, weight_in, bias_in, mean_in, act_name,
-                                           grad_res_in, saved_out_in);
+                                           grad_res_in, saved_out_in, pre_act_in);
   const DwGeometry& g = a.g;
   const Norm& norm = a.norm;
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -80,6 +83,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   };
   const auto grad_res = cl_or_none(a.have_grad_res, grad_res_in);
   const auto saved_out = cl_or_none(a.have_saved_out, saved_out_in);
+  const auto pre_act = cl_or_none(a.have_pre_act, pre_act_in);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
@@ -116,6 +120,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.sum_dx_xc = out_ptr_or_null(sum_dx_xc);
   c.grad_norm_mean = out_ptr_or_null(g_mean_out);
   c.grad_res = ptr_or_null(grad_res);
+  c.pre_act = ptr_or_null(pre_act);  // read instead of recomputing the conv
   launch_entry(op, c, x, true, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
 

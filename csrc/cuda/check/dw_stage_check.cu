@@ -42,11 +42,12 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
                                     long long H, long long W, int K, const void* norm_mean,
                                     const void* norm_scale, const void* norm_shift,
                                     const void* weight, const void* bias, void* out,
-                                    void* mean_out, void* var_out, void* workspace,
+                                    void* mean_out, void* var_out, void* pre_act, void* workspace,
                                     size_t workspace_bytes, size_t* workspace_bytes_out,
                                     cudaStream_t stream) {
   const dw::Forward c{problem(dtype, N, C, H, W, K), static_cast<Act>(act), x,
-                      {norm_mean, norm_scale, norm_shift}, weight, bias, out, mean_out, var_out};
+                      {norm_mean, norm_scale, norm_shift}, weight, bias, out, mean_out, var_out,
+                      pre_act};
   return cuda::run_entry(c, out, workspace, workspace_bytes, workspace_bytes_out, stream);
 }
 
@@ -58,12 +59,13 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      const void* weight, const void* bias, void* grad_pre,
                                      void* grad_x, void* grad_weight, void* grad_bias,
                                      void* sum_dx, void* sum_dx_xc, const void* grad_res,
-                                     void* grad_norm_mean, void* workspace, size_t workspace_bytes,
+                                     void* grad_norm_mean, const void* pre_act, void* workspace,
+                                     size_t workspace_bytes,
                                      size_t* workspace_bytes_out, cudaStream_t stream) {
   const dw::Backward c{problem(dtype, N, C, H, W, K), static_cast<Act>(act), grad_out,
                        grad_mean, grad_var, mean, out, x, {norm_mean, norm_scale, norm_shift},
                        weight, bias, grad_pre, grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc,
-                       grad_res, grad_norm_mean};
+                       grad_res, grad_norm_mean, pre_act};
   // grad_weight marks a real call (null: a size query): grad_x has no element without pixels,
   // while the finalize still writes zero sums then.
   return cuda::run_entry(c, grad_weight, workspace, workspace_bytes, workspace_bytes_out, stream);

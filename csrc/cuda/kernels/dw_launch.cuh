@@ -194,7 +194,8 @@ inline Plan plan(const Problem& p) {
       });
 }
 
-// out = act(dwconv(norm(x)) + bias), and with `mean` the batch statistics of out as stored.
+// out = act(dwconv(norm(x)) + bias), and with `mean` the batch statistics of out as stored; with
+// `pre_act` also the pre-activation a = dwconv(norm(x)) + bias, in the storage type.
 // Tensors NHWC of the storage type (x, out) or [C] / [C][K*K] (weight, bias); norm, mean and var
 // of the accumulation type. The workspace is needed for the statistics only.
 struct Forward {
@@ -207,6 +208,7 @@ struct Forward {
   void* out = nullptr;
   void* mean = nullptr;          // [C]; null: no statistics
   void* var = nullptr;           // [C], biased
+  void* pre_act = nullptr;       // like x, or null: a is not kept
 };
 
 // The backward of Forward (docs/OPS.md): grad_x, the dA scratch grad_pre (x's shape), grad_weight
@@ -235,6 +237,10 @@ struct Backward {
   void* sum_dx_xc = nullptr;  // with a norm only
   const void* grad_res = nullptr;  // like x, or null: the residual's gradient of norm(x), added to dX
   void* grad_norm_mean = nullptr;  // with a norm, [C] accumulation type or null: -sum_dx * scale
+  // The forward's pre_act (Forward::pre_act), or null. Given, the backward-data kernel reads a
+  // from it instead of recomputing the conv, for every activation (docs/CUDA.md, "Backward:
+  // recompute or save").
+  const void* pre_act = nullptr;
 };
 
 inline Requirements requirements(const Forward& c) {
@@ -271,6 +277,7 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cud
   ForwardArgs<T> args{};
   set_inputs<T>(args, c);
   args.out = static_cast<T*>(c.out);
+  args.pre_act = static_cast<T*>(c.pre_act);
   args.vectorized = can_vectorize<T>(c.x, s.C);
   const bool stats = c.mean != nullptr;
   if (stats) {
@@ -306,6 +313,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   args.grad_var = static_cast<const AccT*>(c.grad_var);
   args.mean = static_cast<const AccT*>(c.mean);
   args.out = static_cast<const T*>(c.out);
+  args.pre_act = static_cast<const T*>(c.pre_act);
   set_inputs<T>(args, c);
   args.grad_pre = static_cast<T*>(c.grad_pre);
   args.grad_x = static_cast<T*>(c.grad_x);

@@ -1,8 +1,10 @@
 // The depthwise stage of a ConvMixer block on NHWC activations (docs/OPS.md, docs/DESIGN.md §4):
 //
-//   forward   out = act(dwconv_k(norm(x)) + b), and per-channel partial statistics of out
-//   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), recomputing a
-//                (ReLU given the forward's out: from out);
+//   forward   out = act(dwconv_k(norm(x)) + b) (and a = dwconv_k(norm(x)) + b when asked: the
+//             pre-activation, stored for the backward), and per-channel partial statistics of out
+//   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), reading a
+//                when the forward stored it (ReLU given the forward's out: from out), else
+//                recomputing it;
 //                dW, db summed per channel (kernel "backward_data")
 //             2. dX = transposed dwconv(dA); grad_x = dX * scale; the norm's sums (kernel
 //                "backward_input")
@@ -483,6 +485,7 @@ struct ForwardArgs {
   const T* weight;  // [C][k*k]
   const T* bias;    // [C] or null
   T* out;           // NHWC, like x
+  T* pre_act;       // NHWC, like x, or null: a = dwconv(norm(x)) + b, for the backward
   // Statistics partials ([parts][C] and [parts]); null when the call wants no statistics.
   acc_t<T>* part_mean;
   acc_t<T>* part_m2;
@@ -497,6 +500,7 @@ struct BackwardArgs {
   const acc_t<T>* grad_var;   // [C] or null (then `mean` may be null too)
   const acc_t<T>* mean;       // the forward's batch mean of out, [C]
   const T* out;               // the forward's out (NHWC like x) or null; read with ReLU only
+  const T* pre_act;           // the forward's pre_act (NHWC like x) or null; read when given
   const T* x;
   NormArgs<acc_t<T>> norm;    // applied to x on load
   const T* weight;
@@ -619,8 +623,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int x = 0; x < kRX; ++x) {
         const int xx = t.x0 + me.strip_x + x;
         if (y >= s.H || xx >= s.W || c >= s.C) continue;
+        const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
+        if (args.pre_act != nullptr) args.pre_act[off] = from_acc<T>(acc[r][x]);
         const T o = from_acc<T>(act_forward<A, AccT>(acc[r][x]));
-        args.out[((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c] = o;
+        args.out[off] = o;
         acc[r][x] = to_acc(o);  // the stored value, for the statistics
       }
     }
@@ -676,8 +682,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (blockIdx.x == 0 && lane == 0) args.part_count[me.part()] = int(n);
 }
 
-// Backward, step 1: recompute a on each tile (not with ReLU when the forward's out is given),
-// form dA, write it, and accumulate dW and db.
+// Backward, step 1: a on each tile (read from the forward's pre_act when given, or with ReLU from
+// its out; recomputed otherwise), dA formed and written, dW and db accumulated. The input tile is
+// staged either way: dW needs it.
 //
 // The recompute is the forward's (register taps for the specialised k). dW[i][j] = sum over the
 // tile of dA[y][x] * in[y + i][x + j], from dA staged in shared memory. Register-tap path: the
@@ -713,9 +720,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   const bool need_o = args.grad_var != nullptr;
-  // ReLU with the forward's out given: relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN
-  // passing, as threshold_backward on the result) and o = out, so the conv is not recomputed.
-  const bool from_out = A == Act::ReLU && args.out != nullptr;
+  // Where a comes from instead of the conv: the forward's pre_act (any activation), or with ReLU
+  // its out: relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN passing, as
+  // threshold_backward on the result) and o = out.
+  const T* const saved =
+      args.pre_act != nullptr ? args.pre_act : (A == Act::ReLU ? args.out : nullptr);
   AccT grad_b = AccT(0);
 
   TilePipe<T> pipe(smem, l, args.x, s, s_norm, c0, pad, args.vectorized_x, me.t_begin, me.t_end);
@@ -724,7 +733,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     pipe.stage(tile, t, me.t_end);
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
-    if (!from_out) correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
+    if (saved == nullptr)
+      correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
       const int y = t.y0 + me.strip_y + r;
@@ -734,7 +744,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         AccT dA = AccT(0);
         if (y < s.H && xx < s.W && c < s.C) {
           const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-          const ActAt<A, AccT> at(from_out ? to_acc(args.out[off]) : acc[r][x]);
+          const ActAt<A, AccT> at(saved != nullptr ? to_acc(saved[off]) : acc[r][x]);
           AccT dO = to_acc(args.grad_out[off]) + const_term;
           if (need_o) dO += lin_term * round_to_storage<T>(at.value());
           dA = at.backward(dO);
