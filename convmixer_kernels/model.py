@@ -315,10 +315,11 @@ def _global_stats(bn, mean, var, count):
 
 def _cast_params(params, dtype):
     """`params` (None for an absent bias) in `dtype`, under autocast as one concatenation and one
-    cast of it, whose views the stages take: 2 launches forward and 1 backward (the cast of the
-    gradients; the concatenation's backward is views) instead of one cast each way per tensor,
-    8 a block. The GEMM operand, the largest, goes first: its view starts the buffer, aligned
-    as any allocation is. Nothing to do, and no copy, when they are in `dtype` already."""
+    cast of it, whose views the stages take: 2 launches forward and 2 backward (the split's
+    backward concatenates the gradients, the cast's casts them back; the concatenation's
+    backward is views) instead of one cast each way per tensor, 8 a block. The GEMM operand, the
+    largest, goes first: its view starts the buffer, aligned as any allocation is. Nothing to
+    do, and no copy, when they are in `dtype` already."""
     given = [p for p in params if p is not None]
     if all(p.dtype == dtype for p in given):
         return params
