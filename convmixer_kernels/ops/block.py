@@ -6,7 +6,7 @@ and the autograd engine adds them: an extra pass reading two activation-sized te
 one, per block and step. Here the dw stage's autograd node also outputs a *carrier*, a zero-byte
 stand-in with h's shape (a broadcast scalar, never read) that the pw stage takes in h's place on the
 gradient path; pw_stage's gradient for its residual therefore arrives at the dw node, whose
-backward op adds it into grad_x in the same store (dw_stage_backward's grad_res). Both stages
+backward op adds it to its own dX (dw_stage_backward's grad_res), in one store. Both stages
 read h through the same norm, so the pw backward hands over dU, the gradient of the normed
 residual, without that norm's backward (pw_stage_backward's grad_res_normed: no second read of
 h for its sums, no scaled copy written); the dw backward adds it to its own dX before the

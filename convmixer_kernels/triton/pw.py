@@ -217,8 +217,8 @@ def _pw_wgrad_kernel(dp_ptr, x_ptr, xm_ptr, xs_ptr, xt_ptr, r_ptr, rm_ptr, rs_pt
                      HAS_XNORM: tl.constexpr, HAS_RES: tl.constexpr, HAS_RNORM: tl.constexpr,
                      ACC: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
                      BLOCK_MK: tl.constexpr):
-    """grad_W partial of M-split s: Σ_{m in split} dP[m, co] · u[m, ci], u recomputed by the
-    prologue (the input, not u, was saved). Splits write separate partial slabs: deterministic
+    """grad_W partial of M-split s: Σ_{m in split} dP[m, co] · u[m, ci], u formed again by the
+    prologue from x and res, or read as it is (saved_u: passed as x, no norm, no residual). Splits write separate partial slabs: deterministic
     split-K without atomics."""
     cos = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     cis = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
