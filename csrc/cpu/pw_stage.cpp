@@ -244,11 +244,14 @@ struct PwRows {
   void prologue_and_through_norms(const scalar_t* x, const scalar_t* res, const scalar_t* du,
                                   scalar_t* u, scalar_t* gx, scalar_t* gr, int64_t n,
                                   opmath_t* acc) const {
+    // res is read for u, or for its norm's sums; not when neither is wanted (grad_res is dU).
+    const scalar_t* res_read =
+        res != nullptr && (u != nullptr || (nr.defined() && !grad_res_normed)) ? res : nullptr;
     for (int64_t r = 0; r < n; ++r) {
       const int64_t off = r * Cin;
       for_pairs<scalar_t>(Cin, [&](int64_t c, int64_t k) {
         V xv[2], rv[2], uv[2], du0, du1;
-        prologue_pair(x + off, res ? res + off : nullptr, c, k, xv, rv, uv);
+        prologue_pair(x + off, res_read ? res_read + off : nullptr, c, k, xv, rv, uv);
         if (u != nullptr) L::store(u + off + c, k, uv[0], uv[1]);
         L::load(du + off + c, k, du0, du1);
         through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx + off,
