@@ -56,8 +56,7 @@ class PwKernels:
                                 [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, P, P, P, SZ,
                                  ctypes.POINTER(SZ), P])
         self.norms_fn = bind(self.lib, "convmixer_pw_through_norms", ctypes.c_int,
-                             [ctypes.c_int, LL, LL] + [P] * 15 + [P, LL, P]
-                             + [P, SZ, ctypes.POINTER(SZ), P])
+                             [ctypes.c_int, LL, LL] + [P] * 15 + [P, SZ, ctypes.POINTER(SZ), P])
 
     @staticmethod
     def _workspace(size):
@@ -94,9 +93,8 @@ class PwKernels:
             g.check()
         return out.tensor.clone(), mean.tensor.clone(), var.tensor.clone()
 
-    def epilogue_backward(self, grad_out, pre, gm, gv, mean, act, keep_partials=False):
-        """dP and the bias gradient; with keep_partials dP and the workspace holding the bias's
-        partial sums instead (grad_bias not given, for through_norms to finish)."""
+    def epilogue_backward(self, grad_out, pre, gm, gv, mean, act):
+        """dP and the bias gradient (the kernel's last CTAs sum the tiles' partials)."""
         rows, c = pre.shape
         code = DTYPE_CODE[pre.dtype]
         size = SZ(0)
@@ -105,51 +103,43 @@ class PwKernels:
         ws = self._workspace(size)
         dp, db = Guarded((rows, c), pre.dtype), Guarded((c,), pre.dtype)
         rc = self.backward_fn(code, act_code(act), rows, c, ptr(grad_out), ptr(pre), ptr(gm),
-                              ptr(gv), ptr(mean), ptr(dp.tensor),
-                              None if keep_partials else ptr(db.tensor), ptr(ws.tensor),
+                              ptr(gv), ptr(mean), ptr(dp.tensor), ptr(db.tensor), ptr(ws.tensor),
                               ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_pw_epilogue_backward returned cudaError {rc}"
         for g in (dp, db, ws):
             g.check()
-        if keep_partials:
-            return dp.tensor.clone(), ws
         return dp.tensor.clone(), db.tensor.clone()
 
-    def through_norms(self, du, x, nx, res, nr, write_x, write_res, bias=None):
+    def through_norms(self, du, x, nx, res, nr, write_x, write_res):
         """grad_x, grad_res (None where not written) and the gradients of x's and res's norm
-        vectors, (mean, scale, shift) each (None without that norm); with bias = (the workspace
-        epilogue_backward(keep_partials=True) returned, its channels) the bias gradient too."""
+        vectors, (mean, scale, shift) each (None without that norm)."""
         rows, c = du.shape
         code = DTYPE_CODE[du.dtype]
         acc = acc_dtype(du.dtype)
         size = SZ(0)
-        assert self.norms_fn(code, rows, c, *([None] * 15), None, 0, None, None, 0,
-                             ctypes.byref(size), None) == 0
+        assert self.norms_fn(code, rows, c, *([None] * 15), None, 0, ctypes.byref(size),
+                             None) == 0
         ws = self._workspace(size)
         gx = Guarded((rows, c), du.dtype) if write_x else None
         gr = Guarded((rows, c), du.dtype) if write_res else None
         x_grads = [Guarded((c,), acc) for _ in range(3)] if nx else None
         res_grads = [Guarded((c,), acc) for _ in range(3)] if nr else None
-        gb = Guarded((bias[1],), du.dtype) if bias else None
         xm, xs = nx[:2] if nx else (None, None)
         rm, rs = nr[:2] if nr else (None, None)
         rc = self.norms_fn(code, rows, c, ptr(du), ptr(x), ptr(xm), ptr(xs), ptr(res), ptr(rm),
                            ptr(rs), ptr(gx.tensor) if gx else None, ptr(gr.tensor) if gr else None,
                            *(ptr(g.tensor) if g else None for g in (x_grads or [None] * 3)),
                            *(ptr(g.tensor) if g else None for g in (res_grads or [None] * 3)),
-                           ptr(bias[0].tensor) if bias else None, bias[1] if bias else 0,
-                           ptr(gb.tensor) if gb else None,
                            ptr(ws.tensor), ws.tensor.numel(), None, None)
-        assert rc == 0
-        for g in (gx, gr, ws, gb, *(x_grads or ()), *(res_grads or ())):
+        assert rc == 0, f"convmixer_pw_through_norms returned cudaError {rc}"
+        for g in (gx, gr, ws, *(x_grads or ()), *(res_grads or ())):
             if g is not None:
                 g.check()
 
         def out(gs):
             return tuple(g.tensor.clone() for g in gs) if gs else None
-        result = (gx.tensor.clone() if gx else None, gr.tensor.clone() if gr else None,
-                  out(x_grads), out(res_grads))
-        return result + (gb.tensor.clone(),) if gb else result
+        return (gx.tensor.clone() if gx else None, gr.tensor.clone() if gr else None,
+                out(x_grads), out(res_grads))
 
 
 @pytest.fixture(scope="module")
@@ -260,44 +250,17 @@ def test_through_norms(kernels, dtype, shape):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shapes", [((300, 37), 45), ((130, 256), 256), ((70, 264), 100)], ids=str)
-def test_bias_gradient_in_the_backward_finalize(kernels, dtype, shapes):
-    # The epilogue backward leaves its partial bias sums; the through-norms finalize sums them:
-    # bitwise the epilogue's own bias gradient, for a GEMM output width (cout) other than the
-    # input's (its own tile count), with and without norms.
-    (rows, c), cout = shapes
-    acc = acc_dtype(dtype)
-    pre, grad_out = rand((rows, cout), dtype, 22, scale=2.0), rand((rows, cout), dtype, 23)
-    gm, gv = rand((cout,), acc, 24), rand((cout,), acc, 25)
-    mean = act64("gelu", pre.double()).to(dtype).double().mean(0).to(acc)
-    dp, db = kernels.epilogue_backward(grad_out, pre, gm, gv, mean, "gelu")
-    dp2, partials = kernels.epilogue_backward(grad_out, pre, gm, gv, mean, "gelu",
-                                              keep_partials=True)
-    assert torch.equal(dp, dp2)
-    du, x, res = rand((rows, c), dtype, 26), rand((rows, c), dtype, 27), rand((rows, c), dtype, 28)
-    nx, nr = make_norm(c, dtype, _gen(29)), make_norm(c, dtype, _gen(30))
-    ref = kernels.through_norms(du, x, nx, res, nr, True, True)
-    with_bias = kernels.through_norms(du, x, nx, res, nr, True, True, bias=(partials, cout))
-    assert torch.equal(with_bias[-1], db)
-    for a, b in zip(ref[:2], with_bias[:2]):
-        assert torch.equal(a, b)
-    for a, b in zip((*ref[2], *ref[3]), (*with_bias[2], *with_bias[3])):
-        assert torch.equal(a, b)
-    # Neither norm: the finalize runs for the bias alone.
-    *_, gb = kernels.through_norms(du, x, None, None, None, False, False, bias=(partials, cout))
-    assert torch.equal(gb, db)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_through_norms_without_rows(kernels, dtype):
-    # No rows: no row pass, and the finalize alone writes zero gradients (no memsets).
+    # No rows: no CTA runs, and every gradient is zero (the sums are empty); the bias's too.
     du = torch.empty((0, 40), dtype=dtype)
     v = torch.ones((1, 40), dtype=dtype)  # x and res: never read, but given (a null res is none)
     nx, nr = make_norm(40, dtype, _gen(20)), make_norm(40, dtype, _gen(21))
-    empty_partials = Guarded((1,), torch.uint8)  # an epilogue over no rows leaves no partials
-    _, _, x_grads, res_grads, gb = kernels.through_norms(du, v, nx, v, nr, True, True,
-                                                         bias=(empty_partials, 24))
+    _, _, x_grads, res_grads = kernels.through_norms(du, v, nx, v, nr, True, True)
+    acc = acc_dtype(dtype)
+    _, gb = kernels.epilogue_backward(du, du, torch.zeros(40, dtype=acc),
+                                      torch.zeros(40, dtype=acc), torch.zeros(40, dtype=acc),
+                                      "gelu")
     for g in (*x_grads, *res_grads, gb):
         assert torch.equal(g, torch.zeros_like(g))
 
@@ -327,10 +290,25 @@ def test_scalar_path_is_bitwise_the_vector_path(kernels, dtype):
         assert torch.equal(u, v)
 
 
-def test_results_do_not_depend_on_cta_order(kernels):
-    pre = rand((300, 37), torch.float32, 16)
-    a = kernels.epilogue_forward(pre, "gelu")
+@pytest.mark.parametrize("shape", [(300, 37), (1100, 264)], ids=str)
+def test_results_do_not_depend_on_cta_order(kernels, shape):
+    # Another CTA of each channel block is the last to finish and finalizes its sums: the same
+    # bits, since it merges every tile in an order fixed by the shape. (1100, 264): 18 tiles of
+    # 64 rows, more than the 8 row groups that fold them, and two channel blocks, one partial.
+    rows, c = shape
+    acc = acc_dtype(torch.float32)
+    pre, grad_out = rand(shape, torch.float32, 16), rand(shape, torch.float32, 31)
+    x, res = rand(shape, torch.float32, 32), rand(shape, torch.float32, 33)
+    nx, nr = make_norm(c, torch.float32, _gen(34)), make_norm(c, torch.float32, _gen(35))
+    gm, gv, mean = rand((c,), acc, 36), rand((c,), acc, 37), rand((c,), acc, 38)
+
+    def run():
+        return (*kernels.epilogue_forward(pre, "gelu"),
+                *kernels.epilogue_backward(grad_out, pre, gm, gv, mean, "gelu"),
+                *(t for grads in kernels.through_norms(grad_out, x, nx, res, nr, True, True)[2:]
+                  for t in grads))
+    a = run()
     with reverse_cta_order(kernels.lib):
-        b = kernels.epilogue_forward(pre, "gelu")
+        b = run()
     for u, v in zip(a, b):
         assert torch.equal(u, v)

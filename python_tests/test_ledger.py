@@ -162,9 +162,9 @@ def test_dw_kernel_launches_match_the_ledger(act):
 
 def test_pw_kernel_launches_match_the_ledger():
     """The shipped pw launch entries under emulation, in the order the launcher runs them for one
-    block (forward with statistics; backward on the forward's u (keep_u), then the bias and both
-    norms' gradients through one finalize), launch exactly the ledger's pw kernels (the GEMMs are
-    cuBLAS's, not emulated)."""
+    block (forward with statistics; backward on the forward's u (keep_u), the bias's and the norms'
+    gradients finalized by the kernels' last CTAs), launch exactly the ledger's pw kernels (the
+    GEMMs are cuBLAS's, not emulated)."""
     pytest.importorskip("emulated_cuda")
     from cuda_emulation import compiler, launch_log
     if compiler() is None:
@@ -184,9 +184,8 @@ def test_pw_kernel_launches_match_the_ledger():
     kernels.prologue(x, nx, res, nr)
     _, mean, _ = kernels.epilogue_forward(pre, "gelu", stats=True)
     forward = _kernels_launched(launch_log(kernels.lib))
-    _, ws = kernels.epilogue_backward(torch.randn_like(pre), pre, vec(), vec(), mean, "gelu",
-                                       keep_partials=True)
-    kernels.through_norms(torch.randn_like(x), x, nx, res, nr, True, True, bias=(ws, c))
+    kernels.epilogue_backward(torch.randn_like(pre), pre, vec(), vec(), mean, "gelu")
+    kernels.through_norms(torch.randn_like(x), x, nx, res, nr, True, True)
     backward = _kernels_launched(launch_log(kernels.lib))
     ledger_fwd, ledger_bwd = collections.Counter(), collections.Counter()
     for entry in ledger.block_step("gelu"):

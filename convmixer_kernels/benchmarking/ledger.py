@@ -66,34 +66,30 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
     step = [
         # ---- forward
         Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=2 if keep else 1, dw_taps=1,
-               note="norm on load, conv, bias, act, per-CTA statistics"
+               note="norm on load, conv, bias, act, per-CTA statistics, BN1's by the last CTAs"
                + ("; a kept for the backward" if keep else "")),
-        Launch("dw", "fwd", "channel_stats_finalize_kernel", 1, note="BN1 statistics"),
         Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
                note="u = BN1(g) + BN2_prev(h), kept for the backward (keep_u)"),
         Launch("pw", "fwd", "cuBLAS addmm", 1, reads=1, writes=1, gemms=1,
                note="pre = u Wᵀ + b"),
         Launch("pw", "fwd", "pw_epilogue_forward_kernel", 1, reads=1, writes=1,
-               note="act, per-tile statistics; " + (
+               note="act, per-tile statistics, BN2's by the last CTAs; " + (
                    "pre dropped (the backward takes act' from out)" if relu
                    else "pre kept for the backward")),
-        Launch("pw", "fwd", "channel_stats_finalize_kernel", 1, note="BN2 statistics"),
         # ---- backward, pw stage first
         Launch("pw", "bwd", "pw_epilogue_backward_kernel", 1, reads=2, writes=1,
                note="dP from grad_out, " + ("out" if relu else "pre")
-               + " and the statistics' gradients; bias partials"),
+               + " and the statistics' gradients; grad_bias by the last CTAs"),
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
         Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=2, writes=1,
-               note="grad_g through BN1, its sums; dU is the residual's gradient as it is"),
-        Launch("pw", "bwd", "pw_backward_finalize_kernel", 1,
-               note="grad_bias and BN1's gradients from the partials"),
+               note="grad_g through BN1, BN1's gradients by the last CTAs; dU is the residual's "
+                    "gradient as it is"),
         # ---- backward, dw stage
         Launch("dw", "bwd", "dw_backward_data_kernel", 1, writes=1, **dw_data),
         Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=3, writes=1, dw_taps=1,
-               note="dX = transposed conv of dA + dU, through BN2_prev, its sums"),
-        Launch("dw", "bwd", "dw_backward_finalize_kernel", 1,
-               note="dW, db and the norm's gradients from the parts' rows"),
+               note="dX = transposed conv of dA + dU, through BN2_prev; the last CTAs sum dW, db "
+                    "and the norm's gradients"),
         # ---- the model's glue (python_tests/test_ledger.py counts it)
         Launch("block", "fwd", "bn_running_stats_kernel", 2,
                note="BN1, BN2 running statistics in place (bn_update_running_stats)"),

@@ -9,8 +9,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace convmixer_kernels {
 namespace cuda_ops {
@@ -53,13 +58,41 @@ at::Tensor workspace_for(const char* op, const Call& call, const at::Tensor& lik
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-// Runs one launch entry on the current stream in the workspace `ws` (from workspace_for); a
-// RuntimeError if that fails.
+// The finalize counters (kernels/last_cta.cuh) of the current stream: at least n ints, zero. One
+// buffer per (device, stream), zeroed once when made and kept: the kernels' last CTAs leave it
+// zero, and a stream's launches run one after another, so they share it while two streams never
+// do. While the stream captures a CUDA graph, a buffer of that launch's own, zeroed by a node of
+// the graph: a replay (on any stream) then never shares counters with eager launches, nor with
+// the graph's other launches.
+inline at::Tensor stream_counters(int64_t n) {
+  const auto options =
+      at::TensorOptions().dtype(at::kInt).device(at::kCUDA, c10::cuda::current_device());
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    // Freed after the launch: the graph's pool keeps the memory for its replays.
+    return at::zeros({n}, options);
+  }
+  static std::mutex mutex;
+  // Never destroyed: tensors must not be freed after the CUDA runtime at exit.
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[{int(c10::cuda::current_device()), stream}];
+  // Grown (never shrunk) to a whole number of 1024 ints; the old buffer is freed in stream order.
+  if (!buffer.defined() || buffer.numel() < n)
+    buffer = at::zeros({(n + 1023) / 1024 * 1024}, options);
+  return buffer;
+}
+
+// Runs one launch entry on the current stream in the workspace `ws` (from workspace_for), with the
+// stream's finalize counters; a RuntimeError if that fails.
 template <typename Call>
 void launch_in(const char* op, const Call& call, const at::Tensor& ws) {
   const size_t bytes = ws.defined() ? size_t(ws.numel()) : 0;
-  const cudaError_t err = cuda::launch(call, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
-                                       at::cuda::getCurrentCUDAStream());
+  const int64_t n = requirements(call).counters;
+  const at::Tensor counters = n > 0 ? stream_counters(n) : at::Tensor();
+  const cudaError_t err =
+      cuda::launch(call, bytes > 0 ? ws.data_ptr() : nullptr, bytes,
+                   n > 0 ? counters.data_ptr<int>() : nullptr, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 

@@ -156,10 +156,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   e.grad_var = ptr_or_null(args.sg.grad_var);
   e.mean = ptr_or_null(args.sg.mean);
   e.grad_pre = dp2d.data_ptr();
-  e.grad_bias = nullptr;  // its partial sums wait in bias_ws for the backward's one finalize
-  const at::Tensor bias_ws = workspace_for(op, e, x_in, true, g.rows(), " rows of ", g.Cout,
-                                           " channels");
-  launch_in(op, e, bias_ws);
+  e.grad_bias = grad_bias.data_ptr();
+  launch_entry(op, e, x_in, true, g.rows(), " rows of ", g.Cout, " channels");
 
   const at::Tensor grad_w = dp2d.t().mm(u).view(weight.sizes());
   const auto du = dp2d.mm(w2d);
@@ -183,9 +181,6 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   };
   t.x_grads = grads_ptrs(nx, gx_norm);
   t.res_grads = grads_ptrs(nr_back, gr_norm);
-  t.bias.partials = bias_ws.defined() ? bias_ws.data_ptr() : nullptr;
-  t.bias.C = g.Cout;
-  t.bias.grad = grad_bias.data_ptr();
   launch_entry(op, t, x_in, true, g.rows(), " rows of ", g.Cin, " channels");
   const at::Tensor grad_x = nchw_of(gx2d, in_sizes);
   const at::Tensor grad_res =

@@ -10,8 +10,34 @@
 namespace convmixer_kernels {
 namespace cuda {
 
+// The finalize counters of the check TUs' launches (kernels/last_cta.cuh): one buffer, zero, grown
+// as calls need it (the torch launchers keep theirs per stream, cuda_common.h).
+#ifdef CONVMIXER_CUDA_EMULATION
+// Host memory is the device's here, and a launch has finished when it returns.
+inline int* check_counters(int64_t n) {
+  static std::vector<int> counters;
+  if (int64_t(counters.size()) < n) counters.resize(size_t(n), 0);
+  return counters.data();
+}
+#else
+// This build is only compiled (registers and spills), never run; the buffer is right all the same.
+inline int* check_counters(int64_t n) {
+  static int* counters = nullptr;
+  static int64_t size = 0;
+  if (size < n) {
+    cudaFree(counters);
+    if (cudaMalloc(&counters, size_t(n) * sizeof(int)) != cudaSuccess) return nullptr;
+    cudaMemset(counters, 0, size_t(n) * sizeof(int));
+    size = n;
+  }
+  return counters;
+}
+#endif
+
 // cudaErrorInvalidValue for a call the kernels cannot take; else the call's workspace size into
 // *workspace_bytes_out when that is given, and, unless `output` is null (a size query), the launch.
+// Under the emulation a launch that leaves a finalize counter other than zero (a last CTA that did
+// not put it back, so the stream's next launch would miscount) is cudaErrorIllegalState.
 template <typename Call>
 int run_entry(const Call& call, const void* output, void* workspace, size_t workspace_bytes,
               size_t* workspace_bytes_out, cudaStream_t stream) {
@@ -19,7 +45,13 @@ int run_entry(const Call& call, const void* output, void* workspace, size_t work
   if (!need.valid) return int(cudaErrorInvalidValue);
   if (workspace_bytes_out != nullptr) *workspace_bytes_out = need.workspace_bytes;
   if (output == nullptr) return int(cudaSuccess);
-  return int(launch(call, workspace, workspace_bytes, stream));
+  int* const counters = need.counters > 0 ? check_counters(need.counters) : nullptr;
+  const cudaError_t err = launch(call, workspace, workspace_bytes, counters, stream);
+#ifdef CONVMIXER_CUDA_EMULATION
+  for (int64_t i = 0; err == cudaSuccess && i < need.counters; ++i)
+    if (counters[i] != 0) return int(cudaErrorIllegalState);
+#endif
+  return int(err);
 }
 
 }  // namespace cuda

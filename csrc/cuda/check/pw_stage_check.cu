@@ -43,7 +43,9 @@ extern "C" int convmixer_pw_epilogue_backward(int dtype, int act, long long rows
                                               size_t* workspace_bytes_out, cudaStream_t stream) {
   const pw::EpilogueBackward c{problem(dtype, rows, C), static_cast<Act>(act), grad_out, pre,
                                grad_mean, grad_var, mean, grad_pre, grad_bias};
-  return cuda::run_entry(c, grad_pre, workspace, workspace_bytes, workspace_bytes_out, stream);
+  // grad_bias marks a real call (null: a size query): grad_pre has no element without rows, while
+  // the bias gradient is still written (zeros) then.
+  return cuda::run_entry(c, grad_bias, workspace, workspace_bytes, workspace_bytes_out, stream);
 }
 
 extern "C" int convmixer_pw_through_norms(int dtype, long long rows, long long C, const void* grad_u,
@@ -53,17 +55,15 @@ extern "C" int convmixer_pw_through_norms(int dtype, long long rows, long long C
                                           void* x_grad_mean, void* x_grad_scale,
                                           void* x_grad_shift, void* res_grad_mean,
                                           void* res_grad_scale, void* res_grad_shift,
-                                          const void* bias_partials, long long bias_C,
-                                          void* grad_bias, void* workspace, size_t workspace_bytes,
+                                          void* workspace, size_t workspace_bytes,
                                           size_t* workspace_bytes_out, cudaStream_t stream) {
   const pw::ThroughNorms c{problem(dtype, rows, C), grad_u, x, {x_mean, x_scale, nullptr}, res,
                            {res_mean, res_scale, nullptr}, grad_x, grad_res,
                            {x_grad_mean, x_grad_scale, x_grad_shift},
-                           {res_grad_mean, res_grad_scale, res_grad_shift},
-                           {bias_partials, bias_C, grad_bias}};
+                           {res_grad_mean, res_grad_scale, res_grad_shift}};
   // A launch, not a size query, when the call writes anything.
   const void* output = grad_x;
-  for (const void* o : {grad_res, x_grad_mean, res_grad_mean, grad_bias})
+  for (const void* o : {grad_res, x_grad_mean, res_grad_mean})
     if (output == nullptr) output = o;
   return cuda::run_entry(c, output, workspace, workspace_bytes, workspace_bytes_out, stream);
 }

@@ -249,7 +249,7 @@ inline Requirements requirements(const RunningStats& c) {
 inline unsigned blocks_for(int64_t C) { return unsigned((C + kThreads - 1) / kThreads); }
 
 template <typename T>
-inline cudaError_t launch_as(T, const ScaleShift& c, void*, size_t, cudaStream_t stream) {
+inline cudaError_t launch_as(T, const ScaleShift& c, void*, size_t, int*, cudaStream_t stream) {
   if (!requirements(c).valid) return cudaErrorInvalidValue;
   if (c.problem.C == 0) return cudaSuccess;
   bn_scale_shift_kernel<acc_t<T>><<<blocks_for(c.problem.C), kThreads, 0, stream>>>(c);
@@ -257,7 +257,7 @@ inline cudaError_t launch_as(T, const ScaleShift& c, void*, size_t, cudaStream_t
 }
 
 template <typename T>
-inline cudaError_t launch_as(T, const ScaleShiftBackward& c, void*, size_t, cudaStream_t stream) {
+inline cudaError_t launch_as(T, const ScaleShiftBackward& c, void*, size_t, int*, cudaStream_t stream) {
   if (!requirements(c).valid) return cudaErrorInvalidValue;
   if (c.problem.C == 0) return cudaSuccess;
   bn_scale_shift_backward_kernel<acc_t<T>><<<blocks_for(c.problem.C), kThreads, 0, stream>>>(c);
@@ -267,7 +267,7 @@ inline cudaError_t launch_as(T, const ScaleShiftBackward& c, void*, size_t, cuda
 // In double when the statistics or a running statistic are double (a running statistic is
 // updated in its own precision at least, as the in-place ATen update computes it), else float.
 template <typename T>
-inline cudaError_t launch_as(T, const RunningStats& c, void*, size_t, cudaStream_t stream) {
+inline cudaError_t launch_as(T, const RunningStats& c, void*, size_t, int*, cudaStream_t stream) {
   if (!requirements(c).valid) return cudaErrorInvalidValue;
   if (c.num_batches_tracked == nullptr && c.running_mean.data == nullptr &&
       c.running_var.data == nullptr)

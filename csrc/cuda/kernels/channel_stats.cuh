@@ -1,7 +1,8 @@
 // Per-channel batch statistics (mean, biased variance) of the fused stages' outputs, in two levels:
 // each CTA of a dw or pw stage kernel reduces its tile to a (mean, M2) partial per channel in its
-// epilogue (with WelfordVec and chan_merge below), and channel_stats_finalize_kernel merges the
-// [num_tiles, channels] partials in tile order into mean and biased variance.
+// epilogue (with WelfordVec and chan_merge below), and the last CTA of each channel block
+// (last_cta.cuh) merges the [num_tiles, channels] partials, in tile order, into mean and biased
+// variance (merge_tiles, merge_groups).
 //
 // Numerics (docs/DESIGN.md §6): never Σx² − (Σx)²/n. Welford per thread, Chan's formula for every
 // merge, in an order fixed by the shape alone, so the result is bitwise reproducible run to run and
@@ -106,105 +107,116 @@ struct TileCounts {
   const int* per_tile;    // [num_tiles] device array, or nullptr for the uniform rule
 
   __device__ __forceinline__ int64_t of(int64_t tile) const {
-    if (per_tile != nullptr) return per_tile[tile];
+    if (per_tile != nullptr) return __ldcg(per_tile + tile);  // written by CTAs of this kernel
     const int64_t left = rows - tile * rows_per_tile;
     return left < rows_per_tile ? left : rows_per_tile;
   }
 };
 
 // ---------------------------------------------------------------------------------------------
-// The finalize: merge the partials, write mean / biased var
+// Merging partials: the finalize, in the last CTA of each channel block of a producer
 // ---------------------------------------------------------------------------------------------
-//
-// CTA = kThreadsC channels x kThreadsT tile-threads. Each tile-thread folds tiles ty, ty + kThreadsT,
-// ... in increasing order, then a fixed-shape tree in shared memory merges the tile-threads. Many
-// tile-threads per channel (rather than one thread walking all tiles) keep this tiny kernel from
-// being a serial chain of thousands of dependent divisions. A channel with no rows gets NaN mean
-// and var.
-template <typename AccT, int kThreadsC, int kThreadsT>
-__global__ void __launch_bounds__(kThreadsC * kThreadsT)
-    channel_stats_finalize_kernel(const AccT* __restrict__ part_mean,
-                                  const AccT* __restrict__ part_m2, TileCounts counts,
-                                  int64_t num_tiles, int channels, AccT* __restrict__ mean_out,
-                                  AccT* __restrict__ var_out) {
-  static_assert((kThreadsT & (kThreadsT - 1)) == 0, "kThreadsT must be a power of two");
-  constexpr int kUnroll = 4;
 
-  const int tx = threadIdx.x;
-  const int ty = threadIdx.y;
-  const int c = int(blockIdx.x) * kThreadsC + tx;
-
-  int64_t n = 0;
-  AccT mean = AccT(0);
-  AccT m2 = AccT(0);
-  if (c < channels) {
-    int64_t t = ty;
-    // Loads first, merges after: the merges form a dependent chain, the loads need not.
-    for (; t + (kUnroll - 1) * kThreadsT < num_tiles; t += kUnroll * kThreadsT) {
-      AccT pm[kUnroll], pq[kUnroll];
-      int64_t pn[kUnroll];
+// One merge step of N channels that share their counts (every channel of a thread sees the same
+// rows): the state (n, mean, m2) absorbs a partial (nb, pm, pq).
+template <typename AccT, int N>
+__device__ __forceinline__ void merge_shared_count(int64_t& n, AccT (&mean)[N], AccT (&m2)[N],
+                                                   int64_t nb, const AccT (&pm)[N],
+                                                   const AccT (&pq)[N]) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t tu = t + u * kThreadsT;
-        pm[u] = part_mean[tu * channels + c];
-        pq[u] = part_m2[tu * channels + c];
-        pn[u] = counts.of(tu);
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) chan_merge(n, mean, m2, pn[u], pm[u], pq[u]);
-    }
-    for (; t < num_tiles; t += kThreadsT)
-      chan_merge(n, mean, m2, counts.of(t), part_mean[t * channels + c], part_m2[t * channels + c]);
+  for (int j = 0; j < N; ++j) {
+    int64_t nj = n;
+    chan_merge(nj, mean[j], m2[j], nb, pm[j], pq[j]);
   }
+  n += nb;
+}
 
-  __shared__ int64_t s_n[kThreadsT][kThreadsC];
-  __shared__ AccT s_mean[kThreadsT][kThreadsC];
-  __shared__ AccT s_m2[kThreadsT][kThreadsC];
-  s_n[ty][tx] = n;
-  s_mean[ty][tx] = mean;
-  s_m2[ty][tx] = m2;
+// Chan-merges into (n, mean, m2) the [num_tiles][channels] partials of the channels c[0..N) (one
+// at c >= channels reads nothing) for tiles first, first + stride, ... in increasing order. Loads
+// first, merges after: the merges form a dependent chain, the loads need not. __ldcg: the partials
+// may be written by other CTAs of the running kernel (last_cta.cuh), so not through the read-only
+// cache.
+template <typename AccT, int N>
+__device__ __forceinline__ void merge_tiles(const AccT* part_mean, const AccT* part_m2,
+                                            TileCounts counts, int64_t num_tiles, int channels,
+                                            const int (&c)[N], int64_t first, int stride,
+                                            int64_t& n, AccT (&mean)[N], AccT (&m2)[N]) {
+  constexpr int kUnroll = N >= 4 ? 2 : 4;
+  const auto load = [&](int64_t t, AccT (&pm)[N], AccT (&pq)[N]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const bool in = c[j] < channels;
+      pm[j] = in ? __ldcg(part_mean + t * channels + c[j]) : AccT(0);
+      pq[j] = in ? __ldcg(part_m2 + t * channels + c[j]) : AccT(0);
+    }
+  };
+  int64_t t = first;
+  for (; t + int64_t(kUnroll - 1) * stride < num_tiles; t += int64_t(kUnroll) * stride) {
+    AccT pm[kUnroll][N], pq[kUnroll][N];
+    int64_t pn[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      pn[u] = counts.of(t + u * stride);
+      load(t + u * stride, pm[u], pq[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) merge_shared_count(n, mean, m2, pn[u], pm[u], pq[u]);
+  }
+  for (; t < num_tiles; t += stride) {
+    AccT pm[N], pq[N];
+    load(t, pm, pq);
+    merge_shared_count(n, mean, m2, counts.of(t), pm, pq);
+  }
+}
+
+// Merges in group order the (n, mean, M2) states that kGroups groups of threads hold for the same
+// kWidth channel slots, each group's count shared by all its slots: s_mean and s_m2
+// [kGroups][kWidth] and s_n [kGroups], filled by the caller. Then sink(slot, n, mean, m2) for every
+// slot, the slots spread over the CTA's threads (this one `tid` of `nthreads`). Syncs first: every
+// thread of the CTA calls.
+template <typename AccT, int kGroups, int kWidth, typename Sink>
+__device__ __forceinline__ void merge_groups(const int64_t* s_n, const AccT* s_mean,
+                                             const AccT* s_m2, int tid, int nthreads, Sink&& sink) {
   __syncthreads();
-#pragma unroll
-  for (int s = kThreadsT / 2; s > 0; s >>= 1) {
-    if (ty < s) {
-      chan_merge(n, mean, m2, s_n[ty + s][tx], s_mean[ty + s][tx], s_m2[ty + s][tx]);
-      s_n[ty][tx] = n;
-      s_mean[ty][tx] = mean;
-      s_m2[ty][tx] = m2;
-    }
-    __syncthreads();
+  for (int slot = tid; slot < kWidth; slot += nthreads) {
+    int64_t n = 0;
+    AccT mean = AccT(0), m2 = AccT(0);
+    for (int g = 0; g < kGroups; ++g)
+      chan_merge(n, mean, m2, s_n[g], s_mean[g * kWidth + slot], s_m2[g * kWidth + slot]);
+    sink(slot, n, mean, m2);
   }
+}
 
-  if (ty != 0 || c >= channels) return;
-  if (n == 0) {
-    mean_out[c] = quiet_nan<AccT>();
-    var_out[c] = quiet_nan<AccT>();
-    return;
-  }
-  mean_out[c] = mean;
-  var_out[c] = acc_div(m2, static_cast<AccT>(n));
+// The statistics of a merged state: mean and biased variance; NaN for a channel with no rows.
+template <typename AccT>
+__device__ __forceinline__ void store_mean_var(int64_t n, AccT mean, AccT m2, AccT* mean_out,
+                                               AccT* var_out) {
+  *mean_out = n == 0 ? quiet_nan<AccT>() : mean;
+  *var_out = n == 0 ? quiet_nan<AccT>() : acc_div(m2, static_cast<AccT>(n));
+}
+
+// The statistics of no rows (a producer that ran no CTA, so no last CTA): NaN, as torch.var_mean
+// of nothing.
+template <typename AccT>
+__global__ void channel_stats_of_no_rows_kernel(int channels, AccT* __restrict__ mean_out,
+                                                AccT* __restrict__ var_out) {
+  const int c = int(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < channels) store_mean_var(int64_t(0), AccT(0), AccT(0), mean_out + c, var_out + c);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-constexpr int kFinalizeThreadsC = 8;   // 8 floats = one 32-byte sector per partials row
-constexpr int kFinalizeThreadsT = 64;
-
-// The finalize on `stream`, for producers that wrote [num_tiles, channels] partials.
 template <typename AccT>
-inline cudaError_t launch_finalize(const AccT* part_mean, const AccT* part_m2, TileCounts counts,
-                                   int64_t num_tiles, int channels, AccT* mean_out, AccT* var_out,
-                                   cudaStream_t stream) {
+inline cudaError_t launch_no_rows(int channels, AccT* mean_out, AccT* var_out,
+                                  cudaStream_t stream) {
   if (channels <= 0) return cudaSuccess;
-  if (mean_out == nullptr || var_out == nullptr || num_tiles < 0) return cudaErrorInvalidValue;
-  if (num_tiles > 0 && (part_mean == nullptr || part_m2 == nullptr)) return cudaErrorInvalidValue;
-  const dim3 grid(unsigned((channels + kFinalizeThreadsC - 1) / kFinalizeThreadsC));
-  const dim3 block(kFinalizeThreadsC, kFinalizeThreadsT);
-  auto* kernel = &channel_stats_finalize_kernel<AccT, kFinalizeThreadsC, kFinalizeThreadsT>;
-  kernel<<<grid, block, 0, stream>>>(part_mean, part_m2, counts, num_tiles, channels, mean_out,
-                                     var_out);
+  if (mean_out == nullptr || var_out == nullptr) return cudaErrorInvalidValue;
+  constexpr int kBlock = 256;
+  channel_stats_of_no_rows_kernel<AccT>
+      <<<unsigned((channels + kBlock - 1) / kBlock), kBlock, 0, stream>>>(channels, mean_out,
+                                                                          var_out);
   return cudaGetLastError();
 }
 

@@ -100,7 +100,8 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
     return p;
   }
   const size_t pc = size_t(s.parts) * size_t(C);
-  p.ws_forward = 2 * align_up(pc * sizeof(AccT), 256) + align_up(size_t(s.parts) * sizeof(int), 256);
+  p.ws_forward = 2 * align_up(pc * sizeof(AccT), 256) +
+                 align_up(size_t(s.parts) * size_t(s.channel_blocks) * sizeof(int), 256);
   p.ws_backward = align_up(pc * size_t(K) * K * sizeof(AccT), 256) + 3 * align_up(pc * sizeof(AccT), 256);
   p.valid = true;
   return p;
@@ -135,7 +136,7 @@ struct BackwardInputKernels {
                             cudaStream_t stream);
 };
 template <typename T>
-struct BackwardFinalizeKernel {
+struct BackwardFinalizeKernel {  // for no parts only: the backward-input kernel's last CTAs finalize
   static cudaError_t launch(const BackwardFinalizeArgs<T>& a, int64_t parts, int C, int64_t kk,
                             cudaStream_t stream);
 };
@@ -149,7 +150,8 @@ inline LaunchFn<Args> launcher_for(Act act) {
       []() -> LaunchFn<Args> { return nullptr; });
 }
 
-// Workspace regions of the forward: part_mean, part_m2 ([parts][C] AccT), part_count ([parts] int).
+// Workspace regions of the forward: part_mean, part_m2 ([parts][C] AccT), part_count
+// ([channel_blocks][parts] int: each channel block's last CTA reads the counts its own CTAs wrote).
 template <typename T>
 struct ForwardWorkspace {
   acc_t<T>* part_mean;
@@ -245,12 +247,12 @@ struct Backward {
 
 inline Requirements requirements(const Forward& c) {
   const Plan p = plan(c.problem);
-  return {p.valid, p.error, p.ws_forward};
+  return {p.valid, p.error, p.ws_forward, c.mean != nullptr ? p.shape.channel_blocks : 0};
 }
 
 inline Requirements requirements(const Backward& c) {
   const Plan p = plan(c.problem);
-  return {p.valid, p.error, p.ws_backward};
+  return {p.valid, p.error, p.ws_backward, p.shape.channel_blocks};
 }
 
 // The inputs Forward and Backward share, into ForwardArgs<T> or BackwardArgs<T>.
@@ -265,9 +267,11 @@ inline void set_inputs(Args& args, const Call& c) {
 }
 
 // What cuda::launch (launch.cuh) runs for the storage type T. ws: requirements(c).workspace_bytes
-// of device memory (for Forward only with statistics; may be null otherwise).
+// of device memory, counters: requirements(c).counters zero ints (for Forward both only with
+// statistics; may be null otherwise).
 template <typename T>
-inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cudaStream_t stream) {
+inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, int* counters,
+                             cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_of<T>(c.problem);
   if (!p.valid) return cudaErrorInvalidValue;
@@ -281,25 +285,26 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, cud
   args.vectorized = can_vectorize<T>(c.x, s.C);
   const bool stats = c.mean != nullptr;
   if (stats) {
-    if (ws_bytes < p.ws_forward || (ws == nullptr && s.parts > 0)) return cudaErrorInvalidValue;
+    if (c.var == nullptr || ws_bytes < p.ws_forward ||
+        ((ws == nullptr || counters == nullptr) && s.parts > 0))
+      return cudaErrorInvalidValue;
     ForwardWorkspace<T> w(p, ws);
     args.part_mean = w.part_mean;
     args.part_m2 = w.part_m2;
     args.part_count = w.part_count;
+    args.mean = static_cast<AccT*>(c.mean);
+    args.var = static_cast<AccT*>(c.var);
+    args.counters = counters;
   }
-  if (s.parts > 0 && s.C > 0) {
-    const cudaError_t err = run(args, s, p.smem_forward, stream);
-    if (err != cudaSuccess) return err;
-  }
-  if (!stats || s.C == 0) return cudaSuccess;
-  const channel_stats::TileCounts counts{0, 0, args.part_count};
-  return channel_stats::launch_finalize<AccT>(args.part_mean, args.part_m2, counts, s.parts, s.C,
-                                              static_cast<AccT*>(c.mean),
-                                              static_cast<AccT*>(c.var), stream);
+  if (s.C == 0) return cudaSuccess;
+  if (s.parts > 0) return run(args, s, p.smem_forward, stream);  // its last CTAs finalize
+  if (!stats) return cudaSuccess;
+  // No pixels: no CTA runs, and the statistics of no rows are NaN.
+  return channel_stats::launch_no_rows<AccT>(s.C, args.mean, args.var, stream);
 }
 
 template <typename T>
-inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
+inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, int* counters,
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_of<T>(c.problem);
@@ -319,16 +324,12 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
   args.grad_x = static_cast<T*>(c.grad_x);
   args.grad_res = static_cast<const T*>(c.grad_res);
   args.vectorized_x = can_vectorize<T>(c.x, s.C) && can_vectorize<T>(c.grad_pre, s.C);
-  T* const grad_weight = static_cast<T*>(c.grad_weight);
-  T* const grad_bias = static_cast<T*>(c.grad_bias);
-  AccT* const sum_dx = static_cast<AccT*>(c.sum_dx);
-  AccT* const sum_dx_xc = static_cast<AccT*>(c.sum_dx_xc);
   const int64_t kk = int64_t(s.K) * s.K;
   const size_t pc = size_t(s.parts) * size_t(s.C);
   if (s.C == 0) return cudaSuccess;
   const bool norm = args.norm.mean != nullptr;
   if (s.parts > 0) {
-    if (ws == nullptr) return cudaErrorInvalidValue;
+    if (ws == nullptr || counters == nullptr) return cudaErrorInvalidValue;
     char* base = static_cast<char*>(ws);
     args.part_grad_w = reinterpret_cast<AccT*>(base);
     base += align_up(pc * kk * sizeof(AccT), 256);
@@ -337,24 +338,27 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes,
     args.part_sum_dx = reinterpret_cast<AccT*>(base);
     base += align_up(pc * sizeof(AccT), 256);
     args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
-
-    cudaError_t err = run_data(args, s, p.smem_backward_data, stream);
-    if (err != cudaSuccess) return err;
-    err = BackwardInputKernels<T>::launch(args, s, p.smem_backward_input, stream);
-    if (err != cudaSuccess) return err;
   }
-  // With no parts (no pixels) only the finalize runs: every sum is empty, zero.
-  const BackwardFinalizeArgs<T> f{args.part_grad_w,
-                                  args.part_grad_b,
-                                  norm ? args.part_sum_dx : nullptr,
-                                  args.part_sum_dx_xc,
-                                  args.norm.scale,
-                                  grad_weight,
-                                  grad_bias,
-                                  norm ? sum_dx : nullptr,
-                                  sum_dx_xc,
-                                  norm ? static_cast<AccT*>(c.grad_norm_mean) : nullptr};
-  return BackwardFinalizeKernel<T>::launch(f, s.parts, s.C, kk, stream);
+  BackwardFinalizeArgs<T>& f = args.fin;
+  f.part_grad_w = args.part_grad_w;
+  f.part_grad_b = args.part_grad_b;
+  f.part_sum_dx = args.part_sum_dx;
+  f.part_sum_dx_xc = args.part_sum_dx_xc;
+  f.norm_scale = args.norm.scale;
+  f.grad_weight = static_cast<T*>(c.grad_weight);
+  f.grad_bias = static_cast<T*>(c.grad_bias);
+  f.sum_dx = norm ? static_cast<AccT*>(c.sum_dx) : nullptr;  // null: no norm, no sums
+  f.sum_dx_xc = static_cast<AccT*>(c.sum_dx_xc);
+  f.grad_norm_mean = norm ? static_cast<AccT*>(c.grad_norm_mean) : nullptr;
+  args.counters = counters;
+  if (s.parts > 0) {
+    const cudaError_t err = run_data(args, s, p.smem_backward_data, stream);
+    if (err != cudaSuccess) return err;
+    // Its last CTAs finalize.
+    return BackwardInputKernels<T>::launch(args, s, p.smem_backward_input, stream);
+  }
+  // No parts (no pixels): every sum is empty, zero.
+  return BackwardFinalizeKernel<T>::launch(args.fin, 0, s.C, kk, stream);
 }
 
 }  // namespace dw

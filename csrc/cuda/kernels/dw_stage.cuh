@@ -8,9 +8,10 @@
 //                dW, db summed per channel (kernel "backward_data")
 //             2. dX = transposed dwconv(dA); grad_x = dX * scale; the norm's sums (kernel
 //                "backward_input")
-//             3. fixed-order sums of the per-part partials and the norm's gradients
-//                (dw_backward_finalize_kernel); the forward's statistics finalize is the shared
-//                one (channel_stats.cuh)
+//             3. fixed-order sums of the per-part partials and the norm's gradients, by the
+//                last CTA of each channel block of step 2 (finalize_backward, last_cta.cuh); the
+//                forward's statistics likewise by the forward kernel's last CTAs
+//                (channel_stats.cuh)
 //
 // The kernels and what they share with the host (Shape, SmemLayout); the plan and the launch entry
 // are in dw_launch.cuh. Torch-free (docs/DESIGN.md §8).
@@ -32,11 +33,12 @@
 //
 // Determinism. No float atomics. The partition (parts, tiles per part) depends only on the shape
 // (never on the SM count); every sum runs in a fixed order: per thread over its tiles, then over
-// the 8 warps in warp order, then over parts in part order (the finalize kernels).
+// the 8 warps in warp order, then over parts in part order (the channel block's last CTA).
 #pragma once
 
 #include "channel_stats.cuh"
 #include "elementwise.cuh"
+#include "last_cta.cuh"
 
 // cp.async. Not <cuda_pipeline.h>: it declares a namespace `cuda` at global scope.
 #include <cuda_pipeline_primitives.h>
@@ -486,11 +488,34 @@ struct ForwardArgs {
   const T* bias;    // [C] or null
   T* out;           // NHWC, like x
   T* pre_act;       // NHWC, like x, or null: a = dwconv(norm(x)) + b, for the backward
-  // Statistics partials ([parts][C] and [parts]); null when the call wants no statistics.
+  // Statistics partials ([parts][C], and the parts' counts [channel_blocks][parts]) and the
+  // statistics ([C]); null when the call wants no statistics.
   acc_t<T>* part_mean;
   acc_t<T>* part_m2;
   int* part_count;
+  acc_t<T>* mean;
+  acc_t<T>* var;
+  int* counters;    // [channel_blocks], zero (last_cta.cuh); with statistics
   bool vectorized;  // x is 16-byte aligned and C % (16 / sizeof(T)) == 0
+};
+
+// The backward's second level: the parts' rows of dW, db and, with a norm, the two norm sums, each
+// added in part order, and the norm's mean gradient formed from them, -Σ dX · scale (the other two
+// are the sums themselves: grad_scale = Σ dX (x - mean), grad_shift = Σ dX). Run by the last CTA
+// of each channel block of the backward-input kernel for its channels (last_cta.cuh), or, with no
+// parts (no pixels: every sum empty, zeros), by dw_backward_finalize_kernel.
+template <typename T>
+struct BackwardFinalizeArgs {
+  const acc_t<T>* part_grad_w;     // [parts][C * kk]
+  const acc_t<T>* part_grad_b;     // [parts][C]
+  const acc_t<T>* part_sum_dx;     // [parts][C]; null: no norm
+  const acc_t<T>* part_sum_dx_xc;  // [parts][C]
+  const acc_t<T>* norm_scale;      // [C], with a norm
+  T* grad_weight;                  // [C * kk]
+  T* grad_bias;                    // [C]
+  acc_t<T>* sum_dx;                // [C], with a norm
+  acc_t<T>* sum_dx_xc;             // [C], with a norm
+  acc_t<T>* grad_norm_mean;        // [C] or null
 };
 
 template <typename T>
@@ -512,52 +537,50 @@ struct BackwardArgs {
   acc_t<T>* part_sum_dx;      // [parts][C], only with a norm
   acc_t<T>* part_sum_dx_xc;   // [parts][C], only with a norm
   const T* grad_res;          // NHWC like x, or null: the residual's gradient of norm(x), added to dX
+  BackwardFinalizeArgs<T> fin;  // the second level's outputs, for the backward-input kernel's last CTAs
+  int* counters;              // [channel_blocks], zero (last_cta.cuh)
   bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
 };
 
-// The backward's second level in one launch: the parts' rows of dW, db and, with a norm, the two
-// norm sums, each added in part order (as sum_parts_kernel adds them: the same bits), and the
-// norm's mean gradient formed from them, -Σ dX · scale (the other two are the sums themselves:
-// grad_scale = Σ dX (x - mean), grad_shift = Σ dX). Thread i owns element i of dW ([C][k*k]) and,
-// for i < C, channel i's vectors. With no parts every sum is empty: zeros.
+// The second level for channels [c_begin, c_end), spread over `nthreads` threads (this one `tid`):
+// element i of dW ([C][k*k]) and channel c's vectors each summed by one thread, parts in order.
+// __ldcg: the backward-input kernel's partials come from CTAs of the running kernel.
 template <typename T>
-struct BackwardFinalizeArgs {
-  const acc_t<T>* part_grad_w;     // [parts][C * kk]
-  const acc_t<T>* part_grad_b;     // [parts][C]
-  const acc_t<T>* part_sum_dx;     // [parts][C]; null: no norm
-  const acc_t<T>* part_sum_dx_xc;  // [parts][C]
-  const acc_t<T>* norm_scale;      // [C], with a norm
-  T* grad_weight;                  // [C * kk]
-  T* grad_bias;                    // [C]
-  acc_t<T>* sum_dx;                // [C], with a norm
-  acc_t<T>* sum_dx_xc;             // [C], with a norm
-  acc_t<T>* grad_norm_mean;        // [C] or null
-};
+__device__ __forceinline__ void finalize_backward(const BackwardFinalizeArgs<T>& a, int64_t parts,
+                                                  int C, int64_t kk, int c_begin, int c_end,
+                                                  int64_t tid, int64_t nthreads) {
+  using AccT = acc_t<T>;
+  const int64_t n = int64_t(C) * kk;
+  for (int64_t i = c_begin * kk + tid; i < c_end * kk; i += nthreads) {
+    AccT w = AccT(0);
+#pragma unroll 4
+    for (int64_t p = 0; p < parts; ++p) w += __ldcg(a.part_grad_w + p * n + i);
+    a.grad_weight[i] = from_acc<T>(w);
+  }
+  for (int64_t c = c_begin + tid; c < c_end; c += nthreads) {
+    AccT b = AccT(0), s0 = AccT(0), s1 = AccT(0);
+    const bool sums = a.sum_dx != nullptr;
+#pragma unroll 4
+    for (int64_t p = 0; p < parts; ++p) {
+      b += __ldcg(a.part_grad_b + p * C + c);
+      if (sums) {
+        s0 += __ldcg(a.part_sum_dx + p * C + c);
+        s1 += __ldcg(a.part_sum_dx_xc + p * C + c);
+      }
+    }
+    a.grad_bias[c] = from_acc<T>(b);
+    if (!sums) continue;
+    a.sum_dx[c] = s0;
+    a.sum_dx_xc[c] = s1;
+    if (a.grad_norm_mean != nullptr) a.grad_norm_mean[c] = -s0 * a.norm_scale[c];
+  }
+}
 
 template <typename T>
 __global__ void dw_backward_finalize_kernel(const BackwardFinalizeArgs<T> a, int64_t parts, int C,
                                             int64_t kk) {
-  using AccT = acc_t<T>;
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t n = int64_t(C) * kk;
-  if (i < n) {
-    AccT w = AccT(0);
-    for (int64_t p = 0; p < parts; ++p) w += a.part_grad_w[p * n + i];
-    a.grad_weight[i] = from_acc<T>(w);
-  }
-  if (i >= C) return;
-  AccT b = AccT(0);
-  for (int64_t p = 0; p < parts; ++p) b += a.part_grad_b[p * C + i];
-  a.grad_bias[i] = from_acc<T>(b);
-  if (a.sum_dx == nullptr) return;
-  AccT s0 = AccT(0), s1 = AccT(0);
-  for (int64_t p = 0; p < parts; ++p) {
-    s0 += a.part_sum_dx[p * C + i];
-    s1 += a.part_sum_dx_xc[p * C + i];
-  }
-  a.sum_dx[i] = s0;
-  a.sum_dx_xc[i] = s1;
-  if (a.grad_norm_mean != nullptr) a.grad_norm_mean[i] = -s0 * a.norm_scale[i];
+  finalize_backward(a, parts, C, kk, 0, C, int64_t(blockIdx.x) * blockDim.x + threadIdx.x,
+                    int64_t(gridDim.x) * blockDim.x);
 }
 
 // What every dw kernel sets up alike: k and the padding, the shared-memory layout, the thread's
@@ -593,6 +616,57 @@ struct Setup {
 // ---------------------------------------------------------------------------------------------
 // Kernels
 // ---------------------------------------------------------------------------------------------
+
+// The forward's statistics once a CTA's tiles are done: the 8 warps' (count, mean, M2) of each
+// channel merged in warp order into the part's partial, and in the channel block's last CTA
+// (last_cta.cuh) the parts' partials into the statistics: warp g folds parts g, g + 8, ..., then
+// the warps merge in order. A warp's lanes see the same pixels, so lane 0's count is the warp's.
+// Not inlined: the tile loop before it keeps every one of its 128 registers, and inlined this
+// tail made ptxas spill there (k = 7); called once, after the loop, the call costs nothing.
+// s_red: 3 * kGroups * kCB values of shared memory.
+template <typename AccT>
+__device__ __noinline__ void forward_statistics(AccT* part_mean, AccT* part_m2, int* part_count,
+                                                AccT* mean_out, AccT* var_out, int* counters,
+                                                int C, int n_run, AccT mean_run, AccT m2_run,
+                                                AccT* s_red) {
+  const int lane = int(threadIdx.x) % kCB, group = int(threadIdx.x) / kCB;
+  const int c0 = int(blockIdx.x) * kCB, c = c0 + lane;
+  const int64_t parts = gridDim.y, part = blockIdx.y;
+  int* const counts = part_count + int64_t(blockIdx.x) * parts;
+  __syncthreads();  // the tile loop's last reads of the shared input region are done
+  int64_t* s_n = reinterpret_cast<int64_t*>(s_red);
+  int* s_flag = reinterpret_cast<int*>(s_n + kGroups);
+  AccT* s_mean = s_red + kCB;
+  AccT* s_m2 = s_mean + kGroups * kCB;
+  const auto publish = [&](int64_t n, AccT mean, AccT m2) {
+    if (lane == 0) s_n[group] = n;
+    s_mean[group * kCB + lane] = mean;
+    s_m2[group * kCB + lane] = m2;
+  };
+  publish(n_run, mean_run, m2_run);
+  channel_stats::merge_groups<AccT, kGroups, kCB>(
+      s_n, s_mean, s_m2, threadIdx.x, kThreads, [&](int slot, int64_t n, AccT mean, AccT m2) {
+        if (c0 + slot < C) {
+          part_mean[part * C + c0 + slot] = mean;
+          part_m2[part * C + c0 + slot] = m2;
+        }
+        if (slot == 0) counts[part] = int(n);
+      });
+
+  if (!arrive_last(counters + blockIdx.x, int(parts), s_flag)) return;
+  const int cs[1] = {c};
+  int64_t n = 0;
+  AccT mean[1] = {AccT(0)}, m2[1] = {AccT(0)};
+  channel_stats::merge_tiles(part_mean, part_m2, channel_stats::TileCounts{0, 0, counts}, parts, C,
+                             cs, group, kGroups, n, mean, m2);
+  __syncthreads();  // the shared states of the part's merge are read
+  publish(n, mean[0], m2[0]);
+  channel_stats::merge_groups<AccT, kGroups, kCB>(
+      s_n, s_mean, s_m2, threadIdx.x, kThreads, [&](int slot, int64_t nn, AccT mm, AccT qq) {
+        if (c0 + slot < C)
+          channel_stats::store_mean_var(nn, mm, qq, mean_out + c0 + slot, var_out + c0 + slot);
+      });
+}
 
 template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -659,27 +733,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   if (!stats) return;
-
-  // Merge the 8 warps' states of each channel, in warp order, into the part's partial.
-  __syncthreads();
-  int* s_n = reinterpret_cast<int*>(smem + l.in);
-  AccT* s_mean = smem + l.in + kGroups * kCB;
-  AccT* s_m2 = s_mean + kGroups * kCB;
-  s_n[group * kCB + lane] = n_run;
-  s_mean[group * kCB + lane] = mean_run;
-  s_m2[group * kCB + lane] = m2_run;
-  __syncthreads();
-  if (group != 0) return;
-  int64_t n = 0;
-  AccT mean = AccT(0), m2 = AccT(0);
-  for (int g = 0; g < kGroups; ++g)
-    channel_stats::chan_merge(n, mean, m2, int64_t(s_n[g * kCB + lane]), s_mean[g * kCB + lane],
-                              s_m2[g * kCB + lane]);
-  if (c < s.C) {
-    args.part_mean[me.part() * s.C + c] = mean;
-    args.part_m2[me.part() * s.C + c] = m2;
-  }
-  if (blockIdx.x == 0 && lane == 0) args.part_count[me.part()] = int(n);
+  forward_statistics<AccT>(args.part_mean, args.part_m2, args.part_count, args.mean, args.var,
+                           args.counters, s.C, n_run, mean_run, m2_run, smem + l.in);
 }
 
 // Backward, step 1: a on each tile (read from the forward's pre_act when given, or with ReLU from
@@ -865,15 +920,23 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
   }
-  if (!norm) return;
   __syncthreads();
-  const AccT total = sum_over_warps<AccT>(sum_dx, smem + l.in);
-  __syncthreads();
-  const AccT total_c = sum_over_warps<AccT>(sum_dx_xc, smem + l.in + kGroups * kCB);
-  if (group == 0 && c < s.C) {
-    args.part_sum_dx[me.part() * s.C + c] = total;
-    args.part_sum_dx_xc[me.part() * s.C + c] = total_c;
+  if (norm) {
+    const AccT total = sum_over_warps<AccT>(sum_dx, smem + l.in);
+    __syncthreads();
+    const AccT total_c = sum_over_warps<AccT>(sum_dx_xc, smem + l.in + kGroups * kCB);
+    if (group == 0 && c < s.C) {
+      args.part_sum_dx[me.part() * s.C + c] = total;
+      args.part_sum_dx_xc[me.part() * s.C + c] = total_c;
+    }
   }
+  // The channel block's last CTA sums its parts: dW and db of the backward-data kernel (done:
+  // stream order), the norm's sums of this one (last_cta.cuh).
+  int* s_flag = reinterpret_cast<int*>(smem + l.in + 2 * kGroups * kCB);
+  if (!arrive_last(args.counters + blockIdx.x, int(gridDim.y), s_flag)) return;
+  const int c_end = c0 + kCB < s.C ? c0 + kCB : s.C;
+  finalize_backward(args.fin, int64_t(gridDim.y), s.C, int64_t(K) * K, c0, c_end, threadIdx.x,
+                    kThreads);
 }
 
 }  // namespace dw

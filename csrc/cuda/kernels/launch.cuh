@@ -2,8 +2,9 @@
 //
 // Each pass of a stage has ONE host entry, torch-free and on raw device pointers:
 //   a call struct     (namespace dw or pw) the storage type, the shape, the act, the pointers
-//   requirements(c)   whether the kernels can take the call, and the workspace it needs
-//   cuda::launch(c, ws, ws_bytes, stream)
+//   requirements(c)   whether the kernels can take the call, the workspace and the finalize
+//                     counters it needs
+//   cuda::launch(c, ws, ws_bytes, counters, stream)
 //                     the plan, the kernel arguments, the kernels on `stream`;
 //                     cudaErrorInvalidValue for a call they cannot take (unknown storage type or
 //                     activation code, a shape beyond the plan's limits, a missing or short
@@ -26,6 +27,9 @@ struct Requirements {
   bool valid = false;
   const char* error = "";      // why not valid
   size_t workspace_bytes = 0;  // device bytes launch() needs (see each call for when)
+  // Zero ints launch() needs, for the kernels whose last CTAs finalize (last_cta.cuh): the
+  // caller's per-stream buffer, left zero again.
+  int64_t counters = 0;
 };
 
 // A per-channel norm applied on load, (v - mean) * scale + shift: three [C] vectors of the
@@ -37,12 +41,14 @@ struct NormPtrs {
 };
 
 // The entry of every call: its storage type code as a type T, then its stage's
-// launch_as(T{}, c, ws, ws_bytes, stream) for that kind of call (found by argument-dependent
-// lookup).
+// launch_as(T{}, c, ws, ws_bytes, counters, stream) for that kind of call (found by
+// argument-dependent lookup).
 template <typename Call>
-inline cudaError_t launch(const Call& c, void* ws, size_t ws_bytes, cudaStream_t stream) {
+inline cudaError_t launch(const Call& c, void* ws, size_t ws_bytes, int* counters,
+                          cudaStream_t stream) {
   return dispatch_dtype(
-      c.problem.dtype, [&](auto tag) { return launch_as(tag, c, ws, ws_bytes, stream); },
+      c.problem.dtype,
+      [&](auto tag) { return launch_as(tag, c, ws, ws_bytes, counters, stream); },
       [] { return cudaErrorInvalidValue; });
 }
 

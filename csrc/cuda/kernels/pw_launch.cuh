@@ -67,8 +67,9 @@ struct Prologue {
   void* u = nullptr;
 };
 
-// out = act(pre), and with `mean` the batch statistics (mean, biased var) of out as stored. The
-// workspace (part_mean, part_m2) is needed for the statistics only.
+// out = act(pre), and with `mean` the batch statistics (mean, biased var) of out as stored, which
+// the kernel's last CTAs finalize. The workspace (part_mean, part_m2) and the counters are needed
+// for the statistics only.
 struct EpilogueForward {
   static constexpr int kPartialRegions = 2;
   Problem problem;
@@ -80,9 +81,7 @@ struct EpilogueForward {
 };
 
 // dP = (grad_out + the statistics' terms) act'(pre) into grad_pre, and sum dP into grad_bias ([C],
-// storage type). With a null grad_bias the per-tile partial sums stay in the workspace (its first
-// partials_bytes of the [rows, C] plan) for a ThroughNorms call to finish (its `bias`): the
-// backward's one finalize then writes the bias gradient too.
+// storage type), by the kernel's last CTAs.
 struct EpilogueBackward {
   static constexpr int kPartialRegions = 1;
   Problem problem;
@@ -98,9 +97,8 @@ struct EpilogueBackward {
 
 // grad_x = dU scale_x and grad_res = dU scale_res (or a copy of dU without a norm on res), and the
 // gradients of the norms' vectors ([C] each, from the sums of dU, dU (x - mean_x), dU (res -
-// mean_res)): x_grads with a norm on x, res_grads with a norm on res. The norms' shift is not read.
-// Two launches: the row pass, and one finalize for all six vectors and, given `bias`, the bias
-// gradient from an EpilogueBackward call's partials over the same rows.
+// mean_res), which the kernel's last CTAs finalize): x_grads with a norm on x, res_grads with a
+// norm on res. The norms' shift is not read.
 struct NormGrads {
   void* mean = nullptr;   // -sum dU * scale
   void* scale = nullptr;  // sum dU (v - mean)
@@ -119,11 +117,6 @@ struct ThroughNorms {
   void* grad_res = nullptr;      // null: not written (no residual, or grad_res is dU itself)
   NormGrads x_grads;             // written with a norm on x
   NormGrads res_grads;           // written with a norm on res
-  struct {
-    const void* partials = nullptr;  // the workspace of EpilogueBackward{rows, C} with null grad_bias
-    int64_t C = 0;                   // its C (the GEMM's output channels)
-    void* grad = nullptr;            // [C], storage type; null: no bias gradient here
-  } bias;
 };
 
 // Whether the kernels can take a call of any of the four kinds, and the workspace it needs.
@@ -138,6 +131,7 @@ inline Requirements requirements(const Call& c) {
         r.valid = p.valid;
         if (!p.valid) r.error = "a negative size, or more rows or channels than the grid takes";
         else r.workspace_bytes = Call::kPartialRegions * partials_bytes<T>(p);
+        if (Call::kPartialRegions > 0) r.counters = p.channel_blocks;
         return r;
       },
       [] {
@@ -154,9 +148,10 @@ inline Plan plan_for(const Problem& problem, std::initializer_list<const void*> 
 }
 
 // What cuda::launch (launch.cuh) runs for the storage type T. ws: requirements(c).workspace_bytes
-// of device memory (for EpilogueForward only with statistics; none for Prologue).
+// of device memory, counters: requirements(c).counters zero ints (for EpilogueForward both only
+// with statistics; none for Prologue).
 template <typename T>
-cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t stream) {
+cudaError_t launch_as(T, const Prologue& c, void*, size_t, int*, cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.x, c.res, c.u});
   if (!p.valid) return cudaErrorInvalidValue;
@@ -177,8 +172,8 @@ cudaError_t launch_as(T, const Prologue& c, void*, size_t, cudaStream_t stream) 
 // Here and in the backward an `act` that is no activation (a code from a check TU's caller) is
 // cudaErrorInvalidValue before anything runs.
 template <typename T>
-cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes,
-                             cudaStream_t stream) {
+cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes, int* counters,
+                      cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.pre, c.out});
   if (!p.valid) return cudaErrorInvalidValue;
@@ -186,66 +181,64 @@ cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes,
       c.act, [](auto tag) { return &pw_epilogue_forward_kernel<T, decltype(tag)::value>; },
       [] { return nullptr; });
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  EpilogueForwardArgs<T> a{static_cast<const T*>(c.pre), static_cast<T*>(c.out), nullptr, nullptr};
-  if (c.mean != nullptr && p.tiles > 0) {
+  EpilogueForwardArgs<T> a{static_cast<const T*>(c.pre), static_cast<T*>(c.out)};
+  const bool stats = c.mean != nullptr;
+  if (stats && c.var == nullptr) return cudaErrorInvalidValue;
+  if (stats && p.tiles > 0) {
     const size_t region = partials_bytes<T>(p);
-    if (ws == nullptr || ws_bytes < 2 * region) return cudaErrorInvalidValue;
+    if (ws == nullptr || ws_bytes < 2 * region || counters == nullptr) return cudaErrorInvalidValue;
     a.part_mean = static_cast<AccT*>(ws);
     a.part_m2 = reinterpret_cast<AccT*>(static_cast<char*>(ws) + region);
+    a.mean = static_cast<AccT*>(c.mean);
+    a.var = static_cast<AccT*>(c.var);
+    a.counters = counters;
   }
-  if (p.tiles > 0 && p.C > 0) {
-    kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+  if (p.C == 0) return cudaSuccess;
+  if (p.tiles > 0) {
+    kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);  // its last CTAs finalize
+    return cudaGetLastError();
   }
-  if (c.mean == nullptr || p.C == 0) return cudaSuccess;
-  const channel_stats::TileCounts counts{p.rows, p.rows_per_tile, nullptr};
-  return channel_stats::launch_finalize<AccT>(a.part_mean, a.part_m2, counts, p.tiles, p.C,
-                                              static_cast<AccT*>(c.mean),
-                                              static_cast<AccT*>(c.var), stream);
+  if (!stats) return cudaSuccess;
+  // No rows: no CTA runs, and the statistics of no rows are NaN.
+  return channel_stats::launch_no_rows<AccT>(p.C, static_cast<AccT*>(c.mean),
+                                             static_cast<AccT*>(c.var), stream);
 }
 
 template <typename T>
-cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes,
-                             cudaStream_t stream) {
+cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes, int* counters,
+                      cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_out, c.pre, c.grad_pre});
-  if (!p.valid || ws_bytes < partials_bytes<T>(p)) return cudaErrorInvalidValue;
+  if (!p.valid || ws_bytes < partials_bytes<T>(p) || c.grad_bias == nullptr)
+    return cudaErrorInvalidValue;
   const auto kernel = dispatch_act(
       c.act, [](auto tag) { return &pw_epilogue_backward_kernel<T, decltype(tag)::value>; },
       [] { return nullptr; });
   if (kernel == nullptr) return cudaErrorInvalidValue;
   T* const grad_bias = static_cast<T*>(c.grad_bias);
   if (p.C == 0) return cudaSuccess;
-  if (p.tiles == 0)
-    return grad_bias == nullptr ? cudaSuccess
-                                : cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
-  if (ws == nullptr) return cudaErrorInvalidValue;
+  if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
+  if (ws == nullptr || counters == nullptr) return cudaErrorInvalidValue;
   const EpilogueBackwardArgs<T> a{static_cast<const T*>(c.grad_out),
                                   static_cast<const T*>(c.pre),
                                   static_cast<const AccT*>(c.grad_mean),
                                   static_cast<const AccT*>(c.grad_var),
                                   static_cast<const AccT*>(c.mean),
                                   static_cast<T*>(c.grad_pre),
-                                  static_cast<AccT*>(ws)};
-  kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  if (grad_bias == nullptr) return cudaSuccess;  // a ThroughNorms call finishes the sums
-  return launch_sum_parts<AccT, T>(a.part_grad_b, p.tiles, p.C, grad_bias, stream);
+                                  static_cast<AccT*>(ws),
+                                  grad_bias,
+                                  counters};
+  kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);  // its last CTAs finalize
+  return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
-                             cudaStream_t stream) {
+cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes, int* counters,
+                      cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_u, c.x, c.res, c.grad_x, c.grad_res});
   const size_t region = p.valid ? partials_bytes<T>(p) : 0;
   if (!p.valid || ws_bytes < 3 * region) return cudaErrorInvalidValue;
-  const bool bias = c.bias.grad != nullptr;
-  const Plan pb = bias ? make_plan<T>(c.problem.rows, c.bias.C, false) : Plan{};
-  if (bias && (!pb.valid || (pb.tiles > 0 && pb.C > 0 && c.bias.partials == nullptr)))
-    return cudaErrorInvalidValue;
   ThroughNormsArgs<T> a{};
   a.grad_u = static_cast<const T*>(c.grad_u);
   a.x = static_cast<const T*>(c.x);
@@ -264,43 +257,31 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
   if ((nx && (a.x_scale == nullptr || !complete(c.x_grads))) ||
       (nr && (a.res_scale == nullptr || !complete(c.res_grads))))
     return cudaErrorInvalidValue;
-  if (p.tiles > 0 && p.C > 0) {
-    if (ws == nullptr) return cudaErrorInvalidValue;
-    char* base = static_cast<char*>(ws);
-    a.part_sum = reinterpret_cast<AccT*>(base);
-    a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
-    a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
-    pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+  auto grads = [](const NormGrads& g) {
+    return NormGradArgs<T>{static_cast<AccT*>(g.mean), static_cast<AccT*>(g.scale),
+                           static_cast<AccT*>(g.shift)};
+  };
+  if (nx) a.x_grads = grads(c.x_grads);
+  if (nr) a.res_grads = grads(c.res_grads);
+  if (p.C == 0) return cudaSuccess;
+  if (p.tiles == 0) {
+    // No rows: every sum is empty, every gradient zero.
+    for (const NormGrads* g : {nx ? &c.x_grads : nullptr, nr ? &c.res_grads : nullptr}) {
+      if (g == nullptr) continue;
+      for (void* v : {g->mean, g->scale, g->shift}) {
+        const cudaError_t err = cudaMemsetAsync(v, 0, size_t(p.C) * sizeof(AccT), stream);
+        if (err != cudaSuccess) return err;
+      }
+    }
+    return cudaSuccess;
   }
-  const int bias_C = bias ? pb.C : 0;
-  if (!nx && !nr && bias_C == 0) return cudaSuccess;  // the sums feed nothing
-  // With no rows the finalize sums no tiles: zero gradients, without a memset per vector.
-  BackwardFinalizeArgs<T> f{};
-  f.part_sum = a.part_sum;
-  f.part_sum_xc = a.part_sum_xc;
-  f.part_sum_rc = a.part_sum_rc;
-  f.x_scale = a.x_scale;
-  f.res_scale = a.res_scale;
-  if (nx) {
-    f.x_grad_mean = static_cast<AccT*>(c.x_grads.mean);
-    f.x_grad_scale = static_cast<AccT*>(c.x_grads.scale);
-    f.x_grad_shift = static_cast<AccT*>(c.x_grads.shift);
-  }
-  if (nr) {
-    f.res_grad_mean = static_cast<AccT*>(c.res_grads.mean);
-    f.res_grad_scale = static_cast<AccT*>(c.res_grads.scale);
-    f.res_grad_shift = static_cast<AccT*>(c.res_grads.shift);
-  }
-  f.part_bias = static_cast<const AccT*>(c.bias.partials);
-  f.bias_tiles = pb.tiles;
-  f.bias_C = bias_C;
-  f.grad_bias = static_cast<T*>(c.bias.grad);
-  const int channels = p.C > bias_C ? p.C : bias_C;
-  constexpr int kBlock = 256;
-  pw_backward_finalize_kernel<T><<<unsigned((channels + kBlock - 1) / kBlock), kBlock, 0, stream>>>(
-      f, p.tiles, p.C);
+  if (ws == nullptr || counters == nullptr) return cudaErrorInvalidValue;
+  char* base = static_cast<char*>(ws);
+  a.part_sum = reinterpret_cast<AccT*>(base);
+  a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
+  a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
+  a.counters = counters;
+  pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);  // last CTAs finalize
   return cudaGetLastError();
 }
 
@@ -310,11 +291,13 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes,
 // no unit holds more than one storage type's. The CPU emulation builds a check TU alone, so there
 // the header instantiates what the TU uses, as before.
 #define CONVMIXER_PW_LAUNCHES(EXTERN, T)                                                           \
-  EXTERN template cudaError_t launch_as<T>(T, const Prologue&, void*, size_t, cudaStream_t);        \
-  EXTERN template cudaError_t launch_as<T>(T, const EpilogueForward&, void*, size_t, cudaStream_t); \
-  EXTERN template cudaError_t launch_as<T>(T, const EpilogueBackward&, void*, size_t,               \
+  EXTERN template cudaError_t launch_as<T>(T, const Prologue&, void*, size_t, int*, cudaStream_t);   \
+  EXTERN template cudaError_t launch_as<T>(T, const EpilogueForward&, void*, size_t, int*,          \
                                            cudaStream_t);                                           \
-  EXTERN template cudaError_t launch_as<T>(T, const ThroughNorms&, void*, size_t, cudaStream_t);
+  EXTERN template cudaError_t launch_as<T>(T, const EpilogueBackward&, void*, size_t, int*,         \
+                                           cudaStream_t);                                           \
+  EXTERN template cudaError_t launch_as<T>(T, const ThroughNorms&, void*, size_t, int*,             \
+                                           cudaStream_t);
 
 #ifndef CONVMIXER_CUDA_EMULATION
 CONVMIXER_PW_LAUNCHES(extern, float)

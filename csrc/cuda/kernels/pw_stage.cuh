@@ -3,12 +3,14 @@
 //
 //   prologue          u  = norm_x(x) + norm_res(res), rounded to storage   (the GEMM's A operand)
 //   [GEMM]            p  = u W^T + b                                       (cuBLAS, in the launcher)
-//   epilogue_forward  out = act(p); per-channel partial (mean, M2) of out as stored
-//   epilogue_backward dP = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) act'(p); partial sum dP
+//   epilogue_forward  out = act(p); per-channel partial (mean, M2) of out as stored, merged into
+//                     the statistics by each channel block's last CTA (last_cta.cuh)
+//   epilogue_backward dP = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) act'(p); partial sums
+//                     of dP, and in the last CTAs the bias gradient
 //   [GEMMs]           grad_W = dP^T u, dU = dP W                           (cuBLAS)
 //   through_norms     grad_x = dU scale_x, grad_res = dU scale_res, partial sums of dU,
-//                     dU (x - mean_x), dU (res - mean_res); then one finalize turns the partials
-//                     into the gradients of both norms' (mean, scale, shift) and the bias
+//                     dU (x - mean_x), dU (res - mean_res), and in the last CTAs the gradients of
+//                     both norms' (mean, scale, shift)
 //
 // Why the GEMMs are not ours: the issue leaves the core to measurement, and without a GPU to
 // measure on, cuBLAS (the same GEMM eager PyTorch runs) is the core whose speed is known. cuBLASLt's
@@ -19,14 +21,15 @@
 // load per row when the matrix allows it; otherwise V scalars strided by 32, so a warp still
 // reads 32 consecutive values), a row group every 8th row of the CTA's row tile. Both paths cover
 // the same channels with the same rows in the same order, so they give bitwise-identical results.
-// Per-channel sums are merged over the 8 row groups in order, then over tiles in order
-// (partials.cuh, or the statistics finalize of channel_stats.cuh): deterministic, no atomics.
+// Per-channel sums are merged over the 8 row groups in order into a tile's partial; the channel
+// block's last CTA folds the tiles' partials (row group g: tiles g, g + 8, ... in order), then the
+// row groups in order: an order fixed by the shape, deterministic, no float atomics.
 // The plan and the launch entries are in pw_launch.cuh. Torch-free (docs/DESIGN.md §8).
 #pragma once
 
 #include "channel_stats.cuh"
 #include "elementwise.cuh"
-#include "partials.cuh"
+#include "last_cta.cuh"
 
 namespace convmixer_kernels {
 namespace cuda {
@@ -158,12 +161,11 @@ __device__ __forceinline__ void for_each_row(const Plan& p, Body&& body) {
   for (; r < rr.end; r += kRowGroups) body(r, RowCount<1>{});
 }
 
-// Sums one value per channel over the 8 row groups, in order, and writes the tile's partial row
-// part[tile][c]. s_red: kRowGroups * kLanes * V AccT of shared memory; all threads must call.
-template <typename T>
-__device__ __forceinline__ void write_partial_sums(const acc_t<T> (&v)[kVecWidth<T>],
-                                                   acc_t<T>* s_red, const Plan& p, int cb,
-                                                   acc_t<T>* __restrict__ part) {
+// Sums one value per channel over the 8 row groups, in order, and hands each channel's total to
+// sink(c, total). s_red: kRowGroups * kLanes * V AccT of shared memory; all threads must call.
+template <typename T, typename Sink>
+__device__ __forceinline__ void sum_groups(const acc_t<T> (&v)[kVecWidth<T>], acc_t<T>* s_red,
+                                           const Plan& p, int cb, Sink&& sink) {
   constexpr int V = kVecWidth<T>;
   constexpr int kBlockC = kLanes * V;
   const int lane = threadIdx.x, group = threadIdx.y;
@@ -179,7 +181,54 @@ __device__ __forceinline__ void write_partial_sums(const acc_t<T> (&v)[kVecWidth
     if (c >= p.C) continue;
     acc_t<T> total = acc_t<T>(0);
     for (int g = 0; g < kRowGroups; ++g) total += s_red[g * kBlockC + local];
-    part[int64_t(blockIdx.x) * p.C + c] = total;
+    sink(c, total);
+  }
+}
+
+// The tile's partial row part[tile][c] of sum_groups' totals.
+template <typename T>
+__device__ __forceinline__ void write_partial_sums(const acc_t<T> (&v)[kVecWidth<T>],
+                                                   acc_t<T>* s_red, const Plan& p, int cb,
+                                                   acc_t<T>* __restrict__ part) {
+  sum_groups<T>(v, s_red, p, cb,
+                [&](int c, acc_t<T> total) { part[int64_t(blockIdx.x) * p.C + c] = total; });
+}
+
+// The channel block's last CTA (last_cta.cuh), first step: this thread's V channels of a
+// [tiles][C] partials region summed over tiles group, group + 8, ... in order (sum_groups then
+// adds the row groups in order: a fixed order). __ldcg: written by other CTAs of this kernel.
+template <typename T>
+__device__ __forceinline__ void fold_tiles(const acc_t<T>* part, const Plan& p, int cb,
+                                           acc_t<T> (&v)[kVecWidth<T>]) {
+  constexpr int V = kVecWidth<T>;
+  constexpr int kUnroll = 4;  // tiles in flight: the sum is a chain, its loads need not be
+  using AccT = acc_t<T>;
+  const int lane = threadIdx.x;
+  int c[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    c[j] = lane_channel<T>(cb, lane, j, p.vectorized);
+    v[j] = AccT(0);
+  }
+  const auto load = [&](int64_t t, AccT (&row)[V]) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) row[j] = c[j] < p.C ? __ldcg(part + t * p.C + c[j]) : AccT(0);
+  };
+  int64_t t = threadIdx.y;
+  for (; t + (kUnroll - 1) * kRowGroups < p.tiles; t += kUnroll * kRowGroups) {
+    AccT rows[kUnroll][V];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) load(t + u * kRowGroups, rows[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] += rows[u][j];
+  }
+  for (; t < p.tiles; t += kRowGroups) {
+    AccT row[V];
+    load(t, row);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] += row[j];
   }
 }
 
@@ -243,6 +292,9 @@ struct EpilogueForwardArgs {
   T* out;
   acc_t<T>* part_mean;    // [tiles][C], null without statistics
   acc_t<T>* part_m2;
+  acc_t<T>* mean;         // [C], the statistics, by each channel block's last CTA
+  acc_t<T>* var;
+  int* counters;          // [channel_blocks], zero (last_cta.cuh)
 };
 
 template <typename T, Act A>
@@ -271,29 +323,50 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   });
   if (!stats) return;
   // Merge the row groups' states in group order. Every row group of a tile saw a number of rows
-  // fixed by the tile, so the counts travel through shared memory with the moments.
+  // fixed by the tile, the same for all its channels.
   __shared__ __align__(16) AccT s_mean[kRowGroups * kBlockC];
   __shared__ __align__(16) AccT s_m2[kRowGroups * kBlockC];
-  __shared__ int s_n[kRowGroups];
+  __shared__ int64_t s_n[kRowGroups];
+  __shared__ int s_flag;
+  const auto publish = [&](int64_t n, const AccT (&mean)[V], const AccT (&m2)[V]) {
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int local = lane_channel<T>(0, lane, j, p.vectorized);
-    s_mean[group * kBlockC + local] = w.mean[j];
-    s_m2[group * kBlockC + local] = w.m2[j];
-  }
-  if (lane == 0) s_n[group] = w.count;
-  __syncthreads();
-  for (int local = group * kLanes + lane; local < kBlockC; local += kThreads) {
-    const int c = cb * kBlockC + local;
-    if (c >= p.C) continue;
-    int64_t n = 0;
-    AccT mean = AccT(0), m2 = AccT(0);
-    for (int g = 0; g < kRowGroups; ++g)
-      channel_stats::chan_merge(n, mean, m2, int64_t(s_n[g]), s_mean[g * kBlockC + local],
-                                s_m2[g * kBlockC + local]);
-    a.part_mean[int64_t(blockIdx.x) * p.C + c] = mean;
-    a.part_m2[int64_t(blockIdx.x) * p.C + c] = m2;
-  }
+    for (int j = 0; j < V; ++j) {
+      const int local = lane_channel<T>(0, lane, j, p.vectorized);
+      s_mean[group * kBlockC + local] = mean[j];
+      s_m2[group * kBlockC + local] = m2[j];
+    }
+    if (lane == 0) s_n[group] = n;
+  };
+  const int tid = group * kLanes + lane;
+  publish(w.count, w.mean, w.m2);
+  channel_stats::merge_groups<AccT, kRowGroups, kBlockC>(
+      s_n, s_mean, s_m2, tid, kThreads, [&](int slot, int64_t n, AccT mean, AccT m2) {
+        const int c = cb * kBlockC + slot;
+        if (c >= p.C) return;
+        a.part_mean[int64_t(blockIdx.x) * p.C + c] = mean;
+        a.part_m2[int64_t(blockIdx.x) * p.C + c] = m2;
+      });
+
+  // The channel block's last CTA merges the tiles' partials: row group g folds tiles g, g + 8, ...,
+  // then the row groups merge in order.
+  if (!arrive_last(a.counters + cb, int(gridDim.x), &s_flag)) return;
+  int cs[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) cs[j] = lane_channel<T>(cb, lane, j, p.vectorized);
+  int64_t n = 0;
+  AccT mean[V], m2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) mean[j] = m2[j] = AccT(0);
+  channel_stats::merge_tiles(a.part_mean, a.part_m2,
+                             channel_stats::TileCounts{p.rows, p.rows_per_tile, nullptr}, p.tiles,
+                             p.C, cs, group, kRowGroups, n, mean, m2);
+  __syncthreads();  // the shared states of the tile's merge are read
+  publish(n, mean, m2);
+  channel_stats::merge_groups<AccT, kRowGroups, kBlockC>(
+      s_n, s_mean, s_m2, tid, kThreads, [&](int slot, int64_t nn, AccT mm, AccT qq) {
+        const int c = cb * kBlockC + slot;
+        if (c < p.C) channel_stats::store_mean_var(nn, mm, qq, a.mean + c, a.var + c);
+      });
 }
 
 template <typename T>
@@ -305,6 +378,8 @@ struct EpilogueBackwardArgs {
   const acc_t<T>* mean;       // [C], needed with grad_var
   T* grad_pre;                // dP
   acc_t<T>* part_grad_b;      // [tiles][C]
+  T* grad_bias;               // [C]: sum dP, by each channel block's last CTA
+  int* counters;              // [channel_blocks], zero (last_cta.cuh)
 };
 
 // The double GELU backward (erf in double: 104 registers at one row a step) is held to one CTA
@@ -355,7 +430,19 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 8 && A == Act::GELU ? 1
     }
   });
   write_partial_sums<T>(db, s_red, p, cb, a.part_grad_b);
+  __shared__ int s_flag;
+  if (!arrive_last(a.counters + cb, int(gridDim.x), &s_flag)) return;
+  fold_tiles<T>(a.part_grad_b, p, cb, db);
+  sum_groups<T>(db, s_red, p, cb, [&](int c, AccT total) { a.grad_bias[c] = from_acc<T>(total); });
 }
+
+// A norm's gradients: mean -(sum dU) scale, scale sum dU (v - mean), shift sum dU.
+template <typename T>
+struct NormGradArgs {
+  acc_t<T>* mean;
+  acc_t<T>* scale;
+  acc_t<T>* shift;
+};
 
 template <typename T>
 struct ThroughNormsArgs {
@@ -371,6 +458,9 @@ struct ThroughNormsArgs {
   acc_t<T>* part_sum;      // [tiles][C]: sum dU
   acc_t<T>* part_sum_xc;   // [tiles][C]: sum dU (x - mean_x), with a norm on x
   acc_t<T>* part_sum_rc;   // [tiles][C]: sum dU (res - mean_res), with a norm on res
+  NormGradArgs<T> x_grads;   // [C] each, with a norm on x: by each channel block's last CTA
+  NormGradArgs<T> res_grads; // [C] each, with a norm on res
+  int* counters;           // [channel_blocks], zero (last_cta.cuh)
 };
 
 template <typename T>
@@ -432,63 +522,29 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_through_norms_kern
   write_partial_sums<T>(s0, s_red, p, cb, a.part_sum);
   if (nx) write_partial_sums<T>(s1, s_red, p, cb, a.part_sum_xc);
   if (nr) write_partial_sums<T>(s2, s_red, p, cb, a.part_sum_rc);
-}
+  if (!nx && !nr) return;  // the sums feed nothing
 
-// The backward's one finalize, one thread per channel, tiles summed in order (as sum_parts_kernel
-// does, so every sum is bitwise that of a sum_parts launch):
-//   the norms' gradients from the through-norms partials, for x (with a norm on x) and for res
-//   (with a norm on res): grad mean = -(sum dU) scale, grad scale = sum dU (v - mean),
-//   grad shift = sum dU;
-//   the bias gradient from the epilogue backward's partials, when given (its own tiles and C).
-// One launch instead of four sum_parts launches and the six ATen ops on the [C] vectors that
-// followed them.
-template <typename T>
-struct BackwardFinalizeArgs {
-  using AccT = acc_t<T>;
-  const AccT* part_sum;     // [tiles][C]
-  const AccT* part_sum_xc;  // [tiles][C], read with x_grad_mean
-  const AccT* part_sum_rc;  // [tiles][C], read with res_grad_mean
-  const AccT* x_scale;
-  const AccT* res_scale;
-  AccT* x_grad_mean;        // all three null: no norm on x
-  AccT* x_grad_scale;
-  AccT* x_grad_shift;
-  AccT* res_grad_mean;      // all three null: no norm on res
-  AccT* res_grad_scale;
-  AccT* res_grad_shift;
-  const AccT* part_bias;    // [bias_tiles][bias_C]
-  int64_t bias_tiles;
-  int bias_C;               // 0: no bias gradient
-  T* grad_bias;             // [bias_C]
-};
-
-template <typename T>
-__global__ void pw_backward_finalize_kernel(const BackwardFinalizeArgs<T> a, int64_t tiles,
-                                            int C) {
-  using AccT = acc_t<T>;
-  const int c = int(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c < a.bias_C) {
-    AccT total = AccT(0);
-    for (int64_t t = 0; t < a.bias_tiles; ++t) total += a.part_bias[t * a.bias_C + c];
-    a.grad_bias[c] = from_acc<T>(total);
-  }
-  const bool nx = a.x_grad_mean != nullptr, nr = a.res_grad_mean != nullptr;
-  if (c >= C || (!nx && !nr)) return;
-  AccT s0 = AccT(0), s1 = AccT(0), s2 = AccT(0);
-  for (int64_t t = 0; t < tiles; ++t) {
-    s0 += a.part_sum[t * C + c];
-    if (nx) s1 += a.part_sum_xc[t * C + c];
-    if (nr) s2 += a.part_sum_rc[t * C + c];
-  }
+  // The channel block's last CTA turns the tiles' sums into the norms' gradients.
+  __shared__ int s_flag;
+  if (!arrive_last(a.counters + cb, int(gridDim.x), &s_flag)) return;
+  fold_tiles<T>(a.part_sum, p, cb, s0);
+  sum_groups<T>(s0, s_red, p, cb, [&](int c, AccT total) {
+    if (nx) {
+      a.x_grads.mean[c] = -total * a.x_scale[c];
+      a.x_grads.shift[c] = total;
+    }
+    if (nr) {
+      a.res_grads.mean[c] = -total * a.res_scale[c];
+      a.res_grads.shift[c] = total;
+    }
+  });
   if (nx) {
-    a.x_grad_mean[c] = -s0 * a.x_scale[c];
-    a.x_grad_scale[c] = s1;
-    a.x_grad_shift[c] = s0;
+    fold_tiles<T>(a.part_sum_xc, p, cb, s1);
+    sum_groups<T>(s1, s_red, p, cb, [&](int c, AccT total) { a.x_grads.scale[c] = total; });
   }
   if (nr) {
-    a.res_grad_mean[c] = -s0 * a.res_scale[c];
-    a.res_grad_scale[c] = s2;
-    a.res_grad_shift[c] = s0;
+    fold_tiles<T>(a.part_sum_rc, p, cb, s2);
+    sum_groups<T>(s2, s_red, p, cb, [&](int c, AccT total) { a.res_grads.scale[c] = total; });
   }
 }
 
