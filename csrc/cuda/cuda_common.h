@@ -46,8 +46,7 @@ inline cuda::NormPtrs norm_ptrs(const Norm& n) {
 
 // The workspace one launch entry's call needs, on `like`'s device (undefined when it needs none, or
 // when `with_workspace` is false: a forward without statistics); a ValueError naming `op`, `what`
-// and the reason when the kernels cannot take the call. Separate from the launch for a caller
-// that keeps a workspace past it (pw_stage_backward's bias partials).
+// and the reason when the kernels cannot take the call.
 template <typename Call, typename... What>
 at::Tensor workspace_for(const char* op, const Call& call, const at::Tensor& like,
                          bool with_workspace, const What&... what) {

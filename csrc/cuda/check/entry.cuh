@@ -28,6 +28,7 @@ inline int* check_counters(int64_t n) {
     cudaFree(counters);
     if (cudaMalloc(&counters, size_t(n) * sizeof(int)) != cudaSuccess) return nullptr;
     cudaMemset(counters, 0, size_t(n) * sizeof(int));
+    cudaDeviceSynchronize();  // before a launch on any stream, blocking or not
     size = n;
   }
   return counters;

@@ -184,6 +184,7 @@ cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes, in
   EpilogueForwardArgs<T> a{static_cast<const T*>(c.pre), static_cast<T*>(c.out)};
   const bool stats = c.mean != nullptr;
   if (stats && c.var == nullptr) return cudaErrorInvalidValue;
+  if (p.C == 0) return cudaSuccess;
   if (stats && p.tiles > 0) {
     const size_t region = partials_bytes<T>(p);
     if (ws == nullptr || ws_bytes < 2 * region || counters == nullptr) return cudaErrorInvalidValue;
@@ -193,7 +194,6 @@ cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes, in
     a.var = static_cast<AccT*>(c.var);
     a.counters = counters;
   }
-  if (p.C == 0) return cudaSuccess;
   if (p.tiles > 0) {
     kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);  // its last CTAs finalize
     return cudaGetLastError();
@@ -209,14 +209,14 @@ cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes, i
                       cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_out, c.pre, c.grad_pre});
-  if (!p.valid || ws_bytes < partials_bytes<T>(p) || c.grad_bias == nullptr)
-    return cudaErrorInvalidValue;
+  if (!p.valid || ws_bytes < partials_bytes<T>(p)) return cudaErrorInvalidValue;
   const auto kernel = dispatch_act(
       c.act, [](auto tag) { return &pw_epilogue_backward_kernel<T, decltype(tag)::value>; },
       [] { return nullptr; });
   if (kernel == nullptr) return cudaErrorInvalidValue;
   T* const grad_bias = static_cast<T*>(c.grad_bias);
-  if (p.C == 0) return cudaSuccess;
+  if (p.C == 0) return cudaSuccess;  // (an empty grad_bias may be null)
+  if (grad_bias == nullptr) return cudaErrorInvalidValue;
   if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
   if (ws == nullptr || counters == nullptr) return cudaErrorInvalidValue;
   const EpilogueBackwardArgs<T> a{static_cast<const T*>(c.grad_out),
