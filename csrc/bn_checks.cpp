@@ -101,4 +101,20 @@ int64_t check_bn_update_running_stats(const char* op, const at::Tensor& mean,
   return C;
 }
 
+int64_t check_bn_train_norm(const char* op, const at::Tensor& mean, const at::Tensor& var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, at::ScalarType dtype,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& num_batches_tracked,
+                            std::optional<double> momentum,
+                            const std::optional<at::Tensor>& count_tensor) {
+  const int64_t C = check_bn_update_running_stats(op, mean, var, running_mean, running_var,
+                                                  num_batches_tracked, momentum, count_tensor);
+  TORCH_CHECK_TYPE(dtype == mean.scalar_type(), op, ": dtype must be the statistics' dtype ",
+                   mean.scalar_type(), ", got ", dtype);
+  check_bn_scale_shift(op, var, weight, bias, dtype);
+  return C;
+}
+
 }  // namespace convmixer_kernels

@@ -36,6 +36,17 @@ int64_t check_bn_update_running_stats(const char* op, const at::Tensor& mean,
                                       std::optional<double> momentum,
                                       const std::optional<at::Tensor>& count_tensor);
 
+// check_bn_update_running_stats, then check_bn_scale_shift of var, weight, bias and the
+// statistics' dtype.
+int64_t check_bn_train_norm(const char* op, const at::Tensor& mean, const at::Tensor& var,
+                            const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, at::ScalarType dtype,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& num_batches_tracked,
+                            std::optional<double> momentum,
+                            const std::optional<at::Tensor>& count_tensor);
+
 namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& var,
@@ -54,6 +65,13 @@ void bn_update_running_stats(const at::Tensor& mean, const at::Tensor& var,
                              const std::optional<at::Tensor>& num_batches_tracked,
                              std::optional<double> momentum, double count,
                              const std::optional<at::Tensor>& count_tensor);
+
+std::tuple<at::Tensor, at::Tensor> bn_train_norm(
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, at::ScalarType dtype,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+    double count, const std::optional<at::Tensor>& count_tensor);
 
 }  // namespace cpu
 }  // namespace convmixer_kernels

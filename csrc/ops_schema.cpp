@@ -40,4 +40,11 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "bn_update_running_stats(Tensor mean, Tensor var, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float count, "
       "Tensor? count_tensor) -> ()");
+  // A training BatchNorm's two jobs in one kernel: bn_update_running_stats, then bn_scale_shift
+  // of the batch var. No derivative of its own (it mutates); the glue gives it bn_scale_shift's.
+  m.def(
+      "bn_train_norm(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps, "
+      "ScalarType dtype, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? num_batches_tracked, float? momentum, float count, Tensor? count_tensor) -> "
+      "(Tensor scale, Tensor shift)");
 }

@@ -186,6 +186,30 @@ def test_opcheck_update_running_stats(momentum, count_tensor):
                            torch.tensor(3), momentum, 12.0, count_tensor))
 
 
+@pytest.mark.parametrize("momentum,count_tensor,affine", [(0.1, None, True), (None, None, False),
+                                                         (0.3, torch.tensor(12.0), True)])
+def test_opcheck_train_norm(momentum, count_tensor, affine):
+    # Inputs without gradients: the op has no derivative of its own (bn_norm's autograd.Function
+    # gives it bn_scale_shift's, which test_training_steps_match_batchnorm checks).
+    w, b = (torch.randn(8), torch.randn(8).double()) if affine else (None, None)
+    torch.library.opcheck(_ops.bn_train_norm.default,
+                          (torch.randn(8), torch.rand(8) + 0.1, w, b, 1e-5, f32, torch.zeros(8),
+                           torch.ones(8).half(), torch.tensor(3), momentum, 12.0, count_tensor))
+
+
+def test_train_norm_is_update_then_scale_shift():
+    """bn_train_norm: bn_update_running_stats, then bn_scale_shift of the batch var."""
+    mean, var = torch.randn(8), torch.rand(8) + 0.1
+    w, b = torch.randn(8), torch.randn(8)
+    buffers = [(torch.randn(8), torch.rand(8) + 0.5, torch.tensor(5)) for _ in range(2)]
+    buffers[1] = tuple(t.clone() for t in buffers[0])
+    got = _ops.bn_train_norm(mean, var, w, b, 1e-5, f32, *buffers[0], None, 30.0, None)
+    _ops.bn_update_running_stats(mean, var, *buffers[1], None, 30.0, None)
+    want = _ops.bn_scale_shift(var, w, b, 1e-5, f32)
+    for a, c in zip((*got, *buffers[0]), (*want, *buffers[1])):
+        assert torch.equal(a, c)
+
+
 class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -219,14 +243,18 @@ def test_aten_fallback_matches_the_ops(monkeypatch, momentum):
 
 
 def test_one_op_per_job():
-    """A training BatchNorm's forward is two ops (running statistics, the Norm), its backward one."""
+    """A training BatchNorm's forward is one op (running statistics and the Norm), its backward
+    one; without running statistics to track, the forward is bn_scale_shift alone."""
     bn = _pair(6, f32)[1]
     mean = torch.randn(6, requires_grad=True)
     var = (torch.rand(6) + 0.1).requires_grad_()
     with _Ops() as seen:
         norm = bn_norm(bn, mean, var, 10, f32)
-    assert +seen.ops == {"convmixer_kernels.bn_update_running_stats.default": 1,
-                         "convmixer_kernels.bn_scale_shift.default": 1}
+    assert +seen.ops == {"convmixer_kernels.bn_train_norm.default": 1}
+    untracked = _pair(6, f32, track_running_stats=False)[1]
+    with _Ops() as seen_untracked:
+        bn_norm(untracked, mean, var, 10, f32)
+    assert +seen_untracked.ops == {"convmixer_kernels.bn_scale_shift.default": 1}
     grads = (torch.ones(6), torch.ones(6))
     with _Ops() as seen:
         torch.autograd.backward((norm.scale, norm.shift), grads)
@@ -280,6 +308,12 @@ def test_bn_norm_bad_statistics():
     (lambda: _ops.bn_update_running_stats(torch.ones(4).half(), torch.ones(4).half(), None,
                                           None, None, 0.1, 8.0, None), TypeError,
      "mean must be float32 or float64"),
+    (lambda: _ops.bn_train_norm(torch.ones(4), torch.ones(4), None, None, 1e-5, f64, None, None,
+                                None, 0.1, 8.0, None), TypeError,
+     "dtype must be the statistics' dtype"),
+    (lambda: _ops.bn_train_norm(torch.ones(4), torch.ones(4), torch.ones(4), None, 1e-5, f32,
+                                None, None, None, 0.1, 8.0, None), ValueError,
+     "weight and bias must be given together"),
 ])
 def test_raw_ops_bad_input(call, error, match):
     with pytest.raises(error, match=match):

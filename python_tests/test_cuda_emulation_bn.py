@@ -4,7 +4,8 @@ Each launch entry is driven through csrc/cuda/check/bn_ops_check.cu with CPU ten
 memory (python_tests/cuda_emulation) and compared with nn.BatchNorm2d's formulas evaluated in
 float64, and with the CPU op (csrc/cpu/bn_ops.cpp), which computes the same maths in the same
 order: every vector in each storage dtype, affine or not, every running-statistics case (momentum,
-momentum=None from num_batches_tracked, a count tensor, absent buffers), widths over one CTA.
+momentum=None from num_batches_tracked, a count tensor, absent buffers), widths over one CTA; and
+the training BatchNorm's one kernel (bn_train_norm_kernel), bitwise the two it replaces.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class BnKernels:
                         [I, LL, D, P, P, P, I, P, I, P, P, P, I, P])
         self.stats = bind(self.lib, "convmixer_bn_running_stats", I,
                           [I, LL, P, P, P, I, P, I, ctypes.POINTER(LL), D, I, D, P, I, P])
+        self.train = bind(self.lib, "convmixer_bn_train_norm", I,
+                          [I, LL, P, P, P, I, P, I, ctypes.POINTER(LL), D, I, D, P, I,
+                           D, P, I, P, I, P, P, P])
 
     def scale_shift(self, var, weight, bias, eps, acc):
         c = var.shape[0]
@@ -72,16 +76,35 @@ class BnKernels:
                 g.check()
         return gv.tensor, gw.tensor if gw else None, gb.tensor if gb else None
 
-    def running_stats(self, mean, var, running_mean, running_var, tracked, momentum, count):
+    @staticmethod
+    def _running_args(mean, var, running_mean, running_var, tracked, momentum, count):
         count_t = count if isinstance(count, torch.Tensor) else None
-        rc = self.stats(ELEM[mean.dtype], mean.shape[0], ptr(mean), ptr(var), ptr(running_mean),
-                        ELEM[running_mean.dtype] if running_mean is not None else 0,
-                        ptr(running_var), ELEM[running_var.dtype] if running_var is not None else 0,
-                        ctypes.cast(ptr(tracked), ctypes.POINTER(LL)) if tracked is not None else None,
-                        0.0 if momentum is None else momentum, int(momentum is None),
-                        0.0 if count_t is not None else float(count), ptr(count_t),
-                        ELEM[count_t.dtype] if count_t is not None else 0, None)
-        return rc
+        return (ELEM[mean.dtype], mean.shape[0], ptr(mean), ptr(var), ptr(running_mean),
+                ELEM[running_mean.dtype] if running_mean is not None else 0,
+                ptr(running_var), ELEM[running_var.dtype] if running_var is not None else 0,
+                ctypes.cast(ptr(tracked), ctypes.POINTER(LL)) if tracked is not None else None,
+                0.0 if momentum is None else momentum, int(momentum is None),
+                0.0 if count_t is not None else float(count), ptr(count_t),
+                ELEM[count_t.dtype] if count_t is not None else 0)
+
+    def running_stats(self, mean, var, running_mean, running_var, tracked, momentum, count):
+        return self.stats(*self._running_args(mean, var, running_mean, running_var, tracked,
+                                              momentum, count), None)
+
+    def train_norm(self, mean, var, running_mean, running_var, tracked, momentum, count, weight,
+                   bias, eps):
+        """bn_train_norm_kernel: the running statistics updated in place, (scale, shift)."""
+        c, acc = mean.shape[0], mean.dtype
+        scale, shift = Guarded((c,), acc), Guarded((c,), acc)
+        code = lambda t: ELEM[t.dtype] if t is not None else 0  # noqa: E731
+        rc = self.train(*self._running_args(mean, var, running_mean, running_var, tracked,
+                                            momentum, count),
+                        eps, ptr(weight), code(weight), ptr(bias), code(bias), ptr(scale.tensor),
+                        ptr(shift.tensor), None)
+        assert rc == 0, f"convmixer_bn_train_norm returned cudaError {rc}"
+        scale.check()
+        shift.check()
+        return scale.tensor, shift.tensor
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +242,36 @@ def test_running_stats_cta_order_and_one_launch(kernels):
     names = [line.split("<")[0].split()[-1].split("::")[-1] for line in launch_log(kernels.lib)]
     assert [n for n in names] == ["bn_scale_shift_kernel", "bn_scale_shift_kernel",
                                   "bn_scale_shift_backward_kernel", "bn_running_stats_kernel"]
+
+
+@pytest.mark.parametrize("c", [37, 600])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("acc,running,param", [(torch.float32, torch.float32, torch.float32),
+                                               (torch.float32, torch.float64, torch.bfloat16),
+                                               (torch.float64, torch.float64, torch.float64)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_train_norm_is_the_two_kernels(kernels, c, momentum, acc, running, param, affine):
+    """One launch of bn_train_norm_kernel: bitwise the running-statistics kernel then the
+    scale-shift kernel of the batch var, over three steps (num_batches_tracked read before its
+    increment in each), with a count tensor in the last."""
+    gen = torch.Generator().manual_seed(c)
+    _, weight, bias = vectors(c, param, c + 1)
+    if not affine:
+        weight = bias = None
+    first = (torch.randn(c, generator=gen, dtype=torch.float64).to(running),
+             (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(running),
+             torch.tensor(2, dtype=torch.int64))
+    state = [first, tuple(t.clone() for t in first)]
+    for step, count in enumerate((40, 40, torch.tensor(40.0, dtype=acc))):
+        mean = torch.randn(c, generator=gen, dtype=acc)
+        var = torch.rand(c, generator=gen, dtype=acc) + 0.1
+        launch_log(kernels.lib)
+        one = kernels.train_norm(mean, var, *state[0], momentum, count, weight, bias, 1e-5)
+        assert len(launch_log(kernels.lib)) == 1
+        assert kernels.running_stats(mean, var, *state[1], momentum, count) == 0
+        two = kernels.scale_shift(var, weight, bias, 1e-5, acc)
+        for a, b in zip((*one, *state[0]), (*two, *state[1])):
+            assert torch.equal(a, b), step
 
 
 def test_invalid_calls_are_refused(kernels):

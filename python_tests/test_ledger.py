@@ -21,7 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGE_OPS = ("convmixer_kernels.dw_stage", "convmixer_kernels.pw_stage")
 BN_KERNELS = {"convmixer_kernels.bn_scale_shift.default": "bn_scale_shift_kernel",
               "convmixer_kernels.bn_scale_shift_backward.default": "bn_scale_shift_backward_kernel",
-              "convmixer_kernels.bn_update_running_stats.default": "bn_running_stats_kernel"}
+              "convmixer_kernels.bn_update_running_stats.default": "bn_running_stats_kernel",
+              "convmixer_kernels.bn_train_norm.default": "bn_train_norm_kernel"}
 
 
 # Ops that allocate and launch nothing.

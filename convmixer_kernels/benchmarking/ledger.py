@@ -91,10 +91,9 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
                note="dX = transposed conv of dA + dU, through BN2_prev; the last CTAs sum dW, db "
                     "and the norm's gradients"),
         # ---- the model's glue (python_tests/test_ledger.py counts it)
-        Launch("block", "fwd", "bn_running_stats_kernel", 2,
-               note="BN1, BN2 running statistics in place (bn_update_running_stats)"),
-        Launch("block", "fwd", "bn_scale_shift_kernel", 2,
-               note="BN1, BN2 norms: weight·rsqrt(var + eps), bias (bn_scale_shift)"),
+        Launch("block", "fwd", "bn_train_norm_kernel", 2,
+               note="BN1, BN2: running statistics in place, the norm weight·rsqrt(var + eps), "
+                    "bias (bn_train_norm)"),
         Launch("block", "bwd", "bn_scale_shift_backward_kernel", 2,
                note="grad var, weight, bias of BN1, BN2 (bn_scale_shift_backward)"),
     ]

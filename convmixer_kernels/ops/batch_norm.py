@@ -8,9 +8,11 @@ unbiased running_var, track_running_stats=False).
 Both jobs are one op each (docs/OPS.md § BatchNorm ops), one kernel launch on a GPU instead of
 the dozen ATen ops on [C] vectors their formulas take: ``bn_scale_shift`` (with one backward op,
 ``bn_scale_shift_backward``) and ``bn_update_running_stats``, which mutates the buffers and so
-carries no autograd formula; it runs under no_grad. On a device the extension has no kernels for
-(a build without CUDA while the Triton backend runs on a GPU) the ATen formulas below do the
-same.
+carries no autograd formula; it runs under no_grad. A training BatchNorm that tracks running
+statistics needs both: ``bn_train_norm`` does them in one launch (the update, then the norm of
+the batch var), with bn_scale_shift's gradients through an autograd.Function, since an op that
+mutates cannot carry a registered formula. On a device the extension has no kernels for (a build
+without CUDA while the Triton backend runs on a GPU) the ATen formulas below do the same.
 """
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ from typing import Union
 import torch
 from torch import nn
 
+from torch.autograd.function import once_differentiable
+
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .autograd import register_autograd
 from .backend import _native_has
 from .checks import Norm
 
 _ops = torch.ops.convmixer_kernels
-_BN_OPS = ("bn_scale_shift", "bn_scale_shift_backward", "bn_update_running_stats")
+_BN_OPS = ("bn_scale_shift", "bn_scale_shift_backward", "bn_update_running_stats", "bn_train_norm")
 
 # Device type -> whether the bn ops have kernels for it; fixed once the extension is loaded (a
 # constant, so torch.compile traces the choice for free). "meta" runs the fake implementations.
@@ -68,34 +72,57 @@ def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
     was gathered across processes, see convmixer_kernels.sync_batchnorm); `dtype` is the
     accumulation dtype of the norm vectors. Updates running statistics when training.
     """
+    weight, bias = (bn.weight, bn.bias) if bn.affine else (None, None)
     if uses_batch_stats(bn):
         _check_stats(bn, mean, var, dtype)
-        if bn.training and bn.track_running_stats:
-            _update_running_stats(bn, mean, var, count)
+        if _updates_running_stats(bn):
+            if _has_kernels(var.device):
+                return Norm(mean, *_TrainNorm.apply(var, weight, bias, mean, *_running(bn, count),
+                                                    bn.eps, dtype))
+            _aten_update(bn, mean, var, count)
     else:
         # The kernel reads running_var in its own dtype; the mean is the Norm's own vector.
         mean, var = bn.running_mean.to(dtype), bn.running_var
-    weight, bias = (bn.weight, bn.bias) if bn.affine else (None, None)
     if not _has_kernels(var.device):
         return _aten_norm(mean, var, weight, bias, bn.eps, dtype)
     scale, shift = _ops.bn_scale_shift(var, weight, bias, bn.eps, dtype)
     return Norm(mean, scale, shift)
 
 
-@torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
-                          count: Union[int, torch.Tensor]) -> None:
-    if bn.num_batches_tracked is None and bn.running_mean is None and bn.running_var is None:
-        return
-    if not _has_kernels(mean.device):
-        return _aten_update(bn, mean, var, count)
+def _updates_running_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether a forward of `bn` updates running statistics (as _BatchNorm.forward decides)."""
+    return bn.training and bn.track_running_stats and not (
+        bn.num_batches_tracked is None and bn.running_mean is None and bn.running_var is None)
+
+
+def _running(bn: nn.BatchNorm2d, count: Union[int, torch.Tensor]) -> tuple:
+    """bn_update_running_stats' arguments after (mean, var): the buffers, momentum (None: a
+    cumulative average), and the count as a number or a 0-d tensor (a gathered count)."""
     momentum = None if bn.momentum is None else float(bn.momentum)
-    if isinstance(count, torch.Tensor):
-        _ops.bn_update_running_stats(mean, var, bn.running_mean, bn.running_var,
-                                     bn.num_batches_tracked, momentum, 0.0, count)
-    else:
-        _ops.bn_update_running_stats(mean, var, bn.running_mean, bn.running_var,
-                                     bn.num_batches_tracked, momentum, float(count), None)
+    count_tensor = count if isinstance(count, torch.Tensor) else None
+    return (bn.running_mean, bn.running_var, bn.num_batches_tracked, momentum,
+            0.0 if count_tensor is not None else float(count), count_tensor)
+
+
+class _TrainNorm(torch.autograd.Function):
+    """bn_train_norm's (scale, shift), with bn_scale_shift's gradients for var, weight and bias
+    (the running statistics' update, its other job, has none)."""
+
+    @staticmethod
+    def forward(ctx, var, weight, bias, mean, running_mean, running_var, num_batches_tracked,
+                momentum, count, count_tensor, eps, dtype):
+        scale, shift = _ops.bn_train_norm(mean, var, weight, bias, eps, dtype, running_mean,
+                                          running_var, num_batches_tracked, momentum, count,
+                                          count_tensor)
+        ctx.save_for_backward(var, weight, bias)
+        ctx.eps, ctx.dtype = eps, dtype
+        return scale, shift
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_scale, grad_shift):
+        grads = _backward(ctx, grad_scale, grad_shift)[:3]
+        return (*grads, *(None,) * 9)
 
 
 # ---- the ATen formulas, for devices without the ops' kernels
@@ -133,6 +160,12 @@ def _bn_scale_shift_backward_fake(grad_scale, grad_shift, var, weight, bias, eps
     def like(t):
         return var.new_empty((0,), dtype=dtype) if t is None else t.new_empty(t.shape)
     return var.new_empty(var.shape), like(weight), like(bias)
+
+
+@torch.library.register_fake("convmixer_kernels::bn_train_norm")
+def _bn_train_norm_fake(mean, var, weight, bias, eps, dtype, running_mean, running_var,
+                        num_batches_tracked, momentum, count, count_tensor):
+    return var.new_empty(var.shape, dtype=dtype), var.new_empty(var.shape, dtype=dtype)
 
 
 @torch.library.register_fake("convmixer_kernels::bn_update_running_stats")

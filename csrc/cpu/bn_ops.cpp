@@ -120,5 +120,19 @@ void bn_update_running_stats(const at::Tensor& mean_in, const at::Tensor& var_in
   });
 }
 
+// Two calls on the CPU, where launches cost nothing; the CUDA op is one kernel.
+std::tuple<at::Tensor, at::Tensor> bn_train_norm(
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, at::ScalarType dtype,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+    double count, const std::optional<at::Tensor>& count_tensor) {
+  check_bn_train_norm("bn_train_norm", mean, var, weight, bias, dtype, running_mean, running_var,
+                      num_batches_tracked, momentum, count_tensor);
+  bn_update_running_stats(mean, var, running_mean, running_var, num_batches_tracked, momentum,
+                          count, count_tensor);
+  return bn_scale_shift(var, weight, bias, eps, dtype);
+}
+
 }  // namespace cpu
 }  // namespace convmixer_kernels

@@ -284,15 +284,32 @@ std::vector<double> total_parts(const std::vector<opmath_t>& parts, int64_t chun
   return total;
 }
 
+// Whether oneDNN has kernels for `dtype` on this CPU (torch's own test, which Inductor asks too):
+// half needs AVX512-FP16 or AMX-FP16, bfloat16 AVX512-BF16 or AMX; elsewhere creating the primitive
+// fails (an AMD EPYC with AVX512-BF16 and no FP16 refuses half).
+bool onednn_supports(at::ScalarType dtype) {
+  const auto ask = [](const char* name) {
+    const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+    if (!op.has_value()) return false;
+    torch::jit::Stack stack;
+    op->callBoxed(&stack);
+    return stack[0].toBool();
+  };
+  static const bool half = ask("mkldnn::_is_mkldnn_fp16_supported");
+  static const bool bfloat16 = ask("mkldnn::_is_mkldnn_bf16_supported");
+  return dtype == at::kHalf ? half : dtype == at::kBFloat16 ? bfloat16 : false;
+}
+
 // p = u Wᵀ + bias for the whole matrix (the bfloat16/half path). With a bias, oneDNN's linear
 // (mkldnn::_linear_pointwise, what Inductor calls) adds it inside the GEMM: bitwise what addmm
 // gives, without addmm's first pass copying the broadcast bias into the output. A torch without
-// that op gets addmm.
+// that op, or a CPU oneDNN has no kernels of the dtype for, gets addmm.
 at::Tensor gemm(const at::Tensor& u, const at::Tensor& w2d, const std::optional<at::Tensor>& bias) {
   if (!bias.has_value()) return at::mm(u, w2d.t());
   static const auto linear =
       c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
-  if (!linear.has_value() || !w2d.is_contiguous()) return at::addmm(*bias, u, w2d.t());
+  if (!linear.has_value() || !w2d.is_contiguous() || !onednn_supports(u.scalar_type()))
+    return at::addmm(*bias, u, w2d.t());
   torch::jit::Stack stack{u, w2d, *bias, std::string("none"),
                           c10::List<std::optional<at::Scalar>>(), std::string("")};
   linear->callBoxed(&stack);

@@ -13,4 +13,5 @@ TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) {
   m.impl("bn_scale_shift", &convmixer_kernels::cpu::bn_scale_shift);
   m.impl("bn_scale_shift_backward", &convmixer_kernels::cpu::bn_scale_shift_backward);
   m.impl("bn_update_running_stats", &convmixer_kernels::cpu::bn_update_running_stats);
+  m.impl("bn_train_norm", &convmixer_kernels::cpu::bn_train_norm);
 }

@@ -35,6 +35,54 @@ bn::Problem problem_of(at::ScalarType acc, int64_t C) {
   return {acc == at::kDouble ? cuda::DType::Float64 : cuda::DType::Float32, C};
 }
 
+// ScaleShift's call, its inputs kept contiguous and its outputs allocated (the checks done).
+struct ScaleShiftCall {
+  at::Tensor var, weight, bias, scale, shift;
+  bn::ScaleShift c;
+  ScaleShiftCall(const at::Tensor& var_in, const std::optional<at::Tensor>& weight_in,
+                 const std::optional<at::Tensor>& bias_in, double eps, at::ScalarType dtype,
+                 int64_t C)
+      : var(var_in.contiguous()),
+        weight(contiguous_or_none(weight_in)),
+        bias(contiguous_or_none(bias_in)),
+        scale(at::empty({C}, var.options().dtype(dtype))),
+        shift(at::empty({C}, var.options().dtype(dtype))) {
+    c.problem = problem_of(dtype, C);
+    c.eps = eps;
+    c.var = in_of(var);
+    c.weight = in_of(weight);
+    c.bias = in_of(bias);
+    c.scale = scale.data_ptr();
+    c.shift = shift.data_ptr();
+  }
+};
+
+// RunningStats's call (the checks done; the running statistics are contiguous, the buffers
+// themselves).
+struct RunningStatsCall {
+  at::Tensor mean, var;
+  bn::RunningStats c;
+  RunningStatsCall(const at::Tensor& mean_in, const at::Tensor& var_in,
+                   const std::optional<at::Tensor>& running_mean,
+                   const std::optional<at::Tensor>& running_var,
+                   const std::optional<at::Tensor>& num_batches_tracked,
+                   std::optional<double> momentum, double count,
+                   const std::optional<at::Tensor>& count_tensor, int64_t C)
+      : mean(mean_in.contiguous()), var(var_in.contiguous()) {
+    c.problem = problem_of(mean.scalar_type(), C);
+    c.mean = mean.data_ptr();
+    c.var = var.data_ptr();
+    if (running_mean.has_value()) c.running_mean = out_of(*running_mean);
+    if (running_var.has_value()) c.running_var = out_of(*running_var);
+    c.num_batches_tracked =
+        num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+    c.momentum = momentum.value_or(0.0);
+    c.cumulative = !momentum.has_value();
+    c.count = count;
+    if (count_tensor.has_value()) c.count_tensor = in_of(*count_tensor);
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& var_in,
                                                   const std::optional<at::Tensor>& weight_in,
                                                   const std::optional<at::Tensor>& bias_in,
@@ -42,20 +90,9 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_shift(const at::Tensor& var_in,
   const char* op = "bn_scale_shift";
   const int64_t C = check_bn_scale_shift(op, var_in, weight_in, bias_in, dtype);
   const c10::cuda::CUDAGuard guard(var_in.device());
-  const auto var = var_in.contiguous();
-  const auto weight = contiguous_or_none(weight_in), bias = contiguous_or_none(bias_in);
-  auto scale = at::empty({C}, var.options().dtype(dtype));
-  auto shift = at::empty({C}, var.options().dtype(dtype));
-  bn::ScaleShift c;
-  c.problem = problem_of(dtype, C);
-  c.eps = eps;
-  c.var = in_of(var);
-  c.weight = in_of(weight);
-  c.bias = in_of(bias);
-  c.scale = scale.data_ptr();
-  c.shift = shift.data_ptr();
-  launch_entry(op, c, var, false, C, " channels");
-  return {scale, shift};
+  const ScaleShiftCall call(var_in, weight_in, bias_in, eps, dtype, C);
+  launch_entry(op, call.c, call.var, false, C, " channels");
+  return {call.scale, call.shift};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift_backward(
@@ -100,21 +137,30 @@ void bn_update_running_stats(const at::Tensor& mean_in, const at::Tensor& var_in
   const int64_t C = check_bn_update_running_stats(op, mean_in, var_in, running_mean, running_var,
                                                   num_batches_tracked, momentum, count_tensor);
   const c10::cuda::CUDAGuard guard(mean_in.device());
-  const auto mean = mean_in.contiguous(), var = var_in.contiguous();
-  // The checks admit contiguous running statistics only: these are the buffers themselves.
-  bn::RunningStats c;
-  c.problem = problem_of(mean.scalar_type(), C);
-  c.mean = mean.data_ptr();
-  c.var = var.data_ptr();
-  if (running_mean.has_value()) c.running_mean = out_of(*running_mean);
-  if (running_var.has_value()) c.running_var = out_of(*running_var);
-  c.num_batches_tracked =
-      num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
-  c.momentum = momentum.value_or(0.0);
-  c.cumulative = !momentum.has_value();
-  c.count = count;
-  if (count_tensor.has_value()) c.count_tensor = in_of(*count_tensor);
-  launch_entry(op, c, mean, false, C, " channels");
+  const RunningStatsCall call(mean_in, var_in, running_mean, running_var, num_batches_tracked,
+                              momentum, count, count_tensor, C);
+  launch_entry(op, call.c, call.mean, false, C, " channels");
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_train_norm(
+    const at::Tensor& mean_in, const at::Tensor& var_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, at::ScalarType dtype,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+    double count, const std::optional<at::Tensor>& count_tensor) {
+  const char* op = "bn_train_norm";
+  const int64_t C = check_bn_train_norm(op, mean_in, var_in, weight, bias, dtype, running_mean,
+                                        running_var, num_batches_tracked, momentum, count_tensor);
+  const c10::cuda::CUDAGuard guard(mean_in.device());
+  const RunningStatsCall running(mean_in, var_in, running_mean, running_var, num_batches_tracked,
+                                 momentum, count, count_tensor, C);
+  const ScaleShiftCall norm(var_in, weight, bias, eps, dtype, C);
+  bn::TrainNorm c;
+  c.problem = problem_of(dtype, C);
+  c.norm = norm.c;
+  c.running = running.c;
+  launch_entry(op, c, running.mean, false, C, " channels");
+  return {norm.scale, norm.shift};
 }
 
 }  // namespace
@@ -125,4 +171,5 @@ TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA, m) {
   m.impl("bn_scale_shift", &convmixer_kernels::cuda_ops::bn_scale_shift);
   m.impl("bn_scale_shift_backward", &convmixer_kernels::cuda_ops::bn_scale_shift_backward);
   m.impl("bn_update_running_stats", &convmixer_kernels::cuda_ops::bn_update_running_stats);
+  m.impl("bn_train_norm", &convmixer_kernels::cuda_ops::bn_train_norm);
 }

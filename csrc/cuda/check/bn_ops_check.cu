@@ -13,10 +13,9 @@ namespace bn = convmixer_kernels::cuda::bn;
 static bn::In in(const void* p, int type) { return {p, static_cast<bn::Elem>(type)}; }
 static bn::Out out(void* p, int type) { return {p, static_cast<bn::Elem>(type)}; }
 
-extern "C" int convmixer_bn_scale_shift(int acc, long long C, double eps, const void* var,
-                                        int var_type, const void* weight, int weight_type,
-                                        const void* bias, int bias_type, void* scale,
-                                        void* shift, cudaStream_t stream) {
+static bn::ScaleShift scale_shift(int acc, long long C, double eps, const void* var,
+                                 int var_type, const void* weight, int weight_type,
+                                 const void* bias, int bias_type, void* scale, void* shift) {
   bn::ScaleShift c;
   c.problem = {static_cast<cuda::DType>(acc), C};
   c.eps = eps;
@@ -25,6 +24,35 @@ extern "C" int convmixer_bn_scale_shift(int acc, long long C, double eps, const 
   c.bias = in(bias, bias_type);
   c.scale = scale;
   c.shift = shift;
+  return c;
+}
+
+static bn::RunningStats running_stats(int acc, long long C, const void* mean, const void* var,
+                                      void* running_mean, int running_mean_type,
+                                      void* running_var, int running_var_type,
+                                      long long* num_batches_tracked, double momentum,
+                                      int cumulative, double count, const void* count_tensor,
+                                      int count_type) {
+  bn::RunningStats c;
+  c.problem = {static_cast<cuda::DType>(acc), C};
+  c.mean = mean;
+  c.var = var;
+  c.running_mean = out(running_mean, running_mean_type);
+  c.running_var = out(running_var, running_var_type);
+  c.num_batches_tracked = reinterpret_cast<int64_t*>(num_batches_tracked);
+  c.momentum = momentum;
+  c.cumulative = cumulative != 0;
+  c.count = count;
+  c.count_tensor = in(count_tensor, count_type);
+  return c;
+}
+
+extern "C" int convmixer_bn_scale_shift(int acc, long long C, double eps, const void* var,
+                                        int var_type, const void* weight, int weight_type,
+                                        const void* bias, int bias_type, void* scale,
+                                        void* shift, cudaStream_t stream) {
+  const bn::ScaleShift c = scale_shift(acc, C, eps, var, var_type, weight, weight_type, bias,
+                                       bias_type, scale, shift);
   return cuda::run_entry(c, scale, nullptr, 0, nullptr, stream);
 }
 
@@ -55,17 +83,28 @@ extern "C" int convmixer_bn_running_stats(int acc, long long C, const void* mean
                                           double momentum, int cumulative, double count,
                                           const void* count_tensor, int count_type,
                                           cudaStream_t stream) {
-  bn::RunningStats c;
-  c.problem = {static_cast<cuda::DType>(acc), C};
-  c.mean = mean;
-  c.var = var;
-  c.running_mean = out(running_mean, running_mean_type);
-  c.running_var = out(running_var, running_var_type);
-  c.num_batches_tracked = reinterpret_cast<int64_t*>(num_batches_tracked);
-  c.momentum = momentum;
-  c.cumulative = cumulative != 0;
-  c.count = count;
-  c.count_tensor = in(count_tensor, count_type);
+  const bn::RunningStats c = running_stats(acc, C, mean, var, running_mean, running_mean_type,
+                                           running_var, running_var_type, num_batches_tracked,
+                                           momentum, cumulative, count, count_tensor, count_type);
   // Always launched (an update has no single output to test for null): a non-null marker.
   return cuda::run_entry(c, &c, nullptr, 0, nullptr, stream);
+}
+
+// convmixer_bn_running_stats's arguments, then convmixer_bn_scale_shift's from eps on (its var
+// the statistics' var, of the accumulation type).
+extern "C" int convmixer_bn_train_norm(int acc, long long C, const void* mean, const void* var,
+                                       void* running_mean, int running_mean_type,
+                                       void* running_var, int running_var_type,
+                                       long long* num_batches_tracked, double momentum,
+                                       int cumulative, double count, const void* count_tensor,
+                                       int count_type, double eps, const void* weight,
+                                       int weight_type, const void* bias, int bias_type,
+                                       void* scale, void* shift, cudaStream_t stream) {
+  bn::TrainNorm c;
+  c.problem = {static_cast<cuda::DType>(acc), C};
+  c.running = running_stats(acc, C, mean, var, running_mean, running_mean_type, running_var,
+                            running_var_type, num_batches_tracked, momentum, cumulative, count,
+                            count_tensor, count_type);
+  c.norm = scale_shift(acc, C, eps, var, acc, weight, weight_type, bias, bias_type, scale, shift);
+  return cuda::run_entry(c, scale, nullptr, 0, nullptr, stream);
 }

@@ -5,6 +5,8 @@
 //   bn_scale_shift_backward_kernel  (grad_scale, grad_shift) -> grad_var, grad_weight, grad_bias
 //   bn_running_stats_kernel         running_mean, running_var, num_batches_tracked in place, as
 //                                   nn.BatchNorm2d updates them
+//   bn_train_norm_kernel            a training BatchNorm's both: the running statistics, then
+//                                   scale and shift of the batch var (one launch instead of two)
 // Every vector is read and written in its own element type (the running statistics of a
 // half-precision model, bfloat16 parameters, ...), converted in registers: no cast launches. The
 // maths is in the accumulation type, with correctly rounded sqrt and division, so the results do
@@ -77,6 +79,13 @@ struct RunningStats {
   In count_tensor;
 };
 
+// RunningStats, then ScaleShift of the batch var, in one kernel; the three problems are one.
+struct TrainNorm {
+  Problem problem;
+  ScaleShift norm;
+  RunningStats running;
+};
+
 constexpr int kThreads = 256;
 
 template <typename Acc>
@@ -125,11 +134,9 @@ __device__ __forceinline__ Acc invstd_of(Acc var, Acc eps) {
   return acc_div(Acc(1), acc_sqrt(acc_add(var, eps)));
 }
 
+// Channel i of ScaleShift.
 template <typename Acc>
-__global__ void __launch_bounds__(kThreads)
-bn_scale_shift_kernel(ScaleShift c) {
-  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= c.problem.C) return;
+__device__ __forceinline__ void scale_shift_at(const ScaleShift& c, int64_t i) {
   const Acc invstd = invstd_of(load<Acc>(c.var.data, c.var.type, i), Acc(c.eps));
   Acc* scale = static_cast<Acc*>(c.scale);
   Acc* shift = static_cast<Acc*>(c.shift);
@@ -140,6 +147,13 @@ bn_scale_shift_kernel(ScaleShift c) {
     scale[i] = invstd;
     shift[i] = Acc(0);
   }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+bn_scale_shift_kernel(ScaleShift c) {
+  const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (i < c.problem.C) scale_shift_at<Acc>(c, i);
 }
 
 // d scale / d var = -weight · invstd³ / 2; d scale / d weight = invstd; d shift / d bias = 1.
@@ -161,11 +175,10 @@ bn_scale_shift_backward_kernel(ScaleShiftBackward c) {
   }
 }
 
-// One CTA: every thread reads num_batches_tracked before thread 0 increments it, which a grid of
-// CTAs could not order without a second launch.
+// RunningStats, by one CTA: every thread reads num_batches_tracked before thread 0 increments it,
+// which a grid of CTAs could not order without a second launch.
 template <typename Acc>
-__global__ void __launch_bounds__(kThreads)
-bn_running_stats_kernel(RunningStats c, Elem stat_type) {
+__device__ __forceinline__ void update_running(const RunningStats& c, Elem stat_type) {
   // A momentum and an integer count are host numbers: 1 - momentum and n / (n - 1) in double,
   // as Python computes them for the ATen formula; a count tensor's in its own arithmetic.
   Acc factor = Acc(c.momentum), keep = Acc(1.0 - c.momentum);
@@ -195,6 +208,21 @@ bn_running_stats_kernel(RunningStats c, Elem stat_type) {
       store(c.running_var, i, acc_add(acc_mul(r, keep), acc_mul(v, factor)));
     }
   }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+bn_running_stats_kernel(RunningStats c, Elem stat_type) {
+  update_running<Acc>(c, stat_type);
+}
+
+// One CTA, as bn_running_stats_kernel must be; the [C] scale and shift are no work for it.
+template <typename AccNorm, typename AccRunning>
+__global__ void __launch_bounds__(kThreads)
+bn_train_norm_kernel(TrainNorm c, Elem stat_type) {
+  update_running<AccRunning>(c.running, stat_type);
+  for (int64_t i = threadIdx.x; i < c.norm.problem.C; i += kThreads)
+    scale_shift_at<AccNorm>(c.norm, i);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -246,6 +274,14 @@ inline Requirements requirements(const RunningStats& c) {
   return {true, "", 0};
 }
 
+inline Requirements requirements(const TrainNorm& c) {
+  for (const Problem& p : {c.norm.problem, c.running.problem})
+    if (p.dtype != c.problem.dtype || p.C != c.problem.C)
+      return invalid("the norm and the running statistics must have one dtype and channel count");
+  const Requirements r = requirements(c.running);
+  return r.valid ? requirements(c.norm) : r;
+}
+
 inline unsigned blocks_for(int64_t C) { return unsigned((C + kThreads - 1) / kThreads); }
 
 template <typename T>
@@ -264,22 +300,44 @@ inline cudaError_t launch_as(T, const ScaleShiftBackward& c, void*, size_t, int*
   return cudaGetLastError();
 }
 
-// In double when the statistics or a running statistic are double (a running statistic is
-// updated in its own precision at least, as the in-place ATen update computes it), else float.
+// The statistics' element type, and whether the running update runs in double: when the
+// statistics or a running statistic are double (a running statistic is updated in its own
+// precision at least, as the in-place ATen update computes it), else in float.
+template <typename T>
+inline Elem stat_type_of() {
+  return std::is_same<acc_t<T>, double>::value ? Elem::Float64 : Elem::Float32;
+}
+
+template <typename T>
+inline bool running_in_double(const RunningStats& c) {
+  return stat_type_of<T>() == Elem::Float64 ||
+         (c.running_mean.data != nullptr && c.running_mean.type == Elem::Float64) ||
+         (c.running_var.data != nullptr && c.running_var.type == Elem::Float64);
+}
+
 template <typename T>
 inline cudaError_t launch_as(T, const RunningStats& c, void*, size_t, int*, cudaStream_t stream) {
   if (!requirements(c).valid) return cudaErrorInvalidValue;
   if (c.num_batches_tracked == nullptr && c.running_mean.data == nullptr &&
       c.running_var.data == nullptr)
     return cudaSuccess;
-  const Elem stat_type = std::is_same<acc_t<T>, double>::value ? Elem::Float64 : Elem::Float32;
-  const bool wide = stat_type == Elem::Float64 ||
-                    (c.running_mean.data != nullptr && c.running_mean.type == Elem::Float64) ||
-                    (c.running_var.data != nullptr && c.running_var.type == Elem::Float64);
-  if (wide) {
-    bn_running_stats_kernel<double><<<1, kThreads, 0, stream>>>(c, stat_type);
+  if (running_in_double<T>(c)) {
+    bn_running_stats_kernel<double><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());
   } else {
-    bn_running_stats_kernel<float><<<1, kThreads, 0, stream>>>(c, stat_type);
+    bn_running_stats_kernel<float><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());
+  }
+  return cudaGetLastError();
+}
+
+// T: the statistics' (and the norm's) accumulation type.
+template <typename T>
+inline cudaError_t launch_as(T, const TrainNorm& c, void*, size_t, int*, cudaStream_t stream) {
+  if (!requirements(c).valid) return cudaErrorInvalidValue;
+  using AccNorm = acc_t<T>;
+  if (running_in_double<T>(c.running)) {
+    bn_train_norm_kernel<AccNorm, double><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());
+  } else {
+    bn_train_norm_kernel<AccNorm, float><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());
   }
   return cudaGetLastError();
 }
