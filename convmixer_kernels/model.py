@@ -26,6 +26,7 @@ from .sync_batchnorm import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batc
                           revert_sync_batchnorm, sync_group)
 from .ops import Norm, apply_norm, bn_norm, mixer_block, uses_batch_stats
 from .ops.backend import check_backend
+from .ops.cast import cast_params
 from .activations import ACTIVATIONS, NAMES, activation_of_layer, check_act
 from .ops.checks import acc_dtype
 from .pooling import GlobalPool
@@ -298,7 +299,7 @@ class ConvMixer(nn.Module):
         """One block as its two fused stages; returns its pre-BN2 output and BN2 as a Norm."""
         dw, bn1 = block[0].fn[0], block[0].fn[2]
         pw, bn2 = block[1], block[3]
-        dw_w, dw_b, pw_w, pw_b = _cast_params((dw.weight, dw.bias, pw.weight, pw.bias), dtype)
+        dw_w, dw_b, pw_w, pw_b = cast_params((dw.weight, dw.bias, pw.weight, pw.bias), dtype)
         h_next, mean, var = mixer_block(
             h, dw_w, dw_b, pw_w, pw_b,
             lambda mean, var: bn_norm(bn1, *_global_stats(bn1, mean, var, count), acc),
@@ -311,28 +312,6 @@ def _global_stats(bn, mean, var, count):
     """The statistics `bn` normalises with: the local batch's, or the whole distributed batch's."""
     group = sync_group(bn)
     return (mean, var, count) if group is None else merge_batch_stats(mean, var, count, group)
-
-
-def _cast_params(params, dtype):
-    """`params` (None for an absent bias) in `dtype`, under autocast as one concatenation and one
-    cast of it, whose views the stages take: 2 launches forward and 2 backward (the split's
-    backward concatenates the gradients, the cast's casts them back; the concatenation's
-    backward is views) instead of one cast each way per tensor, 8 a block. The GEMM operand, the
-    largest, goes first: its view starts the buffer, aligned as any allocation is. Nothing to
-    do, and no copy, when they are in `dtype` already."""
-    given = [p for p in params if p is not None]
-    if all(p.dtype == dtype for p in given):
-        return params
-    order = sorted(range(len(given)), key=lambda i: -given[i].numel())
-    flat = torch.cat([given[i].reshape(-1) for i in order]).to(dtype)
-    # One split (its backward is one concatenation), not a slice each (a zero fill and a copy
-    # each, then their sum).
-    pieces = flat.split_with_sizes([given[i].numel() for i in order])
-    views = [None] * len(given)
-    for i, piece in zip(order, pieces):
-        views[i] = piece.view(given[i].shape)
-    it = iter(views)
-    return tuple(None if p is None else next(it) for p in params)
 
 
 # The paper's models, by timm's names (the CIFAR-10 one is the paper's too, not in timm).

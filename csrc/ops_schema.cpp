@@ -47,4 +47,7 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "ScalarType dtype, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor(c!)? num_batches_tracked, float? momentum, float count, Tensor? count_tensor) -> "
       "(Tensor scale, Tensor shift)");
+  // The block's parameters cast as one buffer under autocast, and their gradients back
+  // (convmixer_kernels/ops/cast.py): one kernel each way.
+  m.def("cat_cast(Tensor[] tensors, ScalarType dtype) -> Tensor");
 }

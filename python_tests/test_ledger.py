@@ -17,12 +17,13 @@ from convmixer_kernels.roofline import main as roofline_main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The stage ops, whose launches the emulation tests below count; everything else is glue (the
-# BatchNorm ops convmixer_kernels.bn_* included: one kernel each, named by BN_KERNELS).
+# BatchNorm ops and the cast, ops of our own, included: one kernel each, named by GLUE_KERNELS).
 STAGE_OPS = ("convmixer_kernels.dw_stage", "convmixer_kernels.pw_stage")
-BN_KERNELS = {"convmixer_kernels.bn_scale_shift.default": "bn_scale_shift_kernel",
+GLUE_KERNELS = {"convmixer_kernels.bn_scale_shift.default": "bn_scale_shift_kernel",
               "convmixer_kernels.bn_scale_shift_backward.default": "bn_scale_shift_backward_kernel",
               "convmixer_kernels.bn_update_running_stats.default": "bn_running_stats_kernel",
-              "convmixer_kernels.bn_train_norm.default": "bn_train_norm_kernel"}
+              "convmixer_kernels.bn_train_norm.default": "bn_train_norm_kernel",
+              "convmixer_kernels.cat_cast.default": "cat_cast_kernel"}
 
 
 # Ops that allocate and launch nothing.
@@ -64,11 +65,11 @@ def test_glue_launches_per_block_match_the_ledger(autocast):
     per_block = {op: three[op] - two[op] for op in three if three[op] != two[op]}
     glue = [e for e in ledger.block_step("gelu", autocast) if e.stage == "block"]
     assert sum(per_block.values()) == sum(e.launches for e in glue), per_block
-    # the BatchNorm ops, kernel by kernel
-    bn_ops = collections.Counter({BN_KERNELS[op]: n for op, n in per_block.items()
-                                  if op.startswith("convmixer_kernels.")})
-    assert bn_ops == collections.Counter({e.kernel: e.launches for e in glue
-                                          if e.kernel.startswith("bn_")}), per_block
+    # the glue ops of our own (BatchNorm, the cast), kernel by kernel
+    ours = collections.Counter({GLUE_KERNELS[op]: n for op, n in per_block.items()
+                                if op.startswith("convmixer_kernels.")})
+    assert ours == collections.Counter({e.kernel: e.launches for e in glue
+                                        if e.kernel.endswith("_kernel")}), per_block
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])

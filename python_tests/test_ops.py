@@ -882,6 +882,25 @@ def test_deterministic(backend, stage, dtype, shape, k, act, tuning):
     assert_bitwise(first[1], second[1])
 
 
+@over_backends("stage", cuda=["dw", "pw"])
+def test_finalize_counters_per_stream(backend, stage):
+    """The last CTA of each channel block finalizes, counting arrivals in a buffer kept per
+    stream and left zero by every launch (csrc/cuda/cuda_common.h stream_counters): the stage on
+    a side stream, then back on the first, then twice more there, bitwise the same throughout."""
+    case = (_dw(backend, f32, (8, 192, 32, 32), 9, "gelu") if stage == "dw" else
+            _pw(backend, f32, (8, 192, 192, 32, 32), "gelu"))
+    cots = cast_cotangents(cotangents(case), f32)
+    first = run(call(case, backend), case.leaves, cots)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = run(call(case, backend), case.leaves, cots)
+    torch.cuda.current_stream().wait_stream(side)
+    for again in (on_side, *(run(call(case, backend), case.leaves, cots) for _ in range(2))):
+        assert_bitwise(first[0], again[0])
+        assert_bitwise(first[1], again[1])
+
+
 @over_backends("stage,shape", cpu=[("dw", (3, 40, 9, 13)), ("pw", (3, 40, 36, 9, 13)),
                                    ("pw", PW_CHUNKED)])
 def test_deterministic_across_thread_counts(backend, stage, shape):

@@ -98,9 +98,9 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
                note="grad var, weight, bias of BN1, BN2 (bn_scale_shift_backward)"),
     ]
     if autocast:
-        step.append(Launch("block", "fwd+bwd", "ATen cat, _to_copy", 4,
+        step.append(Launch("block", "fwd+bwd", "cat_cast_kernel", 2,
                            note="autocast: the block's weights and biases cast as one buffer, "
-                                "the gradients back (model._cast_params)"))
+                                "the gradients back (ops.cast.cast_params)"))
     return step
 
 

@@ -1,6 +1,7 @@
-// The CPU implementations of the ops (csrc/cpu/dw_stage.cpp, pw_stage.cpp, bn_ops.cpp),
+// The CPU implementations of the ops (csrc/cpu/dw_stage.cpp, pw_stage.cpp, bn_ops.cpp, cat_cast.cpp),
 // registered for the schemas of csrc/ops_schema.cpp.
 #include "../bn_ops.h"
+#include "../cat_cast.h"
 #include "../ops.h"
 
 #include <torch/library.h>
@@ -14,4 +15,5 @@ TORCH_LIBRARY_IMPL(convmixer_kernels, CPU, m) {
   m.impl("bn_scale_shift_backward", &convmixer_kernels::cpu::bn_scale_shift_backward);
   m.impl("bn_update_running_stats", &convmixer_kernels::cpu::bn_update_running_stats);
   m.impl("bn_train_norm", &convmixer_kernels::cpu::bn_train_norm);
+  m.impl("cat_cast", &convmixer_kernels::cpu::cat_cast);
 }
