@@ -7,14 +7,12 @@ emulation in test_cuda_emulation_bn.py; the model tests (test_model.py: training
 track_running_stats=False, torch.compile) run them inside the fused model."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from convmixer_kernels.ops import apply_norm, batch_norm, bn_norm
+from dispatch_count import OpCounter
 
 _ops = torch.ops.convmixer_kernels
 f32, f64 = torch.float32, torch.float64
@@ -210,17 +208,6 @@ def test_train_norm_is_update_then_scale_shift():
         assert torch.equal(a, c)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func is not torch.ops.aten.detach.default:
-            self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_aten_fallback_matches_the_ops(monkeypatch, momentum):
     """A device without the ops' kernels (an extension built without CUDA, the Triton backend on
@@ -230,7 +217,7 @@ def test_aten_fallback_matches_the_ops(monkeypatch, momentum):
         if not native:
             monkeypatch.setattr(batch_norm, "_NATIVE", {})
         bn = _pair(6, f64, momentum=momentum)[1]
-        with _Ops() as seen:
+        with OpCounter() as seen:
             for step in range(2):
                 x = (torch.randn(3, 6, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(step))
                      .requires_grad_())
@@ -248,15 +235,15 @@ def test_one_op_per_job():
     bn = _pair(6, f32)[1]
     mean = torch.randn(6, requires_grad=True)
     var = (torch.rand(6) + 0.1).requires_grad_()
-    with _Ops() as seen:
+    with OpCounter() as seen:
         norm = bn_norm(bn, mean, var, 10, f32)
     assert +seen.ops == {"convmixer_kernels.bn_train_norm.default": 1}
     untracked = _pair(6, f32, track_running_stats=False)[1]
-    with _Ops() as seen_untracked:
+    with OpCounter() as seen_untracked:
         bn_norm(untracked, mean, var, 10, f32)
     assert +seen_untracked.ops == {"convmixer_kernels.bn_scale_shift.default": 1}
     grads = (torch.ones(6), torch.ones(6))
-    with _Ops() as seen:
+    with OpCounter() as seen:
         torch.autograd.backward((norm.scale, norm.shift), grads)
     assert list(seen.ops) == ["convmixer_kernels.bn_scale_shift_backward.default"]
 

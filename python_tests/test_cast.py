@@ -5,13 +5,11 @@ parameters out in, and one op each way. The CUDA kernel runs the same comparison
 in test_cuda_emulation_cast.py; the model's autocast tests (test_model.py) run it in a block."""
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from convmixer_kernels.ops import cast
+from dispatch_count import OpCounter
 
 _ops = torch.ops.convmixer_kernels
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -61,17 +59,6 @@ def test_cat_cast_bad_input(call, error, match):
         call()
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func is not torch.ops.aten.detach.default:
-            self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_cast_params_values_and_gradients(bias):
     """Values and gradients as autograd's cat and cast give them, one cat_cast each way, the
@@ -80,7 +67,7 @@ def test_cast_params_values_and_gradients(bias):
     if not bias:
         params[1] = params[3] = None
     given = [p for p in params if p is not None]
-    with _Ops() as forward:
+    with OpCounter() as forward:
         views = cast.cast_params(params, torch.bfloat16)
     assert +forward.ops == {"convmixer_kernels.cat_cast.default": 1}
     assert [v is None for v in views] == [p is None for p in params]
@@ -89,7 +76,7 @@ def test_cast_params_values_and_gradients(bias):
                                                           if v is not None)
     grads = [torch.randn(v.shape, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(i))
              for i, v in enumerate(views) if v is not None]
-    with _Ops() as backward:
+    with OpCounter() as backward:
         torch.autograd.backward([v for v in views if v is not None], grads)
     assert +backward.ops == {"convmixer_kernels.cat_cast.default": 1}
     for p, v, g in zip(given, [v for v in views if v is not None], grads):
