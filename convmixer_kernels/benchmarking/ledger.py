@@ -3,11 +3,13 @@
 bytes it reads and writes and its FLOPs.
 
 It is written from the code (csrc/cuda/*_stage.cu and their launch entries, the model's glue in
-convmixer_kernels/model.py, ops/block.py, ops/batch_norm.py and csrc/cuda/bn_ops.cu) and kept
-honest by python_tests/test_ledger.py: the glue's launches (ATen ops and the BatchNorm ops) are
-counted by running blocks under a dispatch counter, the dw and pw kernels' launches by running the shipped launch entries under the CUDA
-emulation, and every kernel the ledger names must exist in csrc/cuda. `roofline.step_cost` takes the implementation's
-bytes per block from here (StepCost.cuda_bytes); the ideal floor stays roofline.STAGE_PASSES.
+convmixer_kernels/model.py, ops/block.py, ops/batch_norm.py, ops/cast.py, csrc/cuda/bn_ops.cu and
+csrc/cuda/cat_cast.cu) and kept honest by python_tests/test_ledger.py: the glue's launches (ATen
+ops, the BatchNorm ops and the cast) are counted by running blocks under a dispatch counter, the
+dw and pw kernels' launches by running the shipped launch entries under the CUDA emulation, and
+every kernel the ledger names must exist in csrc/cuda. `roofline.step_cost` takes the
+implementation's bytes per block from here (StepCost.cuda_bytes); the ideal floor stays
+roofline.STAGE_PASSES.
 
 Units. E is one activation tensor, [N·H·W, dim] in the storage dtype: the block is square, so
 every activation-sized read or write is one E. Per-channel vectors ([dim] norms, statistics,
