@@ -301,6 +301,10 @@ def test_bn_norm_bad_statistics():
     (lambda: _ops.bn_train_norm(torch.ones(4), torch.ones(4), torch.ones(4), None, 1e-5, f32,
                                 None, None, None, 0.1, 8.0, None), ValueError,
      "weight and bias must be given together"),
+    # No derivative of its own: an error, not gradients silently None (bn_norm differentiates it).
+    (lambda: _ops.bn_train_norm(torch.ones(4), torch.ones(4), torch.ones(4, requires_grad=True),
+                                torch.ones(4), 1e-5, f32, None, None, None, 0.1, 8.0, None),
+     RuntimeError, "bn_train_norm has no derivative of its own .* use convmixer_kernels.ops.bn_norm"),
 ])
 def test_raw_ops_bad_input(call, error, match):
     with pytest.raises(error, match=match):

@@ -53,6 +53,9 @@ def test_opcheck_cat_cast(dst):
      TypeError, "tensor 1 must be float32"),
     (lambda: _ops.cat_cast([torch.ones(2), torch.ones(2, device="meta")], torch.float32),
      ValueError, "tensor 1 is on meta"),
+    # No derivative of its own: an error, not gradients silently None (cast_params has one).
+    (lambda: _ops.cat_cast([torch.ones(2, requires_grad=True)], torch.bfloat16), RuntimeError,
+     "cat_cast has no derivative of its own .* use convmixer_kernels.ops.cast.cast_params"),
 ])
 def test_cat_cast_bad_input(call, error, match):
     with pytest.raises(error, match=match):

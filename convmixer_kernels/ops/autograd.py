@@ -62,3 +62,29 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
     lib = torch.library.Library(namespace, "FRAGMENT")
     lib.impl(name, kernel, "Autograd", with_keyset=True)
     _libs.append(lib)
+
+
+def register_no_derivative(qualname: str, use_instead: str) -> None:
+    """An Autograd kernel for the op `qualname` that has no derivative of its own (an op that
+    mutates cannot carry one; a list-taking op's gradient lives in the autograd.Function that
+    calls it): with grad mode on and an input that requires grad it raises, naming
+    `use_instead`, where PyTorch's fallback would warn and leave the gradients silently None;
+    otherwise it runs the op (as it does inside that Function's forward, where grad mode is off)."""
+    namespace, name = qualname.split("::")
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    def requires_grad(a) -> bool:
+        if isinstance(a, torch.Tensor):
+            return a.requires_grad
+        return isinstance(a, (list, tuple)) and any(requires_grad(t) for t in a)
+
+    def kernel(keyset, *args):
+        if _C.is_grad_enabled() and any(requires_grad(a) for a in args):
+            raise RuntimeError(f"{qualname} has no derivative of its own and an input requires "
+                               f"grad: use {use_instead}, which differentiates it")
+        with _C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    lib.impl(name, kernel, "Autograd", with_keyset=True)
+    _libs.append(lib)

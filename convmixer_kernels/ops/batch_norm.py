@@ -24,7 +24,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
-from .autograd import register_autograd
+from .autograd import register_autograd, register_no_derivative
 from .backend import _native_has
 from .checks import Norm
 
@@ -189,6 +189,7 @@ def _backward(ctx, grad_scale, grad_shift):
 
 
 register_autograd("convmixer_kernels::bn_scale_shift", _backward, _setup_context)
+register_no_derivative("convmixer_kernels::bn_train_norm", "convmixer_kernels.ops.bn_norm")
 
 
 def apply_norm(h: torch.Tensor, norm: Norm) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .autograd import register_no_derivative
 from .backend import _native_has
 
 _ops = torch.ops.convmixer_kernels
@@ -68,6 +69,9 @@ def cast_params(params: Sequence[Optional[torch.Tensor]], dtype: torch.dtype) ->
         views[i] = view
     it = iter(views)
     return tuple(None if p is None else next(it) for p in params)
+
+
+register_no_derivative("convmixer_kernels::cat_cast", "convmixer_kernels.ops.cast.cast_params")
 
 
 @torch.library.register_fake("convmixer_kernels::cat_cast")
