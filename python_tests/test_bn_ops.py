@@ -224,6 +224,8 @@ def test_aten_fallback_matches_the_ops(monkeypatch, momentum):
                 _norm_of(bn, x).square().sum().backward()
         called = any(op.startswith("convmixer_kernels.bn_") for op in seen.ops)
         assert called == native, seen.ops
+        # The update is no part of the graph: buffers that required grad would chain the steps.
+        assert not any(b.requires_grad for b in bn.buffers())
         results.append((x.grad, bn.weight.grad, bn.bias.grad, *bn.state_dict().values()))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, **TOL[f64])

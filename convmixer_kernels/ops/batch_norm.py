@@ -134,6 +134,7 @@ def _aten_norm(mean, var, weight, bias, eps, dtype) -> Norm:
     return Norm(mean, invstd, torch.zeros_like(invstd))
 
 
+@torch.no_grad()
 def _aten_update(bn: nn.BatchNorm2d, mean, var, count) -> None:
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
