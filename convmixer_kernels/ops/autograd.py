@@ -20,6 +20,19 @@ from torch.autograd.function import once_differentiable
 _libs: list = []  # keeps the Library fragments (and so the registrations) alive
 
 
+def _below_autograd(op, keyset, args):
+    """The op's kernel below the Autograd key (the backend's)."""
+    with _C._AutoDispatchBelowAutograd():
+        return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+
+def _register_autograd_kernel(qualname: str, kernel: Callable) -> None:
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    lib.impl(name, kernel, "Autograd", with_keyset=True)
+    _libs.append(lib)
+
+
 def register_autograd(qualname: str, backward: Callable, setup_context: Callable) -> None:
     """Autograd for the op `qualname` ("namespace::name", overload default): `setup_context(ctx,
     inputs, output)` saves what `backward(ctx, *grads)` needs, which returns one gradient (or
@@ -36,8 +49,7 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
         # the backward as None instead of materialised zeros: pre_act alone would cost an
         # activation-sized fill per call. The formulas treat None as zero.
         ctx.set_materialize_grads(False)
-        with _C._AutoDispatchBelowAutograd():
-            output = op.redispatch(keyset & _C._after_autograd_keyset, *args)
+        output = _below_autograd(op, keyset, args)
         setup_context(ctx, args, output)
         return output
 
@@ -56,12 +68,9 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
     def kernel(keyset, *args):
         if _C.is_grad_enabled() and _C._any_requires_grad(*args):
             return function.apply(keyset, *args)
-        with _C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+        return _below_autograd(op, keyset, args)
 
-    lib = torch.library.Library(namespace, "FRAGMENT")
-    lib.impl(name, kernel, "Autograd", with_keyset=True)
-    _libs.append(lib)
+    _register_autograd_kernel(qualname, kernel)
 
 
 def register_no_derivative(qualname: str, use_instead: str) -> None:
@@ -82,9 +91,6 @@ def register_no_derivative(qualname: str, use_instead: str) -> None:
         if _C.is_grad_enabled() and any(requires_grad(a) for a in args):
             raise RuntimeError(f"{qualname} has no derivative of its own and an input requires "
                                f"grad: use {use_instead}, which differentiates it")
-        with _C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+        return _below_autograd(op, keyset, args)
 
-    lib = torch.library.Library(namespace, "FRAGMENT")
-    lib.impl(name, kernel, "Autograd", with_keyset=True)
-    _libs.append(lib)
+    _register_autograd_kernel(qualname, kernel)

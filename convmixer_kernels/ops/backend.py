@@ -25,6 +25,13 @@ def _native_has(dispatch_key: str, ops=_NATIVE_OPS) -> bool:
         for op in ops)
 
 
+def native_devices(ops) -> dict:
+    """Device type -> whether the extension has kernels for every op of `ops` there ("meta":
+    the fake implementations), for the glue ops that fall back to ATen elsewhere. Fixed once the
+    extension is loaded: a constant, so torch.compile traces the lookups for free."""
+    return {"cpu": _native_has("CPU", ops), "cuda": _native_has("CUDA", ops), "meta": True}
+
+
 # Fixed once the extension is loaded; a constant, so torch.compile traces the checks for free.
 _AVAILABLE = tuple(name for name, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _native_has(key))
 

@@ -25,15 +25,13 @@ from torch.autograd.function import once_differentiable
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .autograd import register_autograd, register_no_derivative
-from .backend import _native_has
+from .backend import native_devices
 from .checks import Norm
 
 _ops = torch.ops.convmixer_kernels
 _BN_OPS = ("bn_scale_shift", "bn_scale_shift_backward", "bn_update_running_stats", "bn_train_norm")
 
-# Device type -> whether the bn ops have kernels for it; fixed once the extension is loaded (a
-# constant, so torch.compile traces the choice for free). "meta" runs the fake implementations.
-_NATIVE = {"cpu": _native_has("CPU", _BN_OPS), "cuda": _native_has("CUDA", _BN_OPS), "meta": True}
+_NATIVE = native_devices(_BN_OPS)  # device type -> whether the bn ops have kernels there
 
 
 def _has_kernels(device: torch.device) -> bool:

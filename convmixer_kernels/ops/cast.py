@@ -18,12 +18,10 @@ from torch.autograd.function import once_differentiable
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .autograd import register_no_derivative
-from .backend import _native_has
+from .backend import native_devices
 
 _ops = torch.ops.convmixer_kernels
-# Device type -> whether cat_cast has a kernel for it; a constant once the extension is loaded.
-_NATIVE = {"cpu": _native_has("CPU", ("cat_cast",)), "cuda": _native_has("CUDA", ("cat_cast",)),
-           "meta": True}
+_NATIVE = native_devices(("cat_cast",))  # device type -> whether cat_cast has a kernel there
 
 
 def _cat_cast(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

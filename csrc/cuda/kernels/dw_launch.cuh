@@ -328,22 +328,18 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, in
   const size_t pc = size_t(s.parts) * size_t(s.C);
   if (s.C == 0) return cudaSuccess;
   const bool norm = args.norm.mean != nullptr;
+  BackwardFinalizeArgs<T>& f = args.fin;
   if (s.parts > 0) {
     if (ws == nullptr || counters == nullptr) return cudaErrorInvalidValue;
     char* base = static_cast<char*>(ws);
-    args.part_grad_w = reinterpret_cast<AccT*>(base);
+    f.part_grad_w = reinterpret_cast<AccT*>(base);
     base += align_up(pc * kk * sizeof(AccT), 256);
-    args.part_grad_b = reinterpret_cast<AccT*>(base);
+    f.part_grad_b = reinterpret_cast<AccT*>(base);
     base += align_up(pc * sizeof(AccT), 256);
-    args.part_sum_dx = reinterpret_cast<AccT*>(base);
+    f.part_sum_dx = reinterpret_cast<AccT*>(base);
     base += align_up(pc * sizeof(AccT), 256);
-    args.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
+    f.part_sum_dx_xc = reinterpret_cast<AccT*>(base);
   }
-  BackwardFinalizeArgs<T>& f = args.fin;
-  f.part_grad_w = args.part_grad_w;
-  f.part_grad_b = args.part_grad_b;
-  f.part_sum_dx = args.part_sum_dx;
-  f.part_sum_dx_xc = args.part_sum_dx_xc;
   f.norm_scale = args.norm.scale;
   f.grad_weight = static_cast<T*>(c.grad_weight);
   f.grad_bias = static_cast<T*>(c.grad_bias);

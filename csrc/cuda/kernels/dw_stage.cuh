@@ -506,10 +506,11 @@ struct ForwardArgs {
 // parts (no pixels: every sum empty, zeros), by dw_backward_finalize_kernel.
 template <typename T>
 struct BackwardFinalizeArgs {
-  const acc_t<T>* part_grad_w;     // [parts][C * kk]
-  const acc_t<T>* part_grad_b;     // [parts][C]
-  const acc_t<T>* part_sum_dx;     // [parts][C]; null: no norm
-  const acc_t<T>* part_sum_dx_xc;  // [parts][C]
+  // The parts' rows, written by the backward kernels (data: dW, db; input: the norm sums).
+  acc_t<T>* part_grad_w;           // [parts][C * kk]
+  acc_t<T>* part_grad_b;           // [parts][C]
+  acc_t<T>* part_sum_dx;           // [parts][C], only with a norm
+  acc_t<T>* part_sum_dx_xc;        // [parts][C], only with a norm
   const acc_t<T>* norm_scale;      // [C], with a norm
   T* grad_weight;                  // [C * kk]
   T* grad_bias;                    // [C]
@@ -532,12 +533,8 @@ struct BackwardArgs {
   const T* bias;              // [C] or null
   T* grad_pre;                // dA scratch, NHWC like x
   T* grad_x;                  // NHWC like x
-  acc_t<T>* part_grad_w;      // [parts][C][k*k]
-  acc_t<T>* part_grad_b;      // [parts][C]
-  acc_t<T>* part_sum_dx;      // [parts][C], only with a norm
-  acc_t<T>* part_sum_dx_xc;   // [parts][C], only with a norm
   const T* grad_res;          // NHWC like x, or null: the residual's gradient of norm(x), added to dX
-  BackwardFinalizeArgs<T> fin;  // the second level's outputs, for the backward-input kernel's last CTAs
+  BackwardFinalizeArgs<T> fin;  // the parts' rows, and the second level's outputs (last CTAs)
   int* counters;              // [channel_blocks], zero (last_cta.cuh)
   bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
 };
@@ -869,10 +866,10 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int g = 0; g < kGroups; ++g)
         if (dw_split_row(kK, g) == i) total += s_gw_split[(g * kK + j) * kCB + item % kCB];
     }
-    if (cl < s.C) args.part_grad_w[(me.part() * s.C + cl) * kk + tap] = total;
+    if (cl < s.C) args.fin.part_grad_w[(me.part() * s.C + cl) * kk + tap] = total;
   }
   const AccT total_b = sum_over_warps<AccT>(grad_b, s_in);
-  if (group == 0 && c < s.C) args.part_grad_b[me.part() * s.C + c] = total_b;
+  if (group == 0 && c < s.C) args.fin.part_grad_b[me.part() * s.C + c] = total_b;
 }
 
 // Backward, step 2: dX = dA correlated with the rotated taps (the transposed depthwise conv) plus
@@ -926,8 +923,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     const AccT total_c = sum_over_warps<AccT>(sum_dx_xc, smem + l.in + kGroups * kCB);
     if (group == 0 && c < s.C) {
-      args.part_sum_dx[me.part() * s.C + c] = total;
-      args.part_sum_dx_xc[me.part() * s.C + c] = total_c;
+      args.fin.part_sum_dx[me.part() * s.C + c] = total;
+      args.fin.part_sum_dx_xc[me.part() * s.C + c] = total_c;
     }
   }
   // The channel block's last CTA sums its parts: dW and db of the backward-data kernel (done:
