@@ -24,7 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .sync_batchnorm import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batch_stats,
                           revert_sync_batchnorm, sync_group)
-from .ops import Norm, apply_norm, bn_norm, mixer_block, uses_batch_stats
+from .ops import (Norm, apply_norm, bn_norm, folded_norm, mixer_block, update_running_stats,
+                  uses_batch_stats)
 from .ops.backend import check_backend
 from .ops.cast import cast_params
 from .activations import ACTIVATIONS, NAMES, activation_of_layer, check_act
@@ -278,34 +279,49 @@ class ConvMixer(nn.Module):
         count = h.shape[0] * h.shape[2] * h.shape[3]
         norm = None  # the BN2 of the previous block, applied on load; none after the stem
         intermediates = []
+        # The folded BatchNorms' running statistics, updated together after the last block. A
+        # checkpointed block's recompute adds to this list after it is done with: never twice.
+        pending = []
         for i, block in enumerate(blocks):
             if recompute:
                 # Norm vectors go through as tensors so that checkpoint saves and replays them.
                 def step(h, *prev, block=block):
                     out, n = self._fused_block(block, h, Norm(*prev) if prev else None,
-                                               dtype, acc, count)
+                                               dtype, acc, count, pending)
                     return (out, *n)
 
                 h, *parts = checkpoint(_BuffersOnce(step, block), h, *(norm or ()),
                                        use_reentrant=False)
                 norm = Norm(*parts)
             else:
-                h, norm = self._fused_block(block, h, norm, dtype, acc, count)
+                h, norm = self._fused_block(block, h, norm, dtype, acc, count, pending)
             if i in take:
                 intermediates.append(apply_norm(h, norm))
+        update_running_stats(pending, count)
         return (h if norm is None else apply_norm(h, norm)), intermediates
 
-    def _fused_block(self, block, h, norm, dtype, acc, count):
+    def _fused_block(self, block, h, norm, dtype, acc, count, pending):
         """One block as its two fused stages; returns its pre-BN2 output and BN2 as a Norm."""
         dw, bn1 = block[0].fn[0], block[0].fn[2]
         pw, bn2 = block[1], block[3]
         dw_w, dw_b, pw_w, pw_b = cast_params((dw.weight, dw.bias, pw.weight, pw.bias), dtype)
-        h_next, mean, var = mixer_block(
-            h, dw_w, dw_b, pw_w, pw_b,
-            lambda mean, var: bn_norm(bn1, *_global_stats(bn1, mean, var, count), acc),
-            act=self.act, x_norm=norm, stats=(uses_batch_stats(bn1), uses_batch_stats(bn2)),
-            backend=self.backend)
+        # A BatchNorm on its own batch's statistics folds into its stage (one launch fewer each
+        # way); one on running or synchronised statistics is a Norm built between the stages.
+        fold1, fold2 = (_folded(bn, count, pending) for bn in (bn1, bn2))
+        stats = (uses_batch_stats(bn1), uses_batch_stats(bn2))
+        norm1 = fold1 or (lambda mean, var: bn_norm(bn1, *_global_stats(bn1, mean, var, count),
+                                                    acc))
+        result = mixer_block(h, dw_w, dw_b, pw_w, pw_b, norm1, act=self.act, x_norm=norm,
+                             stats=stats, backend=self.backend, norm2=fold2)
+        if fold2 is not None:
+            return result
+        h_next, mean, var = result
         return h_next, bn_norm(bn2, *_global_stats(bn2, mean, var, count), acc)
+
+
+def _folded(bn, count, pending):
+    """`bn` folded into its stage (ops.folded_norm), unless it is synchronised."""
+    return folded_norm(bn, count, pending) if sync_group(bn) is None else None
 
 
 def _global_stats(bn, mean, var, count):

@@ -101,6 +101,29 @@ int64_t check_bn_update_running_stats(const char* op, const at::Tensor& mean,
   return C;
 }
 
+int64_t check_bn_update_running_stats_many(const char* op, at::TensorList mean,
+                                           at::TensorList var, at::TensorList running_mean,
+                                           at::TensorList running_var,
+                                           at::TensorList num_batches_tracked,
+                                           std::optional<double> momentum) {
+  const size_t n = mean.size();
+  TORCH_CHECK_VALUE(var.size() == n && running_mean.size() == n && running_var.size() == n &&
+                        num_batches_tracked.size() == n,
+                    op, ": mean, var, running_mean, running_var and num_batches_tracked must be "
+                    "lists of one length, got ", n, ", ", var.size(), ", ", running_mean.size(),
+                    ", ", running_var.size(), " and ", num_batches_tracked.size());
+  for (size_t i = 0; i < n; ++i) {
+    check_bn_update_running_stats(op, mean[i], var[i], running_mean[i], running_var[i],
+                                  num_batches_tracked[i], momentum, std::nullopt);
+    TORCH_CHECK_VALUE(mean[i].device() == mean[0].device(), op, ": item ", i, " is on ",
+                      mean[i].device(), ", item 0 on ", mean[0].device());
+    TORCH_CHECK_TYPE(mean[i].scalar_type() == mean[0].scalar_type(), op, ": item ", i,
+                     "'s statistics are ", mean[i].scalar_type(), ", item 0's ",
+                     mean[0].scalar_type());
+  }
+  return int64_t(n);
+}
+
 int64_t check_bn_train_norm(const char* op, const at::Tensor& mean, const at::Tensor& var,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias, at::ScalarType dtype,
@@ -115,6 +138,58 @@ int64_t check_bn_train_norm(const char* op, const at::Tensor& mean, const at::Te
                    mean.scalar_type(), ", got ", dtype);
   check_bn_scale_shift(op, var, weight, bias, dtype);
   return C;
+}
+
+BnFold check_bn_fold(const char* op, const std::optional<at::Tensor>& bn_weight,
+                     const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps,
+                     bool stats, int64_t C, const at::Device& device) {
+  BnFold f;
+  if (!bn_eps.has_value()) {
+    TORCH_CHECK_VALUE(!bn_weight.has_value() && !bn_bias.has_value(), op,
+                      ": bn_weight and bn_bias need bn_eps (the folded BatchNorm's eps)");
+    return f;
+  }
+  TORCH_CHECK_VALUE(stats, op, ": a folded BatchNorm (bn_eps) needs stats=True");
+  TORCH_CHECK_VALUE(bn_weight.has_value() == bn_bias.has_value(), op,
+                    ": bn_weight and bn_bias must be given together (affine) or both be None");
+  if (bn_weight.has_value()) {
+    check_vector(op, "bn_weight", *bn_weight, C, device);
+    check_vector(op, "bn_bias", *bn_bias, C, device);
+  }
+  f.on = true;
+  f.weight = bn_weight;
+  f.bias = bn_bias;
+  f.eps = *bn_eps;
+  return f;
+}
+
+BnFoldGrad check_bn_fold_grad(const char* op, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& grad_shift,
+                              const std::optional<at::Tensor>& var,
+                              const std::optional<at::Tensor>& bn_weight,
+                              std::optional<double> bn_eps, bool have_mean, int64_t C,
+                              at::ScalarType acc, const at::Device& device) {
+  BnFoldGrad f;
+  if (!bn_eps.has_value()) {
+    TORCH_CHECK_VALUE(!grad_scale.has_value() && !grad_shift.has_value() && !var.has_value() &&
+                          !bn_weight.has_value(),
+                      op, ": grad_scale, grad_shift, var and bn_weight need bn_eps (the folded "
+                      "BatchNorm's eps)");
+    return f;
+  }
+  TORCH_CHECK_VALUE(var.has_value(), op, ": a folded BatchNorm's gradients need the forward's var");
+  TORCH_CHECK_VALUE(have_mean, op, ": a folded BatchNorm's gradients need the forward's mean");
+  check_vector(op, "var", *var, C, device, acc);
+  if (grad_scale.has_value()) check_vector(op, "grad_scale", *grad_scale, C, device, acc);
+  if (grad_shift.has_value()) check_vector(op, "grad_shift", *grad_shift, C, device, acc);
+  if (bn_weight.has_value()) check_vector(op, "bn_weight", *bn_weight, C, device);
+  f.on = true;
+  f.grad_scale = grad_scale;
+  f.grad_shift = grad_shift;
+  f.weight = bn_weight;
+  f.var = *var;
+  f.eps = *bn_eps;
+  return f;
 }
 
 }  // namespace convmixer_kernels

@@ -36,6 +36,14 @@ int64_t check_bn_update_running_stats(const char* op, const at::Tensor& mean,
                                       std::optional<double> momentum,
                                       const std::optional<at::Tensor>& count_tensor);
 
+// check_bn_update_running_stats of each item of five lists of one length (no count tensor), every
+// buffer given. Returns the length.
+int64_t check_bn_update_running_stats_many(const char* op, at::TensorList mean,
+                                           at::TensorList var, at::TensorList running_mean,
+                                           at::TensorList running_var,
+                                           at::TensorList num_batches_tracked,
+                                           std::optional<double> momentum);
+
 // check_bn_update_running_stats, then check_bn_scale_shift of var, weight, bias and the
 // statistics' dtype.
 int64_t check_bn_train_norm(const char* op, const at::Tensor& mean, const at::Tensor& var,
@@ -46,6 +54,39 @@ int64_t check_bn_train_norm(const char* op, const at::Tensor& mean, const at::Te
                             const std::optional<at::Tensor>& num_batches_tracked,
                             std::optional<double> momentum,
                             const std::optional<at::Tensor>& count_tensor);
+
+// The BatchNorm of a stage's output folded into the stage ops (their trailing bn_* arguments,
+// docs/OPS.md § BatchNorm in the stages): the forward returns the Norm's scale and shift of its
+// batch statistics as bn_scale_shift would, the backward takes their gradients and adds
+// bn_scale_shift_backward's work to its own. `on` exactly when bn_eps is given.
+struct BnFold {
+  bool on = false;
+  std::optional<at::Tensor> weight, bias;
+  double eps = 0;
+};
+
+// weight and bias [C] of a floating dtype each, both or neither, on `device`; only with bn_eps,
+// which needs the statistics.
+BnFold check_bn_fold(const char* op, const std::optional<at::Tensor>& bn_weight,
+                     const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps,
+                     bool stats, int64_t C, const at::Device& device);
+
+struct BnFoldGrad {
+  bool on = false;
+  std::optional<at::Tensor> grad_scale, grad_shift, weight;
+  at::Tensor var;
+  double eps = 0;
+};
+
+// With bn_eps: var [C] of `acc` (the forward's batch var), grad_scale and grad_shift [C] of `acc`
+// or absent, weight as check_bn_fold's, all on `device`, and the forward's mean given
+// (`have_mean`); without it, none of them.
+BnFoldGrad check_bn_fold_grad(const char* op, const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& grad_shift,
+                              const std::optional<at::Tensor>& var,
+                              const std::optional<at::Tensor>& bn_weight,
+                              std::optional<double> bn_eps, bool have_mean, int64_t C,
+                              at::ScalarType acc, const at::Device& device);
 
 namespace cpu {
 
@@ -65,6 +106,11 @@ void bn_update_running_stats(const at::Tensor& mean, const at::Tensor& var,
                              const std::optional<at::Tensor>& num_batches_tracked,
                              std::optional<double> momentum, double count,
                              const std::optional<at::Tensor>& count_tensor);
+
+void bn_update_running_stats_many(at::TensorList mean, at::TensorList var,
+                                  at::TensorList running_mean, at::TensorList running_var,
+                                  at::TensorList num_batches_tracked,
+                                  std::optional<double> momentum, double count);
 
 std::tuple<at::Tensor, at::Tensor> bn_train_norm(
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,

@@ -86,5 +86,61 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& saved_out,
                   const std::optional<at::Tensor>& saved_u, bool grad_res_normed);
 
+// The registered CPU implementations: the four above with the output's BatchNorm folded in
+// (bn_ops.h BnFold, csrc/cpu/bn_fold.cpp), the schemas' trailing bn_* arguments.
+namespace with_bn {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
+    const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view act,
+    bool stats, bool keep_pre_act, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+dw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_mean,
+                  const std::optional<at::Tensor>& grad_var, const at::Tensor& x,
+                  const std::optional<at::Tensor>& x_mean,
+                  const std::optional<at::Tensor>& x_scale,
+                  const std::optional<at::Tensor>& x_shift, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean,
+                  c10::string_view act, const std::optional<at::Tensor>& grad_res,
+                  const std::optional<at::Tensor>& saved_out,
+                  const std::optional<at::Tensor>& pre_act,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& grad_shift,
+                  const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& bn_weight,
+                  std::optional<double> bn_eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pw_stage(const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
+         const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
+         const std::optional<at::Tensor>& res, const std::optional<at::Tensor>& res_mean,
+         const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
+         const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view act,
+         bool stats, bool keep_pre_act, bool keep_u, const std::optional<at::Tensor>& bn_weight,
+         const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_mean,
+                  const std::optional<at::Tensor>& grad_var, const at::Tensor& x,
+                  const std::optional<at::Tensor>& x_mean,
+                  const std::optional<at::Tensor>& x_scale,
+                  const std::optional<at::Tensor>& x_shift, const std::optional<at::Tensor>& res,
+                  const std::optional<at::Tensor>& res_mean,
+                  const std::optional<at::Tensor>& res_scale,
+                  const std::optional<at::Tensor>& res_shift, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
+                  const std::optional<at::Tensor>& mean, c10::string_view act,
+                  const std::optional<at::Tensor>& saved_out,
+                  const std::optional<at::Tensor>& saved_u, bool grad_res_normed,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& grad_shift,
+                  const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& bn_weight,
+                  std::optional<double> bn_eps);
+
+}  // namespace with_bn
 }  // namespace cpu
 }  // namespace convmixer_kernels

@@ -44,6 +44,39 @@ DW_MAX_ERROR = {torch.float32: 2e-5, torch.float64: 1e-11, torch.bfloat16: 2e-2,
                 torch.float16: 4e-3}
 
 
+# The entry points' trailing arguments of a folded BatchNorm (csrc/cuda/check/entry.cuh
+# bn_norm_of, bn_grad_of), and their values without one.
+BN_FORWARD_ARGTYPES = [P, P, ctypes.c_int, ctypes.c_double, P, P]
+BN_BACKWARD_ARGTYPES = [P, P, P, P, ctypes.c_int, ctypes.c_double, P, P]
+NO_BN_FORWARD = (None, None, 0, 0.0, None, None)
+NO_BN_BACKWARD = (None, None, None, None, 0, 0.0, None, None)
+
+
+def bn_forward_args(bn, channels, acc):
+    """(the forward entry's trailing arguments, the Guarded scale and shift they write) for
+    bn = (weight, bias, eps) or None."""
+    if bn is None:
+        return NO_BN_FORWARD, ()
+    weight, bias, eps = bn
+    scale, shift = Guarded((channels,), acc), Guarded((channels,), acc)
+    code = DTYPE_CODE[weight.dtype] if weight is not None else 0
+    return (ptr(weight), ptr(bias), code, eps, ptr(scale.tensor), ptr(shift.tensor)), (scale,
+                                                                                        shift)
+
+
+def bn_backward_args(bn, channels):
+    """(the backward entry's trailing arguments, the Guarded grad_weight and grad_bias they
+    write, none without a weight) for bn = (grad_scale, grad_shift, var, weight, eps) or None."""
+    if bn is None:
+        return NO_BN_BACKWARD, ()
+    grad_scale, grad_shift, var, weight, eps = bn
+    if weight is None:
+        return (ptr(grad_scale), ptr(grad_shift), ptr(var), None, 0, eps, None, None), ()
+    gw, gb = Guarded((channels,), weight.dtype), Guarded((channels,), weight.dtype)
+    return (ptr(grad_scale), ptr(grad_shift), ptr(var), ptr(weight), DTYPE_CODE[weight.dtype],
+            eps, ptr(gw.tensor), ptr(gb.tensor)), (gw, gb)
+
+
 def act_code(act):
     """The entry points' code of an activation name; an int passes as it is (an unknown code)."""
     return act if isinstance(act, int) else ACTIVATIONS[act].code
@@ -62,17 +95,20 @@ class DwKernels:
         self.fwd = bind(self.lib, "convmixer_dw_forward", ctypes.c_int, [
             ctypes.c_int, ctypes.c_int, P, LL, LL, LL, LL, ctypes.c_int,  # dtype act x N C H W K
             P, P, P, P, P, P, P, P, P,                       # norm w b out mean var pre_act
+            *BN_FORWARD_ARGTYPES,
             P, SZ, ctypes.POINTER(SZ), P])                          # ws, size, size out, stream
         self.bwd = bind(self.lib, "convmixer_dw_backward", ctypes.c_int, [
             ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, LL, LL, LL, LL, ctypes.c_int,
             P, P, P, P, P, P, P, P, P, P, P, P, P,  # norm w b grad_pre gx gw gb sums grad_res gmean
             P,                                      # pre_act
+            *BN_BACKWARD_ARGTYPES,
             P, SZ, ctypes.POINTER(SZ), P])
 
-    def forward(self, x, norm, weight, bias, act, stats, x_offset=0, keep_pre_act=False):
+    def forward(self, x, norm, weight, bias, act, stats, x_offset=0, keep_pre_act=False, bn=None):
         """(out NCHW view of NHWC memory, mean, var), and with keep_pre_act the pre-activation
         too, as a fourth; x NCHW-shaped, any layout. Without `stats` mean and var are what the
-        kernels left in their (NaN-poisoned) buffers."""
+        kernels left in their (NaN-poisoned) buffers. bn = (weight, bias, eps) folds out's
+        BatchNorm in: its scale and shift come last."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -81,33 +117,40 @@ class DwKernels:
         xg.tensor.copy_(x.permute(0, 2, 3, 1))
         size = SZ(0)
         code = DTYPE_CODE[dtype]
-        assert self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, *([None] * 10),
-                        0, ctypes.byref(size), None) == 0
+        assert self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, *([None] * 9),
+                        *NO_BN_FORWARD, None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
-        out = Guarded((n, h, w, c), dtype)
+        # At least one pixel: an empty tensor's data_ptr() is null, which makes the call a size
+        # query.
+        out = Guarded((n, h, w, c) if n * h * w else (1, 1, 1, c), dtype)
         mean, var = Guarded((c,), acc), Guarded((c,), acc)
         pre = Guarded((n, h, w, c), dtype) if keep_pre_act else None
         nm, ns, nt = norm if norm is not None else (None, None, None)
+        bn_args, bn_out = bn_forward_args(bn, c, acc)
         rc = self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
                       ptr(weight.contiguous()), ptr(bias), ptr(out.tensor),
                       ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
-                      ptr(pre.tensor) if pre is not None else None,
+                      ptr(pre.tensor) if pre is not None else None, *bn_args,
                       ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_forward returned cudaError {rc}"
-        for g in (xg, ws, out, mean, var, *([pre] if pre is not None else [])):
+        for g in (xg, ws, out, mean, var, *([pre] if pre is not None else []), *bn_out):
             g.check()
-        result = (out.tensor.permute(0, 3, 1, 2).clone(), mean.tensor.clone(), var.tensor.clone())
+        out_nchw = (out.tensor.permute(0, 3, 1, 2).clone() if n * h * w
+                    else x.new_empty(x.shape, dtype=dtype))
+        result = (out_nchw, mean.tensor.clone(), var.tensor.clone())
         if pre is not None:
             result += (pre.tensor.permute(0, 3, 1, 2).clone(),)
-        return result
+        return result + tuple(g.tensor.clone() for g in bn_out)
 
     def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None,
-                 grad_res=None, pre_act=None):
+                 grad_res=None, pre_act=None, bn=None):
         """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc, grad_norm_mean): the norm's
         gradients are (grad_norm_mean, sum_dx_xc, sum_dx), the last three garbage without a norm.
         `out`: the forward's output (NCHW shape), which spares ReLU the conv recompute; None:
         recompute. pre_act (the forward's, NCHW shape), given, replaces the recompute for every
-        activation. grad_res, when given, joins dX before the norm's backward."""
+        activation. grad_res, when given, joins dX before the norm's backward. bn = (grad_scale,
+        grad_shift, var, weight, eps) folds out's BatchNorm in: its weight's and bias's gradients
+        come last (with a weight)."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -121,13 +164,14 @@ class DwKernels:
         code = DTYPE_CODE[dtype]
         args_head = (code, act_code(act))
         assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 14),
-                        None, 0, ctypes.byref(size), None) == 0
+                        *NO_BN_BACKWARD, None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
         grad_w, grad_b = Guarded((c, k * k), dtype), Guarded((c,), dtype)
         sum_dx, sum_dx_xc = Guarded((c,), acc), Guarded((c,), acc)
         grad_norm_mean = Guarded((c,), acc)
         nm, ns, nt = norm if norm is not None else (None, None, None)
+        bn_args, bn_out = bn_backward_args(bn, c)
         rc = self.bwd(*args_head, ptr(gog.tensor), ptr(grad_mean), ptr(grad_var), ptr(mean),
                       ptr(outg.tensor) if outg is not None else None, ptr(xg.tensor),
                       n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
@@ -135,10 +179,10 @@ class DwKernels:
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
                       ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor),
                       ptr(None if grad_res is None else grg.tensor), ptr(grad_norm_mean.tensor),
-                      ptr(None if preg is None else preg.tensor), ptr(ws.tensor),
+                      ptr(None if preg is None else preg.tensor), *bn_args, ptr(ws.tensor),
                       ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
-        for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b,
+        for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b, *bn_out,
                   *(t for t in (outg, preg) if t is not None)):
             g.check()
         if grg is not None:
@@ -149,7 +193,7 @@ class DwKernels:
             grad_norm_mean.check()
         return (grad_x.tensor.permute(0, 3, 1, 2).clone(), grad_w.tensor.view(c, 1, k, k).clone(),
                 grad_b.tensor.clone(), sum_dx.tensor.clone(), sum_dx_xc.tensor.clone(),
-                grad_norm_mean.tensor.clone())
+                grad_norm_mean.tensor.clone(), *(g.tensor.clone() for g in bn_out))
 
 
 @functools.cache

@@ -320,7 +320,7 @@ RAW_BAD = [
 
 def _dw_backward_args(**over):
     x, w = _x(), _dw_w()
-    out, _, mean, _ = _ops.dw_stage(x, None, None, None, w, None, "gelu", True)
+    out, _, mean, *_ = _ops.dw_stage(x, None, None, None, w, None, "gelu", True)
     args = dict(grad_out=torch.ones_like(out), grad_mean=torch.ones(C), grad_var=torch.ones(C),
                 x=x, x_mean=None, x_scale=None, x_shift=None, weight=w, bias=None, mean=mean,
                 act="gelu")
@@ -330,7 +330,7 @@ def _dw_backward_args(**over):
 
 def _pw_backward_args(**over):
     x, w = _x(), _pw_w()
-    out, pre_act, mean, _, _ = _ops.pw_stage(x, None, None, None, None, None, None, None, w, None,
+    out, pre_act, mean, *_ = _ops.pw_stage(x, None, None, None, None, None, None, None, w, None,
                                           "gelu", True, True)
     args = dict(grad_out=torch.ones_like(out), grad_mean=torch.ones(COUT),
                 grad_var=torch.ones(COUT), x=x, x_mean=None, x_scale=None, x_shift=None,

@@ -21,7 +21,8 @@ import torch
 
 from convmixer_kernels.activations import ACTIVATIONS
 from cuda_emulation import Guarded, bind, launch_log, load_check_library, ptr
-from emulated_cuda import CUDA_ERROR_INVALID_VALUE, DTYPE_CODE
+from emulated_cuda import (BN_FORWARD_ARGTYPES, CUDA_ERROR_INVALID_VALUE, DTYPE_CODE,
+                           NO_BN_FORWARD)
 from reference import acc_dtype
 
 c_int, c_ll, c_ptr = ctypes.c_int, ctypes.c_longlong, ctypes.c_void_p
@@ -48,6 +49,7 @@ class EpilogueForward:
         self.fn = bind(self.lib, "convmixer_pw_epilogue_forward", c_int, [
             c_int, c_int, c_ll, c_ll,      # dtype, act, rows, channels
             c_ptr, c_ptr, c_ptr, c_ptr,    # pre, out, mean, var
+            *BN_FORWARD_ARGTYPES,
             c_ptr, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t), c_ptr])  # workspace, stream
 
     def __call__(self, pre):
@@ -55,7 +57,8 @@ class EpilogueForward:
         rows, channels = pre.shape
         code, relu = DTYPE_CODE[pre.dtype], ACTIVATIONS["relu"].code
         size = ctypes.c_size_t(0)
-        assert self.fn(code, relu, rows, channels, *([None] * 5), 0, ctypes.byref(size), None) == 0
+        assert self.fn(code, relu, rows, channels, *([None] * 4), *NO_BN_FORWARD, None, 0,
+                       ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         # At least one row: an empty tensor's data_ptr() is null, which makes the call a size query.
         out = Guarded((max(rows, 1), channels), pre.dtype)
@@ -63,7 +66,8 @@ class EpilogueForward:
         mean, var = Guarded((channels,), acc), Guarded((channels,), acc)
         launch_log(self.lib)
         rc = self.fn(code, relu, rows, channels, ptr(pre), ptr(out.tensor), ptr(mean.tensor),
-                     ptr(var.tensor), ptr(ws.tensor), ws.tensor.numel(), None, None)
+                     ptr(var.tensor), *NO_BN_FORWARD, ptr(ws.tensor), ws.tensor.numel(), None,
+                     None)
         assert rc == 0, f"convmixer_pw_epilogue_forward returned cudaError {rc}"
         for g in (ws, out, mean, var):
             g.check()

@@ -45,6 +45,8 @@ class BnKernels:
                         [I, LL, D, P, P, P, I, P, I, P, P, P, I, P])
         self.stats = bind(self.lib, "convmixer_bn_running_stats", I,
                           [I, LL, P, P, P, I, P, I, ctypes.POINTER(LL), D, I, D, P, I, P])
+        self.many = bind(self.lib, "convmixer_bn_running_stats_many", I,
+                         [I, I, P, P, P, P, P, P, P, P, D, I, D, P])
         self.train = bind(self.lib, "convmixer_bn_train_norm", I,
                           [I, LL, P, P, P, I, P, I, ctypes.POINTER(LL), D, I, D, P, I,
                            D, P, I, P, I, P, P, P])
@@ -90,6 +92,20 @@ class BnKernels:
     def running_stats(self, mean, var, running_mean, running_var, tracked, momentum, count):
         return self.stats(*self._running_args(mean, var, running_mean, running_var, tracked,
                                               momentum, count), None)
+
+    def running_stats_many(self, items, momentum, count):
+        """bn_running_stats_many_kernel over items (mean, var, running_mean, running_var,
+        tracked), every buffer given; the return code."""
+        n = len(items)
+        arr = lambda kind, values: (kind * max(n, 1))(*values)  # noqa: E731
+        args = (ELEM[items[0][0].dtype] if items else 0, n,
+                arr(LL, [m.shape[0] for m, *_ in items]),
+                arr(P, [ptr(it[0]) for it in items]), arr(P, [ptr(it[1]) for it in items]),
+                arr(P, [ptr(it[2]) for it in items]), arr(I, [ELEM[it[2].dtype] for it in items]),
+                arr(P, [ptr(it[3]) for it in items]), arr(I, [ELEM[it[3].dtype] for it in items]),
+                arr(P, [ptr(it[4]) for it in items]),
+                0.0 if momentum is None else momentum, int(momentum is None), float(count), None)
+        return self.many(*args)
 
     def train_norm(self, mean, var, running_mean, running_var, tracked, momentum, count, weight,
                    bias, eps):
@@ -242,6 +258,49 @@ def test_running_stats_cta_order_and_one_launch(kernels):
     names = [line.split("<")[0].split()[-1].split("::")[-1] for line in launch_log(kernels.lib)]
     assert [n for n in names] == ["bn_scale_shift_kernel", "bn_scale_shift_kernel",
                                   "bn_scale_shift_backward_kernel", "bn_running_stats_kernel"]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("acc,running", [(torch.float32, torch.float32),
+                                         (torch.float32, torch.bfloat16),
+                                         (torch.float32, torch.float64),
+                                         (torch.float64, torch.float64)])
+def test_running_stats_many_is_one_kernel_each(kernels, momentum, acc, running):
+    """bn_running_stats_many_kernel: each item (its own C, one CTA) bitwise what
+    bn_running_stats_kernel gives it alone, over two steps, in one launch; 33 items are refused
+    (one launch takes 32), and items that would update in float and in double do not mix."""
+    gen = torch.Generator().manual_seed(7)
+    widths = [37, 600, 256, 1]
+
+    def items():
+        return [(torch.randn(c, generator=gen, dtype=acc), torch.rand(c, generator=gen,
+                                                                     dtype=acc) + 0.1,
+                 torch.randn(c, generator=gen, dtype=torch.float64).to(running),
+                 (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).to(running),
+                 torch.tensor(3, dtype=torch.int64)) for c in widths]
+
+    together, alone = items(), None
+    alone = [tuple(t.clone() for t in it) for it in together]
+    for _ in range(2):
+        batch = [(torch.randn(c, generator=gen, dtype=acc),
+                  torch.rand(c, generator=gen, dtype=acc) + 0.1) for c in widths]
+        together = [(m, v, *it[2:]) for (m, v), it in zip(batch, together)]
+        alone = [(m, v, *it[2:]) for (m, v), it in zip(batch, alone)]
+        launch_log(kernels.lib)
+        assert kernels.running_stats_many(together, momentum, 50) == 0
+        assert len(launch_log(kernels.lib)) == 1
+        for m, v, rm, rv, n in alone:
+            assert kernels.running_stats(m, v, rm, rv, n, momentum, 50) == 0
+    for a, b in zip(together, alone):
+        for x, y in zip(a[2:], b[2:]):
+            assert torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8))
+    m, v, rm, rv, n = together[0]
+    assert kernels.running_stats_many([(m, v, rm, rv, n)] * 33, momentum, 50) == \
+        CUDA_ERROR_INVALID_VALUE
+    if running != torch.float64 and acc == torch.float32:
+        wide = (m, v, rm.double(), rv.double(), n)
+        assert kernels.running_stats_many([together[0], wide], momentum, 50) == \
+            CUDA_ERROR_INVALID_VALUE
 
 
 @pytest.mark.parametrize("c", [37, 600])

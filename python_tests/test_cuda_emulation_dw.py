@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cuda_emulation import launch_log
-from emulated_cuda import (CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, UNKNOWN_ACT_CODES, act_code,
-                           dw_kernels)
+from emulated_cuda import (CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, NO_BN_FORWARD,
+                           UNKNOWN_ACT_CODES, act_code, dw_kernels)
 from stage_checks import dw_case
 
 
@@ -37,7 +37,7 @@ def test_float64_tiles_too_large_for_shared_memory_are_refused(kernels):
     # ValueError naming dtype and kernel size) instead of launching a kernel that cannot start.
     size = ctypes.c_size_t(0)
     rc = kernels.fwd(DTYPE_CODE[torch.float64], act_code("gelu"), None, 1, 5, 4, 15, 13,
-                     *([None] * 10), 0, ctypes.byref(size), None)
+                     *([None] * 9), *NO_BN_FORWARD, None, 0, ctypes.byref(size), None)
     assert rc == CUDA_ERROR_INVALID_VALUE
 
 

@@ -18,7 +18,9 @@ import torch
 
 from convmixer_kernels.activations import ACTIVATIONS, NAMES
 from cuda_emulation import Guarded, bind, launch_log, load_check_library, ptr, reverse_cta_order
-from emulated_cuda import DTYPE_CODE, UNKNOWN_ACT_CODES, act_code, vec_width
+from emulated_cuda import (BN_BACKWARD_ARGTYPES, BN_FORWARD_ARGTYPES, DTYPE_CODE, NO_BN_BACKWARD,
+                           NO_BN_FORWARD, UNKNOWN_ACT_CODES, act_code, bn_backward_args,
+                           bn_forward_args, vec_width)
 from reference import acc_dtype, ref_norm, to64
 from stage_checks import make_norm, randn
 
@@ -50,11 +52,11 @@ class PwKernels:
         self.prologue_fn = bind(self.lib, "convmixer_pw_prologue", ctypes.c_int,
                                 [ctypes.c_int, LL, LL] + [P] * 9 + [P])
         self.forward_fn = bind(self.lib, "convmixer_pw_epilogue_forward", ctypes.c_int,
-                               [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, SZ,
-                                ctypes.POINTER(SZ), P])
+                               [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P,
+                                *BN_FORWARD_ARGTYPES, P, SZ, ctypes.POINTER(SZ), P])
         self.backward_fn = bind(self.lib, "convmixer_pw_epilogue_backward", ctypes.c_int,
-                                [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, P, P, P, SZ,
-                                 ctypes.POINTER(SZ), P])
+                                [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, P, P,
+                                 *BN_BACKWARD_ARGTYPES, P, SZ, ctypes.POINTER(SZ), P])
         self.norms_fn = bind(self.lib, "convmixer_pw_through_norms", ctypes.c_int,
                              [ctypes.c_int, LL, LL] + [P] * 15 + [P, SZ, ctypes.POINTER(SZ), P])
 
@@ -75,40 +77,48 @@ class PwKernels:
         u.check()
         return u.tensor.clone()
 
-    def epilogue_forward(self, pre, act, stats=True, offset=0):
+    def epilogue_forward(self, pre, act, stats=True, offset=0, bn=None):
+        """(out, mean, var), and with bn = (weight, bias, eps) the folded BatchNorm's scale and
+        shift after them."""
         rows, c = pre.shape
         code = DTYPE_CODE[pre.dtype]
         size = SZ(0)
-        assert self.forward_fn(code, act_code(act), rows, c, None, None, None, None, None, 0,
-                               ctypes.byref(size), None) == 0
+        assert self.forward_fn(code, act_code(act), rows, c, None, None, None, None,
+                               *NO_BN_FORWARD, None, 0, ctypes.byref(size), None) == 0
         ws = self._workspace(size)
         pg = Guarded.like(pre, offset)
-        out = Guarded((rows, c), pre.dtype, offset)
+        # At least one row: an empty tensor's data_ptr() is null, which makes the call a size query.
+        out = Guarded((max(rows, 1), c), pre.dtype, offset)
         mean, var = Guarded((c,), acc_dtype(pre.dtype)), Guarded((c,), acc_dtype(pre.dtype))
+        bn_args, bn_out = bn_forward_args(bn, c, acc_dtype(pre.dtype))
         rc = self.forward_fn(code, act_code(act), rows, c, ptr(pg.tensor), ptr(out.tensor),
                              ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
-                             ptr(ws.tensor), ws.tensor.numel(), None, None)
+                             *bn_args, ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_pw_epilogue_forward returned cudaError {rc}"
-        for g in (pg, out, ws, mean, var):
+        for g in (pg, out, ws, mean, var, *bn_out):
             g.check()
-        return out.tensor.clone(), mean.tensor.clone(), var.tensor.clone()
+        return (out.tensor[:rows].clone(), mean.tensor.clone(), var.tensor.clone(),
+                *(g.tensor.clone() for g in bn_out))
 
-    def epilogue_backward(self, grad_out, pre, gm, gv, mean, act):
-        """dP and the bias gradient (the kernel's last CTAs sum the tiles' partials)."""
+    def epilogue_backward(self, grad_out, pre, gm, gv, mean, act, bn=None):
+        """dP and the bias gradient (the kernel's last CTAs sum the tiles' partials), and with
+        bn = (grad_scale, grad_shift, var, weight, eps) the folded BatchNorm's weight and bias
+        gradients after them (with a weight)."""
         rows, c = pre.shape
         code = DTYPE_CODE[pre.dtype]
         size = SZ(0)
         assert self.backward_fn(code, act_code(act), rows, c, None, None, None, None, None, None,
-                                None, None, 0, ctypes.byref(size), None) == 0
+                                None, *NO_BN_BACKWARD, None, 0, ctypes.byref(size), None) == 0
         ws = self._workspace(size)
         dp, db = Guarded((rows, c), pre.dtype), Guarded((c,), pre.dtype)
+        bn_args, bn_out = bn_backward_args(bn, c)
         rc = self.backward_fn(code, act_code(act), rows, c, ptr(grad_out), ptr(pre), ptr(gm),
-                              ptr(gv), ptr(mean), ptr(dp.tensor), ptr(db.tensor), ptr(ws.tensor),
-                              ws.tensor.numel(), None, None)
+                              ptr(gv), ptr(mean), ptr(dp.tensor), ptr(db.tensor), *bn_args,
+                              ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_pw_epilogue_backward returned cudaError {rc}"
-        for g in (dp, db, ws):
+        for g in (dp, db, ws, *bn_out):
             g.check()
-        return dp.tensor.clone(), db.tensor.clone()
+        return (dp.tensor.clone(), db.tensor.clone(), *(g.tensor.clone() for g in bn_out))
 
     def through_norms(self, du, x, nx, res, nr, write_x, write_res):
         """grad_x, grad_res (None where not written) and the gradients of x's and res's norm

@@ -22,6 +22,8 @@ STAGE_OPS = ("convmixer_kernels.dw_stage", "convmixer_kernels.pw_stage")
 GLUE_KERNELS = {"convmixer_kernels.bn_scale_shift.default": "bn_scale_shift_kernel",
               "convmixer_kernels.bn_scale_shift_backward.default": "bn_scale_shift_backward_kernel",
               "convmixer_kernels.bn_update_running_stats.default": "bn_running_stats_kernel",
+              "convmixer_kernels.bn_update_running_stats_many.default":
+                  "bn_running_stats_many_kernel",
               "convmixer_kernels.bn_train_norm.default": "bn_train_norm_kernel",
               "convmixer_kernels.cat_cast.default": "cat_cast_kernel"}
 
@@ -72,10 +74,23 @@ def test_glue_launches_per_block_match_the_ledger(autocast):
                                         if e.kernel.endswith("_kernel")}), per_block
 
 
+@pytest.mark.parametrize("depth", [2, 3])
+def test_step_launches_match_the_ledger(depth):
+    """The glue of a step that no block owns: the running statistics of all the folded
+    BatchNorms in the ledger's launches, after the forward (none per block, above)."""
+    ops = _glue_ops(depth, autocast=False)
+    for entry in ledger.step_launches(depth):
+        op = next(op for op, kernel in GLUE_KERNELS.items() if kernel == entry.kernel)
+        assert ops[op] == entry.launches, ops
+    assert ledger.step_launches(16)[0].launches == 1 and ledger.step_launches(20)[0].launches == 2
+    header = (ROOT / "csrc" / "cuda" / "kernels" / "bn_ops.cuh").read_text()
+    assert int(re.search(r"kManyItems = (\d+);", header).group(1)) == ledger.MANY_ITEMS
+
+
 @pytest.mark.parametrize("act", ["gelu", "relu"])
 def test_every_kernel_named_exists(act):
     source = "\n".join(p.read_text() for p in (ROOT / "csrc" / "cuda").rglob("*.cu*"))
-    for entry in ledger.block_step(act):
+    for entry in ledger.block_step(act) + ledger.step_launches(20):
         if entry.kernel.endswith("_kernel"):
             assert re.search(rf"\b{entry.kernel}\s*[<(]", source), entry.kernel
 

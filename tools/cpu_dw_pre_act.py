@@ -36,7 +36,7 @@ def main():
             gm, gv = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
 
             def step(keep):
-                _, pre, mean, _ = ops.dw_stage(x, *norm, weight, bias, "gelu", True, keep)
+                _, pre, mean, *_ = ops.dw_stage(x, *norm, weight, bias, "gelu", True, keep)
                 ops.dw_stage_backward(grad_out, gm, gv, x, *norm, weight, bias, mean, "gelu",
                                       None, None, pre if keep else None)
 

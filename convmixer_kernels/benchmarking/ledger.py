@@ -4,7 +4,8 @@ bytes it reads and writes and its FLOPs.
 
 It is written from the code (csrc/cuda/*_stage.cu and their launch entries, the model's glue in
 convmixer_kernels/model.py, ops/block.py, ops/batch_norm.py, ops/cast.py, csrc/cuda/bn_ops.cu and
-csrc/cuda/cat_cast.cu) and kept honest by python_tests/test_ledger.py: the glue's launches (ATen
+csrc/cuda/cat_cast.cu; the BatchNorms' norms and gradients are folded into the stage kernels,
+kernels/bn_math.cuh) and kept honest by python_tests/test_ledger.py: the glue's launches (ATen
 ops, the BatchNorm ops and the cast) are counted by running blocks under a dispatch counter, the
 dw and pw kernels' launches by running the shipped launch entries under the CUDA emulation, and
 every kernel the ledger names must exist in csrc/cuda. `roofline.step_cost` takes the
@@ -68,42 +69,54 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
     step = [
         # ---- forward
         Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=2 if keep else 1, dw_taps=1,
-               note="norm on load, conv, bias, act, per-CTA statistics, BN1's by the last CTAs"
-               + ("; a kept for the backward" if keep else "")),
+               note="norm on load, conv, bias, act, per-CTA statistics, BN1's statistics and "
+                    "scale, shift by the last CTAs"
+                    + ("; a kept for the backward" if keep else "")),
         Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
                note="u = BN1(g) + BN2_prev(h), kept for the backward (keep_u)"),
         Launch("pw", "fwd", "cuBLAS addmm", 1, reads=1, writes=1, gemms=1,
                note="pre = u Wᵀ + b"),
         Launch("pw", "fwd", "pw_epilogue_forward_kernel", 1, reads=1, writes=1,
-               note="act, per-tile statistics, BN2's by the last CTAs; " + (
+               note="act, per-tile statistics, BN2's statistics and scale, shift by the last "
+                    "CTAs; " + (
                    "pre dropped (the backward takes act' from out)" if relu
                    else "pre kept for the backward")),
         # ---- backward, pw stage first
         Launch("pw", "bwd", "pw_epilogue_backward_kernel", 1, reads=2, writes=1,
                note="dP from grad_out, " + ("out" if relu else "pre")
-               + " and the statistics' gradients; grad_bias by the last CTAs"),
+               + " and the statistics' gradients, BN2's folded in; grad_bias by the last CTAs"),
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
         Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=2, writes=1,
                note="grad_g through BN1, BN1's gradients by the last CTAs; dU is the residual's "
                     "gradient as it is"),
         # ---- backward, dw stage
-        Launch("dw", "bwd", "dw_backward_data_kernel", 1, writes=1, **dw_data),
+        Launch("dw", "bwd", "dw_backward_data_kernel", 1, writes=1,
+               **{**dw_data, "note": dw_data["note"] + ", BN1's gradients folded in"}),
         Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=3, writes=1, dw_taps=1,
                note="dX = transposed conv of dA + dU, through BN2_prev; the last CTAs sum dW, db "
                     "and the norm's gradients"),
-        # ---- the model's glue (python_tests/test_ledger.py counts it)
-        Launch("block", "fwd", "bn_train_norm_kernel", 2,
-               note="BN1, BN2: running statistics in place, the norm weight·rsqrt(var + eps), "
-                    "bias (bn_train_norm)"),
-        Launch("block", "bwd", "bn_scale_shift_backward_kernel", 2,
-               note="grad var, weight, bias of BN1, BN2 (bn_scale_shift_backward)"),
+        # ---- the model's glue (python_tests/test_ledger.py counts it); the BatchNorms' norm
+        # and gradients are folded into the stages, their running statistics are step_launches'
     ]
     if autocast:
         step.append(Launch("block", "fwd+bwd", "cat_cast_kernel", 2,
                            note="autocast: the block's weights and biases cast as one buffer, "
                                 "the gradients back (ops.cast.cast_params)"))
     return step
+
+
+# One launch of the running statistics' kernel takes this many BatchNorms (bn_ops.cuh kManyItems).
+MANY_ITEMS = 32
+
+
+def step_launches(depth: int) -> list[Launch]:
+    """The launches of a step that belong to no one block: the running statistics of the model's
+    2·depth BatchNorms, folded into the stages, updated together after the forward
+    (ops.update_running_stats; one momentum, as the model's BatchNorms have by default)."""
+    return [Launch("model", "fwd", "bn_running_stats_many_kernel", -(-2 * depth // MANY_ITEMS),
+                   note=f"the running statistics of all {2 * depth} BatchNorms "
+                        "(bn_update_running_stats_many)")]
 
 
 def passes_per_block(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -> float:
@@ -119,9 +132,10 @@ def _fmt_number(v: float) -> str:
 
 
 def table(dim: int, rows: int, kernel_size: int, dtype: torch.dtype, act: str = "gelu",
-          autocast: bool = True) -> str:
-    """The ledger at one size, one line per entry, then totals; the last two lines are exactly
-    `passes per block: N` and `launches per block: N`."""
+          autocast: bool = True, depth: int = 0) -> str:
+    """The ledger at one size, one line per entry, then totals and, for a model `depth` blocks
+    deep, the step's own launches; the last two lines are exactly `passes per block: N` and
+    `launches per block: N`."""
     elem = torch.empty((), dtype=dtype).element_size()
     e = rows * dim * elem
     taps = 2 * rows * dim * kernel_size ** 2
@@ -139,6 +153,9 @@ def table(dim: int, rows: int, kernel_size: int, dtype: torch.dtype, act: str = 
     lines.append("-" * len(head))
     lines.append(f"{'total per block':<45}{launches_per_block(act, autocast, kernel_size):>9}"
                  f"{total_r / 1e6:>10.0f}{total_w / 1e6:>10.0f}{total_f / 1e9:>9.1f}")
+    for entry in step_launches(depth) if depth else ():
+        lines.append(f"{'per step, not per block:':<25}{entry.kernel:<29}{entry.launches:>2}  "
+                     f"{entry.note}")
     lines.append(f"E = {rows} rows x {dim} channels x {elem} B = {e / 1e6:.0f} MB")
     lines.append(f"passes per block: {_fmt_number(passes_per_block(act, autocast, kernel_size))}")
     lines.append(f"launches per block: {launches_per_block(act, autocast, kernel_size)}")

@@ -222,7 +222,7 @@ def main(argv=None) -> None:
     print(f"{args.model} ({shape.act}), batch {batch}, {image}x{image}, {args.dtype}")
     if args.ledger:
         print(ledger.table(shape.num_features, rows, kernel, dtype, shape.act,
-                           autocast=dtype != torch.float32))
+                           autocast=dtype != torch.float32, depth=len(shape.blocks)))
         return
     cost = model_cost(shape, batch, image, dtype)
     for name, value in cost.as_dict().items():

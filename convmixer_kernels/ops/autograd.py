@@ -4,9 +4,9 @@ register_autograd wraps an op's formula in a generated autograd.Function whose f
 call, rebuilds the argument list from the schema in Python (utils.fill_defaults walks every
 schema argument through pybind) and allocates a metadata dataclass; for ops with a dozen
 arguments that is tens of microseconds per call, paid twice per stage and step. Our schemas have
-no defaults and no keyword-only arguments, so none of that is needed: `register_autograd` below
-registers the same kind of kernel (an Autograd-key kernel that applies an autograd.Function,
-which redispatches below autograd) without it. torch.compile and opcheck see exactly what they
+no keyword-only arguments and their defaults are read once here, so none of that is needed:
+`register_autograd` below registers the same kind of kernel (an Autograd-key kernel that applies
+an autograd.Function, which redispatches below autograd) without it. torch.compile and opcheck see exactly what they
 see with torch.library's (the same dispatch key, the same Function structure).
 """
 from __future__ import annotations
@@ -44,13 +44,18 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
     if any(a.kwarg_only for a in schema.arguments):
         raise ValueError(f"{qualname}: keyword-only arguments are not supported here")
 
+    # The trailing arguments a call may leave out take their defaults (the formulas see every
+    # input); the gradients returned are as many as the call gave.
+    defaults = tuple(a.default_value if a.has_default_value() else None for a in schema.arguments)
+
     def forward(ctx, keyset, *args):
         # Outputs nobody differentiates (pw_stage's pre_act, statistics that feed no norm) reach
         # the backward as None instead of materialised zeros: pre_act alone would cost an
         # activation-sized fill per call. The formulas treat None as zero.
         ctx.set_materialize_grads(False)
         output = _below_autograd(op, keyset, args)
-        setup_context(ctx, args, output)
+        ctx.num_args = len(args)
+        setup_context(ctx, args + defaults[len(args):], output)
         return output
 
     # The backward ops have no derivative of their own: without this a create_graph backward
@@ -58,7 +63,7 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
     # would silently be zero instead of an error.
     @once_differentiable
     def backward_with_keyset(ctx, *grads):
-        return (None, *backward(ctx, *grads))
+        return (None, *backward(ctx, *grads)[:ctx.num_args])
 
     # Named as torch.library names its generated Functions, so profiles read the same.
     function = type(f"GeneratedBackwardFor_{namespace}_{name}_default", (torch.autograd.Function,),

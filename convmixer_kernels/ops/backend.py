@@ -151,12 +151,12 @@ def _resolve_triton(device: torch.device) -> str:
 def define_triton_op(name: str) -> None:
     """Defines convmixer_kernels::{name}_triton with the schema of the native op `name` (so the
     two cannot drift apart), implemented for CPU and CUDA tensors by the function of the same
-    name in convmixer_kernels.triton."""
+    name in convmixer_kernels.triton, with the output's BatchNorm fold composed around it
+    (bn_fold.py)."""
     schema = str(getattr(torch.ops.convmixer_kernels, name).default._schema)
     qualname = f"convmixer_kernels::{name}_triton"
     torch.library.define(qualname, schema[schema.index("("):])
+    from .bn_fold import composed  # the stage's BatchNorm fold, which the Triton functions lack
 
-    def run(*args):
-        return getattr(triton_kernels(), name)(*args)
-
+    run = composed(name, lambda *args: getattr(triton_kernels(), name)(*args))
     torch.library.impl(qualname, ("cpu", "cuda"), run)

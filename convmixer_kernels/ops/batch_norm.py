@@ -16,7 +16,7 @@ without CUDA while the Triton backend runs on a GPU) the ATen formulas below do 
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -26,10 +26,11 @@ from torch.autograd.function import once_differentiable
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from .autograd import register_autograd, register_no_derivative
 from .backend import native_devices
-from .checks import Norm
+from .checks import FoldedNorm, Norm
 
 _ops = torch.ops.convmixer_kernels
-_BN_OPS = ("bn_scale_shift", "bn_scale_shift_backward", "bn_update_running_stats", "bn_train_norm")
+_BN_OPS = ("bn_scale_shift", "bn_scale_shift_backward", "bn_update_running_stats",
+           "bn_update_running_stats_many", "bn_train_norm")
 
 _NATIVE = native_devices(_BN_OPS)  # device type -> whether the bn ops have kernels there
 
@@ -87,6 +88,66 @@ def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
     return Norm(mean, scale, shift)
 
 
+def folded_norm(bn: nn.BatchNorm2d, count: int,
+                pending: Optional[list] = None) -> Optional[FoldedNorm]:
+    """`bn` as a FoldedNorm, to be folded into the stage whose output it normalises, when it
+    normalises with that stage's batch statistics (training, or no running statistics); None
+    when it uses its running statistics. `count` is the values per channel behind the statistics.
+    The caller keeps synchronised BatchNorms, whose statistics are the whole distributed batch's,
+    on bn_norm.
+
+    With a `pending` list the running statistics' update of a BatchNorm that keeps all three
+    buffers waits there for update_running_stats, which does a model's in one launch once its
+    forward has run (nn.BatchNorm2d's update, at the end of the forward instead of in it)."""
+    if not uses_batch_stats(bn):
+        return None
+    weight, bias = (bn.weight, bn.bias) if bn.affine else (None, None)
+
+    def update(mean: torch.Tensor, var: torch.Tensor) -> None:
+        if not _updates_running_stats(bn):
+            return
+        if pending is not None and _keeps_all_buffers(bn):
+            pending.append((bn, mean, var))
+            return
+        _update_now(bn, mean, var, count)
+
+    return FoldedNorm(weight, bias, bn.eps, update)
+
+
+def update_running_stats(pending: list, count: int) -> None:
+    """The running statistics of the BatchNorms in `pending` (folded_norm's), `count` values per
+    channel behind each's statistics: one bn_update_running_stats_many launch for every 32 of
+    one momentum, where the device has the kernels. Empties `pending`."""
+    groups: dict = {}
+    for bn, mean, var in pending:
+        groups.setdefault((bn.momentum, mean.device, mean.dtype), []).append((bn, mean, var))
+    pending.clear()
+    for (momentum, device, _), items in groups.items():
+        if not _has_kernels(device):
+            for bn, mean, var in items:
+                _aten_update(bn, mean, var, count)
+            continue
+        with torch.no_grad():
+            _ops.bn_update_running_stats_many(
+                [m for _, m, _ in items], [v for _, _, v in items],
+                [bn.running_mean for bn, _, _ in items], [bn.running_var for bn, _, _ in items],
+                [bn.num_batches_tracked for bn, _, _ in items],
+                None if momentum is None else float(momentum), float(count))
+
+
+def _keeps_all_buffers(bn: nn.BatchNorm2d) -> bool:
+    return (bn.running_mean is not None and bn.running_var is not None
+            and bn.num_batches_tracked is not None)
+
+
+def _update_now(bn: nn.BatchNorm2d, mean, var, count) -> None:
+    with torch.no_grad():  # the buffers stay out of the graph
+        if _has_kernels(mean.device):
+            _ops.bn_update_running_stats(mean, var, *_running(bn, count))
+        else:
+            _aten_update(bn, mean, var, count)
+
+
 def _updates_running_stats(bn: nn.BatchNorm2d) -> bool:
     """Whether a forward of `bn` updates running statistics (as _BatchNorm.forward decides)."""
     return bn.training and bn.track_running_stats and not (
@@ -121,6 +182,33 @@ class _TrainNorm(torch.autograd.Function):
     def backward(ctx, grad_scale, grad_shift):
         grads = _backward(ctx, grad_scale, grad_shift)[:3]
         return (*grads, *(None,) * 9)
+
+
+def scale_shift(var, weight, bias, eps, dtype) -> tuple:
+    """bn_scale_shift's (scale, shift), by the op where the device has its kernel."""
+    if _has_kernels(var.device):
+        return _ops.bn_scale_shift(var, weight, bias, eps, dtype)
+    invstd = torch.rsqrt(var.to(dtype) + eps)
+    if weight is not None:
+        return weight.to(dtype) * invstd, bias.to(dtype)
+    return invstd, torch.zeros_like(invstd)
+
+
+def scale_shift_backward(grad_scale, grad_shift, var, weight, eps, dtype) -> tuple:
+    """bn_scale_shift_backward's (grad_var, grad_weight, grad_bias) of a BatchNorm whose bias has
+    the weight's dtype, as a model's parameters do (empty gradients without a weight)."""
+    if _has_kernels(var.device):
+        return _ops.bn_scale_shift_backward(grad_scale, grad_shift, var, weight, weight, eps,
+                                            dtype)
+    invstd = torch.rsqrt(var.to(dtype) + eps)
+    gs = grad_scale if grad_scale is not None else torch.zeros_like(invstd)
+    w = weight.to(dtype) if weight is not None else torch.ones_like(invstd)
+    grad_var = gs * w * -0.5 * invstd * invstd * invstd
+    if weight is None:
+        empty = var.new_empty((0,), dtype=dtype)
+        return grad_var, empty, empty.clone()
+    gt = grad_shift if grad_shift is not None else torch.zeros_like(invstd)
+    return grad_var, (gs * invstd).to(weight.dtype), gt.to(weight.dtype)
 
 
 # ---- the ATen formulas, for devices without the ops' kernels
@@ -165,6 +253,12 @@ def _bn_scale_shift_backward_fake(grad_scale, grad_shift, var, weight, bias, eps
 def _bn_train_norm_fake(mean, var, weight, bias, eps, dtype, running_mean, running_var,
                         num_batches_tracked, momentum, count, count_tensor):
     return var.new_empty(var.shape, dtype=dtype), var.new_empty(var.shape, dtype=dtype)
+
+
+@torch.library.register_fake("convmixer_kernels::bn_update_running_stats_many")
+def _bn_update_running_stats_many_fake(mean, var, running_mean, running_var, num_batches_tracked,
+                                       momentum, count):
+    return None
 
 
 @torch.library.register_fake("convmixer_kernels::bn_update_running_stats")

@@ -16,13 +16,19 @@ it (relu), so neither stage recomputes its pre-activation for act' nor keeps one
 for gelu the pw stage keeps its pre-activation, the dw stage where dw_stage.keeps_pre_act's count
 says reading it back beats recomputing the conv.
 
+A training BatchNorm that normalises with its own batch's statistics (BN1 after the dw stage,
+BN2 after the pw stage) can be folded into the stage whose output it normalises (FoldedNorm): the
+stage op then returns the Norm's scale and shift with the statistics and takes their gradients in
+its backward, which spares a glue launch each way per BatchNorm (docs/CUDA.md, "BatchNorm in the
+stages"); the running statistics are the FoldedNorm's `update`.
+
 The two nodes are torch.autograd.Function subclasses around the registered ops: torch.compile
 traces them (the ops have fake implementations), checkpointing replays them, and without
-gradients the block is the two plain stage calls.
+gradients they run the ops' forwards alone.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -30,10 +36,11 @@ from torch.autograd.function import once_differentiable
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from ..activations import ACTIVATIONS
 from .backend import resolve
-from .checks import Norm, check_dw_stage, check_pw_stage
-from .dw_stage import dw_stage, keeps_pre_act
+from .bn_fold import FoldedBn
+from .checks import FoldedNorm, Norm, check_dw_stage, check_pw_stage
+from .dw_stage import keeps_pre_act
 from .grads import in_param_layout, saved_output
-from .pw_stage import keeps_u, pw_stage
+from .pw_stage import keeps_u
 
 _ops = torch.ops.convmixer_kernels
 
@@ -42,32 +49,44 @@ def _triple(norm: Optional[Norm]):
     return tuple(norm) if norm is not None else (None, None, None)
 
 
+def _bn_args(fold: Optional[FoldedNorm]) -> tuple:
+    return (fold.weight, fold.bias, fold.eps) if fold is not None else (None, None, None)
+
+
 class _DwNode(torch.autograd.Function):
     """dw_stage, plus the carrier output through which h's residual gradient comes back."""
 
     @staticmethod
-    def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats, triton):
+    def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats, triton, keep,
+                bn_weight, bn_bias, bn_eps):
         op = _ops.dw_stage_triton if triton else _ops.dw_stage
-        keep = keeps_pre_act(act, weight.shape[-1], x.dtype, "triton" if triton else x.device.type)
-        out, pre_act, mean, var = op(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep)
+        out, pre_act, mean, var, scale, shift = op(x, x_mean, x_scale, x_shift, weight, bias, act,
+                                                   stats, keep, bn_weight, bn_bias, bn_eps)
         # Only its gradient is ever used, never its value: an allocation, no kernel.
         carrier = x.new_empty(()).expand(x.shape)
+        # An output nothing differentiates (var, once a folded norm's scale carries its
+        # gradient) comes back as None, not as a zeros launch.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
-                              saved_output(act, out), pre_act if keep else None)
+                              saved_output(act, out), pre_act if keep else None,
+                              *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var))
         ctx.act, ctx.triton = act, triton
-        return out, mean, var, carrier
+        return out, mean, var, scale, shift, carrier
 
     @staticmethod
     @once_differentiable  # the backward ops have no derivative: a second order is an error
-    def backward(ctx, grad_out, grad_mean, grad_var, grad_res):
-        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_mean, grad_var, grad_scale, grad_shift, grad_res):
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act, *bn = ctx.saved_tensors
         op = _ops.dw_stage_backward_triton if ctx.triton else _ops.dw_stage_backward
-        gx, gmean, gscale, gshift, gw, gb = op(
+        if grad_out is None:  # only the statistics were differentiated
+            grad_out = torch.zeros_like(out, memory_format=torch.channels_last)
+        gx, gmean, gscale, gshift, gw, gb, gbw, gbb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
-            ctx.act, grad_res, out, pre_act)
+            ctx.act, grad_res, out, pre_act,
+            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), gb if bias is not None else None,
-                None, None, None)
+                None, None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
 
 
 class _PwNode(torch.autograd.Function):
@@ -76,39 +95,45 @@ class _PwNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, carrier, res, res_mean, res_scale, res_shift,
-                weight, bias, act, stats, triton):
+                weight, bias, act, stats, triton, keep_pre_act, keep_u, bn_weight, bn_bias, bn_eps):
         op = _ops.pw_stage_triton if triton else _ops.pw_stage
-        keep_pre_act = ACTIVATIONS[act].needs_pre_activation
-        out, pre_act, mean, var, u = op(x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
-                                        res_shift, weight, bias, act, stats, keep_pre_act,
-                                        keeps_u(triton, x))
+        out, pre_act, mean, var, u, scale, shift = op(
+            x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act,
+            stats, keep_pre_act, keep_u, bn_weight, bn_bias, bn_eps)
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift,
                               weight, bias, pre_act if keep_pre_act else None, mean,
-                              saved_output(act, out), u)
+                              saved_output(act, out), u,
+                              *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var))
         ctx.act, ctx.triton = act, triton
-        return out, mean, var
+        ctx.set_materialize_grads(False)  # as _DwNode's
+        return out, mean, var, scale, shift
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out, grad_mean, grad_var):
+    def backward(ctx, grad_out, grad_mean, grad_var, grad_scale, grad_shift):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
-         mean, out, u) = ctx.saved_tensors
+         mean, out, u, *bn) = ctx.saved_tensors
         op = _ops.pw_stage_backward_triton if ctx.triton else _ops.pw_stage_backward
+        if grad_out is None:  # only the statistics were differentiated
+            grad_out = x.new_zeros((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(
+                memory_format=torch.channels_last)
         # grad_res_normed: the residual's gradient as dU, of the normed residual, which the dw
         # backward takes through the norm the two stages share, with its own dX.
-        gx, gxm, gxs, gxt, gr, _, _, _, gw, gb = op(
+        gx, gxm, gxs, gxt, gr, _, _, _, gw, gb, gbw, gbb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
-            res_shift, weight, bias, pre_act, mean, ctx.act, out, u, True)
+            res_shift, weight, bias, pre_act, mean, ctx.act, out, u, True,
+            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         return (gx, *x_norm_grads, gr, None, None, None, None, in_param_layout(gw, weight),
-                gb if bias is not None else None, None, None, None)
+                gb if bias is not None else None, None, None, None, None, None,
+                *FoldedBn.grads(ctx, gbw, gbb))
 
 
 def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
                 pw_weight: torch.Tensor, pw_bias: Optional[torch.Tensor],
-                norm1: Callable[[torch.Tensor, torch.Tensor], Norm], *, act: str = "gelu",
-                x_norm: Optional[Norm] = None, stats: tuple = (True, True),
-                backend: str = "auto"):
+                norm1: Union[Callable[[torch.Tensor, torch.Tensor], Norm], FoldedNorm], *,
+                act: str = "gelu", x_norm: Optional[Norm] = None, stats: tuple = (True, True),
+                backend: str = "auto", norm2: Optional[FoldedNorm] = None):
     """One block: ``g = dw_stage(h, x_norm)``, ``norm1(mean, var)`` of g's statistics (BN1, as
     the caller builds it: batch or running statistics, synchronised or not), then
     ``pw_stage(g, x_norm=norm1, residual=h, residual_norm=x_norm)``.
@@ -116,19 +141,39 @@ def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torc
     Returns pw_stage's ``(out, mean, var)``; `stats` is the pair of the two stages' `stats`.
     Values and gradients are those of the two calls; the backward adds h's two gradients inside
     the dw stage's backward op instead of in a separate pass.
+
+    norm1 may instead be a FoldedNorm, BN1 folded into the dw stage; `norm2` folds BN2, the
+    BatchNorm of the block's output, into the pw stage, and the block then returns
+    ``(out, norm2's Norm)``. Both need their stage's statistics.
     """
     dw_stats, pw_stats = stats
-    if not torch.is_grad_enabled():
-        g, mean, var = dw_stage(h, dw_weight, dw_bias, act=act, x_norm=x_norm, stats=dw_stats,
-                                backend=backend)
-        return pw_stage(g, pw_weight, pw_bias, act=act, x_norm=norm1(mean, var), residual=h,
-                        residual_norm=x_norm, stats=pw_stats, backend=backend)
+    fold1 = norm1 if isinstance(norm1, FoldedNorm) else None
+    if (fold1 is not None and not dw_stats) or (norm2 is not None and not pw_stats):
+        raise ValueError("mixer_block: a folded BatchNorm normalises with its stage's batch "
+                         "statistics, so that stage needs stats=True")
     check_dw_stage(h, dw_weight, dw_bias, act, x_norm, dw_stats)
-    triton = resolve(backend, h.device) == "triton"
+    name = resolve(backend, h.device)
+    triton = name == "triton"
+    # What each forward keeps for its backward, decided here: inside a Function's forward grad
+    # mode is off, so the policies (which keep nothing for a forward without a backward) would
+    # always say no there.
+    keep_dw = torch.is_grad_enabled() and keeps_pre_act(act, dw_weight.shape[-1], h.dtype, name)
+    keep_pw = torch.is_grad_enabled() and ACTIVATIONS[act].needs_pre_activation
+    keep_u = keeps_u(triton, h)
     xm, xs, xt = _triple(x_norm)
-    g, mean, var, carrier = _DwNode.apply(h, xm, xs, xt, dw_weight, dw_bias, act, dw_stats,
-                                          triton)
-    n1 = norm1(mean, var)
+    g, mean, var, scale, shift, carrier = _DwNode.apply(h, xm, xs, xt, dw_weight, dw_bias, act,
+                                                        dw_stats, triton, keep_dw,
+                                                        *_bn_args(fold1))
+    if fold1 is not None:
+        fold1.update(mean, var)
+        n1 = Norm(mean, scale, shift)
+    else:
+        n1 = norm1(mean, var)
     check_pw_stage(g, pw_weight, pw_bias, act, n1, h, x_norm, pw_stats)
-    return _PwNode.apply(g, *n1, carrier, h, xm, xs, xt, pw_weight, pw_bias, act, pw_stats,
-                         triton)
+    out, mean, var, scale, shift = _PwNode.apply(g, *n1, carrier, h, xm, xs, xt, pw_weight,
+                                                 pw_bias, act, pw_stats, triton, keep_pw, keep_u,
+                                                 *_bn_args(norm2))
+    if norm2 is None:
+        return out, mean, var
+    norm2.update(mean, var)
+    return out, Norm(mean, scale, shift)

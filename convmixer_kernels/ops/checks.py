@@ -7,7 +7,7 @@ depend on.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -22,6 +22,16 @@ class Norm(NamedTuple):
     mean: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
+
+
+class FoldedNorm(NamedTuple):
+    """A training BatchNorm on its own batch's statistics, folded into the stage it follows:
+    weight and bias (None: not affine) and eps as the stage op's bn_* arguments, and `update`,
+    called with the batch (mean, var) once the stage has run, for the running statistics."""
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+    update: Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,6 +19,7 @@ from ..activations import ACTIVATIONS
 from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_dw_stage
+from .bn_fold import FoldedBn, folded_grads_fake, folded_norm_fake
 from .grads import in_param_layout, saved_output
 
 _ops = torch.ops.convmixer_kernels
@@ -42,7 +43,7 @@ def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     op = _ops.dw_stage_triton if name == "triton" else _ops.dw_stage
     m, s, t = x_norm if x_norm is not None else (None, None, None)
     keep = torch.is_grad_enabled() and keeps_pre_act(act, weight.shape[-1], x.dtype, name)
-    out, _, mean, var = op(x, m, s, t, weight, bias, act, stats, keep)
+    out, _, mean, var, _, _ = op(x, m, s, t, weight, bias, act, stats, keep)
     return out, mean, var
 
 
@@ -80,47 +81,53 @@ def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
 
 @torch.library.register_fake("convmixer_kernels::dw_stage")
 @torch.library.register_fake("convmixer_kernels::dw_stage_triton")
-def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep_pre_act=False):
+def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep_pre_act=False,
+                   bn_weight=None, bn_bias=None, bn_eps=None):
     n = x.shape[1] if stats else 0
     acc = acc_dtype(x.dtype)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     pre_act = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
-    return out, pre_act, x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+    return (out, pre_act, x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc),
+            *folded_norm_fake(x, n, acc, bn_eps))
 
 
 @torch.library.register_fake("convmixer_kernels::dw_stage_backward")
 @torch.library.register_fake("convmixer_kernels::dw_stage_backward_triton")
 def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight,
-                            bias, mean, act, grad_res=None, saved_out=None, pre_act=None):
+                            bias, mean, act, grad_res=None, saved_out=None, pre_act=None,
+                            grad_scale=None, grad_shift=None, var=None, bn_weight=None,
+                            bn_eps=None):
     n = x.shape[1] if x_mean is not None else 0
     acc = acc_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.channels_last),
             *(x.new_empty((n,), dtype=acc) for _ in range(3)),
-            weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
+            weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)),
+            *folded_grads_fake(x, acc, bn_weight, bn_eps))
 
 
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, weight, bias, act, *_ = inputs
-    out, pre_act, mean, _ = output
+    out, pre_act, mean, var, *_ = output
     # pre_act exists to be saved for this backward, not to be differentiated through.
     ctx.mark_non_differentiable(pre_act)
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
-                          saved_output(act, out), pre_act if pre_act.numel() else None)
+                          saved_output(act, out), pre_act if pre_act.numel() else None,
+                          *FoldedBn.save(ctx, inputs[-3:], var))
     ctx.act = act
 
 
 def _make_backward(backward_op):
     """The autograd formula of a dw_stage op whose backward op is `backward_op`."""
-    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var):
-        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act = ctx.saved_tensors
+    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var, grad_scale, grad_shift):
+        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act, *bn = ctx.saved_tensors
         if grad_out is None:  # only the statistics were differentiated
             grad_out = torch.zeros_like(x, memory_format=torch.channels_last)
-        gx, gmean, gscale, gshift, gw, gb = backward_op(
+        gx, gmean, gscale, gshift, gw, gb, gbw, gbb = backward_op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
-            ctx.act, None, out, pre_act)
+            ctx.act, None, out, pre_act, *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), (gb if bias is not None else None),
-                None, None, None)
+                None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
     return _backward
 
 

@@ -18,6 +18,7 @@ from ..activations import ACTIVATIONS
 from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_pw_stage
+from .bn_fold import FoldedBn, folded_grads_fake, folded_norm_fake
 from .grads import in_param_layout, saved_output
 
 _ops = torch.ops.convmixer_kernels
@@ -41,8 +42,8 @@ def pw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     xm, xs, xt = x_norm if x_norm is not None else (None, None, None)
     rm, rs, rt = residual_norm if residual_norm is not None else (None, None, None)
     keep_pre_act = keeps_pre_act(act)
-    out, _, mean, var, _ = op(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act, stats,
-                              keep_pre_act, keeps_u(op is _ops.pw_stage_triton, x))
+    out, _, mean, var, *_ = op(x, xm, xs, xt, residual, rm, rs, rt, weight, bias, act, stats,
+                               keep_pre_act, keeps_u(op is _ops.pw_stage_triton, x))
     return out, mean, var
 
 
@@ -68,7 +69,8 @@ def keeps_u(triton: bool, x: torch.Tensor) -> bool:
 @torch.library.register_fake("convmixer_kernels::pw_stage")
 @torch.library.register_fake("convmixer_kernels::pw_stage_triton")
 def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
-                   act, stats, keep_pre_act, keep_u=False):
+                   act, stats, keep_pre_act, keep_u=False, bn_weight=None, bn_bias=None,
+                   bn_eps=None):
     n, _, h, w = x.shape
     shape = (n, weight.shape[0], h, w)
     stat = weight.shape[0] if stats else 0
@@ -78,14 +80,16 @@ def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_sh
     # u is x without a norm or residual: then nothing is kept.
     u = (torch.empty_like(x, memory_format=torch.channels_last)
          if keep_u and (x_mean is not None or res is not None) else x.new_empty((0,)))
-    return (out, pre_act, x.new_empty((stat,), dtype=acc), x.new_empty((stat,), dtype=acc), u)
+    return (out, pre_act, x.new_empty((stat,), dtype=acc), x.new_empty((stat,), dtype=acc), u,
+            *folded_norm_fake(x, weight.shape[0], acc, bn_eps))
 
 
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward")
 @torch.library.register_fake("convmixer_kernels::pw_stage_backward_triton")
 def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act,
-                            saved_out=None, saved_u=None, grad_res_normed=False):
+                            saved_out=None, saved_u=None, grad_res_normed=False, grad_scale=None,
+                            grad_shift=None, var=None, bn_weight=None, bn_eps=None):
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
 
@@ -95,36 +99,41 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
     grad_res = torch.empty_like(x, memory_format=torch.channels_last) if res is not None else x.new_empty((0,))
     return (torch.empty_like(x, memory_format=torch.channels_last), *norm_grads(x_mean is not None),
             grad_res, *norm_grads(res_mean is not None and not grad_res_normed),
-            weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)))
+            weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)),
+            *folded_grads_fake(x, acc, bn_weight, bn_eps))
 
 
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act, *_ = inputs
-    out, pre_act, mean, _, u = output
+    out, pre_act, mean, var, u, *_ = output
     # pre_act and u exist to be saved for this backward, not to be differentiated through.
     ctx.mark_non_differentiable(pre_act, u)
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight,
-                          bias, pre_act, mean, saved_output(act, out), u)
+                          bias, pre_act, mean, saved_output(act, out), u,
+                          *FoldedBn.save(ctx, inputs[-3:], var))
     ctx.act = act
 
 
 def _make_backward(backward_op):
     """The autograd formula of a pw_stage op whose backward op is `backward_op`."""
-    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var, grad_u):
+    def _backward(ctx, grad_out, grad_pre_act, grad_mean, grad_var, grad_u, grad_scale,
+                  grad_shift):
         (x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, pre_act,
-         mean, out, u) = ctx.saved_tensors
+         mean, out, u, *bn) = ctx.saved_tensors
         if grad_out is None:  # only the statistics were differentiated
             grad_out = x.new_zeros((x.shape[0], weight.shape[0], *x.shape[2:])).contiguous(
                 memory_format=torch.channels_last)
         grads = backward_op(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act,
-                            out, u)
-        gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb = grads
+                            out, u, False,
+                            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
+        gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb, gbw, gbb = grads
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
         return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads,
                 in_param_layout(gw, weight),
-                (gb if bias is not None else None), None, None, None, None)
+                (gb if bias is not None else None), None, None, None, None,
+                *FoldedBn.grads(ctx, gbw, gbb))
     return _backward
 
 

@@ -121,6 +121,19 @@ void bn_update_running_stats(const at::Tensor& mean_in, const at::Tensor& var_in
 }
 
 // Two calls on the CPU, where launches cost nothing; the CUDA op is one kernel.
+void bn_update_running_stats_many(at::TensorList mean, at::TensorList var,
+                                  at::TensorList running_mean, at::TensorList running_var,
+                                  at::TensorList num_batches_tracked,
+                                  std::optional<double> momentum, double count) {
+  const int64_t n = check_bn_update_running_stats_many("bn_update_running_stats_many", mean, var,
+                                                       running_mean, running_var,
+                                                       num_batches_tracked, momentum);
+  for (int64_t i = 0; i < n; ++i) {
+    bn_update_running_stats(mean[i], var[i], running_mean[i], running_var[i],
+                            num_batches_tracked[i], momentum, count, std::nullopt);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_train_norm(
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, at::ScalarType dtype,

@@ -12,25 +12,6 @@ namespace {
 
 namespace bn = ::convmixer_kernels::cuda::bn;
 
-bn::Elem elem_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kLong: return bn::Elem::Int64;
-    default: return static_cast<bn::Elem>(static_cast<int>(dtype_of(t)));
-  }
-}
-
-bn::In in_of(const at::Tensor& t) {
-  return t.defined() ? bn::In{t.data_ptr(), elem_of(t)} : bn::In{};
-}
-
-bn::Out out_of(const at::Tensor& t) {
-  return t.defined() ? bn::Out{t.data_ptr(), elem_of(t)} : bn::Out{};
-}
-
-at::Tensor contiguous_or_none(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 bn::Problem problem_of(at::ScalarType acc, int64_t C) {
   return {acc == at::kDouble ? cuda::DType::Float64 : cuda::DType::Float32, C};
 }
@@ -142,6 +123,38 @@ void bn_update_running_stats(const at::Tensor& mean_in, const at::Tensor& var_in
   launch_entry(op, call.c, call.mean, false, C, " channels");
 }
 
+void bn_update_running_stats_many(at::TensorList mean, at::TensorList var,
+                                  at::TensorList running_mean, at::TensorList running_var,
+                                  at::TensorList num_batches_tracked,
+                                  std::optional<double> momentum, double count) {
+  const char* op = "bn_update_running_stats_many";
+  const int64_t n = check_bn_update_running_stats_many(op, mean, var, running_mean, running_var,
+                                                       num_batches_tracked, momentum);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(mean[0].device());
+  std::vector<RunningStatsCall> calls;
+  calls.reserve(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    calls.emplace_back(mean[i], var[i], running_mean[i], running_var[i], num_batches_tracked[i],
+                       momentum, count, std::nullopt, mean[i].size(0));
+  }
+  // Launches of up to kManyItems items that all update in float or all in double (in order: the
+  // items are independent, so any grouping gives each the bits it would get alone).
+  for (const bool dbl : {false, true}) {
+    bn::RunningStatsMany c;
+    c.problem = problem_of(mean[0].scalar_type(), 0);
+    for (const RunningStatsCall& call : calls) {
+      if (bn::updates_in_double(call.c) != dbl) continue;
+      c.items[c.count++] = call.c;
+      if (c.count == bn::kManyItems) {
+        launch_entry(op, c, mean[0], false, c.count, " BatchNorms");
+        c.count = 0;
+      }
+    }
+    if (c.count > 0) launch_entry(op, c, mean[0], false, c.count, " BatchNorms");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> bn_train_norm(
     const at::Tensor& mean_in, const at::Tensor& var_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, at::ScalarType dtype,
@@ -171,5 +184,7 @@ TORCH_LIBRARY_IMPL(convmixer_kernels, CUDA, m) {
   m.impl("bn_scale_shift", &convmixer_kernels::cuda_ops::bn_scale_shift);
   m.impl("bn_scale_shift_backward", &convmixer_kernels::cuda_ops::bn_scale_shift_backward);
   m.impl("bn_update_running_stats", &convmixer_kernels::cuda_ops::bn_update_running_stats);
+  m.impl("bn_update_running_stats_many",
+         &convmixer_kernels::cuda_ops::bn_update_running_stats_many);
   m.impl("bn_train_norm", &convmixer_kernels::cuda_ops::bn_train_norm);
 }

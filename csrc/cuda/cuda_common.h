@@ -5,6 +5,8 @@
 
 #include "../ops.h"
 #include "../stage_checks.h"
+#include "../bn_ops.h"
+#include "kernels/bn_math.cuh"
 #include "kernels/launch.cuh"
 
 #include <ATen/ATen.h>
@@ -39,6 +41,69 @@ inline const void* ptr_or_null(const std::optional<at::Tensor>& t) {
 inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 inline void* out_ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// A [C] vector of its own element type (kernels/elements.cuh): the BatchNorm's parameters, the
+// running statistics, a count tensor.
+inline cuda::Elem elem_of(const at::Tensor& t) {
+  return t.scalar_type() == at::kLong ? cuda::Elem::Int64
+                                      : static_cast<cuda::Elem>(static_cast<int>(dtype_of(t)));
+}
+
+inline cuda::In in_of(const at::Tensor& t) {
+  return t.defined() ? cuda::In{t.data_ptr(), elem_of(t)} : cuda::In{};
+}
+
+inline cuda::Out out_of(const at::Tensor& t) {
+  return t.defined() ? cuda::Out{t.data_ptr(), elem_of(t)} : cuda::Out{};
+}
+
+inline at::Tensor contiguous_or_none(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// A stage's folded BatchNorm (bn_ops.h BnFold) for its launch entry: the parameters kept
+// contiguous, scale and shift allocated ([C] of the accumulation type; empty without a fold).
+struct BnFoldCall {
+  at::Tensor weight, bias, scale, shift;
+  cuda::BnNorm c;
+  BnFoldCall(const BnFold& f, int64_t C, const at::Tensor& like, at::ScalarType acc)
+      : weight(contiguous_or_none(f.weight)),
+        bias(contiguous_or_none(f.bias)),
+        scale(f.on ? at::empty({C}, like.options().dtype(acc)) : empty_output(like, acc)),
+        shift(f.on ? at::empty({C}, like.options().dtype(acc)) : empty_output(like, acc)) {
+    if (!f.on) return;
+    c.weight = in_of(weight);
+    c.bias = in_of(bias);
+    c.eps = f.eps;
+    c.scale = scale.data_ptr();
+    c.shift = shift.data_ptr();
+  }
+};
+
+// The backward's (bn_ops.h BnFoldGrad): grad_weight and grad_bias allocated in the weight's dtype
+// (empty without a weight or a fold).
+struct BnFoldGradCall {
+  at::Tensor grad_scale, grad_shift, var, weight, grad_weight, grad_bias;
+  cuda::BnGrad c;
+  BnFoldGradCall(const BnFoldGrad& f, int64_t C, const at::Tensor& like, at::ScalarType acc)
+      : grad_scale(contiguous_or_none(f.grad_scale)),
+        grad_shift(contiguous_or_none(f.grad_shift)),
+        var(f.on ? f.var.contiguous() : at::Tensor()),
+        weight(contiguous_or_none(f.weight)),
+        grad_weight(weight.defined() ? at::empty({C}, weight.options()) : empty_output(like, acc)),
+        grad_bias(weight.defined() ? at::empty({C}, weight.options()) : empty_output(like, acc)) {
+    if (!f.on) return;
+    c.grad_scale = grad_scale.defined() ? grad_scale.data_ptr() : nullptr;
+    c.grad_shift = grad_shift.defined() ? grad_shift.data_ptr() : nullptr;
+    c.var = var.data_ptr();
+    c.weight = in_of(weight);
+    c.eps = f.eps;
+    if (weight.defined()) {
+      c.grad_weight = out_of(grad_weight);
+      c.grad_bias = out_of(grad_bias);
+    }
+  }
+};
 
 inline cuda::NormPtrs norm_ptrs(const Norm& n) {
   return {ptr_or_null(n.mean), ptr_or_null(n.scale), ptr_or_null(n.shift)};

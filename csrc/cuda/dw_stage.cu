@@ -22,15 +22,19 @@ dw::Problem problem_of(const DwGeometry& g, const at::Tensor& x) {
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
-    c10::string_view act_name, bool stats, bool keep_pre_act) {
+    c10::string_view act_name, bool stats, bool keep_pre_act,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    std::optional<double> bn_eps) {
   const char* op = "dw_stage";
   const DwArgs a = check_dw_stage(op, x_in, x_mean, x_scale, x_shift, weight_in, bias_in, act_name,
                                   stats);
   const DwGeometry& g = a.g;
+  const BnFoldCall bn(check_bn_fold(op, bn_weight, bn_bias, bn_eps, stats, g.C, x_in.device()),
+                      g.C, x_in, a.acc);
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -52,12 +56,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
   c.mean = stats ? mean.data_ptr() : nullptr;
   c.var = stats ? var.data_ptr() : nullptr;
   c.pre_act = keep_pre_act ? pre_act.data_ptr() : nullptr;
+  c.bn = bn.c;  // scale and shift by the statistics' last CTAs
   launch_entry(op, c, x, stats, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
-  return {out, pre_act, mean, var};
+  return {out, pre_act, mean, var, bn.scale, bn.shift};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& grad_mean_in,
                   const std::optional<at::Tensor>& grad_var_in, const at::Tensor& x_in,
                   const std::optional<at::Tensor>& x_mean,
@@ -67,13 +73,20 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
                   const std::optional<at::Tensor>& grad_res_in,
                   const std::optional<at::Tensor>& saved_out_in,
-                  const std::optional<at::Tensor>& pre_act_in) {
+                  const std::optional<at::Tensor>& pre_act_in,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& grad_shift,
+                  const std::optional<at::Tensor>& var,
+                  const std::optional<at::Tensor>& bn_weight, std::optional<double> bn_eps) {
   const char* op = "dw_stage_backward";
   const DwArgs a = check_dw_stage_backward(op, grad_out_in, grad_mean_in, grad_var_in, x_in, x_mean,
                                            x_scale, x_shift, weight_in, bias_in, mean_in, act_name,
                                            grad_res_in, saved_out_in, pre_act_in);
   const DwGeometry& g = a.g;
   const Norm& norm = a.norm;
+  const BnFoldGradCall bn(check_bn_fold_grad(op, grad_scale, grad_shift, var, bn_weight, bn_eps,
+                                             a.sg.mean.has_value(), g.C, a.acc, x_in.device()),
+                          g.C, x_in, a.acc);
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -121,6 +134,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.grad_norm_mean = out_ptr_or_null(g_mean_out);
   c.grad_res = ptr_or_null(grad_res);
   c.pre_act = ptr_or_null(pre_act);  // read instead of recomputing the conv
+  c.bn = bn.c;
   launch_entry(op, c, x, true, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
 
@@ -131,7 +145,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
     g_scale = sum_dx_xc;
     g_shift = sum_dx;
   }
-  return {grad_x, g_mean, g_scale, g_shift, grad_weight, grad_bias};
+  return {grad_x, g_mean, g_scale, g_shift, grad_weight, grad_bias, bn.grad_weight, bn.grad_bias};
 }
 
 }  // namespace

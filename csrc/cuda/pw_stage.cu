@@ -51,18 +51,22 @@ at::Tensor gemm_pre_act(const at::Tensor& u, const at::Tensor& w2d, const at::Te
   return bias.defined() ? at::addmm(bias, u, w2d.t()) : at::mm(u, w2d.t());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+pw_stage(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_mean,
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const std::optional<at::Tensor>& res_in, const std::optional<at::Tensor>& res_mean,
     const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
-    bool stats, bool keep_pre_act, bool keep_u) {
+    bool stats, bool keep_pre_act, bool keep_u, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps) {
   const char* op = "pw_stage";
   const PwArgs args = check_pw_stage(op, x_in, x_mean, x_scale, x_shift, res_in, res_mean,
                                      res_scale, res_shift, weight, bias_in, act_name, stats);
   const PwGeometry& g = args.g;
   const auto acc = args.acc;
+  const BnFoldCall bn(check_bn_fold(op, bn_weight, bn_bias, bn_eps, stats, g.Cout, x_in.device()),
+                      g.Cout, x_in, acc);
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x2d = rows_of(x_in);
@@ -82,6 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   c.out = out2d.data_ptr();
   c.mean = stats ? mean.data_ptr() : nullptr;
   c.var = stats ? var.data_ptr() : nullptr;
+  c.bn = bn.c;  // scale and shift by the statistics' last CTAs
   launch_entry(op, c, x_in, stats, g.rows(), " rows of ", g.Cout, " channels");
   const at::Tensor pre_act =
       keep_pre_act ? nchw_of(p2d, out_sizes) : empty_output(x_in, x_in.scalar_type());
@@ -90,11 +95,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
   const bool u_written = u.data_ptr() != x2d.data_ptr();
   const at::Tensor u_out = keep_u && u_written ? nchw_of(u, args.in_sizes())
                                                : empty_output(x_in, x_in.scalar_type());
-  return {nchw_of(out2d, out_sizes), pre_act, mean, var, u_out};
+  return {nchw_of(out2d, out_sizes), pre_act, mean, var, u_out, bn.scale, bn.shift};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-           at::Tensor, at::Tensor, at::Tensor>
+           at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_mean_in,
                   const std::optional<at::Tensor>& grad_var_in, const at::Tensor& x_in,
                   const std::optional<at::Tensor>& x_mean,
@@ -107,7 +112,11 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
                   const std::optional<at::Tensor>& saved_out_in,
-                  const std::optional<at::Tensor>& saved_u_in, bool grad_res_normed) {
+                  const std::optional<at::Tensor>& saved_u_in, bool grad_res_normed,
+                  const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& grad_shift,
+                  const std::optional<at::Tensor>& var,
+                  const std::optional<at::Tensor>& bn_weight, std::optional<double> bn_eps) {
   const char* op = "pw_stage_backward";
   const PwArgs args = check_pw_stage_backward(op, grad_out, grad_mean_in, grad_var_in, x_in, x_mean,
                                               x_scale, x_shift, res_in, res_mean, res_scale,
@@ -115,6 +124,9 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                                               act_name, saved_out_in, saved_u_in);
   const PwGeometry& g = args.g;
   const auto acc = args.acc;
+  const BnFoldGradCall bn(check_bn_fold_grad(op, grad_scale, grad_shift, var, bn_weight, bn_eps,
+                                             args.sg.mean.has_value(), g.Cout, acc, x_in.device()),
+                          g.Cout, x_in, acc);
   const Norm &nx = args.nx, &nr = args.nr;
   // The res norm's backward, unless the caller takes dU itself as the residual's gradient (the
   // gradient of norm_res(res)) and does that backward elsewhere (grad_res_normed).
@@ -157,6 +169,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   e.mean = ptr_or_null(args.sg.mean);
   e.grad_pre = dp2d.data_ptr();
   e.grad_bias = grad_bias.data_ptr();
+  e.bn = bn.c;
   launch_entry(op, e, x_in, true, g.rows(), " rows of ", g.Cout, " channels");
 
   const at::Tensor grad_w = dp2d.t().mm(u).view(weight.sizes());
@@ -185,8 +198,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const at::Tensor grad_x = nchw_of(gx2d, in_sizes);
   const at::Tensor grad_res =
       r2d.defined() ? nchw_of(gr2d, in_sizes) : empty_output(x_in, x_in.scalar_type());
-  return {grad_x,    gx_norm[0], gx_norm[1], gx_norm[2], grad_res,
-          gr_norm[0], gr_norm[1], gr_norm[2], grad_w,     grad_bias};
+  return {grad_x,     gx_norm[0], gx_norm[1], gx_norm[2], grad_res,       gr_norm[0],
+          gr_norm[1], gr_norm[2], grad_w,     grad_bias,  bn.grad_weight, bn.grad_bias};
 }
 
 }  // namespace

@@ -108,3 +108,26 @@ extern "C" int convmixer_bn_train_norm(int acc, long long C, const void* mean, c
   c.norm = scale_shift(acc, C, eps, var, acc, weight, weight_type, bias, bias_type, scale, shift);
   return cuda::run_entry(c, scale, nullptr, 0, nullptr, stream);
 }
+
+// convmixer_bn_running_stats of `count` items at once (no count tensor), the items' vectors and
+// element types in arrays (at most bn::kManyItems).
+extern "C" int convmixer_bn_running_stats_many(int acc, int count, const long long* C,
+                                               const void* const* mean, const void* const* var,
+                                               void* const* running_mean,
+                                               const int* running_mean_type,
+                                               void* const* running_var,
+                                               const int* running_var_type,
+                                               long long* const* num_batches_tracked,
+                                               double momentum, int cumulative,
+                                               double stat_count, cudaStream_t stream) {
+  if (count < 0 || count > bn::kManyItems) return int(cudaErrorInvalidValue);
+  bn::RunningStatsMany c;
+  c.problem = {static_cast<cuda::DType>(acc), 0};
+  c.count = count;
+  for (int i = 0; i < count; ++i) {
+    c.items[i] = running_stats(acc, C[i], mean[i], var[i], running_mean[i], running_mean_type[i],
+                               running_var[i], running_var_type[i], num_batches_tracked[i],
+                               momentum, cumulative, stat_count, nullptr, 0);
+  }
+  return cuda::run_entry(c, &c, nullptr, 0, nullptr, stream);
+}

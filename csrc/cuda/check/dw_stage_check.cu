@@ -42,12 +42,15 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
                                     long long H, long long W, int K, const void* norm_mean,
                                     const void* norm_scale, const void* norm_shift,
                                     const void* weight, const void* bias, void* out,
-                                    void* mean_out, void* var_out, void* pre_act, void* workspace,
-                                    size_t workspace_bytes, size_t* workspace_bytes_out,
-                                    cudaStream_t stream) {
+                                    void* mean_out, void* var_out, void* pre_act,
+                                    const void* bn_weight, const void* bn_bias, int bn_type,
+                                    double bn_eps, void* bn_scale, void* bn_shift,
+                                    void* workspace, size_t workspace_bytes,
+                                    size_t* workspace_bytes_out, cudaStream_t stream) {
   const dw::Forward c{problem(dtype, N, C, H, W, K), static_cast<Act>(act), x,
                       {norm_mean, norm_scale, norm_shift}, weight, bias, out, mean_out, var_out,
-                      pre_act};
+                      pre_act,
+                      cuda::bn_norm_of(bn_weight, bn_bias, bn_type, bn_eps, bn_scale, bn_shift)};
   return cuda::run_entry(c, out, workspace, workspace_bytes, workspace_bytes_out, stream);
 }
 
@@ -59,13 +62,18 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      const void* weight, const void* bias, void* grad_pre,
                                      void* grad_x, void* grad_weight, void* grad_bias,
                                      void* sum_dx, void* sum_dx_xc, const void* grad_res,
-                                     void* grad_norm_mean, const void* pre_act, void* workspace,
-                                     size_t workspace_bytes,
+                                     void* grad_norm_mean, const void* pre_act,
+                                     const void* bn_grad_scale, const void* bn_grad_shift,
+                                     const void* bn_var, const void* bn_weight, int bn_type,
+                                     double bn_eps, void* bn_grad_weight, void* bn_grad_bias,
+                                     void* workspace, size_t workspace_bytes,
                                      size_t* workspace_bytes_out, cudaStream_t stream) {
   const dw::Backward c{problem(dtype, N, C, H, W, K), static_cast<Act>(act), grad_out,
                        grad_mean, grad_var, mean, out, x, {norm_mean, norm_scale, norm_shift},
                        weight, bias, grad_pre, grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc,
-                       grad_res, grad_norm_mean, pre_act};
+                       grad_res, grad_norm_mean, pre_act,
+                       cuda::bn_grad_of(bn_grad_scale, bn_grad_shift, bn_var, bn_weight, bn_type,
+                                        bn_eps, bn_grad_weight, bn_grad_bias)};
   // grad_weight marks a real call (null: a size query): grad_x has no element without pixels,
   // while the finalize still writes zero sums then.
   return cuda::run_entry(c, grad_weight, workspace, workspace_bytes, workspace_bytes_out, stream);

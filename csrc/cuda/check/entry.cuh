@@ -5,6 +5,7 @@
 // vectors float (double for dtype 1). They return a cudaError_t value.
 #pragma once
 
+#include "../kernels/bn_math.cuh"
 #include "../kernels/launch.cuh"
 
 namespace convmixer_kernels {
@@ -34,6 +35,33 @@ inline int* check_counters(int64_t n) {
   return counters;
 }
 #endif
+
+// A stage's folded BatchNorm (kernels/bn_math.cuh) from an entry point's trailing arguments; the
+// weight's (and bias's, and their gradients') element type is one Elem code, `type`.
+inline BnNorm bn_norm_of(const void* weight, const void* bias, int type, double eps, void* scale,
+                         void* shift) {
+  BnNorm b;
+  b.weight = {weight, static_cast<Elem>(type)};
+  b.bias = {bias, static_cast<Elem>(type)};
+  b.eps = eps;
+  b.scale = scale;
+  b.shift = shift;
+  return b;
+}
+
+inline BnGrad bn_grad_of(const void* grad_scale, const void* grad_shift, const void* var,
+                         const void* weight, int type, double eps, void* grad_weight,
+                         void* grad_bias) {
+  BnGrad b;
+  b.grad_scale = grad_scale;
+  b.grad_shift = grad_shift;
+  b.var = var;
+  b.weight = {weight, static_cast<Elem>(type)};
+  b.eps = eps;
+  b.grad_weight = {grad_weight, static_cast<Elem>(type)};
+  b.grad_bias = {grad_bias, static_cast<Elem>(type)};
+  return b;
+}
 
 // cudaErrorInvalidValue for a call the kernels cannot take; else the call's workspace size into
 // *workspace_bytes_out when that is given, and, unless `output` is null (a size query), the launch.

@@ -27,11 +27,14 @@ extern "C" int convmixer_pw_prologue(int dtype, long long rows, long long C, con
 
 extern "C" int convmixer_pw_epilogue_forward(int dtype, int act, long long rows, long long C,
                                              const void* pre, void* out, void* mean_out,
-                                             void* var_out, void* workspace,
+                                             void* var_out, const void* bn_weight,
+                                             const void* bn_bias, int bn_type, double bn_eps,
+                                             void* bn_scale, void* bn_shift, void* workspace,
                                              size_t workspace_bytes, size_t* workspace_bytes_out,
                                              cudaStream_t stream) {
-  const pw::EpilogueForward c{problem(dtype, rows, C), static_cast<Act>(act), pre, out, mean_out,
-                              var_out};
+  const pw::EpilogueForward c{
+      problem(dtype, rows, C), static_cast<Act>(act), pre, out, mean_out, var_out,
+      cuda::bn_norm_of(bn_weight, bn_bias, bn_type, bn_eps, bn_scale, bn_shift)};
   return cuda::run_entry(c, out, workspace, workspace_bytes, workspace_bytes_out, stream);
 }
 
@@ -39,10 +42,16 @@ extern "C" int convmixer_pw_epilogue_backward(int dtype, int act, long long rows
                                               const void* grad_out, const void* pre,
                                               const void* grad_mean, const void* grad_var,
                                               const void* mean, void* grad_pre, void* grad_bias,
-                                              void* workspace, size_t workspace_bytes,
-                                              size_t* workspace_bytes_out, cudaStream_t stream) {
+                                              const void* bn_grad_scale, const void* bn_grad_shift,
+                                              const void* bn_var, const void* bn_weight,
+                                              int bn_type, double bn_eps, void* bn_grad_weight,
+                                              void* bn_grad_bias, void* workspace,
+                                              size_t workspace_bytes, size_t* workspace_bytes_out,
+                                              cudaStream_t stream) {
   const pw::EpilogueBackward c{problem(dtype, rows, C), static_cast<Act>(act), grad_out, pre,
-                               grad_mean, grad_var, mean, grad_pre, grad_bias};
+                               grad_mean, grad_var, mean, grad_pre, grad_bias,
+                               cuda::bn_grad_of(bn_grad_scale, bn_grad_shift, bn_var, bn_weight,
+                                                bn_type, bn_eps, bn_grad_weight, bn_grad_bias)};
   // grad_bias marks a real call (null: a size query): grad_pre has no element without rows, while
   // the bias gradient is still written (zeros) then.
   return cuda::run_entry(c, grad_bias, workspace, workspace_bytes, workspace_bytes_out, stream);

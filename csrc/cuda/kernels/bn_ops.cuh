@@ -13,8 +13,7 @@
 // not depend on the compiler's contraction choices. Torch-free (docs/DESIGN.md §8).
 #pragma once
 
-#include "channel_stats.cuh"
-#include "elements.cuh"
+#include "bn_math.cuh"
 #include "launch.cuh"
 
 #include <type_traits>
@@ -72,6 +71,17 @@ struct RunningStats {
   In count_tensor;
 };
 
+// Up to kManyItems RunningStats (each its own C) in one launch, one CTA each: the BatchNorms that
+// a model's stages fold in (bn_math.cuh) update their running statistics together once the
+// forward has run, one launch a step instead of one per BatchNorm. Every item's update is
+// computed in one type (updates_in_double), as it would be alone.
+constexpr int kManyItems = 32;
+struct RunningStatsMany {
+  Problem problem;  // dtype: the statistics' accumulation type; C unused
+  int count = 0;
+  RunningStats items[kManyItems];
+};
+
 // RunningStats, then ScaleShift of the batch var, in one kernel; the three problems are one.
 struct TrainNorm {
   Problem problem;
@@ -81,33 +91,17 @@ struct TrainNorm {
 
 constexpr int kThreads = 256;
 
-// The statistics' explicitly rounded arithmetic, and a square root to match.
+// The statistics' explicitly rounded arithmetic; the BatchNorm's own in bn_math.cuh.
 using channel_stats::acc_add;
 using channel_stats::acc_div;
 using channel_stats::acc_mul;
-__device__ __forceinline__ float acc_sqrt(float a) { return __fsqrt_rn(a); }
-__device__ __forceinline__ double acc_sqrt(double a) { return __dsqrt_rn(a); }
-
-// 1 / sqrt(var + eps), as torch.rsqrt(var + eps) (correctly rounded steps, not the approximate
-// rsqrt instruction).
-template <typename Acc>
-__device__ __forceinline__ Acc invstd_of(Acc var, Acc eps) {
-  return acc_div(Acc(1), acc_sqrt(acc_add(var, eps)));
-}
+using bn_math::invstd_of;
 
 // Channel i of ScaleShift.
 template <typename Acc>
 __device__ __forceinline__ void scale_shift_at(const ScaleShift& c, int64_t i) {
-  const Acc invstd = invstd_of(load<Acc>(c.var.data, c.var.type, i), Acc(c.eps));
-  Acc* scale = static_cast<Acc*>(c.scale);
-  Acc* shift = static_cast<Acc*>(c.shift);
-  if (c.weight.data != nullptr) {
-    scale[i] = acc_mul(load<Acc>(c.weight.data, c.weight.type, i), invstd);
-    shift[i] = load<Acc>(c.bias.data, c.bias.type, i);
-  } else {
-    scale[i] = invstd;
-    shift[i] = Acc(0);
-  }
+  bn_math::scale_shift(load<Acc>(c.var.data, c.var.type, i), c.weight, c.bias, c.eps, i,
+                       static_cast<Acc*>(c.scale)[i], static_cast<Acc*>(c.shift)[i]);
 }
 
 template <typename Acc>
@@ -126,9 +120,7 @@ bn_scale_shift_backward_kernel(ScaleShiftBackward c) {
   const Acc gs = c.grad_scale != nullptr ? static_cast<const Acc*>(c.grad_scale)[i] : Acc(0);
   const Acc invstd = invstd_of(load<Acc>(c.var.data, c.var.type, i), Acc(c.eps));
   const Acc w = c.weight.data != nullptr ? load<Acc>(c.weight.data, c.weight.type, i) : Acc(1);
-  // -gs · w · invstd³ / 2, in the order of autograd's formula for weight · (var + eps)^(-1/2)
-  const Acc cube = acc_mul(acc_mul(invstd, invstd), invstd);
-  store(c.grad_var, i, acc_mul(acc_mul(acc_mul(gs, w), Acc(-0.5)), cube));
+  store(c.grad_var, i, bn_math::grad_var(gs, invstd, w));
   if (c.grad_weight.data != nullptr) store(c.grad_weight, i, acc_mul(gs, invstd));
   if (c.grad_bias.data != nullptr) {
     store(c.grad_bias, i,
@@ -175,6 +167,12 @@ template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
 bn_running_stats_kernel(RunningStats c, Elem stat_type) {
   update_running<Acc>(c, stat_type);
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kThreads)
+bn_running_stats_many_kernel(const RunningStatsMany c, Elem stat_type) {
+  update_running<Acc>(c.items[blockIdx.x], stat_type);
 }
 
 // One CTA, as bn_running_stats_kernel must be; the [C] scale and shift are no work for it.
@@ -235,6 +233,30 @@ inline Requirements requirements(const RunningStats& c) {
   return {true, "", 0};
 }
 
+// Whether an update runs in double: when its statistics or a running statistic are double (a
+// running statistic is updated in its own precision at least, as the in-place ATen update
+// computes it), else in float.
+inline bool updates_in_double(const RunningStats& c) {
+  return c.problem.dtype == DType::Float64 ||
+         (c.running_mean.data != nullptr && c.running_mean.type == Elem::Float64) ||
+         (c.running_var.data != nullptr && c.running_var.type == Elem::Float64);
+}
+
+inline Requirements requirements(const RunningStatsMany& c) {
+  if (c.count < 0 || c.count > kManyItems)
+    return invalid("more running statistics than a launch takes");
+  for (int i = 0; i < c.count; ++i) {
+    const RunningStats& item = c.items[i];
+    if (item.problem.dtype != c.problem.dtype)
+      return invalid("every item's statistics must be of the launch's accumulation type");
+    const Requirements r = requirements(item);
+    if (!r.valid) return r;
+    if (updates_in_double(item) != updates_in_double(c.items[0]))
+      return invalid("the items must all update in float or all in double");
+  }
+  return {true, "", 0};
+}
+
 inline Requirements requirements(const TrainNorm& c) {
   for (const Problem& p : {c.norm.problem, c.running.problem})
     if (p.dtype != c.problem.dtype || p.C != c.problem.C)
@@ -261,19 +283,10 @@ inline cudaError_t launch_as(T, const ScaleShiftBackward& c, void*, size_t, int*
   return cudaGetLastError();
 }
 
-// The statistics' element type, and whether the running update runs in double: when the
-// statistics or a running statistic are double (a running statistic is updated in its own
-// precision at least, as the in-place ATen update computes it), else in float.
+// The statistics' element type.
 template <typename T>
 inline Elem stat_type_of() {
   return std::is_same<acc_t<T>, double>::value ? Elem::Float64 : Elem::Float32;
-}
-
-template <typename T>
-inline bool running_in_double(const RunningStats& c) {
-  return stat_type_of<T>() == Elem::Float64 ||
-         (c.running_mean.data != nullptr && c.running_mean.type == Elem::Float64) ||
-         (c.running_var.data != nullptr && c.running_var.type == Elem::Float64);
 }
 
 template <typename T>
@@ -282,10 +295,25 @@ inline cudaError_t launch_as(T, const RunningStats& c, void*, size_t, int*, cuda
   if (c.num_batches_tracked == nullptr && c.running_mean.data == nullptr &&
       c.running_var.data == nullptr)
     return cudaSuccess;
-  if (running_in_double<T>(c)) {
+  if (updates_in_double(c)) {
     bn_running_stats_kernel<double><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());
   } else {
     bn_running_stats_kernel<float><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+inline cudaError_t launch_as(T, const RunningStatsMany& c, void*, size_t, int*,
+                             cudaStream_t stream) {
+  if (!requirements(c).valid) return cudaErrorInvalidValue;
+  if (c.count == 0) return cudaSuccess;
+  if (updates_in_double(c.items[0])) {
+    bn_running_stats_many_kernel<double><<<unsigned(c.count), kThreads, 0, stream>>>(
+        c, stat_type_of<T>());
+  } else {
+    bn_running_stats_many_kernel<float><<<unsigned(c.count), kThreads, 0, stream>>>(
+        c, stat_type_of<T>());
   }
   return cudaGetLastError();
 }
@@ -295,7 +323,7 @@ template <typename T>
 inline cudaError_t launch_as(T, const TrainNorm& c, void*, size_t, int*, cudaStream_t stream) {
   if (!requirements(c).valid) return cudaErrorInvalidValue;
   using AccNorm = acc_t<T>;
-  if (running_in_double<T>(c.running)) {
+  if (updates_in_double(c.running)) {
     bn_train_norm_kernel<AccNorm, double><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());
   } else {
     bn_train_norm_kernel<AccNorm, float><<<1, kThreads, 0, stream>>>(c, stat_type_of<T>());

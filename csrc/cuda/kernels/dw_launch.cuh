@@ -211,6 +211,7 @@ struct Forward {
   void* mean = nullptr;          // [C]; null: no statistics
   void* var = nullptr;           // [C], biased
   void* pre_act = nullptr;       // like x, or null: a is not kept
+  BnNorm bn;                     // with statistics: out's BatchNorm's scale and shift (bn_math.cuh)
 };
 
 // The backward of Forward (docs/OPS.md): grad_x, the dA scratch grad_pre (x's shape), grad_weight
@@ -243,15 +244,18 @@ struct Backward {
   // from it instead of recomputing the conv, for every activation (docs/CUDA.md, "Backward:
   // recompute or save").
   const void* pre_act = nullptr;
+  BnGrad bn;  // out's BatchNorm: its gradients back to var (added to grad_var), weight and bias
 };
 
 inline Requirements requirements(const Forward& c) {
   const Plan p = plan(c.problem);
+  if (const char* e = bn_math::bn_norm_error(c.bn, c.mean != nullptr)) return {false, e, 0};
   return {p.valid, p.error, p.ws_forward, c.mean != nullptr ? p.shape.channel_blocks : 0};
 }
 
 inline Requirements requirements(const Backward& c) {
   const Plan p = plan(c.problem);
+  if (const char* e = bn_math::bn_grad_error(c.bn, c.mean != nullptr)) return {false, e, 0};
   return {p.valid, p.error, p.ws_backward, p.shape.channel_blocks};
 }
 
@@ -274,7 +278,7 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, int
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_of<T>(c.problem);
-  if (!p.valid) return cudaErrorInvalidValue;
+  if (!p.valid || bn_math::bn_norm_error(c.bn, c.mean != nullptr)) return cudaErrorInvalidValue;
   const Shape& s = p.shape;
   const auto run = launcher_for<ForwardKernels, T, ForwardArgs<T>>(c.act);
   if (run == nullptr) return cudaErrorInvalidValue;
@@ -294,13 +298,15 @@ inline cudaError_t launch_as(T, const Forward& c, void* ws, size_t ws_bytes, int
     args.part_count = w.part_count;
     args.mean = static_cast<AccT*>(c.mean);
     args.var = static_cast<AccT*>(c.var);
+    args.bn = c.bn;
     args.counters = counters;
   }
   if (s.C == 0) return cudaSuccess;
   if (s.parts > 0) return run(args, s, p.smem_forward, stream);  // its last CTAs finalize
   if (!stats) return cudaSuccess;
   // No pixels: no CTA runs, and the statistics of no rows are NaN.
-  return channel_stats::launch_no_rows<AccT>(s.C, args.mean, args.var, stream);
+  const cudaError_t err = channel_stats::launch_no_rows<AccT>(s.C, args.mean, args.var, stream);
+  return err != cudaSuccess ? err : bn_math::launch_fold_forward<AccT>(c.bn, args.var, s.C, stream);
 }
 
 template <typename T>
@@ -308,7 +314,8 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, in
                              cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_of<T>(c.problem);
-  if (!p.valid || ws_bytes < p.ws_backward) return cudaErrorInvalidValue;
+  if (!p.valid || ws_bytes < p.ws_backward || bn_math::bn_grad_error(c.bn, c.mean != nullptr))
+    return cudaErrorInvalidValue;
   const Shape& s = p.shape;
   const auto run_data = launcher_for<BackwardDataKernels, T, BackwardArgs<T>>(c.act);
   if (run_data == nullptr) return cudaErrorInvalidValue;
@@ -317,6 +324,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, in
   args.grad_mean = static_cast<const AccT*>(c.grad_mean);
   args.grad_var = static_cast<const AccT*>(c.grad_var);
   args.mean = static_cast<const AccT*>(c.mean);
+  args.bn = c.bn;
   args.out = static_cast<const T*>(c.out);
   args.pre_act = static_cast<const T*>(c.pre_act);
   set_inputs<T>(args, c);
@@ -353,8 +361,9 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, in
     // Its last CTAs finalize.
     return BackwardInputKernels<T>::launch(args, s, p.smem_backward_input, stream);
   }
-  // No parts (no pixels): every sum is empty, zero.
-  return BackwardFinalizeKernel<T>::launch(args.fin, 0, s.C, kk, stream);
+  // No parts (no pixels): every sum is empty, zero; the BatchNorm's gradients still come back.
+  const cudaError_t err = BackwardFinalizeKernel<T>::launch(args.fin, 0, s.C, kk, stream);
+  return err != cudaSuccess ? err : bn_math::launch_fold_backward<AccT>(c.bn, s.C, stream);
 }
 
 }  // namespace dw

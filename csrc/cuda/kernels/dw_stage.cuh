@@ -36,6 +36,7 @@
 // the 8 warps in warp order, then over parts in part order (the channel block's last CTA).
 #pragma once
 
+#include "bn_math.cuh"
 #include "channel_stats.cuh"
 #include "elementwise.cuh"
 #include "last_cta.cuh"
@@ -495,6 +496,7 @@ struct ForwardArgs {
   int* part_count;
   acc_t<T>* mean;
   acc_t<T>* var;
+  BnNorm bn;        // the output's BatchNorm folded in, with statistics (bn_math.cuh)
   int* counters;    // [channel_blocks], zero (last_cta.cuh); with statistics
   bool vectorized;  // x is 16-byte aligned and C % (16 / sizeof(T)) == 0
 };
@@ -525,6 +527,7 @@ struct BackwardArgs {
   const acc_t<T>* grad_mean;  // [C] or null
   const acc_t<T>* grad_var;   // [C] or null (then `mean` may be null too)
   const acc_t<T>* mean;       // the forward's batch mean of out, [C]
+  BnGrad bn;                  // the output's BatchNorm folded in: its var gradient joins grad_var
   const T* out;               // the forward's out (NHWC like x) or null; read with ReLU only
   const T* pre_act;           // the forward's pre_act (NHWC like x) or null; read when given
   const T* x;
@@ -623,7 +626,8 @@ struct Setup {
 // s_red: 3 * kGroups * kCB values of shared memory.
 template <typename AccT>
 __device__ __noinline__ void forward_statistics(AccT* part_mean, AccT* part_m2, int* part_count,
-                                                AccT* mean_out, AccT* var_out, int* counters,
+                                                AccT* mean_out, AccT* var_out, BnNorm bn,
+                                                int* counters,
                                                 int C, int n_run, AccT mean_run, AccT m2_run,
                                                 AccT* s_red) {
   const int lane = int(threadIdx.x) % kCB, group = int(threadIdx.x) / kCB;
@@ -660,8 +664,9 @@ __device__ __noinline__ void forward_statistics(AccT* part_mean, AccT* part_m2, 
   publish(n, mean[0], m2[0]);
   channel_stats::merge_groups<AccT, kGroups, kCB>(
       s_n, s_mean, s_m2, threadIdx.x, kThreads, [&](int slot, int64_t nn, AccT mm, AccT qq) {
-        if (c0 + slot < C)
-          channel_stats::store_mean_var(nn, mm, qq, mean_out + c0 + slot, var_out + c0 + slot);
+        if (c0 + slot >= C) return;
+        channel_stats::store_mean_var(nn, mm, qq, mean_out + c0 + slot, var_out + c0 + slot);
+        bn_math::fold_forward<AccT>(bn, c0 + slot, var_out[c0 + slot]);
       });
 }
 
@@ -731,7 +736,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
   if (!stats) return;
   forward_statistics<AccT>(args.part_mean, args.part_m2, args.part_count, args.mean, args.var,
-                           args.counters, s.C, n_run, mean_run, m2_run, smem + l.in);
+                           args.bn, args.counters, s.C, n_run, mean_run, m2_run, smem + l.in);
 }
 
 // Backward, step 1: a on each tile (read from the forward's pre_act when given, or with ReLU from
@@ -764,14 +769,21 @@ __global__ void __launch_bounds__(kThreads, 2)
   // dO = grad_out + const_term + lin_term * o  (the statistics' gradient folded in).
   const AccT inv_count = AccT(1) / static_cast<AccT>(s.N * s.H * s.W);
   AccT const_term = AccT(0), lin_term = AccT(0);
+  const bool bn = args.bn.var != nullptr;
   if (c < s.C) {
     if (args.grad_mean != nullptr) const_term += args.grad_mean[c] * inv_count;
-    if (args.grad_var != nullptr) {
-      lin_term = AccT(2) * args.grad_var[c] * inv_count;
+    if (args.grad_var != nullptr || bn) {
+      // The BatchNorm's var gradient, and its weight's and bias's by the first part's CTA.
+      const AccT gv_bn =
+          bn ? bn_math::fold_backward<AccT>(args.bn, c, blockIdx.y == 0 && group == 0) : AccT(0);
+      const AccT gv = args.grad_var == nullptr ? gv_bn
+                      : bn                     ? args.grad_var[c] + gv_bn
+                                               : args.grad_var[c];
+      lin_term = AccT(2) * gv * inv_count;
       const_term -= lin_term * args.mean[c];
     }
   }
-  const bool need_o = args.grad_var != nullptr;
+  const bool need_o = args.grad_var != nullptr || bn;
   // Where a comes from instead of the conv: the forward's pre_act (any activation), or with ReLU
   // its out: relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN passing, as
   // threshold_backward on the result) and o = out.

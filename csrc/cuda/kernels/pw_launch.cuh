@@ -78,6 +78,7 @@ struct EpilogueForward {
   void* out = nullptr;
   void* mean = nullptr;       // null: no statistics
   void* var = nullptr;
+  BnNorm bn;                  // with statistics: out's BatchNorm's scale and shift (bn_math.cuh)
 };
 
 // dP = (grad_out + the statistics' terms) act'(pre) into grad_pre, and sum dP into grad_bias ([C],
@@ -93,6 +94,7 @@ struct EpilogueBackward {
   const void* mean = nullptr;       // the forward's mean of out, needed with grad_var
   void* grad_pre = nullptr;
   void* grad_bias = nullptr;
+  BnGrad bn;  // out's BatchNorm: its gradients back to var (added to grad_var), weight and bias
 };
 
 // grad_x = dU scale_x and grad_res = dU scale_res (or a copy of dU without a norm on res), and the
@@ -120,8 +122,18 @@ struct ThroughNorms {
 };
 
 // Whether the kernels can take a call of any of the four kinds, and the workspace it needs.
+inline const char* bn_error(const Prologue&) { return nullptr; }
+inline const char* bn_error(const ThroughNorms&) { return nullptr; }
+inline const char* bn_error(const EpilogueForward& c) {
+  return bn_math::bn_norm_error(c.bn, c.mean != nullptr);
+}
+inline const char* bn_error(const EpilogueBackward& c) {
+  return bn_math::bn_grad_error(c.bn, c.mean != nullptr);
+}
+
 template <typename Call>
 inline Requirements requirements(const Call& c) {
+  if (const char* e = bn_error(c)) return {false, e, 0};
   return dispatch_dtype(
       c.problem.dtype,
       [&](auto tag) {
@@ -176,7 +188,7 @@ cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes, in
                       cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.pre, c.out});
-  if (!p.valid) return cudaErrorInvalidValue;
+  if (!p.valid || bn_error(c)) return cudaErrorInvalidValue;
   const auto kernel = dispatch_act(
       c.act, [](auto tag) { return &pw_epilogue_forward_kernel<T, decltype(tag)::value>; },
       [] { return nullptr; });
@@ -192,6 +204,7 @@ cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes, in
     a.part_m2 = reinterpret_cast<AccT*>(static_cast<char*>(ws) + region);
     a.mean = static_cast<AccT*>(c.mean);
     a.var = static_cast<AccT*>(c.var);
+    a.bn = c.bn;
     a.counters = counters;
   }
   if (p.tiles > 0) {
@@ -200,8 +213,11 @@ cudaError_t launch_as(T, const EpilogueForward& c, void* ws, size_t ws_bytes, in
   }
   if (!stats) return cudaSuccess;
   // No rows: no CTA runs, and the statistics of no rows are NaN.
-  return channel_stats::launch_no_rows<AccT>(p.C, static_cast<AccT*>(c.mean),
-                                             static_cast<AccT*>(c.var), stream);
+  const cudaError_t err = channel_stats::launch_no_rows<AccT>(
+      p.C, static_cast<AccT*>(c.mean), static_cast<AccT*>(c.var), stream);
+  return err != cudaSuccess
+             ? err
+             : bn_math::launch_fold_forward<AccT>(c.bn, static_cast<AccT*>(c.var), p.C, stream);
 }
 
 template <typename T>
@@ -209,7 +225,7 @@ cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes, i
                       cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_out, c.pre, c.grad_pre});
-  if (!p.valid || ws_bytes < partials_bytes<T>(p)) return cudaErrorInvalidValue;
+  if (!p.valid || ws_bytes < partials_bytes<T>(p) || bn_error(c)) return cudaErrorInvalidValue;
   const auto kernel = dispatch_act(
       c.act, [](auto tag) { return &pw_epilogue_backward_kernel<T, decltype(tag)::value>; },
       [] { return nullptr; });
@@ -217,13 +233,18 @@ cudaError_t launch_as(T, const EpilogueBackward& c, void* ws, size_t ws_bytes, i
   T* const grad_bias = static_cast<T*>(c.grad_bias);
   if (p.C == 0) return cudaSuccess;  // (an empty grad_bias may be null)
   if (grad_bias == nullptr) return cudaErrorInvalidValue;
-  if (p.tiles == 0) return cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
+  if (p.tiles == 0) {
+    // No rows: dP is empty, its sum zero; the BatchNorm's gradients still come back.
+    const cudaError_t err = cudaMemsetAsync(grad_bias, 0, size_t(p.C) * sizeof(T), stream);
+    return err != cudaSuccess ? err : bn_math::launch_fold_backward<AccT>(c.bn, p.C, stream);
+  }
   if (ws == nullptr || counters == nullptr) return cudaErrorInvalidValue;
   const EpilogueBackwardArgs<T> a{static_cast<const T*>(c.grad_out),
                                   static_cast<const T*>(c.pre),
                                   static_cast<const AccT*>(c.grad_mean),
                                   static_cast<const AccT*>(c.grad_var),
                                   static_cast<const AccT*>(c.mean),
+                                  c.bn,
                                   static_cast<T*>(c.grad_pre),
                                   static_cast<AccT*>(ws),
                                   grad_bias,

@@ -27,6 +27,7 @@
 // The plan and the launch entries are in pw_launch.cuh. Torch-free (docs/DESIGN.md §8).
 #pragma once
 
+#include "bn_math.cuh"
 #include "channel_stats.cuh"
 #include "elementwise.cuh"
 #include "last_cta.cuh"
@@ -294,6 +295,7 @@ struct EpilogueForwardArgs {
   acc_t<T>* part_m2;
   acc_t<T>* mean;         // [C], the statistics, by each channel block's last CTA
   acc_t<T>* var;
+  BnNorm bn;              // out's BatchNorm folded in, by the same last CTAs (bn_math.cuh)
   int* counters;          // [channel_blocks], zero (last_cta.cuh)
 };
 
@@ -365,7 +367,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm)
   channel_stats::merge_groups<AccT, kRowGroups, kBlockC>(
       s_n, s_mean, s_m2, tid, kThreads, [&](int slot, int64_t nn, AccT mm, AccT qq) {
         const int c = cb * kBlockC + slot;
-        if (c < p.C) channel_stats::store_mean_var(nn, mm, qq, a.mean + c, a.var + c);
+        if (c >= p.C) return;
+        channel_stats::store_mean_var(nn, mm, qq, a.mean + c, a.var + c);
+        bn_math::fold_forward<AccT>(a.bn, c, a.var[c]);
       });
 }
 
@@ -376,6 +380,7 @@ struct EpilogueBackwardArgs {
   const acc_t<T>* grad_mean;  // [C] or null
   const acc_t<T>* grad_var;   // [C] or null
   const acc_t<T>* mean;       // [C], needed with grad_var
+  BnGrad bn;                  // out's BatchNorm folded in: its var gradient joins grad_var
   T* grad_pre;                // dP
   acc_t<T>* part_grad_b;      // [tiles][C]
   T* grad_bias;               // [C]: sum dP, by each channel block's last CTA
@@ -396,12 +401,24 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 8 && A == Act::GELU ? 1
   load_channels<T>(a.grad_mean, cb, lane, p.C, p.vectorized, AccT(0), gm);
   load_channels<T>(a.grad_var, cb, lane, p.C, p.vectorized, AccT(0), gv);
   load_channels<T>(a.mean, cb, lane, p.C, p.vectorized, AccT(0), mu);
+  const bool bn = a.bn.var != nullptr;
+  if (bn) {
+    // The BatchNorm's var gradient, and its weight's and bias's by the first tile's row group 0.
+    const bool write = blockIdx.x == 0 && threadIdx.y == 0;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int c = lane_channel<T>(cb, lane, j, p.vectorized);
+      if (c >= p.C) continue;
+      const AccT g = bn_math::fold_backward<AccT>(a.bn, c, write);
+      gv[j] = a.grad_var != nullptr ? gv[j] + g : g;
+    }
+  }
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     lin_term[j] = AccT(2) * gv[j] * inv_count;
     const_term[j] = gm[j] * inv_count - lin_term[j] * mu[j];
   }
-  const bool need_o = a.grad_var != nullptr;
+  const bool need_o = a.grad_var != nullptr || bn;
   AccT db[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) db[j] = AccT(0);
