@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .sync_batchnorm import (SyncBatchNorm2d, convert_sync_batchnorm, merge_batch_stats,
                           revert_sync_batchnorm, sync_group)
-from .ops import (Norm, apply_norm, bn_norm, folded_norm, mixer_block, update_running_stats,
+from .ops import (Norm, PendingUpdates, apply_norm, bn_norm, folded_norm, mixer_block,
                   uses_batch_stats)
 from .ops.backend import check_backend
 from .ops.cast import cast_params
@@ -279,9 +279,9 @@ class ConvMixer(nn.Module):
         count = h.shape[0] * h.shape[2] * h.shape[3]
         norm = None  # the BN2 of the previous block, applied on load; none after the stem
         intermediates = []
-        # The folded BatchNorms' running statistics, updated together after the last block. A
-        # checkpointed block's recompute adds to this list after it is done with: never twice.
-        pending = []
+        # The folded BatchNorms' running statistics, updated together after the last block (a
+        # checkpointed block's recompute, later, adds nothing).
+        pending = PendingUpdates(count)
         for i, block in enumerate(blocks):
             if recompute:
                 # Norm vectors go through as tensors so that checkpoint saves and replays them.
@@ -297,7 +297,7 @@ class ConvMixer(nn.Module):
                 h, norm = self._fused_block(block, h, norm, dtype, acc, count, pending)
             if i in take:
                 intermediates.append(apply_norm(h, norm))
-        update_running_stats(pending, count)
+        pending.flush()
         return (h if norm is None else apply_norm(h, norm)), intermediates
 
     def _fused_block(self, block, h, norm, dtype, acc, count, pending):

@@ -61,7 +61,8 @@ dw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean,
                   c10::string_view act, const std::optional<at::Tensor>& grad_res,
                   const std::optional<at::Tensor>& saved_out,
-                  const std::optional<at::Tensor>& pre_act);
+                  const std::optional<at::Tensor>& pre_act,
+                  const std::optional<at::Tensor>& grad_out_scale);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_stage(
     const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
@@ -111,7 +112,7 @@ dw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& bn_weight,
-                  std::optional<double> bn_eps);
+                  std::optional<double> bn_eps, const std::optional<at::Tensor>& grad_out_scale);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 pw_stage(const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
@@ -139,7 +140,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& bn_weight,
-                  std::optional<double> bn_eps);
+                  std::optional<double> bn_eps, bool defer_grad_x);
 
 }  // namespace with_bn
 }  // namespace cpu

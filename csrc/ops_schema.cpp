@@ -16,9 +16,9 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor weight, Tensor? bias, "
       "Tensor? mean, str act, Tensor? grad_res=None, Tensor? saved_out=None, "
       "Tensor? pre_act=None, Tensor? grad_scale=None, Tensor? grad_shift=None, Tensor? var=None, "
-      "Tensor? bn_weight=None, float? bn_eps=None) -> (Tensor grad_x, Tensor grad_x_mean, "
-      "Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_weight, Tensor grad_bias, "
-      "Tensor grad_bn_weight, Tensor grad_bn_bias)");
+      "Tensor? bn_weight=None, float? bn_eps=None, Tensor? grad_out_scale=None) -> "
+      "(Tensor grad_x, Tensor grad_x_mean, Tensor grad_x_scale, Tensor grad_x_shift, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
   m.def(
       "pw_stage(Tensor x, Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, "
       "Tensor? res_mean, Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, "
@@ -31,7 +31,8 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, Tensor? pre_act, "
       "Tensor? mean, str act, Tensor? saved_out=None, Tensor? saved_u=None, "
       "bool grad_res_normed=False, Tensor? grad_scale=None, Tensor? grad_shift=None, "
-      "Tensor? var=None, Tensor? bn_weight=None, float? bn_eps=None) -> (Tensor grad_x, "
+      "Tensor? var=None, Tensor? bn_weight=None, float? bn_eps=None, "
+      "bool defer_grad_x=False) -> (Tensor grad_x, "
       "Tensor grad_x_mean, Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_res, "
       "Tensor grad_res_mean, Tensor grad_res_scale, Tensor grad_res_shift, Tensor grad_weight, "
       "Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");

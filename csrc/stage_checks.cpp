@@ -68,6 +68,23 @@ Norm make_norm(const char* op, const char* name, const std::optional<at::Tensor>
 
 }  // namespace
 
+std::optional<at::Tensor> check_grad_out_scale(const char* op,
+                                               const std::optional<at::Tensor>& grad_out_scale,
+                                               int64_t channels, at::ScalarType acc_dtype,
+                                               const at::Device& device) {
+  std::optional<at::Tensor> t =
+      stat_vector(op, "grad_out_scale", grad_out_scale, channels, acc_dtype);
+  TORCH_CHECK_VALUE(!t.has_value() || t->device() == device, op, ": grad_out_scale is on ",
+                    t.has_value() ? t->device() : device, " but x is on ", device);
+  return t;
+}
+
+void check_defer_grad_x(const char* op, bool defer_grad_x, bool grad_res_normed, bool has_res) {
+  TORCH_CHECK_VALUE(!defer_grad_x || (grad_res_normed && has_res), op,
+                    ": defer_grad_x needs grad_res_normed and a residual: grad_x is then "
+                    "grad_res times x_scale, which the caller forms");
+}
+
 DwGeometry check_dw(const char* op, const at::Tensor& x, const at::Tensor& weight,
                     const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-d [N, C, H, W], got ", x.sizes());

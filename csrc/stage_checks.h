@@ -51,6 +51,17 @@ StatGrads check_stat_grads(const char* op, const std::optional<at::Tensor>& grad
                            const std::optional<at::Tensor>& mean, int64_t channels,
                            at::ScalarType acc_dtype, const at::Device& device);
 
+// dw_stage_backward's grad_out_scale: nullopt when absent or empty, else [channels] of the
+// accumulation dtype on `device`.
+std::optional<at::Tensor> check_grad_out_scale(const char* op,
+                                               const std::optional<at::Tensor>& grad_out_scale,
+                                               int64_t channels, at::ScalarType acc_dtype,
+                                               const at::Device& device);
+
+// pw_stage_backward's defer_grad_x: only with grad_res_normed and a residual, whose gradient
+// (dU) is then what the caller scales.
+void check_defer_grad_x(const char* op, bool defer_grad_x, bool grad_res_normed, bool has_res);
+
 // A stage op's arguments, checked and parsed: what every backend's implementation starts from.
 // The backward variants also check grad_out (shape, dtype, device), the statistics' gradients and
 // the forward's mean (via check_stat_grads, on x's device) and, for pw, pre_act.

@@ -102,6 +102,7 @@ class DwKernels:
             P, P, P, P, P, P, P, P, P, P, P, P, P,  # norm w b grad_pre gx gw gb sums grad_res gmean
             P,                                      # pre_act
             *BN_BACKWARD_ARGTYPES,
+            P,                                      # grad_out_scale
             P, SZ, ctypes.POINTER(SZ), P])
 
     def forward(self, x, norm, weight, bias, act, stats, x_offset=0, keep_pre_act=False, bn=None):
@@ -143,14 +144,14 @@ class DwKernels:
         return result + tuple(g.tensor.clone() for g in bn_out)
 
     def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None,
-                 grad_res=None, pre_act=None, bn=None):
+                 grad_res=None, pre_act=None, bn=None, grad_out_scale=None):
         """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc, grad_norm_mean): the norm's
         gradients are (grad_norm_mean, sum_dx_xc, sum_dx), the last three garbage without a norm.
         `out`: the forward's output (NCHW shape), which spares ReLU the conv recompute; None:
         recompute. pre_act (the forward's, NCHW shape), given, replaces the recompute for every
         activation. grad_res, when given, joins dX before the norm's backward. bn = (grad_scale,
         grad_shift, var, weight, eps) folds out's BatchNorm in: its weight's and bias's gradients
-        come last (with a weight)."""
+        come last (with a weight). grad_out_scale ([C]): grad_out is scaled by it on load."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -164,7 +165,7 @@ class DwKernels:
         code = DTYPE_CODE[dtype]
         args_head = (code, act_code(act))
         assert self.bwd(*args_head, *([None] * 6), n, c, h, w, k, *([None] * 14),
-                        *NO_BN_BACKWARD, None, 0, ctypes.byref(size), None) == 0
+                        *NO_BN_BACKWARD, None, None, 0, ctypes.byref(size), None) == 0
         ws = Guarded((max(size.value, 1),), torch.uint8)
         grad_pre, grad_x = Guarded((n, h, w, c), dtype), Guarded((n, h, w, c), dtype)
         grad_w, grad_b = Guarded((c, k * k), dtype), Guarded((c,), dtype)
@@ -179,8 +180,8 @@ class DwKernels:
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
                       ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor),
                       ptr(None if grad_res is None else grg.tensor), ptr(grad_norm_mean.tensor),
-                      ptr(None if preg is None else preg.tensor), *bn_args, ptr(ws.tensor),
-                      ws.tensor.numel(), None, None)
+                      ptr(None if preg is None else preg.tensor), *bn_args, ptr(grad_out_scale),
+                      ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_backward returned cudaError {rc}"
         for g in (xg, gog, ws, grad_pre, grad_x, grad_w, grad_b, *bn_out,
                   *(t for t in (outg, preg) if t is not None)):

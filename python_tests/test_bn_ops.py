@@ -195,6 +195,70 @@ def test_opcheck_train_norm(momentum, count_tensor, affine):
                            torch.ones(8).half(), torch.tensor(3), momentum, 12.0, count_tensor))
 
 
+def _many_items(widths, seed, running=f32):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.1,
+             torch.randn(c, generator=gen).to(running), (torch.rand(c, generator=gen) + 0.5).to(running),
+             torch.tensor(3)) for c in widths]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_update_running_stats_many_is_each_alone(momentum):
+    """bn_update_running_stats_many: every item the bits bn_update_running_stats gives it, over
+    two steps (num_batches_tracked counted once a step each)."""
+    together = _many_items([8, 37, 1], 1)
+    alone = [tuple(t.clone() for t in item) for item in together]
+    for _ in range(2):
+        _ops.bn_update_running_stats_many(*(list(col) for col in zip(*together)), momentum, 12.0)
+        for m, v, rm, rv, n in alone:
+            _ops.bn_update_running_stats(m, v, rm, rv, n, momentum, 12.0, None)
+    for a, b in zip(together, alone):
+        for x, y in zip(a[2:], b[2:]):
+            assert torch.equal(x, y)
+    assert all(int(item[4]) == 5 for item in together)
+
+
+def test_update_running_stats_many_bad_input():
+    items = _many_items([8, 8], 2)
+    m, v, rm, rv, n = (list(col) for col in zip(*items))
+    with pytest.raises(ValueError, match="lists of one length"):
+        _ops.bn_update_running_stats_many(m, v[:1], rm, rv, n, 0.1, 12.0)
+    with pytest.raises(ValueError, match="share a running statistic"):
+        _ops.bn_update_running_stats_many(m, v, [rm[0], rm[0]], [rv[0], rv[0]], [n[0], n[0]],
+                                          0.1, 12.0)
+    with pytest.raises(ValueError, match=r"var must be \[4\], got \[8\]"):
+        _ops.bn_update_running_stats_many([m[0], m[1][:4]], v, rm, rv, n, 0.1, 12.0)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_pending_updates_match_batchnorm(momentum):
+    """PendingUpdates: the buffers after a flush are nn.BatchNorm2d's after the same forwards,
+    a BatchNorm met twice included (one module used in two places: its second update waits for a
+    call of its own, after the first); nothing is added after the flush."""
+    count = 30
+    ref, bns = nn.BatchNorm2d(6, momentum=momentum), [nn.BatchNorm2d(6, momentum=momentum),
+                                                    nn.BatchNorm2d(6, momentum=momentum)]
+    other = nn.BatchNorm2d(6, momentum=momentum)
+    bns[1].load_state_dict(other.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(5, 6, 2, 3, generator=gen) for _ in range(3)]
+    pending = batch_norm.PendingUpdates(count)
+    for x, bn in zip(xs, (bns[0], bns[1], bns[0])):  # bns[0] twice
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        pending.add(bn, mean, var)
+    pending.flush()
+    for x in (xs[0], xs[2]):
+        ref(x)
+    other(xs[1])
+    for ours, want in ((bns[0], ref), (bns[1], other)):
+        torch.testing.assert_close(ours.running_mean, want.running_mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours.running_var, want.running_var, rtol=1e-6, atol=1e-7)
+        assert int(ours.num_batches_tracked) == int(want.num_batches_tracked)
+    pending.add(bns[1], xs[0].mean((0, 2, 3)), xs[0].var((0, 2, 3)))
+    pending.flush()
+    assert int(bns[1].num_batches_tracked) == 1
+
+
 def test_train_norm_is_update_then_scale_shift():
     """bn_train_norm: bn_update_running_stats, then bn_scale_shift of the batch var."""
     mean, var = torch.randn(8), torch.rand(8) + 0.1

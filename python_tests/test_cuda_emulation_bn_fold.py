@@ -192,3 +192,48 @@ def test_dw_fold_without_pixels(bn):
     _, gw_glue, gb_glue = _glue_backward(bn, grad_scale, grad_shift, var, bn_weight, bn_bias,
                                          dtype)
     assert_bitwise((gw, gb), (gw_glue, gb_glue))
+
+
+# ---- the residual's dU handed to the dw backward unscaled (ops.mixer_block's link)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dw_grad_out_scale_is_the_scaled_grad_out(dtype):
+    """grad_out_scale: the backward-data kernel scales grad_out (dU) on load; in float32 and
+    float64 the bits of the scaled gradient passed in, in 16-bit storage within its one rounding
+    (the product is not rounded to the storage dtype first)."""
+    shape, k, acc = (2, 40, 9, 10), 5, acc_dtype(dtype)
+    kernels = dw_kernels()
+    x, norm, weight, bias = _dw_inputs(dtype, shape, k, 24)
+    c = shape[1]
+    with dw_target_ctas(16):
+        out, mean, _ = kernels.forward(x, norm, weight, bias, "gelu", True)
+        du = randn(*shape, dtype=torch.float64, gen=_gen(25)).to(dtype)
+        scale = (torch.rand(c, generator=_gen(26), dtype=torch.float64) + 0.5).to(acc)
+        gm, gv = _grads(c, acc, 27)
+        got = kernels.backward(du, gm, gv, mean, x, norm, weight, bias, "gelu", out=out,
+                               grad_res=du, grad_out_scale=scale)
+        scaled = (du.to(acc) * scale.view(1, -1, 1, 1)).to(dtype)
+        want = kernels.backward(scaled, gm, gv, mean, x, norm, weight, bias, "gelu", out=out,
+                                grad_res=du)
+    if dtype in (torch.float32, torch.float64):
+        assert_bitwise(got, want)
+    else:
+        for g, w in zip(got[:3], want[:3]):  # grad_x, grad_weight, grad_bias
+            bound = 4 * torch.finfo(dtype).eps * float(w.double().abs().max())
+            assert float((g.double() - w.double()).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_through_norms_without_grad_x(pw, dtype):
+    """grad_x not asked for (deferred to the dw backward's load): nothing written, and the
+    norms' gradients the bits they are when it is."""
+    rows, c = 300, 264
+    gen = _gen(28)
+    du, x, res = (randn(rows, c, dtype=torch.float64, gen=gen).to(dtype) for _ in range(3))
+    nx, nr = make_norm(c, dtype, _gen(29)), make_norm(c, dtype, _gen(30))
+    with_x = pw.through_norms(du, x, nx, res, nr, True, False)
+    without = pw.through_norms(du, x, nx, res, nr, False, False)
+    assert without[0] is None
+    assert_bitwise([t for g in with_x[2:] for t in (g or ())],
+                   [t for g in without[2:] for t in (g or ())])
+

@@ -533,6 +533,92 @@ def test_pw_backward_grad_res_normed(backend, dtype, parts):
         assert_close_direct(plain[4], scaled, dtype, name="grad_res")
 
 
+@over_backends("dtype", cpu=[f64, f32], triton=[f64], cuda=[f32])
+def test_pw_backward_defer_grad_x(backend, dtype):
+    """defer_grad_x (with grad_res_normed): grad_x is left empty, the caller's to form as
+    grad_res·x_scale (dU·x_scale, dw_stage_backward's grad_out_scale); every other output keeps
+    its bits. Without grad_res_normed and a residual it is refused."""
+    case = _pw(backend, dtype, (2, 12, 40, 5, 7), "gelu", parts="both_norms_bias")
+    (x, weight, bias), kw = stage_args(case)
+    xm, xs, xt = kw["x_norm"]
+    rm, rs, rt = kw["residual_norm"]
+    res = kw["residual"]
+    out, pre, mean, *_ = backend.raw("pw_stage")(x, xm, xs, xt, res, rm, rs, rt, weight, bias,
+                                                   "gelu", True, True)
+    gen = _gen(36)
+    grad_out = randn(*out.shape, dtype=dtype, gen=gen).to(backend.device)
+    args = (grad_out, None, None, x, xm, xs, xt, res, rm, rs, rt, weight, bias, pre, mean, "gelu",
+            None, None, True)
+    op = backend.raw("pw_stage_backward")
+    normed, deferred = op(*args), op(*args, defer_grad_x=True)
+    assert deferred[0].numel() == 0
+    assert_bitwise(deferred[1:], normed[1:])
+    formed = deferred[4].double() * xs.double().view(1, -1, 1, 1)
+    if dtype == f64:
+        assert_bitwise([formed], [normed[0]])
+    else:
+        assert_close_direct(normed[0], formed, dtype, name="grad_x")
+    with pytest.raises(ValueError, match="defer_grad_x needs grad_res_normed"):
+        op(*args[:-1], False, defer_grad_x=True)
+
+
+# Triton: pw only (the composed fold is one function for both stages; the interpreter's dw
+# gradcheck takes minutes).
+@over_backends("stage", cpu=["dw", "pw"], triton=["pw"], cuda=["dw", "pw"])
+def test_folded_batchnorm_gradcheck(backend, stage):
+    """The stage ops with their output's BatchNorm folded in (bn_*): float64 gradcheck of out,
+    scale and shift through the registered autograd formula, whose backward op takes the Norm's
+    gradients back to var, the BatchNorm's weight and bias."""
+    gen = _gen(38)
+    dev = backend.device
+    leaf = lambda *shape, s=1.0: (randn(*shape, dtype=f64, gen=gen, scale=s)  # noqa: E731
+                                  .to(dev).requires_grad_())
+    bn_w = (torch.rand(4, generator=gen, dtype=f64) + 0.5).to(dev).requires_grad_()
+    bn_b = leaf(4)
+    if stage == "dw":
+        x, w, b = leaf(2, 4, 5, 3), leaf(4, 1, 3, 3, s=0.3), leaf(4)
+        op = backend.raw("dw_stage")
+
+        def run(x, w, b, bn_w, bn_b):
+            out, _, mean, _, scale, shift = op(x, None, None, None, w, b, "gelu", True, False,
+                                               bn_w, bn_b, 1e-3)
+            return out, mean, scale, shift
+    else:
+        x, w, b = leaf(2, 3, 5, 3), leaf(4, 3, 1, 1, s=0.5), leaf(4)
+        op = backend.raw("pw_stage")
+
+        def run(x, w, b, bn_w, bn_b):
+            out, _, mean, _, _, scale, shift = op(x, None, None, None, None, None, None, None, w,
+                                                  b, "gelu", True, True, False, bn_w, bn_b, 1e-3)
+            return out, mean, scale, shift
+    assert torch.autograd.gradcheck(run, (x, w, b, bn_w, bn_b), atol=1e-6, rtol=1e-5)
+
+
+@over_backends("dtype", cpu=[f64, f32, bf16], triton=[f32], cuda=[f32, bf16])
+def test_dw_backward_grad_out_scale(backend, dtype):
+    """grad_out_scale: grad_out is the next stage's dU and the stage's own gradient dU·scale,
+    formed on load: in float32/float64 the bits of passing dU·scale itself (one rounding either
+    way); in 16-bit storage the product is not rounded to the storage dtype first, so it is
+    within that rounding (the CUDA kernels' own: test_cuda_emulation_bn_fold.py). A scale of
+    the wrong length is refused."""
+    args, _, _ = _dw_backward_inputs(backend, dtype, (2, 5, 6, 7), 3, "gelu")
+    grad_out, rest = args[0], args[1:]
+    acc = rest[0].dtype
+    scale = (torch.rand(5, generator=_gen(37), dtype=torch.float64) + 0.5).to(acc)
+    scale = scale.to(backend.device)
+    op = backend.raw("dw_stage_backward")
+    got = op(*args, grad_out_scale=scale)
+    want = op((grad_out.to(acc) * scale.view(1, -1, 1, 1)).to(dtype), *rest)
+    if dtype in (f32, f64):
+        assert_bitwise(got, want)
+    else:  # within a few roundings of the storage dtype, relative to the largest value
+        for g, w in zip(got[:6], want[:6]):
+            bound = 4 * torch.finfo(dtype).eps * float(w.double().abs().max())
+            assert float((g.double() - w.double()).abs().max()) <= bound
+    with pytest.raises(ValueError, match="grad_out_scale must be"):
+        op(*args, grad_out_scale=scale[:4])
+
+
 def _block_leaves(backend, dtype, c, k, gen, n=2, h=5, w=6):
     def leaf(*shape, scale=1.0):
         return randn(*shape, dtype=dtype, gen=gen, scale=scale).to(backend.device)

@@ -66,6 +66,7 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
         dw_data = dict(reads=3, dw_taps=1, note="act' from the kept a, dA, dW partials")
     else:
         dw_data = dict(reads=2, dw_taps=2, note="conv recomputed for act', dA, dW partials")
+    dw_data["note"] += ", dU·BN1's scale on load (grad_out_scale)"
     step = [
         # ---- forward
         Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=2 if keep else 1, dw_taps=1,
@@ -87,9 +88,9 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
                + " and the statistics' gradients, BN2's folded in; grad_bias by the last CTAs"),
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
-        Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=2, writes=1,
-               note="grad_g through BN1, BN1's gradients by the last CTAs; dU is the residual's "
-                    "gradient as it is"),
+        Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=2,
+               note="BN1's Norm gradients by the last CTAs; dU is the residual's gradient as it "
+                    "is, and g's (dU·scale) is left to the dw backward's load (defer_grad_x)"),
         # ---- backward, dw stage
         Launch("dw", "bwd", "dw_backward_data_kernel", 1, writes=1,
                **{**dw_data, "note": dw_data["note"] + ", BN1's gradients folded in"}),
@@ -113,7 +114,7 @@ MANY_ITEMS = 32
 def step_launches(depth: int) -> list[Launch]:
     """The launches of a step that belong to no one block: the running statistics of the model's
     2·depth BatchNorms, folded into the stages, updated together after the forward
-    (ops.update_running_stats; one momentum, as the model's BatchNorms have by default)."""
+    (ops.PendingUpdates; one momentum, as the model's BatchNorms have by default)."""
     return [Launch("model", "fwd", "bn_running_stats_many_kernel", -(-2 * depth // MANY_ITEMS),
                    note=f"the running statistics of all {2 * depth} BatchNorms "
                         "(bn_update_running_stats_many)")]

@@ -89,16 +89,16 @@ def bn_norm(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
 
 
 def folded_norm(bn: nn.BatchNorm2d, count: int,
-                pending: Optional[list] = None) -> Optional[FoldedNorm]:
+                pending: Optional["PendingUpdates"] = None) -> Optional[FoldedNorm]:
     """`bn` as a FoldedNorm, to be folded into the stage whose output it normalises, when it
     normalises with that stage's batch statistics (training, or no running statistics); None
     when it uses its running statistics. `count` is the values per channel behind the statistics.
     The caller keeps synchronised BatchNorms, whose statistics are the whole distributed batch's,
     on bn_norm.
 
-    With a `pending` list the running statistics' update of a BatchNorm that keeps all three
-    buffers waits there for update_running_stats, which does a model's in one launch once its
-    forward has run (nn.BatchNorm2d's update, at the end of the forward instead of in it)."""
+    With `pending` the running statistics' update of a BatchNorm that keeps all three buffers
+    waits there until its flush(), which does a model's in one launch once its forward has run
+    (nn.BatchNorm2d's update, at the end of the forward instead of in it)."""
     if not uses_batch_stats(bn):
         return None
     weight, bias = (bn.weight, bn.bias) if bn.affine else (None, None)
@@ -107,32 +107,54 @@ def folded_norm(bn: nn.BatchNorm2d, count: int,
         if not _updates_running_stats(bn):
             return
         if pending is not None and _keeps_all_buffers(bn):
-            pending.append((bn, mean, var))
+            pending.add(bn, mean, var)
             return
         _update_now(bn, mean, var, count)
 
     return FoldedNorm(weight, bias, bn.eps, update)
 
 
-def update_running_stats(pending: list, count: int) -> None:
-    """The running statistics of the BatchNorms in `pending` (folded_norm's), `count` values per
-    channel behind each's statistics: one bn_update_running_stats_many launch for every 32 of
-    one momentum, where the device has the kernels. Empties `pending`."""
-    groups: dict = {}
-    for bn, mean, var in pending:
-        groups.setdefault((bn.momentum, mean.device, mean.dtype), []).append((bn, mean, var))
-    pending.clear()
-    for (momentum, device, _), items in groups.items():
-        if not _has_kernels(device):
+class PendingUpdates:
+    """The running statistics of a forward's folded BatchNorms (folded_norm), `count` values per
+    channel behind each one's statistics, updated together by flush(): one
+    bn_update_running_stats_many launch for every 32 of one momentum where the device has the
+    kernels. What is added after the flush (a checkpointed block's recompute, in the backward) is
+    dropped: that forward's updates are done, and its buffers must change once."""
+
+    def __init__(self, count: int):
+        self.count, self.items, self.flushed = count, [], False
+
+    def add(self, bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> None:
+        if not self.flushed:
+            self.items.append((bn, mean, var))
+
+    def flush(self) -> None:
+        self.flushed = True
+        items, self.items = self.items, []
+        # The items of one call update in parallel: a BatchNorm met twice (one module used in
+        # two places) goes to a later call, after its first update.
+        while items:
+            calls: dict = {}
+            later = []
             for bn, mean, var in items:
-                _aten_update(bn, mean, var, count)
-            continue
+                key = (bn.momentum, mean.device, mean.dtype)
+                batch = calls.setdefault(key, [])
+                (later if any(b is bn for b, _, _ in batch) else batch).append((bn, mean, var))
+            for (momentum, device, _), batch in calls.items():
+                self._update(batch, momentum, device)
+            items = later
+
+    def _update(self, batch: list, momentum, device) -> None:
+        if not _has_kernels(device):
+            for bn, mean, var in batch:
+                _aten_update(bn, mean, var, self.count)
+            return
         with torch.no_grad():
             _ops.bn_update_running_stats_many(
-                [m for _, m, _ in items], [v for _, _, v in items],
-                [bn.running_mean for bn, _, _ in items], [bn.running_var for bn, _, _ in items],
-                [bn.num_batches_tracked for bn, _, _ in items],
-                None if momentum is None else float(momentum), float(count))
+                [m for _, m, _ in batch], [v for _, _, v in batch],
+                [bn.running_mean for bn, _, _ in batch], [bn.running_var for bn, _, _ in batch],
+                [bn.num_batches_tracked for bn, _, _ in batch],
+                None if momentum is None else float(momentum), float(self.count))
 
 
 def _keeps_all_buffers(bn: nn.BatchNorm2d) -> bool:
@@ -188,10 +210,7 @@ def scale_shift(var, weight, bias, eps, dtype) -> tuple:
     """bn_scale_shift's (scale, shift), by the op where the device has its kernel."""
     if _has_kernels(var.device):
         return _ops.bn_scale_shift(var, weight, bias, eps, dtype)
-    invstd = torch.rsqrt(var.to(dtype) + eps)
-    if weight is not None:
-        return weight.to(dtype) * invstd, bias.to(dtype)
-    return invstd, torch.zeros_like(invstd)
+    return _aten_scale_shift(var, weight, bias, eps, dtype)
 
 
 def scale_shift_backward(grad_scale, grad_shift, var, weight, eps, dtype) -> tuple:
@@ -214,10 +233,14 @@ def scale_shift_backward(grad_scale, grad_shift, var, weight, eps, dtype) -> tup
 # ---- the ATen formulas, for devices without the ops' kernels
 
 def _aten_norm(mean, var, weight, bias, eps, dtype) -> Norm:
+    return Norm(mean, *_aten_scale_shift(var, weight, bias, eps, dtype))
+
+
+def _aten_scale_shift(var, weight, bias, eps, dtype) -> tuple:
     invstd = torch.rsqrt(var.to(dtype) + eps)
     if weight is not None:
-        return Norm(mean, weight.to(dtype) * invstd, bias.to(dtype))
-    return Norm(mean, invstd, torch.zeros_like(invstd))
+        return weight.to(dtype) * invstd, bias.to(dtype)
+    return invstd, torch.zeros_like(invstd)
 
 
 @torch.no_grad()

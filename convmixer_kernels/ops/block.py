@@ -34,12 +34,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
-from ..activations import ACTIVATIONS
 from .backend import resolve
 from .bn_fold import FoldedBn
 from .checks import FoldedNorm, Norm, check_dw_stage, check_pw_stage
 from .dw_stage import keeps_pre_act
 from .grads import in_param_layout, saved_output
+from .pw_stage import keeps_pre_act as pw_keeps_pre_act
 from .pw_stage import keeps_u
 
 _ops = torch.ops.convmixer_kernels
@@ -58,7 +58,7 @@ class _DwNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats, triton, keep,
-                bn_weight, bn_bias, bn_eps):
+                linked, bn_weight, bn_bias, bn_eps):
         op = _ops.dw_stage_triton if triton else _ops.dw_stage
         out, pre_act, mean, var, scale, shift = op(x, x_mean, x_scale, x_shift, weight, bias, act,
                                                    stats, keep, bn_weight, bn_bias, bn_eps)
@@ -69,24 +69,34 @@ class _DwNode(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
                               saved_output(act, out), pre_act if keep else None,
-                              *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var))
+                              *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var),
+                              scale if linked else None)
         ctx.act, ctx.triton = act, triton
         return out, mean, var, scale, shift, carrier
 
     @staticmethod
     @once_differentiable  # the backward ops have no derivative: a second order is an error
     def backward(ctx, grad_out, grad_mean, grad_var, grad_scale, grad_shift, grad_res):
-        x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act, *bn = ctx.saved_tensors
+        (x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act, *bn,
+         link_scale) = ctx.saved_tensors
         op = _ops.dw_stage_backward_triton if ctx.triton else _ops.dw_stage_backward
-        if grad_out is None:  # only the statistics were differentiated
-            grad_out = torch.zeros_like(out, memory_format=torch.channels_last)
+        scaled = {}
+        if link_scale is not None and grad_res is not None:
+            # Linked (mixer_block): the pw node left g's gradient, dU times BN1's scale, to this
+            # op's load of dU (grad_out_scale): no pass writes it.
+            if grad_out is None:
+                grad_out, scaled = grad_res, {"grad_out_scale": link_scale}
+            else:  # g was differentiated elsewhere too: the pw branch's share added here
+                grad_out = grad_out + (grad_res * link_scale.view(1, -1, 1, 1)).to(x.dtype)
+        if grad_out is None:  # only the statistics were differentiated (out has x's shape)
+            grad_out = torch.zeros_like(x, memory_format=torch.channels_last)
         gx, gmean, gscale, gshift, gw, gb, gbw, gbb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight, bias, mean,
             ctx.act, grad_res, out, pre_act,
-            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
+            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift), **scaled)
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), gb if bias is not None else None,
-                None, None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
+                None, None, None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
 
 
 class _PwNode(torch.autograd.Function):
@@ -95,7 +105,8 @@ class _PwNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, carrier, res, res_mean, res_scale, res_shift,
-                weight, bias, act, stats, triton, keep_pre_act, keep_u, bn_weight, bn_bias, bn_eps):
+                weight, bias, act, stats, triton, keep_pre_act, keep_u, linked, bn_weight, bn_bias,
+                bn_eps):
         op = _ops.pw_stage_triton if triton else _ops.pw_stage
         out, pre_act, mean, var, u, scale, shift = op(
             x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act,
@@ -104,7 +115,7 @@ class _PwNode(torch.autograd.Function):
                               weight, bias, pre_act if keep_pre_act else None, mean,
                               saved_output(act, out), u,
                               *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var))
-        ctx.act, ctx.triton = act, triton
+        ctx.act, ctx.triton, ctx.linked = act, triton, linked
         ctx.set_materialize_grads(False)  # as _DwNode's
         return out, mean, var, scale, shift
 
@@ -119,14 +130,15 @@ class _PwNode(torch.autograd.Function):
                 memory_format=torch.channels_last)
         # grad_res_normed: the residual's gradient as dU, of the normed residual, which the dw
         # backward takes through the norm the two stages share, with its own dX.
+        # Linked, x's gradient dU·x_scale is the dw node's to form on its load of dU (defer).
         gx, gxm, gxs, gxt, gr, _, _, _, gw, gb, gbw, gbb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
             res_shift, weight, bias, pre_act, mean, ctx.act, out, u, True,
-            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
+            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift), defer_grad_x=ctx.linked)
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
-        return (gx, *x_norm_grads, gr, None, None, None, None, in_param_layout(gw, weight),
-                gb if bias is not None else None, None, None, None, None, None,
-                *FoldedBn.grads(ctx, gbw, gbb))
+        return (None if ctx.linked else gx, *x_norm_grads, gr, None, None, None, None,
+                in_param_layout(gw, weight), gb if bias is not None else None, None, None, None,
+                None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
 
 
 def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
@@ -158,11 +170,15 @@ def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torc
     # mode is off, so the policies (which keep nothing for a forward without a backward) would
     # always say no there.
     keep_dw = torch.is_grad_enabled() and keeps_pre_act(act, dw_weight.shape[-1], h.dtype, name)
-    keep_pw = torch.is_grad_enabled() and ACTIVATIONS[act].needs_pre_activation
+    keep_pw = pw_keeps_pre_act(act)
     keep_u = keeps_u(triton, h)
+    # With BN1 folded, its scale is the dw node's own output: the pw backward then leaves g's
+    # gradient (dU·scale) to the dw backward's load of dU, a pass fewer (the native backends;
+    # Triton's functions would compose it as a pass of its own).
+    linked = fold1 is not None and not triton
     xm, xs, xt = _triple(x_norm)
     g, mean, var, scale, shift, carrier = _DwNode.apply(h, xm, xs, xt, dw_weight, dw_bias, act,
-                                                        dw_stats, triton, keep_dw,
+                                                        dw_stats, triton, keep_dw, linked,
                                                         *_bn_args(fold1))
     if fold1 is not None:
         fold1.update(mean, var)
@@ -172,7 +188,7 @@ def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torc
     check_pw_stage(g, pw_weight, pw_bias, act, n1, h, x_norm, pw_stats)
     out, mean, var, scale, shift = _PwNode.apply(g, *n1, carrier, h, xm, xs, xt, pw_weight,
                                                  pw_bias, act, pw_stats, triton, keep_pw, keep_u,
-                                                 *_bn_args(norm2))
+                                                 linked, *_bn_args(norm2))
     if norm2 is None:
         return out, mean, var
     norm2.update(mean, var)

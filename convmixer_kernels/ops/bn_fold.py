@@ -18,7 +18,7 @@ from .checks import acc_dtype
 
 _FORWARD_BN = 3   # bn_weight, bn_bias, bn_eps
 _BACKWARD_BN = 5  # grad_scale, grad_shift, var, bn_weight, bn_eps
-_GRAD_VAR = 2     # the backward ops' grad_var argument
+_GRAD_OUT, _GRAD_VAR = 0, 2  # the backward ops' grad_out and grad_var arguments
 
 
 def _normalized(schema, args, kwargs) -> list:
@@ -37,43 +37,84 @@ def composed(name: str, stage):
     op's arguments without the bn_* ones and returns its outputs without the fold's."""
     schema = getattr(torch.ops.convmixer_kernels, name).default._schema
     backward = name.endswith("_backward")
-    stats_at = [a.name for a in schema.arguments].index("stats") if not backward else None
+    names = [a.name for a in schema.arguments]
+    stats_at = names.index("stats") if not backward else None
+    bn_at = names.index("grad_scale") if backward else None
 
     def run(*args, **kwargs):
         values = _normalized(schema, args, kwargs)
         if backward:
-            head, (grad_scale, grad_shift, var, weight, eps) = (values[:-_BACKWARD_BN],
-                                                                values[-_BACKWARD_BN:])
+            head = values[:bn_at]
+            grad_scale, grad_shift, var, weight, eps = values[bn_at:bn_at + _BACKWARD_BN]
+            (extra,) = values[bn_at + _BACKWARD_BN:]  # grad_out_scale (dw), defer_grad_x (pw)
             x = head[3]
             acc = acc_dtype(x.dtype)
+            if name.startswith("dw") and extra is not None and extra.numel():
+                if extra.shape != (x.shape[1],):
+                    raise ValueError(f"{name}: grad_out_scale must be [{x.shape[1]}], got "
+                                     f"{tuple(extra.shape)}")
+                # grad_out is dU: the stage's own gradient, dU times the next norm's scale
+                head[_GRAD_OUT] = (head[_GRAD_OUT] * extra.view(1, -1, 1, 1)).to(x.dtype)
+            deferred = name.startswith("pw") and extra
+            if deferred and not (values[names.index("grad_res_normed")] and head[7] is not None):
+                raise ValueError(f"{name}: defer_grad_x needs grad_res_normed and a residual: "
+                                 "grad_x is then grad_res times x_scale, which the caller forms")
             if eps is None:
                 if any(t is not None for t in (grad_scale, grad_shift, var, weight)):
                     raise ValueError(f"{name}: grad_scale, grad_shift, var and bn_weight need "
                                      "bn_eps (the folded BatchNorm's eps)")
                 empty = x.new_empty((0,), dtype=acc)
-                return (*stage(*head), empty, empty.clone())
-            if var is None:
-                raise ValueError(f"{name}: a folded BatchNorm's gradients need the forward's var")
-            grad_var, grad_weight, grad_bias = scale_shift_backward(
-                grad_scale, grad_shift, var, weight, eps, acc)
-            own = head[_GRAD_VAR]
-            if own is not None and own.numel():
-                grad_var = own + grad_var
-            head[_GRAD_VAR] = grad_var
-            return (*stage(*head), grad_weight, grad_bias)
+                grads = (empty, empty.clone())
+            else:
+                if var is None:
+                    raise ValueError(f"{name}: a folded BatchNorm's gradients need the "
+                                     "forward's var")
+                grad_var, *grads = scale_shift_backward(grad_scale, grad_shift, var, weight,
+                                                        eps, acc)
+                own = head[_GRAD_VAR]
+                if own is not None and own.numel() and own.shape != var.shape:
+                    raise ValueError(f"{name}: grad_var must be [{var.shape[0]}], got "
+                                     f"{tuple(own.shape)}")
+                head[_GRAD_VAR] = own + grad_var if own is not None and own.numel() else grad_var
+            outputs = stage(*head)
+            if deferred:
+                outputs = (x.new_empty((0,)), *outputs[1:])
+            return (*outputs, *grads)
         head, (weight, bias, eps) = values[:-_FORWARD_BN], values[-_FORWARD_BN:]
-        outputs = stage(*head)
-        var = outputs[3]
         if eps is None:
             if weight is not None or bias is not None:
                 raise ValueError(f"{name}: bn_weight and bn_bias need bn_eps (the folded "
                                  "BatchNorm's eps)")
+        else:
+            _check_fold(name, head, weight, bias, head[stats_at])
+        outputs = stage(*head)
+        var = outputs[3]
+        if eps is None:
             return (*outputs, var.new_empty((0,)), var.new_empty((0,)))
-        if not head[stats_at]:
-            raise ValueError(f"{name}: a folded BatchNorm (bn_eps) needs stats=True")
         return (*outputs, *scale_shift(var, weight, bias, eps, var.dtype))
 
     return run
+
+
+def _check_fold(name, head, weight, bias, stats) -> None:
+    """check_bn_fold's checks (csrc/bn_checks.cpp), for the composed ops: the C++ ones never see
+    these arguments."""
+    if not stats:
+        raise ValueError(f"{name}: a folded BatchNorm (bn_eps) needs stats=True")
+    if (weight is None) != (bias is None):
+        raise ValueError(f"{name}: bn_weight and bn_bias must be given together (affine) or both "
+                         "be None")
+    x, w = head[0], head[8 if name.startswith("pw") else 4]
+    channels = w.shape[0] if w.dim() else 0
+    for what, t in (("bn_weight", weight), ("bn_bias", bias)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"{name}: {what} must be [{channels}], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: {what} must be floating, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: {what} is on {t.device}, expected {x.device}")
 
 
 def folded_norm_fake(x, channels: int, acc, bn_eps):

@@ -96,7 +96,7 @@ def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep_p
 def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, weight,
                             bias, mean, act, grad_res=None, saved_out=None, pre_act=None,
                             grad_scale=None, grad_shift=None, var=None, bn_weight=None,
-                            bn_eps=None):
+                            bn_eps=None, grad_out_scale=None):
     n = x.shape[1] if x_mean is not None else 0
     acc = acc_dtype(x.dtype)
     return (torch.empty_like(x, memory_format=torch.channels_last),

@@ -89,7 +89,8 @@ def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_sh
 def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act,
                             saved_out=None, saved_u=None, grad_res_normed=False, grad_scale=None,
-                            grad_shift=None, var=None, bn_weight=None, bn_eps=None):
+                            grad_shift=None, var=None, bn_weight=None, bn_eps=None,
+                            defer_grad_x=False):
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
 
@@ -97,7 +98,9 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
         return tuple(x.new_empty((c if given else 0,), dtype=acc) for _ in range(3))
 
     grad_res = torch.empty_like(x, memory_format=torch.channels_last) if res is not None else x.new_empty((0,))
-    return (torch.empty_like(x, memory_format=torch.channels_last), *norm_grads(x_mean is not None),
+    grad_x = (x.new_empty((0,)) if defer_grad_x
+              else torch.empty_like(x, memory_format=torch.channels_last))
+    return (grad_x, *norm_grads(x_mean is not None),
             grad_res, *norm_grads(res_mean is not None and not grad_res_normed),
             weight.new_empty(weight.shape), weight.new_empty((weight.shape[0],)),
             *folded_grads_fake(x, acc, bn_weight, bn_eps))

@@ -4,6 +4,7 @@
 // is composed rather than fused; the CUDA kernels fuse it (kernels/bn_math.cuh).
 #include "../bn_ops.h"
 #include "../ops.h"
+#include "../stage_checks.h"
 
 #include <ATen/ATen.h>
 
@@ -27,9 +28,15 @@ struct FoldedGrads {
   at::Tensor grad_weight, grad_bias;
 };
 
-FoldedGrads fold_backward(const BnFoldGrad& f, const std::optional<at::Tensor>& grad_var,
-                          at::ScalarType acc, const at::Tensor& like) {
+FoldedGrads fold_backward(const char* op, const BnFoldGrad& f,
+                          const std::optional<at::Tensor>& grad_var, at::ScalarType acc,
+                          const at::Tensor& like) {
   if (!f.on) return {grad_var, empty_output(like, acc), empty_output(like, acc)};
+  // The stage checks grad_var after this sum: its shape first, or a [1] would broadcast.
+  if (grad_var.has_value() && grad_var->numel() > 0) {
+    TORCH_CHECK_VALUE(grad_var->dim() == 1 && grad_var->size(0) == f.var.size(0), op,
+                      ": grad_var must be [", f.var.size(0), "], got ", grad_var->sizes());
+  }
   // bn_scale_shift_backward learns from its bias only whether the norm is affine; the weight
   // stands in for it, so grad_bias comes back in the weight's dtype, as the parameters share one.
   auto [gv, gw, gb] = cpu::bn_scale_shift_backward(f.grad_scale, f.grad_shift, f.var, f.weight,
@@ -70,15 +77,15 @@ dw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& bn_weight,
-                  std::optional<double> bn_eps) {
+                  std::optional<double> bn_eps, const std::optional<at::Tensor>& grad_out_scale) {
   const at::ScalarType acc = acc_dtype_for(x.scalar_type());
   const BnFoldGrad f = check_bn_fold_grad("dw_stage_backward", grad_scale, grad_shift, var,
                                           bn_weight, bn_eps, given(mean), channels_of(weight), acc,
                                           x.device());
-  const FoldedGrads b = fold_backward(f, grad_var, acc, x);
+  const FoldedGrads b = fold_backward("dw_stage_backward", f, grad_var, acc, x);
   auto [gx, gm, gs, gt, gw, gb] =
       cpu::dw_stage_backward(grad_out, grad_mean, b.grad_var, x, x_mean, x_scale, x_shift, weight,
-                             bias, mean, act, grad_res, saved_out, pre_act);
+                             bias, mean, act, grad_res, saved_out, pre_act, grad_out_scale);
   return {gx, gm, gs, gt, gw, gb, b.grad_weight, b.grad_bias};
 }
 
@@ -116,15 +123,18 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& bn_weight,
-                  std::optional<double> bn_eps) {
+                  std::optional<double> bn_eps, bool defer_grad_x) {
   const at::ScalarType acc = acc_dtype_for(x.scalar_type());
+  check_defer_grad_x("pw_stage_backward", defer_grad_x, grad_res_normed, res.has_value());
   const BnFoldGrad f = check_bn_fold_grad("pw_stage_backward", grad_scale, grad_shift, var,
                                           bn_weight, bn_eps, given(mean), channels_of(weight), acc,
                                           x.device());
-  const FoldedGrads b = fold_backward(f, grad_var, acc, x);
+  const FoldedGrads b = fold_backward("pw_stage_backward", f, grad_var, acc, x);
   auto [gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb] = cpu::pw_stage_backward(
       grad_out, grad_mean, b.grad_var, x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
       res_shift, weight, bias, pre_act, mean, act, saved_out, saved_u, grad_res_normed);
+  // Deferred, grad_x is the caller's to form (the CPU rows write it anyway; dropped here).
+  if (defer_grad_x) gx = empty_output(x, x.scalar_type());
   return {gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb, b.grad_weight, b.grad_bias};
 }
 

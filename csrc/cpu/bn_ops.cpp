@@ -120,7 +120,7 @@ void bn_update_running_stats(const at::Tensor& mean_in, const at::Tensor& var_in
   });
 }
 
-// Two calls on the CPU, where launches cost nothing; the CUDA op is one kernel.
+// One call per item: the CUDA op is one launch for them all.
 void bn_update_running_stats_many(at::TensorList mean, at::TensorList var,
                                   at::TensorList running_mean, at::TensorList running_var,
                                   at::TensorList num_batches_tracked,
@@ -134,6 +134,7 @@ void bn_update_running_stats_many(at::TensorList mean, at::TensorList var,
   }
 }
 
+// Two calls on the CPU, where launches cost nothing; the CUDA op is one kernel.
 std::tuple<at::Tensor, at::Tensor> bn_train_norm(
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, at::ScalarType dtype,

@@ -282,7 +282,7 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
                  const at::Tensor* grad_var, const at::Tensor& x, const Norm& norm,
                  const at::Tensor& weight, const at::Tensor* bias, const at::Tensor* mean,
                  const at::Tensor* grad_res, const at::Tensor* saved_out,
-                 const at::Tensor* pre_act, at::Tensor& grad_x,
+                 const at::Tensor* pre_act, const at::Tensor* grad_out_scale, at::Tensor& grad_x,
                  at::Tensor& grad_weight, at::Tensor& grad_bias, at::Tensor& g_mean,
                  at::Tensor& g_scale, at::Tensor& g_shift) {
   using Plan = DwPlan<scalar_t>;
@@ -318,6 +318,10 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
     }
   }
   const bool need_o = grad_var != nullptr;
+  // grad_out_scale: grad_out is the next stage's dU, this stage's gradient dU times it.
+  std::vector<opmath_t> go_scale(grad_out_scale != nullptr ? plan.blocks * kCB : 0, opmath_t(1));
+  for (int64_t c = 0; c < g.C && grad_out_scale != nullptr; ++c)
+    go_scale[c] = grad_out_scale->data_ptr<opmath_t>()[c];
   // Per task: the weight gradient [k*k], then Σ dA (bias), Σ dX and Σ dX (x - mean) (norm).
   Slots<opmath_t> sums(plan.slots(), kk + 3, kCB, plan.blocks);
 
@@ -328,6 +332,9 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
     opmath_t* slot = sums.slot(n * plan.blocks + blk);
     const V ct0 = V::loadu(&const_term[c0]), ct1 = V::loadu(&const_term[c0 + kVS]);
     const V lt0 = V::loadu(&lin_term[c0]), lt1 = V::loadu(&lin_term[c0 + kVS]);
+    const bool scaled = !go_scale.empty();
+    const V gs0 = scaled ? V::loadu(&go_scale[c0]) : V(opmath_t(1));
+    const V gs1 = scaled ? V::loadu(&go_scale[c0 + kVS]) : V(opmath_t(1));
     V db0(opmath_t(0)), db1(opmath_t(0));
     // Pass 1: recompute a, form dA into its padded buffer, sum the bias gradient.
     for (int64_t y = 0; y < g.H; ++y) {
@@ -351,6 +358,7 @@ void dw_backward(const DwGeometry& g, const at::Tensor& grad_out, const at::Tens
         for (int64_t xo = 0; xo < nx; ++xo, go += g.C, da += kCB) {
           V d0, d1;
           L::load(go, cb, d0, d1);
+          if (scaled) d0 = d0 * gs0, d1 = d1 * gs1;
           // a (recomputed or pre_act), or (saved_out) the output, which serves act' and act
           // alike here.
           const ActAt<A, opmath_t> a0(V::loadu(tile + xo * kCB)), a1(V::loadu(tile + xo * kCB + kVS));
@@ -470,13 +478,16 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& mean_in,
                   c10::string_view act_name, const std::optional<at::Tensor>& grad_res_in,
                   const std::optional<at::Tensor>& saved_out_in,
-                  const std::optional<at::Tensor>& pre_act_in) {
+                  const std::optional<at::Tensor>& pre_act_in,
+                  const std::optional<at::Tensor>& grad_out_scale_in) {
   const DwArgs a = check_dw_stage_backward("dw_stage_backward", grad_out_in, grad_mean_in,
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, weight_in,
                                            bias_in, mean_in, act_name, grad_res_in, saved_out_in,
                                            pre_act_in);
   const DwGeometry& g = a.g;
   const auto acc = a.acc;
+  const auto grad_out_scale = check_grad_out_scale("dw_stage_backward", grad_out_scale_in, g.C,
+                                                   acc, x_in.device());
   const Norm& norm = a.norm;
   const auto& grad_mean = a.sg.grad_mean;
   const auto& grad_var = a.sg.grad_var;
@@ -507,7 +518,8 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
           g, grad_out, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr, x,
           norm, weight, bias ? &*bias : nullptr, mean ? &*mean : nullptr,
           a.have_grad_res ? &grad_res : nullptr, a.have_saved_out ? &saved_out : nullptr,
-          a.have_pre_act ? &pre_act : nullptr, grad_x,
+          a.have_pre_act ? &pre_act : nullptr, grad_out_scale ? &*grad_out_scale : nullptr,
+          grad_x,
           grad_weight, grad_bias, g_mean, g_scale, g_shift);
     });
   });

@@ -77,7 +77,8 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var,
-                  const std::optional<at::Tensor>& bn_weight, std::optional<double> bn_eps) {
+                  const std::optional<at::Tensor>& bn_weight, std::optional<double> bn_eps,
+                  const std::optional<at::Tensor>& grad_out_scale_in) {
   const char* op = "dw_stage_backward";
   const DwArgs a = check_dw_stage_backward(op, grad_out_in, grad_mean_in, grad_var_in, x_in, x_mean,
                                            x_scale, x_shift, weight_in, bias_in, mean_in, act_name,
@@ -87,6 +88,8 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   const BnFoldGradCall bn(check_bn_fold_grad(op, grad_scale, grad_shift, var, bn_weight, bn_eps,
                                              a.sg.mean.has_value(), g.C, a.acc, x_in.device()),
                           g.C, x_in, a.acc);
+  const auto grad_out_scale = check_grad_out_scale(op, grad_out_scale_in, g.C, a.acc,
+                                                   x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
 
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
@@ -135,6 +138,7 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.grad_res = ptr_or_null(grad_res);
   c.pre_act = ptr_or_null(pre_act);  // read instead of recomputing the conv
   c.bn = bn.c;
+  c.grad_out_scale = ptr_or_null(grad_out_scale);  // grad_out is dU: scaled on load
   launch_entry(op, c, x, true, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
 

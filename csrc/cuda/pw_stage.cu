@@ -116,7 +116,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var,
-                  const std::optional<at::Tensor>& bn_weight, std::optional<double> bn_eps) {
+                  const std::optional<at::Tensor>& bn_weight, std::optional<double> bn_eps,
+                  bool defer_grad_x) {
   const char* op = "pw_stage_backward";
   const PwArgs args = check_pw_stage_backward(op, grad_out, grad_mean_in, grad_var_in, x_in, x_mean,
                                               x_scale, x_shift, res_in, res_mean, res_scale,
@@ -127,6 +128,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const BnFoldGradCall bn(check_bn_fold_grad(op, grad_scale, grad_shift, var, bn_weight, bn_eps,
                                              args.sg.mean.has_value(), g.Cout, acc, x_in.device()),
                           g.Cout, x_in, acc);
+  check_defer_grad_x(op, defer_grad_x, grad_res_normed, res_in.has_value());
   const Norm &nx = args.nx, &nr = args.nr;
   // The res norm's backward, unless the caller takes dU itself as the residual's gradient (the
   // gradient of norm_res(res)) and does that backward elsewhere (grad_res_normed).
@@ -175,9 +177,10 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const at::Tensor grad_w = dp2d.t().mm(u).view(weight.sizes());
   const auto du = dp2d.mm(w2d);
   // Outputs may not alias: dU itself is returned at most once (as docs/OPS.md's CPU kernels do).
-  at::Tensor gx2d = nx.defined() ? at::empty_like(du) : du;
+  const bool gx_is_du = !nx.defined() && !defer_grad_x;
+  at::Tensor gx2d = defer_grad_x ? at::Tensor() : gx_is_du ? du : at::empty_like(du);
   at::Tensor gr2d;
-  if (r2d.defined()) gr2d = (nr_back.defined() || !nx.defined()) ? at::empty_like(du) : du;
+  if (r2d.defined()) gr2d = (nr_back.defined() || gx_is_du) ? at::empty_like(du) : du;
   const bool write_res = r2d.defined() && gr2d.data_ptr() != du.data_ptr();
   pw::ThroughNorms t;
   t.problem = problem_of(x_in, g.rows(), g.Cin);
@@ -186,7 +189,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   t.x_norm = norm_ptrs(nx);
   t.res = ptr_or_null(r2d);
   t.res_norm = norm_ptrs(nr_back);
-  t.grad_x = nx.defined() ? gx2d.data_ptr() : nullptr;
+  // Deferred: the caller forms dU scale_x on its own load (dw_stage_backward's grad_out_scale).
+  t.grad_x = nx.defined() && !defer_grad_x ? gx2d.data_ptr() : nullptr;
   t.grad_res = write_res ? gr2d.data_ptr() : nullptr;
   auto grads_ptrs = [](const Norm& n, const std::array<at::Tensor, 3>& v) {
     return n.defined() ? pw::NormGrads{v[0].data_ptr(), v[1].data_ptr(), v[2].data_ptr()}
@@ -195,7 +199,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   t.x_grads = grads_ptrs(nx, gx_norm);
   t.res_grads = grads_ptrs(nr_back, gr_norm);
   launch_entry(op, t, x_in, true, g.rows(), " rows of ", g.Cin, " channels");
-  const at::Tensor grad_x = nchw_of(gx2d, in_sizes);
+  const at::Tensor grad_x =
+      defer_grad_x ? empty_output(x_in, x_in.scalar_type()) : nchw_of(gx2d, in_sizes);
   const at::Tensor grad_res =
       r2d.defined() ? nchw_of(gr2d, in_sizes) : empty_output(x_in, x_in.scalar_type());
   return {grad_x,     gx_norm[0], gx_norm[1], gx_norm[2], grad_res,       gr_norm[0],

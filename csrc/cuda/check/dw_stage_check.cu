@@ -66,14 +66,16 @@ extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,
                                      const void* bn_grad_scale, const void* bn_grad_shift,
                                      const void* bn_var, const void* bn_weight, int bn_type,
                                      double bn_eps, void* bn_grad_weight, void* bn_grad_bias,
-                                     void* workspace, size_t workspace_bytes,
+                                     const void* grad_out_scale, void* workspace,
+                                     size_t workspace_bytes,
                                      size_t* workspace_bytes_out, cudaStream_t stream) {
   const dw::Backward c{problem(dtype, N, C, H, W, K), static_cast<Act>(act), grad_out,
                        grad_mean, grad_var, mean, out, x, {norm_mean, norm_scale, norm_shift},
                        weight, bias, grad_pre, grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc,
                        grad_res, grad_norm_mean, pre_act,
                        cuda::bn_grad_of(bn_grad_scale, bn_grad_shift, bn_var, bn_weight, bn_type,
-                                        bn_eps, bn_grad_weight, bn_grad_bias)};
+                                        bn_eps, bn_grad_weight, bn_grad_bias),
+                       grad_out_scale};
   // grad_weight marks a real call (null: a size query): grad_x has no element without pixels,
   // while the finalize still writes zero sums then.
   return cuda::run_entry(c, grad_weight, workspace, workspace_bytes, workspace_bytes_out, stream);

@@ -82,19 +82,28 @@ __device__ __forceinline__ void fold_forward(const BnNorm& b, int64_t c, Acc var
   static_cast<Acc*>(b.shift)[c] = shift;
 }
 
+// Channel i of a BatchNorm's backward: writes grad_weight = grad_scale · invstd and grad_bias =
+// grad_shift where given (and `write`), returns the var gradient. Null gradients are zero.
+template <typename Acc>
+__device__ __forceinline__ Acc backward_at(const void* grad_scale, const void* grad_shift,
+                                           Acc var, In weight, double eps, Out grad_weight,
+                                           Out grad_bias, int64_t i, bool write) {
+  const Acc gs = grad_scale != nullptr ? static_cast<const Acc*>(grad_scale)[i] : Acc(0);
+  const Acc invstd = invstd_of(var, Acc(eps));
+  const Acc w = weight.data != nullptr ? load<Acc>(weight.data, weight.type, i) : Acc(1);
+  if (write && grad_weight.data != nullptr)
+    store(grad_weight, i, channel_stats::acc_mul(gs, invstd));
+  if (write && grad_bias.data != nullptr)
+    store(grad_bias, i, grad_shift != nullptr ? static_cast<const Acc*>(grad_shift)[i] : Acc(0));
+  return grad_var(gs, invstd, w);
+}
+
 // BnGrad for channel c: the var gradient it adds to the statistics' own; with `write`, also
 // grad_weight and grad_bias (one CTA per channel block writes them).
 template <typename Acc>
 __device__ __forceinline__ Acc fold_backward(const BnGrad& b, int64_t c, bool write) {
-  const Acc gs = b.grad_scale != nullptr ? static_cast<const Acc*>(b.grad_scale)[c] : Acc(0);
-  const Acc invstd = invstd_of(static_cast<const Acc*>(b.var)[c], Acc(b.eps));
-  const Acc w = b.weight.data != nullptr ? load<Acc>(b.weight.data, b.weight.type, c) : Acc(1);
-  if (write && b.grad_weight.data != nullptr) {
-    store(b.grad_weight, c, channel_stats::acc_mul(gs, invstd));
-    store(b.grad_bias, c,
-          b.grad_shift != nullptr ? static_cast<const Acc*>(b.grad_shift)[c] : Acc(0));
-  }
-  return grad_var(gs, invstd, w);
+  return backward_at<Acc>(b.grad_scale, b.grad_shift, static_cast<const Acc*>(b.var)[c],
+                          b.weight, b.eps, b.grad_weight, b.grad_bias, c, write);
 }
 
 // A stage with no rows runs no CTA that could fold: these do it over all C channels after the
@@ -137,8 +146,7 @@ inline const char* bn_norm_error(const BnNorm& b, bool stats) {
   if (b.shift == nullptr) return "a folded BatchNorm needs scale and shift";
   if ((b.weight.data == nullptr) != (b.bias.data == nullptr))
     return "the BatchNorm's weight and bias are both given or both absent";
-  if (int(b.weight.type) > int(Elem::BFloat16) || int(b.bias.type) > int(Elem::BFloat16) ||
-      int(b.weight.type) < 0 || int(b.bias.type) < 0)
+  if (!is_float(b.weight.type) || !is_float(b.bias.type))
     return "the BatchNorm's weight and bias must be floating";
   return nullptr;
 }
@@ -154,8 +162,7 @@ inline const char* bn_grad_error(const BnGrad& b, bool have_mean) {
       (b.grad_weight.data == nullptr) != (b.grad_bias.data == nullptr))
     return "the BatchNorm's grad_weight and grad_bias are written exactly when its weight is given";
   for (const Elem t : {b.weight.type, b.grad_weight.type, b.grad_bias.type})
-    if (int(t) > int(Elem::BFloat16) || int(t) < 0)
-      return "the BatchNorm's weight and its gradients must be floating";
+    if (!is_float(t)) return "the BatchNorm's weight and its gradients must be floating";
   return nullptr;
 }
 

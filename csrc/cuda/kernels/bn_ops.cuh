@@ -81,6 +81,8 @@ struct RunningStatsMany {
   int count = 0;
   RunningStats items[kManyItems];
 };
+// A kernel's parameters (this and the statistics' type code) fit the 4 KiB every CUDA version takes.
+static_assert(sizeof(RunningStatsMany) + sizeof(Elem) <= 4096, "too many items for one launch");
 
 // RunningStats, then ScaleShift of the batch var, in one kernel; the three problems are one.
 struct TrainNorm {
@@ -95,7 +97,6 @@ constexpr int kThreads = 256;
 using channel_stats::acc_add;
 using channel_stats::acc_div;
 using channel_stats::acc_mul;
-using bn_math::invstd_of;
 
 // Channel i of ScaleShift.
 template <typename Acc>
@@ -117,15 +118,9 @@ __global__ void __launch_bounds__(kThreads)
 bn_scale_shift_backward_kernel(ScaleShiftBackward c) {
   const int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= c.problem.C) return;
-  const Acc gs = c.grad_scale != nullptr ? static_cast<const Acc*>(c.grad_scale)[i] : Acc(0);
-  const Acc invstd = invstd_of(load<Acc>(c.var.data, c.var.type, i), Acc(c.eps));
-  const Acc w = c.weight.data != nullptr ? load<Acc>(c.weight.data, c.weight.type, i) : Acc(1);
-  store(c.grad_var, i, bn_math::grad_var(gs, invstd, w));
-  if (c.grad_weight.data != nullptr) store(c.grad_weight, i, acc_mul(gs, invstd));
-  if (c.grad_bias.data != nullptr) {
-    store(c.grad_bias, i,
-          c.grad_shift != nullptr ? static_cast<const Acc*>(c.grad_shift)[i] : Acc(0));
-  }
+  const Acc var = load<Acc>(c.var.data, c.var.type, i);
+  store(c.grad_var, i, bn_math::backward_at<Acc>(c.grad_scale, c.grad_shift, var, c.weight, c.eps,
+                                                 c.grad_weight, c.grad_bias, i, true));
 }
 
 // RunningStats, by one CTA: every thread reads num_batches_tracked before thread 0 increments it,
@@ -188,7 +183,6 @@ bn_train_norm_kernel(TrainNorm c, Elem stat_type) {
 // Launch entries (launch.cuh's protocol; no workspace)
 // ---------------------------------------------------------------------------------------------
 
-inline bool is_float(Elem t) { return int(t) >= 0 && int(t) <= 3; }
 inline bool is_acc(DType d) { return d == DType::Float32 || d == DType::Float64; }
 
 inline Requirements invalid(const char* why) { return {false, why, 0}; }

@@ -245,6 +245,9 @@ struct Backward {
   // recompute or save").
   const void* pre_act = nullptr;
   BnGrad bn;  // out's BatchNorm: its gradients back to var (added to grad_var), weight and bias
+  // [C] or null: grad_out is the next stage's dU and the stage's own gradient grad_out times this
+  // (that stage's input norm's scale), formed on load (docs/OPS.md, dw_stage_backward).
+  const void* grad_out_scale = nullptr;
 };
 
 inline Requirements requirements(const Forward& c) {
@@ -325,6 +328,7 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, in
   args.grad_var = static_cast<const AccT*>(c.grad_var);
   args.mean = static_cast<const AccT*>(c.mean);
   args.bn = c.bn;
+  args.grad_out_scale = static_cast<const AccT*>(c.grad_out_scale);
   args.out = static_cast<const T*>(c.out);
   args.pre_act = static_cast<const T*>(c.pre_act);
   set_inputs<T>(args, c);

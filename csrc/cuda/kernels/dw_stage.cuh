@@ -528,6 +528,9 @@ struct BackwardArgs {
   const acc_t<T>* grad_var;   // [C] or null (then `mean` may be null too)
   const acc_t<T>* mean;       // the forward's batch mean of out, [C]
   BnGrad bn;                  // the output's BatchNorm folded in: its var gradient joins grad_var
+  // [C] or null: grad_out is the gradient of the next stage's normed input (its dU) and this
+  // stage's own is grad_out · grad_out_scale, that norm's scale, formed on load.
+  const acc_t<T>* grad_out_scale;
   const T* out;               // the forward's out (NHWC like x) or null; read with ReLU only
   const T* pre_act;           // the forward's pre_act (NHWC like x) or null; read when given
   const T* x;
@@ -784,6 +787,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   const bool need_o = args.grad_var != nullptr || bn;
+  // 1 without grad_out_scale: the product is then grad_out exactly.
+  const AccT go_scale =
+      args.grad_out_scale != nullptr && c < s.C ? args.grad_out_scale[c] : AccT(1);
   // Where a comes from instead of the conv: the forward's pre_act (any activation), or with ReLU
   // its out: relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN passing, as
   // threshold_backward on the result) and o = out.
@@ -809,7 +815,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (y < s.H && xx < s.W && c < s.C) {
           const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
           const ActAt<A, AccT> at(saved != nullptr ? to_acc(saved[off]) : acc[r][x]);
-          AccT dO = to_acc(args.grad_out[off]) + const_term;
+          AccT dO = channel_stats::acc_mul(to_acc(args.grad_out[off]), go_scale) + const_term;
           if (need_o) dO += lin_term * round_to_storage<T>(at.value());
           dA = at.backward(dO);
           args.grad_pre[off] = from_acc<T>(dA);

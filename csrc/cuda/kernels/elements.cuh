@@ -13,6 +13,9 @@ namespace cuda {
 // count gathered as an integer tensor).
 enum class Elem : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Int64 = 4 };
 
+// Whether t is one of the floating element types.
+inline bool is_float(Elem t) { return int(t) >= 0 && int(t) <= int(Elem::BFloat16); }
+
 struct In {
   const void* data = nullptr;  // null: absent
   Elem type = Elem::Float32;

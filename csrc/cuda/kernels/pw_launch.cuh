@@ -115,7 +115,8 @@ struct ThroughNorms {
   NormPtrs x_norm;               // null mean: no norm on x
   const void* res = nullptr;     // null: no residual
   NormPtrs res_norm;             // null mean: no norm on res
-  void* grad_x = nullptr;        // null: not written (grad_x is dU itself without a norm on x)
+  void* grad_x = nullptr;        // null: not written (dU itself without a norm on x; or the
+                                 // caller forms dU scale_x on its own load)
   void* grad_res = nullptr;      // null: not written (no residual, or grad_res is dU itself)
   NormGrads x_grads;             // written with a norm on x
   NormGrads res_grads;           // written with a norm on res

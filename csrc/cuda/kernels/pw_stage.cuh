@@ -470,7 +470,7 @@ struct ThroughNormsArgs {
   const T* res;            // null: no residual
   const acc_t<T>* res_mean;  // null: no norm on res
   const acc_t<T>* res_scale;
-  T* grad_x;               // null: grad_x is dU itself (no norm on x)
+  T* grad_x;               // null: not written (dU itself without a norm on x; or deferred)
   T* grad_res;             // null: no residual, or grad_res is dU itself
   acc_t<T>* part_sum;      // [tiles][C]: sum dU
   acc_t<T>* part_sum_xc;   // [tiles][C]: sum dU (x - mean_x), with a norm on x
@@ -495,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_through_norms_kern
   load_channels<T>(a.res_scale, cb, lane, p.C, p.vectorized, AccT(1), rs);
 #pragma unroll
   for (int j = 0; j < V; ++j) s0[j] = s1[j] = s2[j] = AccT(0);
-  const bool wres = a.grad_res != nullptr;
+  const bool wres = a.grad_res != nullptr, wx = a.grad_x != nullptr;
   // 16-bit: three input streams a row already put three vectors in flight.
   constexpr int kUnroll = sizeof(T) == 2 ? 1 : kRowUnroll<T>;
   for_each_row<kUnroll>(p, [&](int64_t r0, auto rows) {
@@ -519,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_through_norms_kern
           s1[j] = fma_acc(du[k][j], xv[k][j] - xm[j], s1[j]);
           xv[k][j] = du[k][j] * xs[j];
         }
-        store_row<T>(a.grad_x + off, cb, lane, p.C, p.vectorized, xv[k]);
+        if (wx) store_row<T>(a.grad_x + off, cb, lane, p.C, p.vectorized, xv[k]);
       }
       if (wres) {
         if (nr) {
