@@ -120,12 +120,14 @@ int64_t check_bn_update_running_stats_many(const char* op, at::TensorList mean,
     TORCH_CHECK_TYPE(mean[i].scalar_type() == mean[0].scalar_type(), op, ": item ", i,
                      "'s statistics are ", mean[i].scalar_type(), ", item 0's ",
                      mean[0].scalar_type());
-    // The items update in parallel: one BatchNorm twice would lose an update.
+    // The items update in parallel: one buffer twice would lose an update.
+    const auto shares = [](const at::Tensor& a, const at::Tensor& b) {
+      return a.numel() > 0 && b.numel() > 0 && a.data_ptr() == b.data_ptr();
+    };
     for (size_t j = 0; j < i; ++j) {
-      TORCH_CHECK_VALUE(running_mean[i].data_ptr() != running_mean[j].data_ptr() &&
-                            running_var[i].data_ptr() != running_var[j].data_ptr() &&
-                            num_batches_tracked[i].data_ptr() !=
-                                num_batches_tracked[j].data_ptr(),
+      TORCH_CHECK_VALUE(!shares(running_mean[i], running_mean[j]) &&
+                            !shares(running_var[i], running_var[j]) &&
+                            !shares(num_batches_tracked[i], num_batches_tracked[j]),
                         op, ": items ", j, " and ", i, " share a running statistic (one "
                         "BatchNorm twice): update them in separate calls");
     }

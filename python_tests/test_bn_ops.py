@@ -259,6 +259,19 @@ def test_pending_updates_match_batchnorm(momentum):
     assert int(bns[1].num_batches_tracked) == 1
 
 
+def test_pending_updates_of_modules_sharing_buffers():
+    """Two modules with one set of buffers (a shallow copy) update it twice, in two calls."""
+    import copy
+    bn = nn.BatchNorm2d(4)
+    twin = copy.copy(bn)
+    assert twin.running_mean is bn.running_mean
+    pending = batch_norm.PendingUpdates(10)
+    for m in (bn, twin):
+        pending.add(m, torch.ones(4), torch.ones(4))
+    pending.flush()
+    assert int(bn.num_batches_tracked) == 2
+
+
 def test_train_norm_is_update_then_scale_shift():
     """bn_train_norm: bn_update_running_stats, then bn_scale_shift of the batch var."""
     mean, var = torch.randn(8), torch.rand(8) + 0.1

@@ -131,15 +131,16 @@ class PendingUpdates:
     def flush(self) -> None:
         self.flushed = True
         items, self.items = self.items, []
-        # The items of one call update in parallel: a BatchNorm met twice (one module used in
-        # two places) goes to a later call, after its first update.
+        # The items of one call update in parallel: buffers met twice (one module used in two
+        # places, or modules sharing buffers) go to a later call, after their first update.
         while items:
             calls: dict = {}
             later = []
             for bn, mean, var in items:
                 key = (bn.momentum, mean.device, mean.dtype)
                 batch = calls.setdefault(key, [])
-                (later if any(b is bn for b, _, _ in batch) else batch).append((bn, mean, var))
+                shared = any(_share_buffers(b, bn) for b, _, _ in batch)
+                (later if shared else batch).append((bn, mean, var))
             for (momentum, device, _), batch in calls.items():
                 self._update(batch, momentum, device)
             items = later
@@ -155,6 +156,15 @@ class PendingUpdates:
                 [bn.running_mean for bn, _, _ in batch], [bn.running_var for bn, _, _ in batch],
                 [bn.num_batches_tracked for bn, _, _ in batch],
                 None if momentum is None else float(momentum), float(self.count))
+
+
+def _share_buffers(a: nn.BatchNorm2d, b: nn.BatchNorm2d) -> bool:
+    """Whether one update of `a` and one of `b` write a tensor in common (the same module, or a
+    shallow copy). By identity, which torch.compile traces; buffers that are distinct views of
+    one storage are left to the op's own check, which refuses them."""
+    mine = (a.running_mean, a.running_var, a.num_batches_tracked)
+    return any(t is u for t in mine for u in (b.running_mean, b.running_var,
+                                                b.num_batches_tracked))
 
 
 def _keeps_all_buffers(bn: nn.BatchNorm2d) -> bool:

@@ -198,7 +198,9 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   };
   t.x_grads = grads_ptrs(nx, gx_norm);
   t.res_grads = grads_ptrs(nr_back, gr_norm);
-  launch_entry(op, t, x_in, true, g.rows(), " rows of ", g.Cin, " channels");
+  // Nothing to write or sum (no norm, grad_x deferred, grad_res dU itself): no launch.
+  if (t.grad_x != nullptr || t.grad_res != nullptr || nx.defined() || nr_back.defined())
+    launch_entry(op, t, x_in, true, g.rows(), " rows of ", g.Cin, " channels");
   const at::Tensor grad_x =
       defer_grad_x ? empty_output(x_in, x_in.scalar_type()) : nchw_of(gx2d, in_sizes);
   const at::Tensor grad_res =
