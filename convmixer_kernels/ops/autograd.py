@@ -33,6 +33,12 @@ def _register_autograd_kernel(qualname: str, kernel: Callable) -> None:
     _libs.append(lib)
 
 
+def schema_defaults(schema) -> tuple:
+    """Each argument's default (None where it has none), read from the schema once: what a call
+    that leaves trailing arguments out passes, without walking the schema per call."""
+    return tuple(a.default_value if a.has_default_value() else None for a in schema.arguments)
+
+
 def register_autograd(qualname: str, backward: Callable, setup_context: Callable) -> None:
     """Autograd for the op `qualname` ("namespace::name", overload default): `setup_context(ctx,
     inputs, output)` saves what `backward(ctx, *grads)` needs, which returns one gradient (or
@@ -46,7 +52,7 @@ def register_autograd(qualname: str, backward: Callable, setup_context: Callable
 
     # The trailing arguments a call may leave out take their defaults (the formulas see every
     # input); the gradients returned are as many as the call gave.
-    defaults = tuple(a.default_value if a.has_default_value() else None for a in schema.arguments)
+    defaults = schema_defaults(schema)
 
     def forward(ctx, keyset, *args):
         # Outputs nobody differentiates (pw_stage's pre_act, statistics that feed no norm) reach

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from .autograd import schema_defaults
 from .batch_norm import scale_shift, scale_shift_backward
 from .checks import acc_dtype
 
@@ -21,28 +22,21 @@ _BACKWARD_BN = 5  # grad_scale, grad_shift, var, bn_weight, bn_eps
 _GRAD_OUT, _GRAD_VAR = 0, 2  # the backward ops' grad_out and grad_var arguments
 
 
-def _normalized(schema, args, kwargs) -> list:
-    """The op's arguments in schema order, defaults filled in."""
-    values = list(args)
-    for a in schema.arguments[len(args):]:
-        if a.name in kwargs:
-            values.append(kwargs[a.name])
-        else:
-            values.append(a.default_value if a.has_default_value() else None)
-    return values
-
-
 def composed(name: str, stage):
     """The implementation of op `name` (a stage op or its backward) from `stage`, which takes the
     op's arguments without the bn_* ones and returns its outputs without the fold's."""
     schema = getattr(torch.ops.convmixer_kernels, name).default._schema
     backward = name.endswith("_backward")
-    names = [a.name for a in schema.arguments]
+    names = tuple(a.name for a in schema.arguments)
+    defaults = schema_defaults(schema)
     stats_at = names.index("stats") if not backward else None
     bn_at = names.index("grad_scale") if backward else None
+    normed_at = names.index("grad_res_normed") if name == "pw_stage_backward" else None
 
     def run(*args, **kwargs):
-        values = _normalized(schema, args, kwargs)
+        # The op's arguments in schema order, the ones the call left out at their defaults.
+        n = len(args)
+        values = [*args, *(kwargs.get(k, d) for k, d in zip(names[n:], defaults[n:]))]
         if backward:
             head = values[:bn_at]
             grad_scale, grad_shift, var, weight, eps = values[bn_at:bn_at + _BACKWARD_BN]
@@ -56,7 +50,7 @@ def composed(name: str, stage):
                 # grad_out is dU: the stage's own gradient, dU times the next norm's scale
                 head[_GRAD_OUT] = (head[_GRAD_OUT] * extra.view(1, -1, 1, 1)).to(x.dtype)
             deferred = name.startswith("pw") and extra
-            if deferred and not (values[names.index("grad_res_normed")] and head[7] is not None):
+            if deferred and not (values[normed_at] and head[7] is not None):
                 raise ValueError(f"{name}: defer_grad_x needs grad_res_normed and a residual: "
                                  "grad_x is then grad_res times x_scale, which the caller forms")
             if eps is None:
