@@ -164,10 +164,16 @@ def tuned(tuning: Optional[str]):
     * "pw_config<i>": one Triton autotuner configuration (the i-th, the last one where a kernel
       has fewer, the per-dtype pruning off) for every kernel of the stage, as on a GPU the
       autotuner may pick any of them;
-    * "ctas<n>": the emulated CUDA dw plan sized for n CTAs (emulated_cuda.dw_target_ctas).
+    * "ctas<n>": the emulated CUDA dw plan sized for n CTAs (emulated_cuda.dw_target_ctas);
+    * "recompute": the emulated CUDA dw stage keeping neither a nor handing its out to the
+      backward, which then recomputes a in two kernels (emulated_cuda.dw_recompute).
     """
     if tuning is None:
         yield
+        return
+    if tuning == "recompute":
+        with emulated_cuda.dw_recompute():
+            yield
         return
     kind, n = re.fullmatch(r"([a-z_]+?)(\d+)", tuning).groups()
     n = int(n)

@@ -144,14 +144,16 @@ class DwKernels:
         return result + tuple(g.tensor.clone() for g in bn_out)
 
     def backward(self, grad_out, grad_mean, grad_var, mean, x, norm, weight, bias, act, out=None,
-                 grad_res=None, pre_act=None, bn=None, grad_out_scale=None):
+                 grad_res=None, pre_act=None, bn=None, grad_out_scale=None, scratch=True):
         """(grad_x, grad_weight, grad_bias, sum_dx, sum_dx_xc, grad_norm_mean): the norm's
         gradients are (grad_norm_mean, sum_dx_xc, sum_dx), the last three garbage without a norm.
         `out`: the forward's output (NCHW shape), which spares ReLU the conv recompute; None:
         recompute. pre_act (the forward's, NCHW shape), given, replaces the recompute for every
         activation. grad_res, when given, joins dX before the norm's backward. bn = (grad_scale,
         grad_shift, var, weight, eps) folds out's BatchNorm in: its weight's and bias's gradients
-        come last (with a weight). grad_out_scale ([C]): grad_out is scaled by it on load."""
+        come last (with a weight). grad_out_scale ([C]): grad_out is scaled by it on load.
+        scratch=False passes no dA scratch (grad_pre), which only the two-kernel path (a
+        recomputed) needs."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -176,7 +178,8 @@ class DwKernels:
         rc = self.bwd(*args_head, ptr(gog.tensor), ptr(grad_mean), ptr(grad_var), ptr(mean),
                       ptr(outg.tensor) if outg is not None else None, ptr(xg.tensor),
                       n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
-                      ptr(weight.contiguous()), ptr(bias), ptr(grad_pre.tensor),
+                      ptr(weight.contiguous()), ptr(bias),
+                      ptr(grad_pre.tensor) if scratch else None,
                       ptr(grad_x.tensor), ptr(grad_w.tensor), ptr(grad_b.tensor),
                       ptr(sum_dx.tensor), ptr(sum_dx_xc.tensor),
                       ptr(None if grad_res is None else grg.tensor), ptr(grad_norm_mean.tensor),
@@ -221,13 +224,29 @@ def dw_reversed_ctas():
     return reverse_cta_order(dw_kernels().lib)
 
 
+# Set by dw_recompute: _DwStage saves no a (nor out) for its backward.
+_RECOMPUTE = False
+
+
+@contextlib.contextmanager
+def dw_recompute():
+    """The emulated dw stage's backward recomputes a (the two-kernel path of
+    csrc/cuda/kernels/dw_stage.cuh) instead of reading the saved a or out (the fused kernel)."""
+    global _RECOMPUTE
+    _RECOMPUTE = True
+    try:
+        yield
+    finally:
+        _RECOMPUTE = False
+
+
 class _DwStage(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats):
         norm = (x_mean, x_scale, x_shift) if x_mean is not None else None
         # The pre-activation where the CUDA backend's policy keeps it (as ops.dw_stage and
         # ops.mixer_block ask the launcher to): the backward then reads it, else recomputes.
-        keep = keeps_pre_act(act, weight.shape[-1], x.dtype, "cuda")
+        keep = not _RECOMPUTE and keeps_pre_act(act, weight.shape[-1], x.dtype, "cuda")
         out, mean, var, *pre = dw_kernels().forward(x, norm, weight, bias, act, stats,
                                                     keep_pre_act=keep)
         if not stats:
@@ -236,8 +255,8 @@ class _DwStage(torch.autograd.Function):
             mean = var = x.new_empty((0,), dtype=acc_dtype(x.dtype))
         # The forward's out too (the next stage keeps it anyway): ReLU's backward then skips the
         # conv recompute, as the CUDA launcher does when the glue passes saved_out.
-        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean, out,
-                              pre[0] if keep else None)
+        ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
+                              None if _RECOMPUTE else out, pre[0] if keep else None)
         ctx.act, ctx.stats = act, stats
         return out, mean, var
 

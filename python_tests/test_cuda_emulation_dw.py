@@ -71,20 +71,24 @@ def test_scalar_loads_match_vector_loads_bitwise(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_backward_from_saved_out_matches_recompute_bitwise(kernels, act, dtype):
+def test_backward_from_saved_out(kernels, act, dtype):
     # Given the forward's out, the ReLU backward takes relu'(a) and o from it instead of
-    # recomputing the conv (GELU ignores it): the same dA, hence identical bits in every gradient,
-    # with the statistics' gradient (which reads o) on. k = 9 takes the register-tap path, k = 11
-    # the generic one; C = 40 leaves a partial channel block.
+    # recomputing the conv, in the one-kernel backward (dw_backward_fused.cuh); given a as pre_act
+    # it forms the same dA from a (relu commutes with the rounding to storage): identical bits in
+    # every gradient, with the statistics' gradient (which reads o) on. GELU ignores out: the
+    # call without it, bit for bit. k = 9 takes the register-tap path, k = 11 the generic one;
+    # C = 40 leaves a partial channel block.
     for k in (9, 11):
         x, m, s, t, weight, bias = dw_case((2, 40, 9, 10), k, dtype, device="cpu", seed=7).leaves
         norm = (m, s, t)
-        out, mean, _ = kernels.forward(x, norm, weight, bias, act, stats=True)
+        out, mean, _, pre = kernels.forward(x, norm, weight, bias, act, stats=True,
+                                            keep_pre_act=True)
         gen = torch.Generator().manual_seed(3)
         grad_out = torch.randn(out.shape, generator=gen).to(dtype)
         gm, gv = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
-        a = kernels.backward(grad_out, gm, gv, mean, x, norm, weight, bias, act)
-        b = kernels.backward(grad_out, gm, gv, mean, x, norm, weight, bias, act, out=out)
+        args = (grad_out, gm, gv, mean, x, norm, weight, bias, act)
+        a = kernels.backward(*args, out=out)
+        b = kernels.backward(*args, pre_act=pre) if act == "relu" else kernels.backward(*args)
         for u, v in zip(a, b):
             assert torch.equal(u, v)
         # The finalize's mean gradient is bitwise what the launcher's ATen ops made of the sum.
@@ -97,12 +101,15 @@ def test_backward_from_saved_out_matches_recompute_bitwise(kernels, act, dtype):
 @pytest.mark.parametrize("norm_given", [True, False], ids=["norm", "no_norm"])
 def test_backward_from_pre_act(kernels, act, dtype, norm_given):
     # keep_pre_act: the forward writes a = dwconv(norm(x)) + b (its out unchanged), and the
-    # backward given it reads a instead of recomputing the conv, for every activation (it wins
-    # over ReLU's saved out). float32: a as stored is the recompute's a, so every gradient has
-    # the recompute's bits. bfloat16: a rounded once to the storage dtype, as eager's conv output
-    # is, so the gradients meet the stage's bound against the float64 reference (DW_MAX_ERROR);
-    # the recompute path's values are checked there by test_ops.py. k = 9 is the register-tap
-    # path, k = 11 the generic one; C = 40 leaves a partial channel block.
+    # backward given it forms dA from a on load in one kernel (dw_backward_fused.cuh) instead of
+    # recomputing the conv in two, for every activation. float32: a as stored is the recompute's
+    # a and dA stays in float32 on both paths, so grad_x, grad_bias and the norm's sums have the
+    # recompute's bits; dW sums the same products over the tile's input pixels instead of its
+    # output pixels, another order, so it (and in bfloat16, where the two-kernel path rounds dA to
+    # the storage dtype between its kernels, everything) meets the stage's bound against the
+    # float64 reference (DW_MAX_ERROR); the recompute path's values are checked there by
+    # test_ops.py. k = 9 is the register-tap path, k = 11 the generic one; C = 40 leaves a partial
+    # channel block.
     from emulated_cuda import DW_MAX_ERROR
     from reference import ref_dw_stage
     for k in (9, 11):
@@ -127,9 +134,8 @@ def test_backward_from_pre_act(kernels, act, dtype, norm_given):
         assert ((pre.double() - a64).abs().max() / a64.abs().max()).item() <= DW_MAX_ERROR[dtype]
         if dtype == torch.float32:
             # (Without a norm the norm's three outputs are the poisoned buffers: not compared.)
-            for u, v in zip(recompute[:6 if norm_given else 3], read):
-                assert torch.equal(u, v)
-            continue
+            for i in (0, 2, 3, 4, 5) if norm_given else (0, 2):
+                assert torch.equal(recompute[i], read[i]), i
         # The gradients against the float64 reference of the stored inputs.
         leaves = [v.double().requires_grad_() if v is not None else None
                   for v in (x, weight, bias, *(norm or ()))]
@@ -145,6 +151,36 @@ def test_backward_from_pre_act(kernels, act, dtype, norm_given):
         for name, (got, ref) in zip(names, pairs):
             err = ((got.double() - ref).abs().max() / ref.abs().max()).item()
             assert err <= DW_MAX_ERROR[dtype], (name, err)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_backward_kernels_and_scratch(kernels, act):
+    # With a saved (ReLU: its out; GELU: its pre_act) the backward is the one fused kernel and
+    # needs no dA scratch, so the torch launcher allocates none (dw::fused_backward): the same
+    # bits without it. Recomputing a it is the data and input kernels, with dA between them: a
+    # call without the scratch is refused before any launch.
+    x, norm, weight, bias = _inputs((2, 40, 9, 10), 9, seed=4)
+    out, mean, _, pre = kernels.forward(x, norm, weight, bias, act, stats=True,
+                                        keep_pre_act=True)
+    gen = torch.Generator().manual_seed(5)
+    args = (torch.randn(out.shape, generator=gen), torch.randn(40, generator=gen),
+            torch.randn(40, generator=gen), mean, x, norm, weight, bias, act)
+    saved = dict(out=out) if act == "relu" else dict(pre_act=pre)
+    launch_log(kernels.lib)
+    with_scratch = kernels.backward(*args, **saved)
+    log = launch_log(kernels.lib)
+    assert [line.split("<")[0].split()[-1] for line in log] == [
+        "convmixer_kernels::cuda::dw::dw_backward_fused_kernel"], log
+    without = kernels.backward(*args, **saved, scratch=False)
+    for u, v in zip(with_scratch, without):
+        assert torch.equal(u, v)
+    launch_log(kernels.lib)
+    kernels.backward(*args)
+    names = [line.split("<")[0].split()[-1].rsplit("::", 1)[-1] for line in launch_log(kernels.lib)]
+    assert names == ["dw_backward_data_kernel", "dw_backward_input_kernel"], names
+    with pytest.raises(AssertionError, match=r"returned cudaError 1\b"):
+        kernels.backward(*args, scratch=False)
+    assert launch_log(kernels.lib) == []
 
 
 def test_backward_of_no_pixels_is_zero_sums_from_one_finalize(kernels):

@@ -150,9 +150,10 @@ TRITON_DW_CLASSES = sorted(TRITON.dw._TILES) if TRITON is not None else [32]
           if (c[0], c[6]) != (f32, "nchw")],
         *_dw_cases([f32, bf16], [(2, 768, 32, 32)], [7, 9]),
     ],
+    # Every case with a saved (the one-kernel backward) and recomputed (the two kernels).
     cuda_emu=[
-        *[(d, s, k, a, "train", "norm_bias", "nchw", None)
-          for (d, k, s), a in product(EMU_DW, ACTS)],
+        *[(d, s, k, a, "train", "norm_bias", "nchw", tuning)
+          for (d, k, s), a, tuning in product(EMU_DW, ACTS, (None, "recompute"))],
         *[(d, s, k, "gelu", "train", "norm_bias", "nchw", f"ctas{n}")
           for (d, k, s), n in product(EMU_DW_WALKING, (1, 4))],
         *_dw_cases([f32], [(2, 33, 8, 9)], [5, 15], modes=["eval"], parts=["plain"]),
@@ -973,8 +974,9 @@ def test_stats_of_large_offset(backend, stage, shape):
     cuda=[(s, d, sh, k, a, None) for d in (f32, bf16)
           for s, sh, k, a in (("dw", (8, 192, 32, 32), 9, "gelu"),
                               ("pw", (8, 192, 192, 32, 32), None, "relu"))],
-    # The second run with the CTAs in reverse order.
-    cuda_emu=[("dw", f32, (3, 40, 16, 16), 7, "gelu", None)])
+    # The second run with the CTAs in reverse order; the backward in one kernel, and recomputing
+    # a in two.
+    cuda_emu=[("dw", f32, (3, 40, 16, 16), 7, "gelu", t) for t in (None, "recompute")])
 def test_deterministic(backend, stage, dtype, shape, k, act, tuning):
     """Two runs give bitwise the same outputs, statistics and gradients."""
     case = (_dw(backend, dtype, shape, k, act) if stage == "dw" else

@@ -56,17 +56,28 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
     """The CUDA backend's block step as the code runs it today: batch statistics; the block's dw
     input carries the previous block's BN2 norm, its pw stage BN1 and the residual with that same
     norm (ops.mixer_block); a pw bias; under autocast the weight casts too. The dw stage keeps
-    its pre-activation a where keeps_dw_pre_act says (GELU at k >= 7 under autocast): one more
-    write in the forward and read in the backward, one conv recompute fewer."""
+    its pre-activation a where keeps_dw_pre_act says (GELU, every k): one more write in the
+    forward and read in the backward; with it (or ReLU's out) the dw backward is one kernel."""
     relu = act == "relu"
     keep = keeps_dw_pre_act(act, kernel_size, autocast)
-    if relu:
-        dw_data = dict(reads=3, dw_taps=1, note="act' from the saved out, dA, dW partials")
-    elif keep:
-        dw_data = dict(reads=3, dw_taps=1, note="act' from the kept a, dA, dW partials")
+    if relu or keep:
+        # dA elementwise in saved tensors: one kernel forms it on load, halo included
+        # (csrc/cuda/kernels/dw_backward_fused.cuh).
+        dw_backward = [Launch(
+            "dw", "bwd", "dw_backward_fused_kernel", 1, reads=3, writes=1, dw_taps=2,
+            note="dA = act'(" + ("the saved out" if relu else "the kept a")
+                 + ")·(dU·BN1's scale + BN1's gradients) on load over tile and halo (from L2), "
+                   "dW, db, dX = transposed conv of dA + dU through BN2_prev; the last CTAs sum "
+                   "dW, db and the norm's gradients")]
     else:
-        dw_data = dict(reads=2, dw_taps=2, note="conv recomputed for act', dA, dW partials")
-    dw_data["note"] += ", dU·BN1's scale on load (grad_out_scale)"
+        dw_backward = [
+            Launch("dw", "bwd", "dw_backward_data_kernel", 1, reads=2, writes=1, dw_taps=2,
+                   note="conv recomputed for act', dA, dW partials, dU·BN1's scale on load "
+                        "(grad_out_scale), BN1's gradients folded in"),
+            Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=3, writes=1, dw_taps=1,
+                   note="dX = transposed conv of dA + dU, through BN2_prev; the last CTAs sum "
+                        "dW, db and the norm's gradients"),
+        ]
     step = [
         # ---- forward
         Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=2 if keep else 1, dw_taps=1,
@@ -92,11 +103,7 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
                note="BN1's Norm gradients by the last CTAs; dU is the residual's gradient as it "
                     "is, and g's (dU·scale) is left to the dw backward's load (defer_grad_x)"),
         # ---- backward, dw stage
-        Launch("dw", "bwd", "dw_backward_data_kernel", 1, writes=1,
-               **{**dw_data, "note": dw_data["note"] + ", BN1's gradients folded in"}),
-        Launch("dw", "bwd", "dw_backward_input_kernel", 1, reads=3, writes=1, dw_taps=1,
-               note="dX = transposed conv of dA + dU, through BN2_prev; the last CTAs sum dW, db "
-                    "and the norm's gradients"),
+        *dw_backward,
         # ---- the model's glue (python_tests/test_ledger.py counts it); the BatchNorms' norm
         # and gradients are folded into the stages, their running statistics are step_launches'
     ]

@@ -104,7 +104,6 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
   auto grad_x = at::empty(x.sizes(), cl);
-  auto grad_pre = at::empty(x.sizes(), cl);  // dA, between the two kernels
   auto grad_weight = at::empty(weight_in.sizes(), weight.options());
   auto grad_bias = at::empty({g.C}, weight.options());
   // The norm's gradients: the kernels' finalize writes all three (grad_scale and grad_shift are
@@ -128,7 +127,6 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.norm = norm_ptrs(norm);
   c.weight = weight.data_ptr();
   c.bias = ptr_or_null(bias);
-  c.grad_pre = grad_pre.data_ptr();
   c.grad_x = grad_x.data_ptr();
   c.grad_weight = grad_weight.data_ptr();
   c.grad_bias = grad_bias.data_ptr();
@@ -139,6 +137,12 @@ dw_stage_backward(const at::Tensor& grad_out_in, const std::optional<at::Tensor>
   c.pre_act = ptr_or_null(pre_act);  // read instead of recomputing the conv
   c.bn = bn.c;
   c.grad_out_scale = ptr_or_null(grad_out_scale);  // grad_out is dU: scaled on load
+  // dA between the two kernels; with a kept, one kernel forms it on chip (fused_backward).
+  at::Tensor grad_pre;
+  if (!dw::fused_backward(c)) {
+    grad_pre = at::empty(x.sizes(), cl);
+    c.grad_pre = grad_pre.data_ptr();
+  }
   launch_entry(op, c, x, true, "input ", x.sizes(), " of dtype ", x.scalar_type(),
                " with kernel size ", g.k);
 

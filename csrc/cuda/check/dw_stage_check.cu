@@ -15,10 +15,13 @@
 #ifdef CONVMIXER_CUDA_EMULATION
 #include "../inst/dw_f32_forward.cu"
 #include "../inst/dw_f32_backward.cu"
+#include "../inst/dw_f32_backward_fused.cu"
 #include "../inst/dw_f16_forward.cu"
 #include "../inst/dw_f16_backward.cu"
+#include "../inst/dw_f16_backward_fused.cu"
 #include "../inst/dw_bf16_forward.cu"
 #include "../inst/dw_bf16_backward.cu"
+#include "../inst/dw_bf16_backward_fused.cu"
 #include "../inst/dw_f64.cu"
 #endif
 

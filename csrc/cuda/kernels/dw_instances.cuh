@@ -4,6 +4,7 @@
 // Torch-free (docs/DESIGN.md §8).
 #pragma once
 
+#include "dw_backward_fused.cuh"
 #include "dw_launch.cuh"
 
 #include <atomic>
@@ -83,6 +84,15 @@ cudaError_t BackwardDataKernels<T, A>::launch(const BackwardArgs<T>& args, const
   return run(args, s, smem, stream);
 }
 
+template <typename T, Act A>
+cudaError_t BackwardFusedKernels<T, A>::launch(const BackwardArgs<T>& args, const Shape& s,
+                                               size_t smem, cudaStream_t stream) {
+  const auto run = kernel_for_k<acc_t<T>>(s.K, [](auto k) {
+    return &launch_on_grid<&dw_backward_fused_kernel<T, decltype(k)::value, A>, BackwardArgs<T>>;
+  });
+  return run(args, s, smem, stream);
+}
+
 template <typename T>
 cudaError_t BackwardInputKernels<T>::launch(const BackwardArgs<T>& args, const Shape& s,
                                             size_t smem, cudaStream_t stream) {
@@ -107,12 +117,15 @@ cudaError_t BackwardFinalizeKernel<T>::launch(const BackwardFinalizeArgs<T>& a, 
 }  // namespace convmixer_kernels
 
 // The explicit instantiations of one unit: every activation's forward, or backward (data and
-// input), kernels for the storage type the unit #defines as CONVMIXER_DW_T (a macro, not an alias:
-// the CPU emulation compiles all units into one translation unit, each defining and undefining it).
+// input), or fused backward kernels for the storage type the unit #defines as CONVMIXER_DW_T (a
+// macro, not an alias: the CPU emulation compiles all units into one translation unit, each
+// defining and undefining it).
 #define CONVMIXER_DW_FORWARD_ACT(E, name, code) \
   template struct ForwardKernels<CONVMIXER_DW_T, Act::E>;
 #define CONVMIXER_DW_BACKWARD_ACT(E, name, code) \
   template struct BackwardDataKernels<CONVMIXER_DW_T, Act::E>;
+#define CONVMIXER_DW_BACKWARD_FUSED_ACT(E, name, code) \
+  template struct BackwardFusedKernels<CONVMIXER_DW_T, Act::E>;
 #define CONVMIXER_DW_INSTANTIATE_FORWARD                 \
   namespace convmixer_kernels::cuda::dw {                \
   CONVMIXER_ACTIVATIONS(CONVMIXER_DW_FORWARD_ACT)        \
@@ -122,4 +135,8 @@ cudaError_t BackwardFinalizeKernel<T>::launch(const BackwardFinalizeArgs<T>& a, 
   CONVMIXER_ACTIVATIONS(CONVMIXER_DW_BACKWARD_ACT)       \
   template struct BackwardInputKernels<CONVMIXER_DW_T>;  \
   template struct BackwardFinalizeKernel<CONVMIXER_DW_T>; \
+  }
+#define CONVMIXER_DW_INSTANTIATE_BACKWARD_FUSED          \
+  namespace convmixer_kernels::cuda::dw {                \
+  CONVMIXER_ACTIVATIONS(CONVMIXER_DW_BACKWARD_FUSED_ACT) \
   }

@@ -16,6 +16,7 @@ struct Plan {
   bool valid = false;
   const char* error = "";         // why not valid
   size_t smem_forward = 0, smem_backward_data = 0, smem_backward_input = 0;  // bytes
+  size_t smem_backward_fused = 0;  // bytes; above kMaxDynamicSmem: the two backward kernels
   // Workspace, in bytes, each region 256-byte aligned (see the offsets below).
   size_t ws_forward = 0, ws_backward = 0;
 };
@@ -94,6 +95,7 @@ inline Plan make_plan(int64_t N, int64_t C, int64_t H, int64_t W, int K,
   p.smem_forward = bytes(Kernel::Forward);
   p.smem_backward_data = bytes(Kernel::BackwardData);
   p.smem_backward_input = bytes(Kernel::BackwardInput);
+  p.smem_backward_fused = bytes(Kernel::BackwardFused);
   if (p.smem_backward_data > kMaxDynamicSmem || p.smem_forward > kMaxDynamicSmem ||
       p.smem_backward_input > kMaxDynamicSmem) {
     p.error = "the tile for this kernel size and dtype does not fit in shared memory";
@@ -130,13 +132,18 @@ struct BackwardDataKernels {
   static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
                             cudaStream_t stream);
 };
+template <typename T, Act A>
+struct BackwardFusedKernels {
+  static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
+                            cudaStream_t stream);
+};
 template <typename T>
 struct BackwardInputKernels {
   static cudaError_t launch(const BackwardArgs<T>& args, const Shape& s, size_t smem,
                             cudaStream_t stream);
 };
 template <typename T>
-struct BackwardFinalizeKernel {  // for no parts only: the backward-input kernel's last CTAs finalize
+struct BackwardFinalizeKernel {  // for no parts only: else the last backward kernel's last CTAs
   static cudaError_t launch(const BackwardFinalizeArgs<T>& a, int64_t parts, int C, int64_t kk,
                             cudaStream_t stream);
 };
@@ -214,7 +221,8 @@ struct Forward {
   BnNorm bn;                     // with statistics: out's BatchNorm's scale and shift (bn_math.cuh)
 };
 
-// The backward of Forward (docs/OPS.md): grad_x, the dA scratch grad_pre (x's shape), grad_weight
+// The backward of Forward (docs/OPS.md): grad_x, the dA scratch grad_pre (x's shape; not needed
+// where fused_backward), grad_weight
 // ([C][K*K]) and grad_bias ([C]) of the storage type, and with a norm the sums sum_dx and
 // sum_dx_xc ([C], accumulation type) from which the caller forms the norm's gradients.
 struct Backward {
@@ -240,9 +248,9 @@ struct Backward {
   void* sum_dx_xc = nullptr;  // with a norm only
   const void* grad_res = nullptr;  // like x, or null: the residual's gradient of norm(x), added to dX
   void* grad_norm_mean = nullptr;  // with a norm, [C] accumulation type or null: -sum_dx * scale
-  // The forward's pre_act (Forward::pre_act), or null. Given, the backward-data kernel reads a
-  // from it instead of recomputing the conv, for every activation (docs/CUDA.md, "Backward:
-  // recompute or save").
+  // The forward's pre_act (Forward::pre_act), or null. Given, the backward reads a from it
+  // instead of recomputing the conv, for every activation, in one kernel (fused_backward;
+  // docs/CUDA.md, "Backward: recompute or save").
   const void* pre_act = nullptr;
   BnGrad bn;  // out's BatchNorm: its gradients back to var (added to grad_var), weight and bias
   // [C] or null: grad_out is the next stage's dU and the stage's own gradient grad_out times this
@@ -255,6 +263,19 @@ inline Requirements requirements(const Forward& c) {
   if (const char* e = bn_math::bn_norm_error(c.bn, c.mean != nullptr)) return {false, e, 0};
   return {p.valid, p.error, p.ws_forward, c.mean != nullptr ? p.shape.channel_blocks : 0};
 }
+
+// The tensor the backward reads a from instead of recomputing it: the forward's pre_act, or with
+// ReLU its out (relu'(a) = relu'(out)); null: recompute.
+inline const void* saved_a(const Backward& c) {
+  return c.pre_act != nullptr ? c.pre_act : (c.act == Act::ReLU ? c.out : nullptr);
+}
+
+// Whether the backward runs as one kernel (dw_backward_fused.cuh): a is saved and the fused tile
+// fits in shared memory. Then the call needs no grad_pre (its launcher need not allocate one).
+inline bool fused_backward(const Plan& p, const Backward& c) {
+  return p.valid && saved_a(c) != nullptr && p.smem_backward_fused <= kMaxDynamicSmem;
+}
+inline bool fused_backward(const Backward& c) { return fused_backward(plan(c.problem), c); }
 
 inline Requirements requirements(const Backward& c) {
   const Plan p = plan(c.problem);
@@ -335,7 +356,10 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, in
   args.grad_pre = static_cast<T*>(c.grad_pre);
   args.grad_x = static_cast<T*>(c.grad_x);
   args.grad_res = static_cast<const T*>(c.grad_res);
-  args.vectorized_x = can_vectorize<T>(c.x, s.C) && can_vectorize<T>(c.grad_pre, s.C);
+  const bool fused = fused_backward(p, c);
+  args.vectorized_x = can_vectorize<T>(c.x, s.C) && (fused || can_vectorize<T>(c.grad_pre, s.C));
+  args.vectorized_grad = fused && can_vectorize<T>(saved_a(c), s.C) &&
+                         can_vectorize<T>(c.grad_out, s.C);
   const int64_t kk = int64_t(s.K) * s.K;
   const size_t pc = size_t(s.parts) * size_t(s.C);
   if (s.C == 0) return cudaSuccess;
@@ -359,7 +383,12 @@ inline cudaError_t launch_as(T, const Backward& c, void* ws, size_t ws_bytes, in
   f.sum_dx_xc = static_cast<AccT*>(c.sum_dx_xc);
   f.grad_norm_mean = norm ? static_cast<AccT*>(c.grad_norm_mean) : nullptr;
   args.counters = counters;
+  if (s.parts > 0 && fused) {  // its last CTAs finalize
+    const auto run_fused = launcher_for<BackwardFusedKernels, T, BackwardArgs<T>>(c.act);
+    return run_fused(args, s, p.smem_backward_fused, stream);
+  }
   if (s.parts > 0) {
+    if (c.grad_pre == nullptr) return cudaErrorInvalidValue;
     const cudaError_t err = run_data(args, s, p.smem_backward_data, stream);
     if (err != cudaSuccess) return err;
     // Its last CTAs finalize.

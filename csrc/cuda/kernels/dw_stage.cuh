@@ -2,16 +2,17 @@
 //
 //   forward   out = act(dwconv_k(norm(x)) + b) (and a = dwconv_k(norm(x)) + b when asked: the
 //             pre-activation, stored for the backward), and per-channel partial statistics of out
-//   backward  1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), reading a
-//                when the forward stored it (ReLU given the forward's out: from out), else
-//                recomputing it;
-//                dW, db summed per channel (kernel "backward_data")
+//   backward  where the forward kept a (ReLU: its out), one kernel (dw_backward_fused.cuh): dA
+//             formed on load over each tile and its halo, dW, db, dX and the norm's sums from it.
+//             Else, recomputing a:
+//             1. dA = (grad_out + grad_mean/M + grad_var 2(o - mean)/M) * act'(a), with a
+//                recomputed; dW, db summed per channel (kernel "backward_data")
 //             2. dX = transposed dwconv(dA); grad_x = dX * scale; the norm's sums (kernel
 //                "backward_input")
-//             3. fixed-order sums of the per-part partials and the norm's gradients, by the
-//                last CTA of each channel block of step 2 (finalize_backward, last_cta.cuh); the
-//                forward's statistics likewise by the forward kernel's last CTAs
-//                (channel_stats.cuh)
+//             Either way, fixed-order sums of the per-part partials and the norm's gradients by
+//             the last CTA of each channel block of the last kernel (finalize_backward,
+//             last_cta.cuh); the forward's statistics likewise by the forward kernel's last CTAs
+//             (channel_stats.cuh)
 //
 // The kernels and what they share with the host (Shape, SmemLayout); the plan and the launch entry
 // are in dw_launch.cuh. Torch-free (docs/DESIGN.md §8).
@@ -87,11 +88,14 @@ struct Shape {
 struct SmemLayout {
   int in_h = 0, in_w = 0;  // staged tile + halo
   size_t in = 0, raw = 0, weights = 0, dA = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // offsets
+  size_t tile = 0, coef = 0;  // the fused backward's: the normed input's tile, dA's coefficients
   bool async = false;  // raw holds the next tile's window in the storage dtype (TilePipe)
   size_t total = 0;                                         // elements in all
 };
 
-enum class Kernel { Forward, BackwardData, BackwardInput };
+// BackwardFused: the one-kernel backward where the forward kept a (or ReLU's out), so dA is
+// elementwise in saved tensors and formed on load, halo included (dw_backward_fused.cuh).
+enum class Kernel { Forward, BackwardData, BackwardInput, BackwardFused };
 
 // Whether the kernels for k and this accumulation type take the register-tap path (the
 // instantiations kRegisterTaps below; the host's kernel_for_k picks them).
@@ -99,7 +103,7 @@ __host__ __device__ constexpr bool register_taps(int K, size_t acc_size) {
   return (K == 3 || K == 5 || K == 7 || K == 9) && acc_size == 4;
 }
 
-// The balanced dW split of the register-tap path (dw_backward_data_kernel): the K * kTH
+// The balanced dW split of the register-tap path (add_tap_sums): the K * kTH
 // (tap row i, tile row y) units, i-major, in runs of dw_units(K) = 2K per warp. A warp whose run
 // starts inside a tap row (y != 0) adds that row's share into its own slot of the grad_w_split
 // region; the warp whose run holds (i, 0) owns row i's slots in grad_w.
@@ -122,19 +126,27 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t a
   if (at < size_t(3) * kGroups * kCB) at = size_t(3) * kGroups * kCB;
   // The forward and backward-input kernels with 32-bit accumulation stage through a second window
   // in the storage dtype, filled by cp.async under the previous tile's compute, where that keeps
-  // two CTAs per SM (k <= 9, and k = 11 in 16-bit storage). Not the backward-data kernel (its dA
-  // and dW regions leave no room for it at k = 9), nor float64 (for gradient checks).
+  // two CTAs per SM (k <= 9, and k = 11 in 16-bit storage). Not the backward-data and fused
+  // kernels (their dW regions leave no room for it at k = 9, and the fused one's window comes from
+  // two tensors), nor float64 (for gradient checks).
   l.raw = at;
   const size_t raw = size_t(l.in_h) * l.in_w * kCB * storage_size / acc_size;
   const size_t taps_and_norm = size_t(K) * K * kCB + 3 * kCB;
-  l.async = kernel != Kernel::BackwardData && acc_size == 4 &&
+  l.async = (kernel == Kernel::Forward || kernel == Kernel::BackwardInput) && acc_size == 4 &&
             (at + raw + taps_and_norm) * acc_size <= kTwoCtaSmem;
   if (l.async) at += raw;
   l.weights = at;  // the taps, [k*k][kCB], staged once per CTA
   at += size_t(K) * K * kCB;
-  if (kernel == Kernel::BackwardData) {
-    l.dA = at;
+  if (kernel == Kernel::BackwardFused) {
+    // `in` holds dA's window (tile + halo); the normed input is needed on the tile only.
+    l.tile = at;
     at += size_t(kTH) * kTW * kCB;
+  }
+  if (kernel == Kernel::BackwardData || kernel == Kernel::BackwardFused) {
+    if (kernel == Kernel::BackwardData) {
+      l.dA = at;
+      at += size_t(kTH) * kTW * kCB;
+    }
     l.grad_w = at;
     at += size_t(K) * K * kCB;
     l.grad_w_split = at;
@@ -142,6 +154,10 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t a
   }
   l.norm = at;
   at += 3 * kCB;
+  if (kernel == Kernel::BackwardFused) {
+    l.coef = at;
+    at += 3 * kCB;
+  }
   l.total = at;
   return l;
 }
@@ -233,6 +249,21 @@ __device__ __forceinline__ const AccT* stage_norm(AccT* s_norm, const NormArgs<A
   return s_norm;
 }
 
+// A staging item's V values into shared memory ([pixel][kCB], at its first channel).
+template <typename AccT, int V>
+__device__ __forceinline__ void store_staged(AccT* dst, const AccT (&v)[V]) {
+  if constexpr (sizeof(AccT) == 4 && V % 4 == 0) {
+    // 16-byte stores: with scalar ones the 32 threads of a warp, 8 floats apart, would hit
+    // 4 banks (an 8-way conflict per store); float4 stores leave a 2-way conflict.
+#pragma unroll
+    for (int j = 0; j < V; j += 4)
+      *reinterpret_cast<float4*>(dst + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) dst[j] = v[j];
+  }
+}
+
 // Stages src's tile + halo for channels [c0, c0 + kCB) into s_in as AccT, applying the norm (when
 // s_norm is not null) and writing zeros outside the image and past the last channel.
 // `vectorized`: C % V == 0 and src is 16-byte aligned, so each thread moves V channels with one
@@ -267,17 +298,7 @@ __device__ __forceinline__ void stage_tile(acc_t<T>* __restrict__ s_in, const Sm
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] = AccT(0);
       }
-      AccT* dst = s_in + pix * kCB + lane0;
-      if constexpr (sizeof(AccT) == 4 && V % 4 == 0) {
-        // 16-byte stores: with scalar ones the 32 threads of a warp, 8 floats apart, would hit
-        // 4 banks (an 8-way conflict per store); float4 stores leave a 2-way conflict.
-#pragma unroll
-        for (int j = 0; j < V; j += 4)
-          *reinterpret_cast<float4*>(dst + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
-      } else {
-#pragma unroll
-        for (int j = 0; j < V; ++j) dst[j] = v[j];
-      }
+      store_staged<AccT, V>(s_in + pix * kCB + lane0, v);
     }
   } else {
     for (int item = threadIdx.x; item < pixels * kCB; item += kThreads) {
@@ -504,11 +525,13 @@ struct ForwardArgs {
 // The backward's second level: the parts' rows of dW, db and, with a norm, the two norm sums, each
 // added in part order, and the norm's mean gradient formed from them, -Σ dX · scale (the other two
 // are the sums themselves: grad_scale = Σ dX (x - mean), grad_shift = Σ dX). Run by the last CTA
-// of each channel block of the backward-input kernel for its channels (last_cta.cuh), or, with no
-// parts (no pixels: every sum empty, zeros), by dw_backward_finalize_kernel.
+// of each channel block of the backward's last kernel (fused, or backward-input) for its channels
+// (last_cta.cuh), or, with no parts (no pixels: every sum empty, zeros), by
+// dw_backward_finalize_kernel.
 template <typename T>
 struct BackwardFinalizeArgs {
-  // The parts' rows, written by the backward kernels (data: dW, db; input: the norm sums).
+  // The parts' rows, written by the backward kernels (fused: all; else data: dW, db; input: the
+  // norm sums).
   acc_t<T>* part_grad_w;           // [parts][C * kk]
   acc_t<T>* part_grad_b;           // [parts][C]
   acc_t<T>* part_sum_dx;           // [parts][C], only with a norm
@@ -531,23 +554,27 @@ struct BackwardArgs {
   // [C] or null: grad_out is the gradient of the next stage's normed input (its dU) and this
   // stage's own is grad_out · grad_out_scale, that norm's scale, formed on load.
   const acc_t<T>* grad_out_scale;
+  // The saved a (dw_launch.cuh saved_a): the forward's pre_act, or with ReLU its out, or null.
+  // relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN passing, as threshold_backward on
+  // the result) and o = out. Read by the fused kernel; the two-kernel path recomputes a.
   const T* out;               // the forward's out (NHWC like x) or null; read with ReLU only
   const T* pre_act;           // the forward's pre_act (NHWC like x) or null; read when given
   const T* x;
   NormArgs<acc_t<T>> norm;    // applied to x on load
   const T* weight;
   const T* bias;              // [C] or null
-  T* grad_pre;                // dA scratch, NHWC like x
+  T* grad_pre;                // dA scratch, NHWC like x (two-kernel path only)
   T* grad_x;                  // NHWC like x
   const T* grad_res;          // NHWC like x, or null: the residual's gradient of norm(x), added to dX
   BackwardFinalizeArgs<T> fin;  // the parts' rows, and the second level's outputs (last CTAs)
   int* counters;              // [channel_blocks], zero (last_cta.cuh)
-  bool vectorized_x;          // x (and grad_pre, which the launcher allocates) 16-byte aligned, C % V == 0
+  bool vectorized_x;          // x (and grad_pre, two-kernel path) 16-byte aligned, C % V == 0
+  bool vectorized_grad;       // the fused kernel's grad_out and saved a (or out) likewise
 };
 
 // The second level for channels [c_begin, c_end), spread over `nthreads` threads (this one `tid`):
 // element i of dW ([C][k*k]) and channel c's vectors each summed by one thread, parts in order.
-// __ldcg: the backward-input kernel's partials come from CTAs of the running kernel.
+// __ldcg: the partials of the kernel it ends come from CTAs of the running kernel.
 template <typename T>
 __device__ __forceinline__ void finalize_backward(const BackwardFinalizeArgs<T>& a, int64_t parts,
                                                   int C, int64_t kk, int c_begin, int c_end,
@@ -586,9 +613,195 @@ __global__ void dw_backward_finalize_kernel(const BackwardFinalizeArgs<T> a, int
                     int64_t(gridDim.x) * blockDim.x);
 }
 
+// How the backward forms dA (docs/OPS.md): dO = grad_out * go_scale + konst + lin * o, with o =
+// act(a) as stored, and dA = dO * act'(a). Per channel: go_scale is grad_out_scale (1 without:
+// the product is then grad_out exactly), konst and lin fold the statistics' gradients in, the
+// folded BatchNorm's var gradient among them.
+template <typename AccT>
+struct GradCoef {
+  AccT go_scale = AccT(1), konst = AccT(0), lin = AccT(0);
+};
+
+// Channel c's coefficients (c < C). With `write_bn` this thread also writes the folded
+// BatchNorm's weight and bias gradients of channel c (one CTA per channel block does).
+template <typename T>
+__device__ __forceinline__ GradCoef<acc_t<T>> grad_coef(const BackwardArgs<T>& args,
+                                                        const Shape& s, int c, bool write_bn) {
+  using AccT = acc_t<T>;
+  GradCoef<AccT> k;
+  const AccT inv_count = AccT(1) / static_cast<AccT>(s.N * s.H * s.W);
+  const bool bn = args.bn.var != nullptr;
+  if (args.grad_mean != nullptr) k.konst += args.grad_mean[c] * inv_count;
+  if (args.grad_var != nullptr || bn) {
+    const AccT gv_bn = bn ? bn_math::fold_backward<AccT>(args.bn, c, write_bn) : AccT(0);
+    const AccT gv = args.grad_var == nullptr ? gv_bn
+                    : bn                     ? args.grad_var[c] + gv_bn
+                                             : args.grad_var[c];
+    k.lin = AccT(2) * gv * inv_count;
+    k.konst -= k.lin * args.mean[c];
+  }
+  if (args.grad_out_scale != nullptr) k.go_scale = args.grad_out_scale[c];
+  return k;
+}
+
+// Whether dO needs o: with a var gradient, the statistics' own or the folded BatchNorm's.
+template <typename T>
+__device__ __forceinline__ bool grad_needs_out(const BackwardArgs<T>& args) {
+  return args.grad_var != nullptr || args.bn.var != nullptr;
+}
+
+// dA at one position, from a (saved or recomputed, in `at`) and grad_out there.
+template <typename T, Act A>
+__device__ __forceinline__ acc_t<T> form_dA(const ActAt<A, acc_t<T>>& at, acc_t<T> grad_out,
+                                            acc_t<T> go_scale, acc_t<T> konst, acc_t<T> lin,
+                                            bool need_o) {
+  acc_t<T> dO = channel_stats::acc_mul(grad_out, go_scale) + konst;
+  if (need_o) dO += lin * round_to_storage<T>(at.value());
+  return at.backward(dO);
+}
+
+// One tile's share of dW's sums: for every tap (i, j), the sum over the tile's pixels p of
+// tile[p] * window[p + (i, j)] (window: [in_h][in_w][kCB], tile: [kTH][kTW][kCB], this lane's
+// column), added into the CTA's slots. The backward-data kernel passes the normed input's window
+// and dA's tile; the fused kernel dA's window and the normed input's tile, which gives the taps
+// rotated by 180 degrees (store_tap_sums flips them back).
+//
+// Register-tap path: the K * kTH (tap row, tile row) units are split into equal runs of 2K, one
+// per warp (dw_units), so every warp does the same work at every k (owning whole tap rows, warp 0
+// had 2 of 9 rows at k = 9 and the dW phase took 2 / (9 / 8) = 1.78x its balanced time; at k = 3
+// five warps idled). Each row's sums go to one writer's slot: the warp that holds the row's first
+// unit (s_gw, [k*k][kCB]), or, for the part of a row that a run starts inside of, that warp's
+// split slot (s_gw_split, [kGroups][k][kCB]); store_tap_sums adds the slots in warp order. No
+// atomics, a fixed order. The generic path keeps whole rows per warp.
+template <int kK, typename AccT>
+__device__ __forceinline__ void add_tap_sums(const AccT* __restrict__ window,
+                                             const AccT* __restrict__ tile, int in_w, int K,
+                                             AccT* s_gw, AccT* s_gw_split, int group, int lane) {
+  if constexpr (kRegisterTaps<kK, AccT>) {
+    // The warp's run of (tap row, tile row) units; row_sum holds the current row's K sums and
+    // goes to the row's slots when the row ends or the run does.
+    constexpr int kUnits = dw_units(kK);
+    const int u_begin = group * kUnits;
+    AccT row_sum[kK];
+#pragma unroll
+    for (int j = 0; j < kK; ++j) row_sum[j] = AccT(0);
+    for (int u = u_begin; u < u_begin + kUnits; ++u) {
+      const int i = u / kTH, y = u % kTH;
+      AccT in[kTW + kK - 1], d[kTW];
+#pragma unroll
+      for (int q = 0; q < kTW + kK - 1; ++q) in[q] = window[((y + i) * in_w + q) * kCB + lane];
+#pragma unroll
+      for (int x = 0; x < kTW; ++x) d[x] = tile[(y * kTW + x) * kCB + lane];
+#pragma unroll
+      for (int x = 0; x < kTW; ++x)
+#pragma unroll
+        for (int j = 0; j < kK; ++j) row_sum[j] = fma_acc(d[x], in[x + j], row_sum[j]);
+      if (y == kTH - 1 || u == u_begin + kUnits - 1) {
+        // A row begun inside this run (at y = 0) is this warp's, in s_gw; the run's first row
+        // when another warp began it goes to this warp's split slot.
+        AccT* dst = i == dw_split_row(kK, group) ? s_gw_split + group * kK * kCB
+                                                 : s_gw + i * kK * kCB;
+#pragma unroll
+        for (int j = 0; j < kK; ++j) {
+          dst[j * kCB + lane] += row_sum[j];
+          row_sum[j] = AccT(0);
+        }
+      }
+    }
+  } else {
+    // The generic path (runtime k, float64): warp g owns tap rows g, g + 8, ... whole.
+    for (int i = group; i < K; i += kGroups) {
+      for (int j = 0; j < K; ++j) {
+        AccT sum = AccT(0);
+        for (int y = 0; y < kTH; ++y)
+#pragma unroll
+          for (int x = 0; x < kTW; ++x)
+            sum = fma_acc(tile[(y * kTW + x) * kCB + lane],
+                          window[((y + i) * in_w + x + j) * kCB + lane], sum);
+        s_gw[(i * K + j) * kCB + lane] += sum;
+      }
+    }
+  }
+}
+
+// The CTA's tap sums (add_tap_sums' slots, the split ones added in warp order) into its part's row
+// of dW; `flipped`: the slots hold the taps rotated by 180 degrees. After a barrier.
+template <int kK, typename AccT>
+__device__ __forceinline__ void store_tap_sums(const AccT* s_gw, const AccT* s_gw_split, int K,
+                                               bool flipped, AccT* part_grad_w, int64_t part,
+                                               int C, int c0) {
+  const int kk = K * K;
+  for (int item = threadIdx.x; item < kk * kCB; item += kThreads) {
+    const int tap = item / kCB, cl = c0 + item % kCB;
+    AccT total = s_gw[item];
+    if constexpr (kRegisterTaps<kK, AccT>) {
+      const int i = tap / kK, j = tap % kK;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g)
+        if (dw_split_row(kK, g) == i) total += s_gw_split[(g * kK + j) * kCB + item % kCB];
+    }
+    if (cl < C) part_grad_w[(part * C + cl) * kk + (flipped ? kk - 1 - tap : tap)] = total;
+  }
+}
+
+// The input's gradient over this thread's strip, from dX (the transposed conv, in acc): the
+// residual's gradient (with respect to norm(x) too) joins dX before the norm's backward, so the
+// norm's sums cover both branches; grad_x = dX * scale is stored.
+template <typename T>
+__device__ __forceinline__ void store_grad_x(const BackwardArgs<T>& args, const Shape& s,
+                                             const TileCoord& t, const Place& me, bool norm,
+                                             acc_t<T> mean, acc_t<T> scale,
+                                             const acc_t<T> (&acc)[kRY][kRX], acc_t<T>& sum_dx,
+                                             acc_t<T>& sum_dx_xc) {
+  using AccT = acc_t<T>;
+#pragma unroll
+  for (int r = 0; r < kRY; ++r) {
+    const int y = t.y0 + me.strip_y + r;
+#pragma unroll
+    for (int x = 0; x < kRX; ++x) {
+      const int xx = t.x0 + me.strip_x + x;
+      if (y >= s.H || xx >= s.W || me.c >= s.C) continue;
+      const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + me.c;
+      const AccT dx = args.grad_res ? acc[r][x] + to_acc(args.grad_res[off]) : acc[r][x];
+      const AccT gx = norm ? dx * scale : dx;
+      args.grad_x[off] = from_acc<T>(gx);
+      if (norm) {
+        sum_dx += dx;
+        sum_dx_xc = fma_acc(dx, to_acc(args.x[off]) - mean, sum_dx_xc);
+      }
+    }
+  }
+}
+
+// The end of the backward's last kernel (backward-input, or fused): the CTA's norm sums into its
+// part's rows, then the channel block's last CTA sums every part row (last_cta.cuh): dW and db of
+// this kernel or of the backward-data kernel before it (done: stream order), the norm's sums of
+// this one. s_red: 2 * kGroups * kCB + 1 values of shared memory, free after a barrier.
+template <typename T>
+__device__ __forceinline__ void finish_backward(const BackwardArgs<T>& args, const Shape& s, int K,
+                                                const Place& me, bool norm, acc_t<T> sum_dx,
+                                                acc_t<T> sum_dx_xc, acc_t<T>* s_red) {
+  using AccT = acc_t<T>;
+  __syncthreads();
+  if (norm) {
+    const AccT total = sum_over_warps<AccT>(sum_dx, s_red);
+    __syncthreads();
+    const AccT total_c = sum_over_warps<AccT>(sum_dx_xc, s_red + kGroups * kCB);
+    if (me.group == 0 && me.c < s.C) {
+      args.fin.part_sum_dx[me.part() * s.C + me.c] = total;
+      args.fin.part_sum_dx_xc[me.part() * s.C + me.c] = total_c;
+    }
+  }
+  int* s_flag = reinterpret_cast<int*>(s_red + 2 * kGroups * kCB);
+  if (!arrive_last(args.counters + blockIdx.x, int(gridDim.y), s_flag)) return;
+  const int c_end = me.c0 + kCB < s.C ? me.c0 + kCB : s.C;
+  finalize_backward(args.fin, int64_t(gridDim.y), s.C, int64_t(K) * K, me.c0, c_end, threadIdx.x,
+                    kThreads);
+}
+
 // What every dw kernel sets up alike: k and the padding, the shared-memory layout, the thread's
 // place, and the CTA's taps in shared memory (rotated by 180 degrees for the transposed conv of
-// the backward-input kernel).
+// the backward-input and fused kernels).
 template <typename T, int kK>
 struct Setup {
   using AccT = acc_t<T>;
@@ -603,7 +816,8 @@ struct Setup {
         pad(K / 2),
         l(smem_layout(K, kernel, sizeof(AccT), sizeof(T))),
         me(s) {
-    stage_taps<T>(smem + l.weights, weight, me.c0, s.C, K, kernel == Kernel::BackwardInput);
+    stage_taps<T>(smem + l.weights, weight, me.c0, s.C, K,
+                  kernel == Kernel::BackwardInput || kernel == Kernel::BackwardFused);
   }
   // The input norm, into shared memory (null: none).
   __device__ __forceinline__ const AccT* stage_input_norm(const NormArgs<AccT>& norm,
@@ -742,18 +956,11 @@ __global__ void __launch_bounds__(kThreads, 2)
                            args.bn, args.counters, s.C, n_run, mean_run, m2_run, smem + l.in);
 }
 
-// Backward, step 1: a on each tile (read from the forward's pre_act when given, or with ReLU from
-// its out; recomputed otherwise), dA formed and written, dW and db accumulated. The input tile is
-// staged either way: dW needs it.
-//
-// The recompute is the forward's (register taps for the specialised k). dW[i][j] = sum over the
-// tile of dA[y][x] * in[y + i][x + j], from dA staged in shared memory. Register-tap path: the
-// K * kTH (tap row, tile row) units are split into equal runs of 2K, one per warp (dw_units), so
-// every warp does the same work at every k (owning whole tap rows, warp 0 had 2 of 9 rows at
-// k = 9 and the dW phase took 2 / (9 / 8) = 1.78x its balanced time; at k = 3 five warps idled).
-// Each row's sums go to one writer's slot: the warp that holds the row's first unit, or, for the
-// part of a row that a run starts inside of, that warp's split slot; the slots are added in warp
-// order at the end. No atomics, a fixed order. The generic path keeps whole rows per warp.
+// Backward, step 1, where a is not saved (else the launcher runs dw_backward_fused_kernel,
+// dw_backward_fused.cuh, whose shared memory fits wherever this kernel's does): a recomputed on
+// each tile as the forward forms it (register taps for the specialised k), dA formed and written,
+// dW and db accumulated. dW[i][j] = sum over the tile of dA[y][x] * in[y + i][x + j], from dA
+// staged in shared memory (add_tap_sums).
 template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_data_kernel(const BackwardArgs<T> args, const Shape s) {
@@ -769,32 +976,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int i = threadIdx.x; i < int(l.norm - l.grad_w); i += kThreads) s_gw[i] = AccT(0);
   const AccT* s_norm = su.stage_input_norm(args.norm, s);
   const AccT bias = su.bias_of(args.bias, s);
-  // dO = grad_out + const_term + lin_term * o  (the statistics' gradient folded in).
-  const AccT inv_count = AccT(1) / static_cast<AccT>(s.N * s.H * s.W);
-  AccT const_term = AccT(0), lin_term = AccT(0);
-  const bool bn = args.bn.var != nullptr;
-  if (c < s.C) {
-    if (args.grad_mean != nullptr) const_term += args.grad_mean[c] * inv_count;
-    if (args.grad_var != nullptr || bn) {
-      // The BatchNorm's var gradient, and its weight's and bias's by the first part's CTA.
-      const AccT gv_bn =
-          bn ? bn_math::fold_backward<AccT>(args.bn, c, blockIdx.y == 0 && group == 0) : AccT(0);
-      const AccT gv = args.grad_var == nullptr ? gv_bn
-                      : bn                     ? args.grad_var[c] + gv_bn
-                                               : args.grad_var[c];
-      lin_term = AccT(2) * gv * inv_count;
-      const_term -= lin_term * args.mean[c];
-    }
-  }
-  const bool need_o = args.grad_var != nullptr || bn;
-  // 1 without grad_out_scale: the product is then grad_out exactly.
-  const AccT go_scale =
-      args.grad_out_scale != nullptr && c < s.C ? args.grad_out_scale[c] : AccT(1);
-  // Where a comes from instead of the conv: the forward's pre_act (any activation), or with ReLU
-  // its out: relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN passing, as
-  // threshold_backward on the result) and o = out.
-  const T* const saved =
-      args.pre_act != nullptr ? args.pre_act : (A == Act::ReLU ? args.out : nullptr);
+  // The BatchNorm's weight's and bias's gradients by the first part's CTA.
+  const GradCoef<AccT> k =
+      c < s.C ? grad_coef<T>(args, s, c, blockIdx.y == 0 && group == 0) : GradCoef<AccT>{};
+  const bool need_o = grad_needs_out(args);
   AccT grad_b = AccT(0);
 
   TilePipe<T> pipe(smem, l, args.x, s, s_norm, c0, pad, args.vectorized_x, me.t_begin, me.t_end);
@@ -803,8 +988,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     pipe.stage(tile, t, me.t_end);
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
-    if (saved == nullptr)
-      correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
+    correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
       const int y = t.y0 + me.strip_y + r;
@@ -814,10 +998,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         AccT dA = AccT(0);
         if (y < s.H && xx < s.W && c < s.C) {
           const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-          const ActAt<A, AccT> at(saved != nullptr ? to_acc(saved[off]) : acc[r][x]);
-          AccT dO = channel_stats::acc_mul(to_acc(args.grad_out[off]), go_scale) + const_term;
-          if (need_o) dO += lin_term * round_to_storage<T>(at.value());
-          dA = at.backward(dO);
+          const ActAt<A, AccT> at(acc[r][x]);
+          dA = form_dA<T, A>(at, to_acc(args.grad_out[off]), k.go_scale, k.konst, k.lin, need_o);
           args.grad_pre[off] = from_acc<T>(dA);
         }
         grad_b += dA;
@@ -825,67 +1007,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     __syncthreads();  // s_dA complete
-    if constexpr (kRegisterTaps<kK, AccT>) {
-      // The warp's run of (tap row, tile row) units; row_sum holds the current row's K sums and
-      // goes to the row's slots when the row ends or the run does.
-      constexpr int kUnits = dw_units(kK);
-      const int u_begin = group * kUnits;
-      AccT row_sum[kK];
-#pragma unroll
-      for (int j = 0; j < kK; ++j) row_sum[j] = AccT(0);
-      for (int u = u_begin; u < u_begin + kUnits; ++u) {
-        const int i = u / kTH, y = u % kTH;
-        AccT in[kTW + kK - 1], d[kTW];
-#pragma unroll
-        for (int q = 0; q < kTW + kK - 1; ++q) in[q] = s_in[((y + i) * l.in_w + q) * kCB + lane];
-#pragma unroll
-        for (int x = 0; x < kTW; ++x) d[x] = s_dA[(y * kTW + x) * kCB + lane];
-#pragma unroll
-        for (int x = 0; x < kTW; ++x)
-#pragma unroll
-          for (int j = 0; j < kK; ++j) row_sum[j] = fma_acc(d[x], in[x + j], row_sum[j]);
-        if (y == kTH - 1 || u == u_begin + kUnits - 1) {
-          // A row begun inside this run (at y = 0) is this warp's, in grad_w; the run's first
-          // row when another warp began it goes to this warp's split slot.
-          AccT* dst = i == dw_split_row(kK, group) ? s_gw_split + group * kK * kCB
-                                                   : s_gw + i * kK * kCB;
-#pragma unroll
-          for (int j = 0; j < kK; ++j) {
-            dst[j * kCB + lane] += row_sum[j];
-            row_sum[j] = AccT(0);
-          }
-        }
-      }
-    } else {
-      // The generic path (runtime k, float64): warp g owns tap rows g, g + 8, ... whole.
-      for (int i = group; i < K; i += kGroups) {
-        for (int j = 0; j < K; ++j) {
-          AccT sum = AccT(0);
-          for (int y = 0; y < kTH; ++y)
-#pragma unroll
-            for (int x = 0; x < kTW; ++x)
-              sum = fma_acc(s_dA[(y * kTW + x) * kCB + lane],
-                            s_in[((y + i) * l.in_w + x + j) * kCB + lane], sum);
-          s_gw[(i * K + j) * kCB + lane] += sum;
-        }
-      }
-    }
+    add_tap_sums<kK, AccT>(s_in, s_dA, l.in_w, K, s_gw, s_gw_split, group, lane);
   }
 
   __syncthreads();  // s_gw final, s_in free for the reduction
-  const int kk = K * K;
-  for (int item = threadIdx.x; item < kk * kCB; item += kThreads) {
-    const int tap = item / kCB, cl = c0 + item % kCB;
-    AccT total = s_gw[item];
-    if constexpr (kRegisterTaps<kK, AccT>) {
-      // The split slots of the tap's row, in warp order.
-      const int i = tap / kK, j = tap % kK;
-#pragma unroll
-      for (int g = 0; g < kGroups; ++g)
-        if (dw_split_row(kK, g) == i) total += s_gw_split[(g * kK + j) * kCB + item % kCB];
-    }
-    if (cl < s.C) args.fin.part_grad_w[(me.part() * s.C + cl) * kk + tap] = total;
-  }
+  store_tap_sums<kK, AccT>(s_gw, s_gw_split, K, false, args.fin.part_grad_w, me.part(), s.C, c0);
   const AccT total_b = sum_over_warps<AccT>(grad_b, s_in);
   if (group == 0 && c < s.C) args.fin.part_grad_b[me.part() * s.C + c] = total_b;
 }
@@ -900,14 +1026,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const Setup<T, kK> su(smem_raw, s, Kernel::BackwardInput, args.weight);
   const auto& [smem, K, pad, l, me] = su;
-  const int group = me.group, c0 = me.c0, c = me.c;
+  const int c = me.c;
   const bool norm = args.norm.mean != nullptr;
   const AccT mean = norm && c < s.C ? args.norm.mean[c] : AccT(0);
   const AccT scale = norm && c < s.C ? args.norm.scale[c] : AccT(1);
   AccT sum_dx = AccT(0), sum_dx_xc = AccT(0);
 
   // grad_pre is ours (fresh allocation): aligned whenever x is, and C is the same.
-  TilePipe<T> pipe(smem, l, args.grad_pre, s, nullptr, c0, pad, args.vectorized_x, me.t_begin,
+  TilePipe<T> pipe(smem, l, args.grad_pre, s, nullptr, me.c0, pad, args.vectorized_x, me.t_begin,
                    me.t_end);
   for (int64_t tile = me.t_begin; tile < me.t_end; ++tile) {
     const TileCoord t = tile_coord(s, tile);
@@ -915,43 +1041,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     AccT acc[kRY][kRX];
     fill_strip(acc, AccT(0));
     correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
-#pragma unroll
-    for (int r = 0; r < kRY; ++r) {
-      const int y = t.y0 + me.strip_y + r;
-#pragma unroll
-      for (int x = 0; x < kRX; ++x) {
-        const int xx = t.x0 + me.strip_x + x;
-        if (y >= s.H || xx >= s.W || c >= s.C) continue;
-        const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-        // The residual's gradient is with respect to norm(x) too: it joins dX before the norm's
-        // backward, so the sums below cover both branches.
-        const AccT dx = args.grad_res ? acc[r][x] + to_acc(args.grad_res[off]) : acc[r][x];
-        const AccT gx = norm ? dx * scale : dx;
-        args.grad_x[off] = from_acc<T>(gx);
-        if (norm) {
-          sum_dx += dx;
-          sum_dx_xc = fma_acc(dx, to_acc(args.x[off]) - mean, sum_dx_xc);
-        }
-      }
-    }
+    store_grad_x<T>(args, s, t, me, norm, mean, scale, acc, sum_dx, sum_dx_xc);
   }
-  __syncthreads();
-  if (norm) {
-    const AccT total = sum_over_warps<AccT>(sum_dx, smem + l.in);
-    __syncthreads();
-    const AccT total_c = sum_over_warps<AccT>(sum_dx_xc, smem + l.in + kGroups * kCB);
-    if (group == 0 && c < s.C) {
-      args.fin.part_sum_dx[me.part() * s.C + c] = total;
-      args.fin.part_sum_dx_xc[me.part() * s.C + c] = total_c;
-    }
-  }
-  // The channel block's last CTA sums its parts: dW and db of the backward-data kernel (done:
-  // stream order), the norm's sums of this one (last_cta.cuh).
-  int* s_flag = reinterpret_cast<int*>(smem + l.in + 2 * kGroups * kCB);
-  if (!arrive_last(args.counters + blockIdx.x, int(gridDim.y), s_flag)) return;
-  const int c_end = c0 + kCB < s.C ? c0 + kCB : s.C;
-  finalize_backward(args.fin, int64_t(gridDim.y), s.C, int64_t(K) * K, c0, c_end, threadIdx.x,
-                    kThreads);
+  finish_backward<T>(args, s, K, me, norm, sum_dx, sum_dx_xc, smem + l.in);
 }
 
 }  // namespace dw
