@@ -52,16 +52,22 @@ def dw_stage(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 # forward and one read in the backward (2 x the storage dtype's size in bytes per element) and one
 # activation of memory per block until the backward. The count (docs/CUDA.md, "Backward:
 # recompute or save"), on the H200's datasheet figures: saving wins when
-# 2 k^2 / FMA rate > 2 size / bandwidth. In 16-bit storage from k = 7 (at k = 5 recomputing wins by
-# 10%), in float32 from k = 9, in float64 (half the FMA rate, 8 bytes) from k = 9. The kernels
-# reach the peak FMA rate at best (Triton's conv, a global load per tap, less), so the count leans
-# towards recomputing; the copy rate the project measures (~4.3 TB/s, docs/DESIGN.md §5) gives
-# the same thresholds. The CPU backend recomputes at every k: measured (tools/cpu_dw_pre_act.py,
+# 2 k^2 / FMA rate + extra passes x size / bandwidth > 2 size / bandwidth.
+# Triton (no extra passes): in 16-bit storage from k = 7 (at k = 5 recomputing wins by 10%), in
+# float32 from k = 9, in float64 (half the FMA rate, 8 bytes) from k = 9. Its conv (a global load
+# per tap) reaches the peak FMA rate at best, so the count leans towards recomputing; the copy
+# rate the project measures (~4.3 TB/s, docs/DESIGN.md §5) gives the same thresholds.
+# CUDA: a saved a also lets the backward run as one kernel (csrc/cuda/kernels/
+# dw_backward_fused.cuh) that forms dA on load; recomputing takes two kernels, with dA written and
+# read back between them and x and the residual's gradient (in a block the same dU as grad_out)
+# read by both: 4 extra passes (2 for a stage alone, which already suffice), so saving wins at
+# every k and dtype. The CPU backend recomputes at every k: measured (tools/cpu_dw_pre_act.py,
 # docs/CUDA.md), keeping a was 0-23% slower at k <= 5 and between 11% faster and 9% slower at
 # k = 7 and 9 from run to run on a shared machine: no clear win for an activation of memory.
 _H200_BYTES_PER_S = 4.8e12  # HBM3e
 _H200_FMA_FLOPS = {torch.float64: 34e12}  # non-tensor; every other dtype accumulates in fp32:
 _H200_FP32_FMA_FLOPS = 67e12
+_CUDA_TWO_KERNEL_PASSES = 4  # what the recompute's two-kernel backward adds on CUDA (see above)
 
 
 def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
@@ -74,7 +80,9 @@ def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
     if backend == "cpu":
         return False
     size = dtype.itemsize
-    recompute_s = 2 * k * k / _H200_FMA_FLOPS.get(dtype, _H200_FP32_FMA_FLOPS)
+    two_kernel_passes = _CUDA_TWO_KERNEL_PASSES if backend == "cuda" else 0
+    recompute_s = (2 * k * k / _H200_FMA_FLOPS.get(dtype, _H200_FP32_FMA_FLOPS)
+                   + two_kernel_passes * size / _H200_BYTES_PER_S)
     save_s = 2 * size / _H200_BYTES_PER_S
     return recompute_s > save_s
 

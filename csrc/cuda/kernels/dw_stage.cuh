@@ -556,7 +556,8 @@ struct BackwardArgs {
   const acc_t<T>* grad_out_scale;
   // The saved a (dw_launch.cuh saved_a): the forward's pre_act, or with ReLU its out, or null.
   // relu'(a) = relu'(out) (out <= 0 exactly where a <= 0, NaN passing, as threshold_backward on
-  // the result) and o = out. Read by the fused kernel; the two-kernel path recomputes a.
+  // the result) and o = out. Read by the fused kernel; the launcher gives the two-kernel path
+  // neither (it recomputes a).
   const T* out;               // the forward's out (NHWC like x) or null; read with ReLU only
   const T* pre_act;           // the forward's pre_act (NHWC like x) or null; read when given
   const T* x;
@@ -960,7 +961,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 // dw_backward_fused.cuh, whose shared memory fits wherever this kernel's does): a recomputed on
 // each tile as the forward forms it (register taps for the specialised k), dA formed and written,
 // dW and db accumulated. dW[i][j] = sum over the tile of dA[y][x] * in[y + i][x + j], from dA
-// staged in shared memory (add_tap_sums).
+// staged in shared memory (add_tap_sums). A saved a given all the same is read instead of the
+// recompute: the launcher never does that today, but without the branch ptxas spilled 8-12 bytes
+// at k = 7 with ReLU in 16-bit storage.
 template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
     dw_backward_data_kernel(const BackwardArgs<T> args, const Shape s) {
@@ -980,6 +983,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const GradCoef<AccT> k =
       c < s.C ? grad_coef<T>(args, s, c, blockIdx.y == 0 && group == 0) : GradCoef<AccT>{};
   const bool need_o = grad_needs_out(args);
+  const T* const saved =
+      args.pre_act != nullptr ? args.pre_act : (A == Act::ReLU ? args.out : nullptr);
   AccT grad_b = AccT(0);
 
   TilePipe<T> pipe(smem, l, args.x, s, s_norm, c0, pad, args.vectorized_x, me.t_begin, me.t_end);
@@ -988,7 +993,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     pipe.stage(tile, t, me.t_end);
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
-    correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
+    if (saved == nullptr)
+      correlate<kK, AccT>(s_in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
 #pragma unroll
     for (int r = 0; r < kRY; ++r) {
       const int y = t.y0 + me.strip_y + r;
@@ -998,7 +1004,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         AccT dA = AccT(0);
         if (y < s.H && xx < s.W && c < s.C) {
           const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-          const ActAt<A, AccT> at(acc[r][x]);
+          const ActAt<A, AccT> at(saved != nullptr ? to_acc(saved[off]) : acc[r][x]);
           dA = form_dA<T, A>(at, to_acc(args.grad_out[off]), k.go_scale, k.konst, k.lin, need_o);
           args.grad_pre[off] = from_acc<T>(dA);
         }
