@@ -158,6 +158,12 @@ class DwKernels:
         k = weight.shape[-1]
         dtype = x.dtype
         acc = acc_dtype(dtype)
+        # The entry reads every tensor as x's storage type (or its accumulation type): another
+        # dtype would be read as garbage, not converted.
+        assert all(t is None or t.dtype == dtype for t in (grad_out, out, pre_act, grad_res)), (
+            "grad_out, out, pre_act and grad_res must have x's dtype")
+        assert all(t is None or t.dtype == acc for t in (grad_mean, grad_var, mean)), (
+            "grad_mean, grad_var and mean must have the accumulation dtype")
         nhwc = lambda t: Guarded.like(t.permute(0, 2, 3, 1).contiguous())  # noqa: E731
         xg, gog = nhwc(x), nhwc(grad_out)
         outg = nhwc(out) if out is not None else None

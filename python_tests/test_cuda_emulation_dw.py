@@ -183,6 +183,37 @@ def test_backward_kernels_and_scratch(kernels, act):
     assert launch_log(kernels.lib) == []
 
 
+@pytest.mark.parametrize("dtype,k", [*((torch.float32, k) for k in (3, 5, 7, 9, 11)),
+                                     (torch.float64, 3)])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_fused_backward_slides_the_window_along_a_tile_row(kernels, act, dtype, k):
+    # One CTA walking every tile keeps K - 1 columns of dA's window from the tile to the left and
+    # forms only the new ones (slide_window at k = 3, 7, 9; k = 5 and 11 form every column: the
+    # kernel's kSlides, and K - 1 <= 8); one CTA per tile
+    # forms every window whole. dA is the same either way, so grad_x (no sum across pixels) has
+    # the same bits; dW, db and the norm's sums run over another partition, in another order.
+    # float64 takes the generic path. W = 29: four tiles a row, the last partial; H = 19: two
+    # tile rows; C = 40: two channel blocks, the second partial.
+    from emulated_cuda import DW_MAX_ERROR, dw_target_ctas
+    x, m, s, t, weight, bias = dw_case((2, 40, 19, 29), k, dtype, device="cpu", seed=11).leaves
+    norm = (m, s, t)
+    out, mean, _, pre = kernels.forward(x, norm, weight, bias, act, stats=True,
+                                        keep_pre_act=True)
+    gen = torch.Generator().manual_seed(12)
+    args = (torch.randn(out.shape, generator=gen, dtype=dtype),
+            torch.randn(40, generator=gen, dtype=dtype), torch.randn(40, generator=gen, dtype=dtype),
+            mean, x, norm, weight, bias, act)
+    saved = dict(out=out) if act == "relu" else dict(pre_act=pre)
+    whole = kernels.backward(*args, **saved)
+    assert not any(v.isnan().any() for v in whole)
+    with dw_target_ctas(2):  # one CTA per channel block
+        slid = kernels.backward(*args, **saved)
+    assert torch.equal(whole[0], slid[0])
+    for u, v in zip(whole[1:], slid[1:]):
+        err = ((u.double() - v.double()).abs().max() / v.double().abs().max()).item()
+        assert err <= DW_MAX_ERROR[dtype], err
+
+
 def test_backward_of_no_pixels_is_zero_sums_from_one_finalize(kernels):
     # N = 0: no tile, no part. Only the finalize runs (the data and input kernels have no grid):
     # dW, db and the norm's sums are empty sums, zero, and the mean gradient is -0 · scale.

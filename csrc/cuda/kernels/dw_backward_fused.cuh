@@ -15,8 +15,8 @@
 // with its halo): dA never reaches memory (2 passes), x and the residual's gradient (in a block the
 // same dU as grad_out) are read by one kernel instead of both (their second reads here hit the
 // tile just staged), and one launch less.
-// The cost: act' over the halo too (k = 9: 24 x 16 window pixels for 16 x 8 outputs), from L2,
-// and no cp.async (the window comes from two tensors: their raw copies would not leave room for
+// The cost: act' over the halo too (k = 9: 24 x 16 window pixels for 16 x 8 outputs; 24 x 8 new
+// ones for a tile that slides its left neighbour's window over), from L2, and no cp.async (the window comes from two tensors: their raw copies would not leave room for
 // two CTAs per SM at k = 9). dA stays in the accumulation type throughout; the two-kernel path
 // rounds it to the storage type between its kernels.
 //
@@ -31,14 +31,14 @@ namespace convmixer_kernels {
 namespace cuda {
 namespace dw {
 
-// Stages dA over the tile + halo (l.in_h x l.in_w pixels, [pixel][kCB]) for channels
-// [c0, c0 + kCB): from `saved` (a, or ReLU's out) and grad_out, with the per-channel coefficients
-// s_coef ([3][kCB]: go_scale, konst, lin; see GradCoef); zeros outside the image and past the last
-// channel. `vectorized`: both tensors 16-byte aligned and C % V == 0 (one 16-byte load each per
+// Stages dA over the tile + halo (l.in_h x l.in_w pixels, [pixel][kCB]), window columns
+// [kSlid ? K - 1 : 0, in_w) (slide_window kept the others), for channels [c0, c0 + kCB): from
+// `saved` (a, or ReLU's out) and grad_out, with the per-channel coefficients s_coef ([3][kCB]:
+// go_scale, konst, lin; see GradCoef); zeros outside the image and past the last channel. `vectorized`: both tensors 16-byte aligned and C % V == 0 (one 16-byte load each per
 // V channels), ignored in float64 (gradient checks): its code for two GELU's at once spilled.
-template <typename T, Act A>
+template <typename T, Act A, bool kSlid>
 __device__ __forceinline__ void stage_dA_window(acc_t<T>* __restrict__ s_dA, const SmemLayout& l,
-                                                const T* __restrict__ saved,
+                                                int K, const T* __restrict__ saved,
                                                 const T* __restrict__ grad_out, const Shape& s,
                                                 const TileCoord& t, int c0, int pad,
                                                 const acc_t<T>* s_coef, bool need_o,
@@ -46,14 +46,18 @@ __device__ __forceinline__ void stage_dA_window(acc_t<T>* __restrict__ s_dA, con
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
   const bool vectorized = sizeof(AccT) == 4 && vectorized_in;  // float64: no such code at all
-  const int pixels = l.in_h * l.in_w;
+  // A compile-time column count where k is (the divisions below then cost no division).
+  const int col0 = kSlid ? K - 1 : 0, cols = l.in_w - col0;
   const int lane0 = staging_lane<T>(vectorized);
   const int nv = vectorized ? V : 1;  // channels per item
   const int per_pixel = kCB / nv;
-  for (int item = threadIdx.x; item < pixels * per_pixel; item += kThreads) {
-    const int pix = item / per_pixel;
-    const int iy = t.y0 - pad + pix / l.in_w;
-    const int ix = t.x0 - pad + pix % l.in_w;
+  // A thread's items are pixels step apart, at its own channels (kThreads % per_pixel == 0).
+  const int step = kThreads / per_pixel;
+  for (int p = int(threadIdx.x) / per_pixel; p < l.in_h * cols; p += step) {
+    const int wy = p / cols, wx = col0 + p % cols;
+    const int pix = wy * l.in_w + wx;
+    const int iy = t.y0 - pad + wy;
+    const int ix = t.x0 - pad + wx;
     // dA replaces a in place: a third array of V values beside a and g spilled (k = 5, bf16).
     AccT a[V], g[V];
 #pragma unroll
@@ -80,6 +84,25 @@ __device__ __forceinline__ void stage_dA_window(acc_t<T>* __restrict__ s_dA, con
       s_dA[pix * kCB + lane0] = a[0];
   }
 }
+
+// The window of the tile to the right of the last one (same image and tile row): its first K - 1
+// columns are the last K - 1 of the window in s_dA, moved there so that only the kTW new columns
+// are formed (stage_dA_window from col0 = K - 1). Source and destination are disjoint while
+// K - 1 <= kTW (k <= 9); callers slide only then. Between barriers.
+template <typename AccT>
+__device__ __forceinline__ void slide_window(AccT* s_dA, const SmemLayout& l, int K) {
+  const int keep = (K - 1) * kCB;  // values of a row that stay
+  for (int i = threadIdx.x; i < l.in_h * keep; i += kThreads) {
+    const int at = (i / keep) * l.in_w * kCB + i % keep;
+    s_dA[at] = s_dA[at + kTW * kCB];
+  }
+}
+
+// Which instantiations slide the window: all but k = 5, where ptxas spilled 4 bytes under the
+// 128 registers of two CTAs per SM with the sliding staging variant in the kernel (there sliding
+// would form 8 of 12 columns; at k = 9, 8 of 16).
+template <int kK>
+constexpr bool kSlides = kK != 5;
 
 template <typename T, int kK, Act A>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -120,8 +143,20 @@ __global__ void __launch_bounds__(kThreads, 2)
     // The previous tile's reads are done (the first time: the taps, norm and coefficients are
     // published, the dW slots zero).
     __syncthreads();
-    stage_dA_window<T, A>(s_dA, l, saved, args.grad_out, s, t, me.c0, pad, s_coef, need_o,
-                          args.vectorized_grad);
+    // Tiles run along the tile row (tile_coord): a tile that is not its row's first follows its
+    // left neighbour, whose window holds K - 1 of its columns. Sliding them forms act' on kTW
+    // columns instead of kTW + K - 1 (k = 9: 8 of 16).
+    const bool slide = kSlides<kK> && tile > me.t_begin && t.x0 != 0 && K - 1 <= kTW;
+    if (slide) {
+      slide_window<AccT>(s_dA, l, K);
+      __syncthreads();
+    }
+    if (slide)
+      stage_dA_window<T, A, true>(s_dA, l, K, saved, args.grad_out, s, t, me.c0, pad, s_coef,
+                                  need_o, args.vectorized_grad);
+    else
+      stage_dA_window<T, A, false>(s_dA, l, K, saved, args.grad_out, s, t, me.c0, pad, s_coef,
+                                   need_o, args.vectorized_grad);
     stage_tile<T>(s_xn, tile_l, args.x, s, t, me.c0, 0, s_norm, args.vectorized_x);
     __syncthreads();
 #pragma unroll
