@@ -222,9 +222,9 @@ struct Forward {
 };
 
 // The backward of Forward (docs/OPS.md): grad_x, the dA scratch grad_pre (x's shape; not needed
-// where fused_backward), grad_weight
-// ([C][K*K]) and grad_bias ([C]) of the storage type, and with a norm the sums sum_dx and
-// sum_dx_xc ([C], accumulation type) from which the caller forms the norm's gradients.
+// where fused_backward), grad_weight ([C][K*K]) and grad_bias ([C]) of the storage type, and with a
+// norm the sums sum_dx and sum_dx_xc ([C], accumulation type) from which the caller forms the
+// norm's gradients.
 struct Backward {
   Problem problem;
   Act act{};
