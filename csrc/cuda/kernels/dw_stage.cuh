@@ -87,8 +87,10 @@ struct Shape {
 // elements (64 bytes), so all region starts stay 16-byte aligned.
 struct SmemLayout {
   int in_h = 0, in_w = 0;  // staged tile + halo
-  size_t in = 0, raw = 0, weights = 0, dA = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // offsets
-  size_t tile = 0, coef = 0;  // the fused backward's: the normed input's tile, dA's coefficients
+  size_t in = 0, raw = 0, weights = 0, grad_w = 0, grad_w_split = 0, norm = 0;  // offsets
+  // The backward's kTH x kTW tile: dA's (backward-data) or the normed input's (fused, whose `in`
+  // holds dA's window); the fused kernel's dA coefficients.
+  size_t tile = 0, coef = 0;
   bool async = false;  // raw holds the next tile's window in the storage dtype (TilePipe)
   size_t total = 0;                                         // elements in all
 };
@@ -137,16 +139,9 @@ __host__ __device__ inline SmemLayout smem_layout(int K, Kernel kernel, size_t a
   if (l.async) at += raw;
   l.weights = at;  // the taps, [k*k][kCB], staged once per CTA
   at += size_t(K) * K * kCB;
-  if (kernel == Kernel::BackwardFused) {
-    // `in` holds dA's window (tile + halo); the normed input is needed on the tile only.
+  if (kernel == Kernel::BackwardData || kernel == Kernel::BackwardFused) {
     l.tile = at;
     at += size_t(kTH) * kTW * kCB;
-  }
-  if (kernel == Kernel::BackwardData || kernel == Kernel::BackwardFused) {
-    if (kernel == Kernel::BackwardData) {
-      l.dA = at;
-      at += size_t(kTH) * kTW * kCB;
-    }
     l.grad_w = at;
     at += size_t(K) * K * kCB;
     l.grad_w_split = at;
@@ -476,6 +471,24 @@ struct Place {
   __device__ __forceinline__ int64_t part() const { return blockIdx.y; }
 };
 
+// Calls f(r, x, off) for each pixel (r, x) of the thread's strip of tile t that lies in the image,
+// in its channel (none past C); off is that element's offset in an NHWC tensor of the shape.
+// Unrolled, so acc[r][x] in f stays in registers.
+template <typename F>
+__device__ __forceinline__ void for_strip_pixels(const Shape& s, const TileCoord& t,
+                                                 const Place& me, F&& f) {
+#pragma unroll
+  for (int r = 0; r < kRY; ++r) {
+    const int y = t.y0 + me.strip_y + r;
+#pragma unroll
+    for (int x = 0; x < kRX; ++x) {
+      const int xx = t.x0 + me.strip_x + x;
+      if (y >= s.H || xx >= s.W || me.c >= s.C) continue;
+      f(r, x, ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + me.c);
+    }
+  }
+}
+
 template <typename AccT>
 __device__ __forceinline__ void fill_strip(AccT (&acc)[kRY][kRX], AccT v) {
 #pragma unroll
@@ -755,23 +768,15 @@ __device__ __forceinline__ void store_grad_x(const BackwardArgs<T>& args, const 
                                              const acc_t<T> (&acc)[kRY][kRX], acc_t<T>& sum_dx,
                                              acc_t<T>& sum_dx_xc) {
   using AccT = acc_t<T>;
-#pragma unroll
-  for (int r = 0; r < kRY; ++r) {
-    const int y = t.y0 + me.strip_y + r;
-#pragma unroll
-    for (int x = 0; x < kRX; ++x) {
-      const int xx = t.x0 + me.strip_x + x;
-      if (y >= s.H || xx >= s.W || me.c >= s.C) continue;
-      const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + me.c;
-      const AccT dx = args.grad_res ? acc[r][x] + to_acc(args.grad_res[off]) : acc[r][x];
-      const AccT gx = norm ? dx * scale : dx;
-      args.grad_x[off] = from_acc<T>(gx);
-      if (norm) {
-        sum_dx += dx;
-        sum_dx_xc = fma_acc(dx, to_acc(args.x[off]) - mean, sum_dx_xc);
-      }
+  for_strip_pixels(s, t, me, [&](int r, int x, int64_t off) {
+    const AccT dx = args.grad_res ? acc[r][x] + to_acc(args.grad_res[off]) : acc[r][x];
+    const AccT gx = norm ? dx * scale : dx;
+    args.grad_x[off] = from_acc<T>(gx);
+    if (norm) {
+      sum_dx += dx;
+      sum_dx_xc = fma_acc(dx, to_acc(args.x[off]) - mean, sum_dx_xc);
     }
-  }
+  });
 }
 
 // The end of the backward's last kernel (backward-input, or fused): the CTA's norm sums into its
@@ -910,20 +915,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     AccT acc[kRY][kRX];
     fill_strip(acc, bias);
     correlate<kK, AccT>(smem + l.in, l, K, smem + l.weights, me.strip_y, me.strip_x, acc);
-#pragma unroll
-    for (int r = 0; r < kRY; ++r) {
-      const int y = t.y0 + me.strip_y + r;
-#pragma unroll
-      for (int x = 0; x < kRX; ++x) {
-        const int xx = t.x0 + me.strip_x + x;
-        if (y >= s.H || xx >= s.W || c >= s.C) continue;
-        const int64_t off = ((t.n * s.H + y) * s.W + xx) * int64_t(s.C) + c;
-        if (args.pre_act != nullptr) args.pre_act[off] = from_acc<T>(acc[r][x]);
-        const T o = from_acc<T>(act_forward<A, AccT>(acc[r][x]));
-        args.out[off] = o;
-        acc[r][x] = to_acc(o);  // the stored value, for the statistics
-      }
-    }
+    for_strip_pixels(s, t, me, [&](int r, int x, int64_t off) {
+      if (args.pre_act != nullptr) args.pre_act[off] = from_acc<T>(acc[r][x]);
+      const T o = from_acc<T>(act_forward<A, AccT>(acc[r][x]));
+      args.out[off] = o;
+      acc[r][x] = to_acc(o);  // the stored value, for the statistics
+    });
     if (stats) {
       // The strip's own mean and M2 by two passes over registers (one division per tile, not
       // one reciprocal per value as a Welford update would cost), then Chan's merge.
@@ -973,7 +970,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const auto& [smem, K, pad, l, me] = su;
   const int lane = me.lane, group = me.group, c0 = me.c0, c = me.c;
   AccT* s_in = smem + l.in;
-  AccT* s_dA = smem + l.dA;
+  AccT* s_dA = smem + l.tile;
   AccT* s_gw = smem + l.grad_w;
   AccT* s_gw_split = smem + l.grad_w_split;  // empty unless kRegisterTaps
   for (int i = threadIdx.x; i < int(l.norm - l.grad_w); i += kThreads) s_gw[i] = AccT(0);
