@@ -105,11 +105,13 @@ class DwKernels:
             P,                                      # grad_out_scale
             P, SZ, ctypes.POINTER(SZ), P])
 
-    def forward(self, x, norm, weight, bias, act, stats, x_offset=0, keep_pre_act=False, bn=None):
+    def forward(self, x, norm, weight, bias, act, stats, x_offset=0, keep_pre_act=False, bn=None,
+                write_out=True):
         """(out NCHW view of NHWC memory, mean, var), and with keep_pre_act the pre-activation
         too, as a fourth; x NCHW-shaped, any layout. Without `stats` mean and var are what the
         kernels left in their (NaN-poisoned) buffers. bn = (weight, bias, eps) folds out's
-        BatchNorm in: its scale and shift come last."""
+        BatchNorm in: its scale and shift come last. write_out=False passes no out (with
+        keep_pre_act): out comes back as None."""
         n, c, h, w = x.shape
         k = weight.shape[-1]
         dtype = x.dtype
@@ -123,20 +125,21 @@ class DwKernels:
         ws = Guarded((max(size.value, 1),), torch.uint8)
         # At least one pixel: an empty tensor's data_ptr() is null, which makes the call a size
         # query.
-        out = Guarded((n, h, w, c) if n * h * w else (1, 1, 1, c), dtype)
+        out = Guarded((n, h, w, c) if n * h * w else (1, 1, 1, c), dtype) if write_out else None
         mean, var = Guarded((c,), acc), Guarded((c,), acc)
         pre = Guarded((n, h, w, c), dtype) if keep_pre_act else None
         nm, ns, nt = norm if norm is not None else (None, None, None)
         bn_args, bn_out = bn_forward_args(bn, c, acc)
         rc = self.fwd(code, act_code(act), ptr(xg.tensor), n, c, h, w, k, ptr(nm), ptr(ns), ptr(nt),
-                      ptr(weight.contiguous()), ptr(bias), ptr(out.tensor),
+                      ptr(weight.contiguous()), ptr(bias), ptr(out.tensor) if out else None,
                       ptr(mean.tensor) if stats else None, ptr(var.tensor) if stats else None,
                       ptr(pre.tensor) if pre is not None else None, *bn_args,
                       ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_dw_forward returned cudaError {rc}"
-        for g in (xg, ws, out, mean, var, *([pre] if pre is not None else []), *bn_out):
+        for g in (xg, ws, *([out] if out else []), mean, var, *([pre] if pre is not None else []),
+                  *bn_out):
             g.check()
-        out_nchw = (out.tensor.permute(0, 3, 1, 2).clone() if n * h * w
+        out_nchw = (None if out is None else out.tensor.permute(0, 3, 1, 2).clone() if n * h * w
                     else x.new_empty(x.shape, dtype=dtype))
         result = (out_nchw, mean.tensor.clone(), var.tensor.clone())
         if pre is not None:

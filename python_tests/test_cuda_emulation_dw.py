@@ -97,6 +97,22 @@ def test_backward_from_saved_out(kernels, act, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [5, 9, 11])
+def test_forward_without_out_writes_a_and_the_statistics(kernels, dtype, k):
+    # Given no out (the pw stage reads act(a) on its load, x_act), the forward writes a and the
+    # statistics (with the folded BatchNorm's scale and shift) with the bits it writes beside out.
+    x, m, s, t, weight, bias = dw_case((2, 40, 9, 10), k, dtype, device="cpu", seed=11).leaves
+    bn = (torch.rand(40) + 0.5, torch.randn(40), 1e-5)
+    full = kernels.forward(x, (m, s, t), weight, bias, "gelu", stats=True, keep_pre_act=True,
+                           bn=bn)
+    bare = kernels.forward(x, (m, s, t), weight, bias, "gelu", stats=True, keep_pre_act=True,
+                           bn=bn, write_out=False)
+    assert bare[0] is None
+    for u, v in zip(full[1:], bare[1:]):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ["relu", "gelu"])
 @pytest.mark.parametrize("norm_given", [True, False], ids=["norm", "no_norm"])
 def test_backward_from_pre_act(kernels, act, dtype, norm_given):

@@ -50,7 +50,7 @@ class PwKernels:
     def __init__(self):
         self.lib = load_check_library("pw_stage_check.cu")
         self.prologue_fn = bind(self.lib, "convmixer_pw_prologue", ctypes.c_int,
-                                [ctypes.c_int, LL, LL] + [P] * 9 + [P])
+                                [ctypes.c_int, LL, LL] + [P] * 9 + [ctypes.c_int, P])
         self.forward_fn = bind(self.lib, "convmixer_pw_epilogue_forward", ctypes.c_int,
                                [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P,
                                 *BN_FORWARD_ARGTYPES, P, SZ, ctypes.POINTER(SZ), P])
@@ -58,13 +58,15 @@ class PwKernels:
                                 [ctypes.c_int, ctypes.c_int, LL, LL, P, P, P, P, P, P, P,
                                  *BN_BACKWARD_ARGTYPES, P, SZ, ctypes.POINTER(SZ), P])
         self.norms_fn = bind(self.lib, "convmixer_pw_through_norms", ctypes.c_int,
-                             [ctypes.c_int, LL, LL] + [P] * 15 + [P, SZ, ctypes.POINTER(SZ), P])
+                             [ctypes.c_int, LL, LL] + [P] * 15
+                             + [ctypes.c_int, P, SZ, ctypes.POINTER(SZ), P])
 
     @staticmethod
     def _workspace(size):
         return Guarded((max(size.value, 1),), torch.uint8)
 
-    def prologue(self, x, nx, res, nr, offset=0):
+    def prologue(self, x, nx, res, nr, offset=0, x_act=None):
+        """u; with x_act (a name or a raw code), x read as act(x)."""
         rows, c = x.shape
         xg = Guarded.like(x, offset)
         rg = Guarded.like(res, offset) if res is not None else None
@@ -72,8 +74,9 @@ class PwKernels:
         nx = nx or (None, None, None)
         nr = nr or (None, None, None)
         rc = self.prologue_fn(DTYPE_CODE[x.dtype], rows, c, ptr(xg.tensor), *map(ptr, nx),
-                              ptr(rg.tensor) if rg else None, *map(ptr, nr), ptr(u.tensor), None)
-        assert rc == 0
+                              ptr(rg.tensor) if rg else None, *map(ptr, nr), ptr(u.tensor),
+                              x_act_code(x_act), None)
+        assert rc == 0, f"convmixer_pw_prologue returned cudaError {rc}"
         u.check()
         return u.tensor.clone()
 
@@ -120,14 +123,15 @@ class PwKernels:
             g.check()
         return (dp.tensor.clone(), db.tensor.clone(), *(g.tensor.clone() for g in bn_out))
 
-    def through_norms(self, du, x, nx, res, nr, write_x, write_res):
+    def through_norms(self, du, x, nx, res, nr, write_x, write_res, x_act=None):
         """grad_x, grad_res (None where not written) and the gradients of x's and res's norm
-        vectors, (mean, scale, shift) each (None without that norm)."""
+        vectors, (mean, scale, shift) each (None without that norm); with x_act, x read as
+        act(x)."""
         rows, c = du.shape
         code = DTYPE_CODE[du.dtype]
         acc = acc_dtype(du.dtype)
         size = SZ(0)
-        assert self.norms_fn(code, rows, c, *([None] * 15), None, 0, ctypes.byref(size),
+        assert self.norms_fn(code, rows, c, *([None] * 15), -1, None, 0, ctypes.byref(size),
                              None) == 0
         ws = self._workspace(size)
         gx = Guarded((rows, c), du.dtype) if write_x else None
@@ -140,7 +144,7 @@ class PwKernels:
                            ptr(rs), ptr(gx.tensor) if gx else None, ptr(gr.tensor) if gr else None,
                            *(ptr(g.tensor) if g else None for g in (x_grads or [None] * 3)),
                            *(ptr(g.tensor) if g else None for g in (res_grads or [None] * 3)),
-                           ptr(ws.tensor), ws.tensor.numel(), None, None)
+                           x_act_code(x_act), ptr(ws.tensor), ws.tensor.numel(), None, None)
         assert rc == 0, f"convmixer_pw_through_norms returned cudaError {rc}"
         for g in (gx, gr, ws, *(x_grads or ()), *(res_grads or ())):
             if g is not None:
@@ -172,6 +176,12 @@ def apply_norm(v, norm):
 
 def act64(act, p):
     return ACTIVATIONS[act].functional(p)
+
+
+def x_act_code(x_act):
+    """The entries' x_act: -1 for none (pw_launch.cuh kNoXAct), an activation's code, or a raw
+    code as given."""
+    return -1 if x_act is None else act_code(x_act)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -273,6 +283,45 @@ def test_through_norms_without_rows(kernels, dtype):
                                       "gelu")
     for g in (*x_grads, *res_grads, gb):
         assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("act", NAMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 24), (300, 37), (130, 256)], ids=str)
+def test_x_act_reads_x_as_the_stored_activation(kernels, dtype, shape, act):
+    # x a pre-activation (the dw stage wrote only a): the prologue and through-norms read act(x)
+    # rounded to storage, bitwise what they give on the stored out of the epilogue's act (the
+    # same device function), and grad_x is then act(x)'s gradient, dU times x's scale.
+    rows, c = shape
+    a = rand(shape, dtype, 40, scale=2.0)
+    stored = kernels.epilogue_forward(a, act, stats=False)[0]
+    res, du = rand(shape, dtype, 41), rand(shape, dtype, 42)
+    nx, nr = make_norm(c, dtype, _gen(43)), make_norm(c, dtype, _gen(44))
+    for args in ((nx, res, nr), (nx, None, None), (None, res, None)):
+        u = kernels.prologue(a, *args, x_act=act)
+        assert torch.equal(u, kernels.prologue(stored, *args))
+        ref = apply_norm(act64(act, a.double()).to(dtype), args[0])
+        if args[1] is not None:
+            ref = ref + apply_norm(args[1], args[2])
+        assert_close(u, ref, dtype, f"u with x read as {act}(x)")
+    got = kernels.through_norms(du, a, nx, res, nr, True, True, x_act=act)
+    want = kernels.through_norms(du, stored, nx, res, nr, True, True)
+    for g, w in zip((got[0], got[1], *got[2], *got[3]), (want[0], want[1], *want[2], *want[3])):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("code", [c for c in UNKNOWN_ACT_CODES if c != -1] + [-2])
+def test_unknown_x_act_code_is_refused(kernels, code):
+    # -1 is "no x act"; any other code the list lacks is an error before any kernel runs.
+    rows, c = SHAPES[2]
+    x, du = rand((rows, c), torch.float32, 45), rand((rows, c), torch.float32, 46)
+    nx = make_norm(c, torch.float32, _gen(47))
+    launch_log(kernels.lib)
+    with pytest.raises(AssertionError, match=r"returned cudaError 1\b"):
+        kernels.prologue(x, nx, None, None, x_act=code)
+    with pytest.raises(AssertionError, match=r"returned cudaError 1\b"):
+        kernels.through_norms(du, x, nx, None, None, True, False, x_act=code)
+    assert launch_log(kernels.lib) == []
 
 
 @pytest.mark.parametrize("code", UNKNOWN_ACT_CODES)

@@ -54,7 +54,9 @@ extern "C" int convmixer_dw_forward(int dtype, int act, const void* x, long long
                       {norm_mean, norm_scale, norm_shift}, weight, bias, out, mean_out, var_out,
                       pre_act,
                       cuda::bn_norm_of(bn_weight, bn_bias, bn_type, bn_eps, bn_scale, bn_shift)};
-  return cuda::run_entry(c, out, workspace, workspace_bytes, workspace_bytes_out, stream);
+  // A launch, not a size query, when it writes out or, without out, pre_act.
+  return cuda::run_entry(c, out != nullptr ? out : pre_act, workspace, workspace_bytes,
+                         workspace_bytes_out, stream);
 }
 
 extern "C" int convmixer_dw_backward(int dtype, int act, const void* grad_out,

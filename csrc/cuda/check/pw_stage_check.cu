@@ -19,9 +19,10 @@ static pw::Problem problem(int dtype, long long rows, long long C) {
 extern "C" int convmixer_pw_prologue(int dtype, long long rows, long long C, const void* x,
                                      const void* x_mean, const void* x_scale, const void* x_shift,
                                      const void* res, const void* res_mean, const void* res_scale,
-                                     const void* res_shift, void* u, cudaStream_t stream) {
+                                     const void* res_shift, void* u, int x_act,
+                                     cudaStream_t stream) {
   const pw::Prologue c{problem(dtype, rows, C), x, {x_mean, x_scale, x_shift}, res,
-                       {res_mean, res_scale, res_shift}, u};
+                       {res_mean, res_scale, res_shift}, u, x_act};
   return cuda::run_entry(c, u, nullptr, 0, nullptr, stream);
 }
 
@@ -64,12 +65,12 @@ extern "C" int convmixer_pw_through_norms(int dtype, long long rows, long long C
                                           void* x_grad_mean, void* x_grad_scale,
                                           void* x_grad_shift, void* res_grad_mean,
                                           void* res_grad_scale, void* res_grad_shift,
-                                          void* workspace, size_t workspace_bytes,
+                                          int x_act, void* workspace, size_t workspace_bytes,
                                           size_t* workspace_bytes_out, cudaStream_t stream) {
   const pw::ThroughNorms c{problem(dtype, rows, C), grad_u, x, {x_mean, x_scale, nullptr}, res,
                            {res_mean, res_scale, nullptr}, grad_x, grad_res,
                            {x_grad_mean, x_grad_scale, x_grad_shift},
-                           {res_grad_mean, res_grad_scale, res_grad_shift}};
+                           {res_grad_mean, res_grad_scale, res_grad_shift}, x_act};
   // A launch, not a size query, when the call writes anything.
   const void* output = grad_x;
   for (const void* o : {grad_res, x_grad_mean, res_grad_mean})

@@ -214,7 +214,8 @@ struct Forward {
   NormPtrs norm;                 // applied to x on load
   const void* weight = nullptr;  // [C][K*K]
   const void* bias = nullptr;    // [C] or null
-  void* out = nullptr;
+  void* out = nullptr;           // null: not written (the consumer reads act(pre_act) on its
+                                 // load); the statistics are still out's
   void* mean = nullptr;          // [C]; null: no statistics
   void* var = nullptr;           // [C], biased
   void* pre_act = nullptr;       // like x, or null: a is not kept

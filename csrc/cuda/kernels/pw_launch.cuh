@@ -8,6 +8,8 @@
 #include "launch.cuh"
 #include "pw_stage.cuh"
 
+#include <type_traits>
+
 namespace convmixer_kernels {
 namespace cuda {
 namespace pw {
@@ -56,7 +58,11 @@ struct Problem {
   int64_t rows = 0, C = 0;
 };
 
-// The GEMM's A operand: u = norm_x(x) + norm_res(res), rounded to the storage type.
+// An x_act of Prologue and ThroughNorms: x is not a pre-activation (read as it is).
+constexpr int kNoXAct = -1;
+
+// The GEMM's A operand: u = norm_x(x) + norm_res(res), rounded to the storage type; with x_act
+// (an Act code), x is a pre-activation and is read as act(x), rounded to the storage type.
 struct Prologue {
   static constexpr int kPartialRegions = 0;  // no workspace
   Problem problem;
@@ -65,6 +71,7 @@ struct Prologue {
   const void* res = nullptr;  // null: no residual
   NormPtrs res_norm;
   void* u = nullptr;
+  int x_act = kNoXAct;
 };
 
 // out = act(pre), and with `mean` the batch statistics (mean, biased var) of out as stored, which
@@ -120,6 +127,7 @@ struct ThroughNorms {
   void* grad_res = nullptr;      // null: not written (no residual, or grad_res is dU itself)
   NormGrads x_grads;             // written with a norm on x
   NormGrads res_grads;           // written with a norm on res
+  int x_act = kNoXAct;           // x read as Prologue reads it; grad_x is then act(x)'s gradient
 };
 
 // Whether the kernels can take a call of any of the four kinds, and the workspace it needs.
@@ -160,6 +168,27 @@ inline Plan plan_for(const Problem& problem, std::initializer_list<const void*> 
   return make_plan<T>(problem.rows, problem.C, aligned16(ptrs));
 }
 
+// Kernel<T, kXAct, XA> for an x_act code: kNoXAct, or an activation (null for any other code).
+template <template <typename, bool, Act> class Kernel, typename T,
+          typename Fn = std::remove_const_t<decltype(Kernel<T, false, kActs[0]>::value)>>
+inline Fn kernel_for_x_act(int x_act) {
+  if (x_act == kNoXAct) return Kernel<T, false, kActs[0]>::value;
+  return dispatch_act(
+      static_cast<Act>(x_act),
+      [](auto tag) -> Fn { return Kernel<T, true, decltype(tag)::value>::value; },
+      []() -> Fn { return nullptr; });
+}
+
+template <typename T, bool kXAct, Act XA>
+struct PrologueKernel {
+  static constexpr auto value = &pw_prologue_kernel<T, kXAct, XA>;
+};
+
+template <typename T, bool kXAct, Act XA>
+struct ThroughNormsKernel {
+  static constexpr auto value = &pw_through_norms_kernel<T, kXAct, XA>;
+};
+
 // What cuda::launch (launch.cuh) runs for the storage type T. ws: requirements(c).workspace_bytes
 // of device memory, counters: requirements(c).counters zero ints (for EpilogueForward both only
 // with statistics; none for Prologue).
@@ -167,7 +196,8 @@ template <typename T>
 cudaError_t launch_as(T, const Prologue& c, void*, size_t, int*, cudaStream_t stream) {
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.x, c.res, c.u});
-  if (!p.valid) return cudaErrorInvalidValue;
+  const auto kernel = kernel_for_x_act<PrologueKernel, T>(c.x_act);
+  if (!p.valid || kernel == nullptr) return cudaErrorInvalidValue;
   if (p.tiles == 0 || p.C == 0) return cudaSuccess;
   const PrologueArgs<T> a{static_cast<const T*>(c.x),
                           static_cast<const AccT*>(c.x_norm.mean),
@@ -178,7 +208,7 @@ cudaError_t launch_as(T, const Prologue& c, void*, size_t, int*, cudaStream_t st
                           static_cast<const AccT*>(c.res_norm.scale),
                           static_cast<const AccT*>(c.res_norm.shift),
                           static_cast<T*>(c.u)};
-  pw_prologue_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);
+  kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);
   return cudaGetLastError();
 }
 
@@ -260,7 +290,8 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes, int* 
   using AccT = acc_t<T>;
   const Plan p = plan_for<T>(c.problem, {c.grad_u, c.x, c.res, c.grad_x, c.grad_res});
   const size_t region = p.valid ? partials_bytes<T>(p) : 0;
-  if (!p.valid || ws_bytes < 3 * region) return cudaErrorInvalidValue;
+  const auto kernel = kernel_for_x_act<ThroughNormsKernel, T>(c.x_act);
+  if (!p.valid || ws_bytes < 3 * region || kernel == nullptr) return cudaErrorInvalidValue;
   ThroughNormsArgs<T> a{};
   a.grad_u = static_cast<const T*>(c.grad_u);
   a.x = static_cast<const T*>(c.x);
@@ -303,7 +334,7 @@ cudaError_t launch_as(T, const ThroughNorms& c, void* ws, size_t ws_bytes, int* 
   a.part_sum_xc = reinterpret_cast<AccT*>(base + region);
   a.part_sum_rc = reinterpret_cast<AccT*>(base + 2 * region);
   a.counters = counters;
-  pw_through_norms_kernel<T><<<grid_of(p), block_of(), 0, stream>>>(a, p);  // last CTAs finalize
+  kernel<<<grid_of(p), block_of(), 0, stream>>>(a, p);  // its last CTAs finalize
   return cudaGetLastError();
 }
 

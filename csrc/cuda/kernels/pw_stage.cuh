@@ -1,7 +1,9 @@
 // The fused kernels around the pointwise stage's GEMMs (docs/OPS.md, docs/DESIGN.md §4), on NHWC
 // activations viewed as row-major [rows = N*H*W, channels] matrices:
 //
-//   prologue          u  = norm_x(x) + norm_res(res), rounded to storage   (the GEMM's A operand)
+//   prologue          u  = norm_x(x) + norm_res(res), rounded to storage   (the GEMM's A operand);
+//                     with an x act (kXAct), x is a pre-activation read as act(x) rounded to
+//                     storage, as if act(x) had been stored (the dw stage then writes only a)
 //   [GEMM]            p  = u W^T + b                                       (cuBLAS, in the launcher)
 //   epilogue_forward  out = act(p); per-channel partial (mean, M2) of out as stored, merged into
 //                     the statistics by each channel block's last CTA (last_cta.cuh)
@@ -10,7 +12,8 @@
 //   [GEMMs]           grad_W = dP^T u, dU = dP W                           (cuBLAS)
 //   through_norms     grad_x = dU scale_x, grad_res = dU scale_res, partial sums of dU,
 //                     dU (x - mean_x), dU (res - mean_res), and in the last CTAs the gradients of
-//                     both norms' (mean, scale, shift)
+//                     both norms' (mean, scale, shift); with an x act, x read as the prologue
+//                     reads it, and grad_x the gradient of act(x) (act' is the caller's)
 //
 // Why the GEMMs are not ours: the issue leaves the core to measurement, and without a GPU to
 // measure on, cuBLAS (the same GEMM eager PyTorch runs) is the core whose speed is known. cuBLASLt's
@@ -122,6 +125,17 @@ __device__ __forceinline__ void load_channels(const acc_t<T>* __restrict__ vec, 
   for (int j = 0; j < kVecWidth<T>; ++j) {
     const int c = lane_channel<T>(cb, lane, j, vectorized);
     v[j] = vec != nullptr && c < C ? vec[c] : fill;
+  }
+}
+
+// x read as act(x) rounded to storage where the stage takes x as a pre-activation (kXAct): the
+// value the previous stage's out would have held had it been written.
+template <typename T, bool kXAct, Act XA>
+__device__ __forceinline__ void act_on_load(acc_t<T> (&v)[kVecWidth<T>]) {
+  if constexpr (kXAct) {
+#pragma unroll
+    for (int j = 0; j < kVecWidth<T>; ++j)
+      v[j] = round_to_storage<T>(act_forward<XA, acc_t<T>>(v[j]));
   }
 }
 
@@ -250,7 +264,7 @@ struct PrologueArgs {
   T* u;
 };
 
-template <typename T>
+template <typename T, bool kXAct, Act XA>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_prologue_kernel(const PrologueArgs<T> a, const Plan p) {
   using AccT = acc_t<T>;
   constexpr int V = kVecWidth<T>;
@@ -263,7 +277,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_prologue_kernel(co
   load_channels<T>(a.res_scale, cb, lane, p.C, p.vectorized, AccT(1), rs);
   load_channels<T>(a.res_shift, cb, lane, p.C, p.vectorized, AccT(0), rt);
   const bool nx = a.x_mean != nullptr, nr = a.res_mean != nullptr, res = a.res != nullptr;
-  for_each_row<kRowUnroll<T>>(p, [&](int64_t r0, auto rows) {
+  // GELU's erf in double on four rows at once spilled 112 bytes (ptxas -v): one row a step there.
+  constexpr int kUnroll = sizeof(T) == 8 && kXAct && XA == Act::GELU ? 1 : kRowUnroll<T>;
+  for_each_row<kUnroll>(p, [&](int64_t r0, auto rows) {
     constexpr int U = decltype(rows)::value;
     AccT v[U][V], w[U][V];
 #pragma unroll
@@ -274,6 +290,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_prologue_kernel(co
     }
 #pragma unroll
     for (int k = 0; k < U; ++k) {
+      act_on_load<T, kXAct, XA>(v[k]);
       if (nx) {
 #pragma unroll
         for (int j = 0; j < V; ++j) v[k][j] = (v[k][j] - xm[j]) * xs[j] + xt[j];
@@ -480,7 +497,7 @@ struct ThroughNormsArgs {
   int* counters;           // [channel_blocks], zero (last_cta.cuh)
 };
 
-template <typename T>
+template <typename T, bool kXAct, Act XA>
 __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_through_norms_kernel(const ThroughNormsArgs<T> a,
                                                                     const Plan p) {
   using AccT = acc_t<T>;
@@ -514,6 +531,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm) pw_through_norms_kern
 #pragma unroll
       for (int j = 0; j < V; ++j) s0[j] += du[k][j];
       if (nx) {
+        act_on_load<T, kXAct, XA>(xv[k]);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           s1[j] = fma_acc(du[k][j], xv[k][j] - xm[j], s1[j]);
