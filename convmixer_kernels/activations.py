@@ -34,6 +34,9 @@ class Activation:
     """The eager function computing it: the maths the kernels must match (docs/OPS.md)."""
     description: str
     """How messages name it, e.g. "the exact (erf) nn.GELU"."""
+    derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    """``derivative(grad, v)``: grad · act'(v), ATen's own backward of ``functional`` (what a
+    stage's autograd applies where act' is the caller's: pw_stage's x_act, docs/OPS.md)."""
     needs_pre_activation: bool
     """Whether act'(v) needs v itself, not only act(v). False means the backward ops read act'
     and act from the stage's saved output instead (docs/OPS.md saved_out: the dw stage skips
@@ -72,9 +75,11 @@ def _table(*entries: Activation) -> Mapping[str, Activation]:
 ACTIVATIONS: Mapping[str, Activation] = _table(
     Activation(name="gelu", code=0, module=nn.GELU, module_kwargs={"approximate": "none"},
                functional=F.gelu, description="the exact (erf) nn.GELU",
+               derivative=lambda g, v: torch.ops.aten.gelu_backward(g, v),
                needs_pre_activation=True),
     # act'(v) = [act(v) > 0], NaN included (torch's own relu backward reads its output).
     Activation(name="relu", code=1, module=nn.ReLU, functional=F.relu, description="nn.ReLU",
+               derivative=lambda g, v: torch.ops.aten.threshold_backward(g, v, 0),
                needs_pre_activation=False),
 )
 
@@ -82,12 +87,12 @@ NAMES: tuple[str, ...] = tuple(ACTIVATIONS)
 """The activations' names, in table order."""
 
 
-def check_act(op: str, act) -> Activation:
-    """The table entry `act` names; a ValueError naming `op`, the value and the valid names
-    otherwise (the C++ ops raise the same message)."""
+def check_act(op: str, act, arg: str = "act") -> Activation:
+    """The table entry `act` names; a ValueError naming `op`, the argument `arg`, the value and
+    the valid names otherwise (the C++ ops raise the same message)."""
     spec = ACTIVATIONS.get(act) if isinstance(act, str) else None
     if spec is None:
-        raise ValueError(f"{op}: act must be one of {NAMES}, got {act!r}")
+        raise ValueError(f"{op}: {arg} must be one of {NAMES}, got {act!r}")
     return spec
 
 

@@ -87,8 +87,13 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& saved_out,
                   const std::optional<at::Tensor>& saved_u, bool grad_res_normed);
 
+// act(x) of every element, rounded to x's dtype, as a new tensor of x's sizes and layout: what a
+// stage that had written act's output would have stored (the CPU's x_act, csrc/cpu/act_in.cpp).
+at::Tensor act_of(const at::Tensor& x, Act act);
+
 // The registered CPU implementations: the four above with the output's BatchNorm folded in
-// (bn_ops.h BnFold, csrc/cpu/bn_fold.cpp), the schemas' trailing bn_* arguments.
+// (bn_ops.h BnFold, csrc/cpu/bn_fold.cpp), the schemas' trailing bn_* arguments, and the link's
+// write_out and x_act composed around them.
 namespace with_bn {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dw_stage(
@@ -96,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& x_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view act,
     bool stats, bool keep_pre_act, const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps);
+    const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps, bool write_out);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
@@ -121,7 +126,8 @@ pw_stage(const at::Tensor& x, const std::optional<at::Tensor>& x_mean,
          const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
          const at::Tensor& weight, const std::optional<at::Tensor>& bias, c10::string_view act,
          bool stats, bool keep_pre_act, bool keep_u, const std::optional<at::Tensor>& bn_weight,
-         const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps);
+         const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps,
+         const std::optional<c10::string_view>& x_act);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -140,7 +146,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& bn_weight,
-                  std::optional<double> bn_eps, bool defer_grad_x);
+                  std::optional<double> bn_eps, bool defer_grad_x,
+                  const std::optional<c10::string_view>& x_act);
 
 }  // namespace with_bn
 }  // namespace cpu

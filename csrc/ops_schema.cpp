@@ -1,16 +1,18 @@
 // The op schemas (docs/OPS.md). The stage ops' trailing optional inputs have defaults, so
 // callers written before them keep working. The bn_* inputs fold the stage output's BatchNorm in
-// (bn_ops.h BnFold): the forward's scale and shift, the backward's gradients through them. Each
-// backend registers its implementations beside its kernels: csrc/cpu/register_cpu.cpp,
-// csrc/cuda/*_stage.cu, csrc/cuda/bn_ops.cu.
+// (bn_ops.h BnFold): the forward's scale and shift, the backward's gradients through them.
+// write_out and x_act link two stages: a dw stage that writes only its pre-activation, which the
+// pw stage reads through act on its load (docs/OPS.md "Act on load"). Each backend registers its
+// implementations beside its kernels: csrc/cpu/register_cpu.cpp, csrc/cuda/*_stage.cu,
+// csrc/cuda/bn_ops.cu.
 #include <torch/library.h>
 
 TORCH_LIBRARY(convmixer_kernels, m) {
   m.def(
       "dw_stage(Tensor x, Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor weight, "
       "Tensor? bias, str act, bool stats, bool keep_pre_act=False, Tensor? bn_weight=None, "
-      "Tensor? bn_bias=None, float? bn_eps=None) -> (Tensor out, Tensor pre_act, Tensor mean, "
-      "Tensor var, Tensor scale, Tensor shift)");
+      "Tensor? bn_bias=None, float? bn_eps=None, bool write_out=True) -> (Tensor out, "
+      "Tensor pre_act, Tensor mean, Tensor var, Tensor scale, Tensor shift)");
   m.def(
       "dw_stage_backward(Tensor grad_out, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor weight, Tensor? bias, "
@@ -23,8 +25,8 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "pw_stage(Tensor x, Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, "
       "Tensor? res_mean, Tensor? res_scale, Tensor? res_shift, Tensor weight, Tensor? bias, "
       "str act, bool stats, bool keep_pre_act, bool keep_u=False, Tensor? bn_weight=None, "
-      "Tensor? bn_bias=None, float? bn_eps=None) -> (Tensor out, Tensor pre_act, Tensor mean, "
-      "Tensor var, Tensor u, Tensor scale, Tensor shift)");
+      "Tensor? bn_bias=None, float? bn_eps=None, str? x_act=None) -> (Tensor out, "
+      "Tensor pre_act, Tensor mean, Tensor var, Tensor u, Tensor scale, Tensor shift)");
   m.def(
       "pw_stage_backward(Tensor grad_out, Tensor? grad_mean, Tensor? grad_var, Tensor x, "
       "Tensor? x_mean, Tensor? x_scale, Tensor? x_shift, Tensor? res, Tensor? res_mean, "
@@ -32,7 +34,7 @@ TORCH_LIBRARY(convmixer_kernels, m) {
       "Tensor? mean, str act, Tensor? saved_out=None, Tensor? saved_u=None, "
       "bool grad_res_normed=False, Tensor? grad_scale=None, Tensor? grad_shift=None, "
       "Tensor? var=None, Tensor? bn_weight=None, float? bn_eps=None, "
-      "bool defer_grad_x=False) -> (Tensor grad_x, "
+      "bool defer_grad_x=False, str? x_act=None) -> (Tensor grad_x, "
       "Tensor grad_x_mean, Tensor grad_x_scale, Tensor grad_x_shift, Tensor grad_res, "
       "Tensor grad_res_mean, Tensor grad_res_scale, Tensor grad_res_shift, Tensor grad_weight, "
       "Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");

@@ -8,14 +8,26 @@
 
 namespace convmixer_kernels {
 
-Act parse_act(const char* op, c10::string_view name) {
+Act parse_act(const char* op, c10::string_view name, const char* arg) {
   if (const std::optional<Act> act = act_from_name(name)) return *act;
   // Spelled as Python's check_act spells it (convmixer_kernels/activations.py).
   std::string names;
   for (const Act a : kActs) {
     names += std::string(names.empty() ? "'" : ", '") + act_name(a) + "'";
   }
-  TORCH_CHECK_VALUE(false, op, ": act must be one of (", names, "), got '", std::string(name), "'");
+  TORCH_CHECK_VALUE(false, op, ": ", arg, " must be one of (", names, "), got '",
+                    std::string(name), "'");
+}
+
+std::optional<Act> parse_x_act(const char* op, const std::optional<c10::string_view>& x_act) {
+  if (!x_act.has_value()) return std::nullopt;
+  return parse_act(op, *x_act, "x_act");
+}
+
+void check_write_out(const char* op, bool write_out, bool keep_pre_act) {
+  TORCH_CHECK_VALUE(write_out || keep_pre_act, op,
+                    ": write_out=False needs keep_pre_act=True: the pre-activation is then the "
+                    "stage's output, which its consumer reads through act (pw_stage's x_act)");
 }
 
 namespace {

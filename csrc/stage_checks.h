@@ -15,7 +15,15 @@ namespace convmixer_kernels {
 
 // The activation an op's `act` string names; a ValueError naming `op`, the string and the
 // activations (csrc/activation.h) otherwise.
-Act parse_act(const char* op, c10::string_view name);
+Act parse_act(const char* op, c10::string_view name, const char* arg = "act");
+
+// pw_stage's x_act: nullopt for None (x read as it is), else the activation x is read through
+// (parse_act's error, naming x_act, for a string that names none).
+std::optional<Act> parse_x_act(const char* op, const std::optional<c10::string_view>& x_act);
+
+// dw_stage's write_out: false only with keep_pre_act (the pre-activation is then the only
+// activation-sized output: its consumer applies act on its load).
+void check_write_out(const char* op, bool write_out, bool keep_pre_act);
 
 struct DwGeometry {
   int64_t N, C, H, W, k, pad;

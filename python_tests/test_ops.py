@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from backends import ONCE, TRITON, over_backends, tuned
-from convmixer_kernels.activations import NAMES
+from convmixer_kernels.activations import ACTIVATIONS, NAMES
 from convmixer_kernels.ops import Norm
 from reference import (assert_close_direct, assert_close_rule, ref_dw_stage, ref_pw_stage,
                        stats_of_stored, to64)
@@ -561,6 +561,97 @@ def test_pw_backward_defer_grad_x(backend, dtype):
         assert_close_direct(normed[0], formed, dtype, name="grad_x")
     with pytest.raises(ValueError, match="defer_grad_x needs grad_res_normed"):
         op(*args[:-1], False, defer_grad_x=True)
+
+
+@over_backends("dtype,act", cpu=product([f64, f32, bf16], ACTS), triton=[(f64, "gelu")],
+               cuda=[(f32, a) for a in ACTS] + [(bf16, "gelu")])
+def test_pw_stage_x_act_reads_act_of_x(backend, dtype, act):
+    """x_act (docs/OPS.md "Act on load"): x is a pre-activation and the stage reads act(x) as a
+    stage that wrote act's output would have stored it. Forward and backward (whose grad_x is
+    then act(x)'s gradient) against the float64 op on act(x) (in 16-bit storage, the rule
+    against the op on eager's stored act(x)); a kept u is act(x)'s prologue, and kept even
+    where without x_act u would be x itself."""
+    case = _pw(backend, dtype, (2, 12, 40, 5, 7), "gelu")
+    (a, weight, bias), kw = stage_args(case)
+    gen = _gen(45)
+    grad_out = randn(2, 40, 5, 7, dtype=dtype, gen=gen).to(backend.device)
+    fwd, bwd = backend.raw("pw_stage"), backend.raw("pw_stage_backward")
+
+    def stage(x, x_act, cast):
+        xm, xs, xt = map(cast, kw["x_norm"])
+        rm, rs, rt = map(cast, kw["residual_norm"])
+        res, w, b = cast(kw["residual"]), cast(weight), cast(bias)
+        out = fwd(x, xm, xs, xt, res, rm, rs, rt, w, b, "gelu", True, True, True, None, None,
+                  None, x_act)
+        grads = bwd(cast(grad_out), None, None, x, xm, xs, xt, res, rm, rs, rt, w, b, out[1],
+                    out[2], "gelu", None, None, x_act=x_act)
+        return [*out[:5], *grads]
+
+    def same(t):
+        return t
+    got = stage(a, act, same)
+    ref = stage(ACTIVATIONS[act].functional(a.double()), None, to64)
+    eager = stage(ACTIVATIONS[act].functional(a), None, same)
+    names = ["out", "pre_act", "mean", "var", "u", "grad_x", "grad_x_mean", "grad_x_scale",
+             "grad_x_shift", "grad_res", "grad_res_mean", "grad_res_scale", "grad_res_shift",
+             "grad_weight", "grad_bias"]
+    for g, e, r, name in zip(got, eager, ref, names):
+        if dtype == bf16:
+            assert_close_rule(g, e, r, name=name)
+        else:
+            assert_close_direct(g, r, dtype, name=name)
+    # No norm on x and no residual: u would be x itself, but x is act's input here.
+    bare = fwd(a, None, None, None, None, None, None, None, weight, bias, "gelu", True, True,
+               True, None, None, None, act)
+    u_ref = ACTIVATIONS[act].functional(a.double())
+    if dtype == bf16:
+        assert_close_rule(bare[4], ACTIVATIONS[act].functional(a), u_ref, name="u, no norms")
+    else:
+        assert_close_direct(bare[4], u_ref, dtype, name="u, no norms")
+    with pytest.raises(ValueError, match="x_act must be one of"):
+        fwd(a, None, None, None, None, None, None, None, weight, bias, "gelu", True, True, True,
+            None, None, None, "tanh")
+    with pytest.raises(ValueError, match="x_act must be one of"):
+        bwd(grad_out, None, None, a, None, None, None, None, None, None, None, weight, bias,
+            got[1], got[2], "gelu", x_act="tanh")
+
+
+@over_backends("act", cpu=ACTS, triton=["gelu"])
+def test_pw_stage_x_act_gradcheck(backend, act):
+    """float64 gradcheck through x_act: the op's autograd takes x's gradient through act' (the
+    backward op's grad_x being act(x)'s), and the norms' and weights' gradients see act(x)."""
+    case = _pw(backend, f64, (2, 4, 5, 3, 4), "gelu")
+    (a, weight, bias), kw = stage_args(case)
+    xm, xs, xt = kw["x_norm"]
+    rm, rs, rt = kw["residual_norm"]
+    res = kw["residual"]
+    op = backend.raw("pw_stage")
+
+    def fn(a, xm, xs, xt, weight, bias):
+        out, _, mean, var, *_ = op(a, xm, xs, xt, res, rm, rs, rt, weight, bias, "gelu", True,
+                                   True, False, None, None, None, act)
+        return out, mean, var
+    leaves = [t.detach().clone().requires_grad_() for t in (a, xm, xs, xt, weight, bias)]
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@over_backends("dtype,k", cpu=[(f32, 3), (bf16, 7)], triton=[(f32, 3)], cuda=[(bf16, 9)])
+def test_dw_stage_write_out_false_writes_a_alone(backend, dtype, k):
+    """write_out=False: out is left empty and the pre-activation, the statistics and the folded
+    BatchNorm's scale and shift keep their bits; it needs keep_pre_act (a is then the output)."""
+    case = _dw(backend, dtype, (2, 12, 9, 5), k)
+    (x, weight, bias), kw = stage_args(case)
+    m, sc, sh = kw["x_norm"]
+    acc = m.dtype
+    bn = ((torch.rand(12, generator=_gen(46), dtype=f64) + 0.5).to(acc).to(backend.device),
+          randn(12, dtype=acc, gen=_gen(47)).to(backend.device), 1e-5)
+    op = backend.raw("dw_stage")
+    full = op(x, m, sc, sh, weight, bias, "gelu", True, True, *bn)
+    bare = op(x, m, sc, sh, weight, bias, "gelu", True, True, *bn, False)
+    assert bare[0].numel() == 0 and full[0].shape == x.shape
+    assert_bitwise(bare[1:], full[1:])
+    with pytest.raises(ValueError, match="write_out=False needs keep_pre_act"):
+        op(x, m, sc, sh, weight, bias, "gelu", True, False, *bn, False)
 
 
 # Triton: pw only (the composed fold is one function for both stages; the interpreter's dw
@@ -1151,6 +1242,26 @@ def test_opcheck_pw_stage(backend, parts, keep):
     torch.library.opcheck(backend.raw("pw_stage").default,
                           _raw_pw_args(backend, parts, True, keep == "keep_pre_act",
                                        keep_u=keep == "keep_u"))
+
+
+@over_backends("parts", cpu=["both_norms_bias", "plain"], triton=["both_norms_bias"],
+               cuda=["both_norms_bias"])
+def test_opcheck_act_on_load(backend, parts):
+    """The link's arguments (docs/OPS.md "Act on load"): dw_stage without out, pw_stage and its
+    backward reading x through gelu (u kept, as the block asks on CUDA; without norms, u is
+    act(x)): schema, fake implementations, autograd registration and dispatch agree."""
+    dw = _raw_dw_args(backend, "norm_bias", True, keep_pre_act=True)
+    torch.library.opcheck(backend.raw("dw_stage").default, (*dw, None, None, None, False))
+    args = _raw_pw_args(backend, parts, True, keep_pre_act=True, keep_u=True)
+    torch.library.opcheck(backend.raw("pw_stage").default, (*args, None, None, None, "gelu"))
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    x, xm, xs, xt, res, rm, rs, rt, weight, bias, act, *_ = args
+    out, p, mean, _, u, *_ = backend.raw("pw_stage")(*args, None, None, None, "gelu")
+    grad_out = randn(*out.shape, gen=_gen(25)).to(backend.device)
+    torch.library.opcheck(
+        backend.raw("pw_stage_backward").default,
+        (grad_out, None, None, x, xm, xs, xt, res, rm, rs, rt, weight, bias, p, None, act, None,
+         u if u.numel() else None, False, None, None, None, None, None, False, "gelu"))
 
 
 @over_backends("parts,grads",

@@ -1,58 +1,73 @@
 """A stage's output BatchNorm folded into the stage op, composed for the backends that do not fuse
-it (docs/OPS.md § BatchNorm in the stages).
+it (docs/OPS.md § BatchNorm in the stages), and the two stages' link (docs/OPS.md § Act on load)
+composed likewise.
 
 The stage ops' trailing bn_* arguments make the forward also return the Norm's scale and shift of
 its batch statistics (what bn_scale_shift returns) and the backward take their gradients (doing
 bn_scale_shift_backward's work: the var gradient joins grad_var, and the BatchNorm's weight and
 bias gradients come out). The CUDA kernels fuse this into the stage's own launches; the CPU
 composes it in C++ (csrc/cpu/bn_fold.cpp); the Triton backend's functions know nothing of it, and
-`composed` adds it around them here.
+`composed` adds it around them here, with the arguments after it: dw_stage's write_out (out
+dropped), pw_stage's x_act (x read through act first, a pass of its own) and the backward's
+grad_out_scale, defer_grad_x and x_act.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
+from ..activations import check_act
 from .autograd import schema_defaults
 from .batch_norm import scale_shift, scale_shift_backward
 from .checks import acc_dtype
 
 _FORWARD_BN = 3   # bn_weight, bn_bias, bn_eps
 _BACKWARD_BN = 5  # grad_scale, grad_shift, var, bn_weight, bn_eps
-_GRAD_OUT, _GRAD_VAR = 0, 2  # the backward ops' grad_out and grad_var arguments
+_GRAD_OUT, _GRAD_VAR, _X = 0, 2, 3  # the backward ops' grad_out, grad_var and x arguments
+
+
+def read_x(name: str, x, x_act):
+    """The x a pw stage reads: act(x), rounded to x's dtype as a stored output is, with an
+    x_act; x itself without (csrc/cpu/act_in.cpp is the CPU's)."""
+    if x_act is None:
+        return x
+    return check_act(name, x_act, "x_act").functional(x)
 
 
 def composed(name: str, stage):
     """The implementation of op `name` (a stage op or its backward) from `stage`, which takes the
-    op's arguments without the bn_* ones and returns its outputs without the fold's."""
+    op's arguments before the bn_* ones and returns its outputs without the fold's."""
     schema = getattr(torch.ops.convmixer_kernels, name).default._schema
     backward = name.endswith("_backward")
     names = tuple(a.name for a in schema.arguments)
     defaults = schema_defaults(schema)
     stats_at = names.index("stats") if not backward else None
-    bn_at = names.index("grad_scale") if backward else None
+    bn_at = names.index("grad_scale" if backward else "bn_weight")
+    bn_end = bn_at + (_BACKWARD_BN if backward else _FORWARD_BN)
     normed_at = names.index("grad_res_normed") if name == "pw_stage_backward" else None
 
     def run(*args, **kwargs):
         # The op's arguments in schema order, the ones the call left out at their defaults.
         n = len(args)
         values = [*args, *(kwargs.get(k, d) for k, d in zip(names[n:], defaults[n:]))]
+        head, link = values[:bn_at], dict(zip(names[bn_end:], values[bn_end:]))
         if backward:
-            head = values[:bn_at]
-            grad_scale, grad_shift, var, weight, eps = values[bn_at:bn_at + _BACKWARD_BN]
-            (extra,) = values[bn_at + _BACKWARD_BN:]  # grad_out_scale (dw), defer_grad_x (pw)
-            x = head[3]
+            grad_scale, grad_shift, var, weight, eps = values[bn_at:bn_end]
+            x = head[_X]
             acc = acc_dtype(x.dtype)
-            if name.startswith("dw") and extra is not None and extra.numel():
+            extra = link.get("grad_out_scale")
+            if extra is not None and extra.numel():
                 if extra.shape != (x.shape[1],):
                     raise ValueError(f"{name}: grad_out_scale must be [{x.shape[1]}], got "
                                      f"{tuple(extra.shape)}")
                 # grad_out is dU: the stage's own gradient, dU times the next norm's scale
                 head[_GRAD_OUT] = (head[_GRAD_OUT] * extra.view(1, -1, 1, 1)).to(x.dtype)
-            deferred = name.startswith("pw") and extra
+            deferred = link.get("defer_grad_x", False)
             if deferred and not (values[normed_at] and head[7] is not None):
                 raise ValueError(f"{name}: defer_grad_x needs grad_res_normed and a residual: "
                                  "grad_x is then grad_res times x_scale, which the caller forms")
+            # With x_act, grad_x is act(x)'s gradient: act' is the caller's.
+            head[_X] = read_x(name, x, link.get("x_act"))
             if eps is None:
                 if any(t is not None for t in (grad_scale, grad_shift, var, weight)):
                     raise ValueError(f"{name}: grad_scale, grad_shift, var and bn_weight need "
@@ -74,14 +89,25 @@ def composed(name: str, stage):
             if deferred:
                 outputs = (x.new_empty((0,)), *outputs[1:])
             return (*outputs, *grads)
-        head, (weight, bias, eps) = values[:-_FORWARD_BN], values[-_FORWARD_BN:]
+        weight, bias, eps = values[bn_at:bn_end]
         if eps is None:
             if weight is not None or bias is not None:
                 raise ValueError(f"{name}: bn_weight and bn_bias need bn_eps (the folded "
                                  "BatchNorm's eps)")
         else:
             _check_fold(name, head, weight, bias, head[stats_at])
-        outputs = stage(*head)
+        write_out = link.get("write_out", True)
+        if not write_out and not head[names.index("keep_pre_act")]:
+            raise ValueError(f"{name}: write_out=False needs keep_pre_act=True: the "
+                             "pre-activation is then the stage's output, which its consumer "
+                             "reads through act (pw_stage's x_act)")
+        x, x_act = head[0], link.get("x_act")
+        head[0] = read_x(name, x, x_act)
+        outputs = list(stage(*head))
+        if not write_out:
+            outputs[0] = x.new_empty((0,))
+        if x_act is not None and head[names.index("keep_u")] and not outputs[4].numel():
+            outputs[4] = head[0]  # u is the stage's x, which is act(x) here: kept as u
         var = outputs[3]
         if eps is None:
             return (*outputs, var.new_empty((0,)), var.new_empty((0,)))

@@ -90,11 +90,12 @@ def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
 @torch.library.register_fake("convmixer_kernels::dw_stage")
 @torch.library.register_fake("convmixer_kernels::dw_stage_triton")
 def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep_pre_act=False,
-                   bn_weight=None, bn_bias=None, bn_eps=None):
+                   bn_weight=None, bn_bias=None, bn_eps=None, write_out=True):
     n = x.shape[1] if stats else 0
     acc = acc_dtype(x.dtype)
-    out = torch.empty_like(x, memory_format=torch.channels_last)
-    pre_act = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
+    like_x = torch.empty_like(x, memory_format=torch.channels_last)
+    out = like_x if write_out else x.new_empty((0,))
+    pre_act = torch.empty_like(like_x) if keep_pre_act else x.new_empty((0,))
     return (out, pre_act, x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc),
             *folded_norm_fake(x, n, acc, bn_eps))
 
@@ -113,14 +114,22 @@ def _dw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
             *folded_grads_fake(x, acc, bn_weight, bn_eps))
 
 
+_BN_INPUTS = slice(9, 12)  # bn_weight, bn_bias, bn_eps among the op's inputs
+_WRITE_OUT = 12
+
+
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, weight, bias, act, *_ = inputs
     out, pre_act, mean, var, *_ = output
-    # pre_act exists to be saved for this backward, not to be differentiated through.
+    # pre_act exists to be saved for this backward, not to be differentiated through (with
+    # write_out=False too: the op is then differentiable through its statistics only; the block's
+    # node differentiates through a, ops/block.py).
     ctx.mark_non_differentiable(pre_act)
+    if not inputs[_WRITE_OUT]:
+        ctx.mark_non_differentiable(out)  # an empty stand-in: nothing was written
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
                           saved_output(act, out), pre_act if pre_act.numel() else None,
-                          *FoldedBn.save(ctx, inputs[-3:], var))
+                          *FoldedBn.save(ctx, inputs[_BN_INPUTS], var))
     ctx.act = act
 
 
@@ -135,7 +144,7 @@ def _make_backward(backward_op):
             ctx.act, None, out, pre_act, *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), (gb if bias is not None else None),
-                None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
+                None, None, None, *FoldedBn.grads(ctx, gbw, gbb), None)
     return _backward
 
 

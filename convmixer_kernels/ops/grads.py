@@ -25,5 +25,6 @@ def in_param_layout(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def saved_output(act: str, out: torch.Tensor) -> Optional[torch.Tensor]:
     """What a stage's autograd saves of its output for the backward op's saved_out: the output
     where act' follows from it (relu; the backward then recomputes nothing to get act'), else
-    nothing (saving it would keep it alive for no use)."""
-    return None if ACTIVATIONS[act].needs_pre_activation else out
+    nothing (saving it would keep it alive for no use), or where the stage wrote none
+    (write_out=False: the kept pre-activation serves)."""
+    return None if ACTIVATIONS[act].needs_pre_activation or not out.numel() else out

@@ -70,16 +70,17 @@ def keeps_u(triton: bool, x: torch.Tensor) -> bool:
 @torch.library.register_fake("convmixer_kernels::pw_stage_triton")
 def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
                    act, stats, keep_pre_act, keep_u=False, bn_weight=None, bn_bias=None,
-                   bn_eps=None):
+                   bn_eps=None, x_act=None):
     n, _, h, w = x.shape
     shape = (n, weight.shape[0], h, w)
     stat = weight.shape[0] if stats else 0
     acc = acc_dtype(x.dtype)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     pre_act = torch.empty_like(out) if keep_pre_act else x.new_empty((0,))
-    # u is x without a norm or residual: then nothing is kept.
+    # u is x without a norm, residual or x_act: then nothing is kept.
     u = (torch.empty_like(x, memory_format=torch.channels_last)
-         if keep_u and (x_mean is not None or res is not None) else x.new_empty((0,)))
+         if keep_u and (x_mean is not None or res is not None or x_act is not None)
+         else x.new_empty((0,)))
     return (out, pre_act, x.new_empty((stat,), dtype=acc), x.new_empty((stat,), dtype=acc), u,
             *folded_norm_fake(x, weight.shape[0], acc, bn_eps))
 
@@ -90,7 +91,7 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, act,
                             saved_out=None, saved_u=None, grad_res_normed=False, grad_scale=None,
                             grad_shift=None, var=None, bn_weight=None, bn_eps=None,
-                            defer_grad_x=False):
+                            defer_grad_x=False, x_act=None):
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
 
@@ -106,6 +107,10 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
             *folded_grads_fake(x, acc, bn_weight, bn_eps))
 
 
+_BN_INPUTS = slice(14, 17)  # bn_weight, bn_bias, bn_eps among the op's inputs
+_X_ACT = 17
+
+
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act, *_ = inputs
     out, pre_act, mean, var, u, *_ = output
@@ -113,8 +118,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(pre_act, u)
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight,
                           bias, pre_act, mean, saved_output(act, out), u,
-                          *FoldedBn.save(ctx, inputs[-3:], var))
-    ctx.act = act
+                          *FoldedBn.save(ctx, inputs[_BN_INPUTS], var))
+    ctx.act, ctx.x_act = act, inputs[_X_ACT]
 
 
 def _make_backward(backward_op):
@@ -128,15 +133,17 @@ def _make_backward(backward_op):
                 memory_format=torch.channels_last)
         grads = backward_op(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res,
                             res_mean, res_scale, res_shift, weight, bias, pre_act, mean, ctx.act,
-                            out, u, False,
-                            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift))
+                            out, u, False, *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift),
+                            x_act=ctx.x_act)
         gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb, gbw, gbb = grads
+        if ctx.x_act is not None:  # the op's grad_x is act(x)'s; x's takes act' (one pass)
+            gx = ACTIVATIONS[ctx.x_act].derivative(gx, x)
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         res_norm_grads = (grm, grs, grt) if res_mean is not None else (None, None, None)
         return (gx, *x_norm_grads, (gr if res is not None else None), *res_norm_grads,
                 in_param_layout(gw, weight),
                 (gb if bias is not None else None), None, None, None, None,
-                *FoldedBn.grads(ctx, gbw, gbb))
+                *FoldedBn.grads(ctx, gbw, gbb), None)
     return _backward
 
 

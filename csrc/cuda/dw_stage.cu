@@ -28,10 +28,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
     c10::string_view act_name, bool stats, bool keep_pre_act,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    std::optional<double> bn_eps) {
+    std::optional<double> bn_eps, bool write_out) {
   const char* op = "dw_stage";
   const DwArgs a = check_dw_stage(op, x_in, x_mean, x_scale, x_shift, weight_in, bias_in, act_name,
                                   stats);
+  check_write_out(op, write_out, keep_pre_act);
   const DwGeometry& g = a.g;
   const BnFoldCall bn(check_bn_fold(op, bn_weight, bn_bias, bn_eps, stats, g.C, x_in.device()),
                       g.C, x_in, a.acc);
@@ -40,8 +41,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const auto weight = weight_in.contiguous();
   const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  auto out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor pre_act = keep_pre_act ? at::empty_like(out) : empty_output(x, x.scalar_type());
+  const auto cl = x.options().memory_format(at::MemoryFormat::ChannelsLast);
+  // Without out (write_out=False) the pre-activation is the output its consumer reads through act.
+  at::Tensor out = write_out ? at::empty(x.sizes(), cl) : empty_output(x, x.scalar_type());
+  at::Tensor pre_act = keep_pre_act ? at::empty(x.sizes(), cl) : empty_output(x, x.scalar_type());
   at::Tensor mean = stats ? at::empty({g.C}, x.options().dtype(a.acc)) : empty_output(x, a.acc);
   at::Tensor var = stats ? at::empty({g.C}, x.options().dtype(a.acc)) : empty_output(x, a.acc);
 
@@ -52,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   c.norm = norm_ptrs(a.norm);
   c.weight = weight.data_ptr();
   c.bias = ptr_or_null(bias);
-  c.out = out.data_ptr();
+  c.out = write_out ? out.data_ptr() : nullptr;
   c.mean = stats ? mean.data_ptr() : nullptr;
   c.var = stats ? var.data_ptr() : nullptr;
   c.pre_act = keep_pre_act ? pre_act.data_ptr() : nullptr;

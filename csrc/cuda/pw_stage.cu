@@ -23,6 +23,10 @@ at::Tensor nchw_of(const at::Tensor& rows, at::IntArrayRef nchw) {
   return rows.view({nchw[0], nchw[2], nchw[3], nchw[1]}).permute({0, 3, 1, 2});
 }
 
+int x_act_code(std::optional<Act> x_act) {
+  return x_act.has_value() ? static_cast<int>(*x_act) : pw::kNoXAct;
+}
+
 pw::Problem problem_of(const at::Tensor& like, int64_t rows, int64_t C) {
   pw::Problem p;
   p.dtype = dtype_of(like);
@@ -31,10 +35,11 @@ pw::Problem problem_of(const at::Tensor& like, int64_t rows, int64_t C) {
   return p;
 }
 
-// u = norm_x(x) + norm_res(res) in the storage dtype; x itself when there is nothing to apply.
+// u = norm_x(x) + norm_res(res) in the storage dtype, x read as act(x) with an x_act; x itself
+// when there is nothing to apply.
 at::Tensor prologue(const char* op, const at::Tensor& x2d, const Norm& nx, const at::Tensor& r2d,
-                    const Norm& nr) {
-  if (!nx.defined() && !r2d.defined()) return x2d;
+                    const Norm& nr, std::optional<Act> x_act) {
+  if (!nx.defined() && !r2d.defined() && !x_act.has_value()) return x2d;
   auto u = at::empty_like(x2d);
   pw::Prologue c;
   c.problem = problem_of(x2d, x2d.size(0), x2d.size(1));
@@ -43,6 +48,7 @@ at::Tensor prologue(const char* op, const at::Tensor& x2d, const Norm& nx, const
   c.res = ptr_or_null(r2d);
   c.res_norm = norm_ptrs(nr);
   c.u = u.data_ptr();
+  c.x_act = x_act_code(x_act);
   launch_entry(op, c, x2d, false, x2d.size(0), " rows of ", x2d.size(1), " channels");
   return u;
 }
@@ -59,10 +65,12 @@ pw_stage(
     const std::optional<at::Tensor>& res_scale, const std::optional<at::Tensor>& res_shift,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias_in, c10::string_view act_name,
     bool stats, bool keep_pre_act, bool keep_u, const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps) {
+    const std::optional<at::Tensor>& bn_bias, std::optional<double> bn_eps,
+    const std::optional<c10::string_view>& x_act_name) {
   const char* op = "pw_stage";
   const PwArgs args = check_pw_stage(op, x_in, x_mean, x_scale, x_shift, res_in, res_mean,
                                      res_scale, res_shift, weight, bias_in, act_name, stats);
+  const std::optional<Act> x_act = parse_x_act(op, x_act_name);
   const PwGeometry& g = args.g;
   const auto acc = args.acc;
   const BnFoldCall bn(check_bn_fold(op, bn_weight, bn_bias, bn_eps, stats, g.Cout, x_in.device()),
@@ -77,7 +85,7 @@ pw_stage(
   auto out2d = at::empty({g.rows(), g.Cout}, x_in.options());
   at::Tensor mean = stats ? at::empty({g.Cout}, x_in.options().dtype(acc)) : empty_output(x_in, acc);
   at::Tensor var = stats ? at::empty({g.Cout}, x_in.options().dtype(acc)) : empty_output(x_in, acc);
-  const auto u = prologue(op, x2d, args.nx, r2d, args.nr);
+  const auto u = prologue(op, x2d, args.nx, r2d, args.nr, x_act);
   const auto p2d = gemm_pre_act(u, w2d, bias);
   pw::EpilogueForward c;
   c.problem = problem_of(x_in, g.rows(), g.Cout);
@@ -117,7 +125,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& grad_shift,
                   const std::optional<at::Tensor>& var,
                   const std::optional<at::Tensor>& bn_weight, std::optional<double> bn_eps,
-                  bool defer_grad_x) {
+                  bool defer_grad_x, const std::optional<c10::string_view>& x_act_name) {
   const char* op = "pw_stage_backward";
   const PwArgs args = check_pw_stage_backward(op, grad_out, grad_mean_in, grad_var_in, x_in, x_mean,
                                               x_scale, x_shift, res_in, res_mean, res_scale,
@@ -129,6 +137,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                                              args.sg.mean.has_value(), g.Cout, acc, x_in.device()),
                           g.Cout, x_in, acc);
   check_defer_grad_x(op, defer_grad_x, grad_res_normed, res_in.has_value());
+  // With x_act, grad_x is act(x)'s gradient: act' is the caller's (docs/OPS.md "Act on load").
+  const std::optional<Act> x_act = parse_x_act(op, x_act_name);
   const Norm &nx = args.nx, &nr = args.nr;
   // The res norm's backward, unless the caller takes dU itself as the residual's gradient (the
   // gradient of norm_res(res)) and does that backward elsewhere (grad_res_normed).
@@ -153,7 +163,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
 
   // The forward's u when it was kept (keep_u): recomputing it costs 3E (read x and res, write u)
   // and a launch, keeping it E of memory per block (docs/CUDA.md "pw stage").
-  const auto u = args.have_saved_u ? rows_of(*saved_u_in) : prologue(op, x2d, nx, r2d, nr);
+  const auto u =
+      args.have_saved_u ? rows_of(*saved_u_in) : prologue(op, x2d, nx, r2d, nr, x_act);
   // Where act' follows from the output (relu), the saved output serves as the pre-activation.
   const bool out_as_pre =
       !args.have_pre_act && args.have_saved_out && derivative_from_output(args.act);
@@ -187,6 +198,7 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   t.grad_u = du.data_ptr();
   t.x = x2d.data_ptr();
   t.x_norm = norm_ptrs(nx);
+  t.x_act = x_act_code(x_act);
   t.res = ptr_or_null(r2d);
   t.res_norm = norm_ptrs(nr_back);
   // Deferred: the caller forms dU scale_x on its own load (dw_stage_backward's grad_out_scale).
