@@ -188,9 +188,52 @@ def test_compiled_eval_matches_eager(backend):
 # bfloat16 autocast
 
 
-@over_backends("k,patch,batch_shape,size", cpu=[(5, 2, (4, 16, 12), "small")],
-               triton_gpu=[(7, 4, (8, 64, 64), "gpu")], cuda=[(5, 2, (8, 32, 36), "gpu")])
-def test_training_step_bf16_autocast(backend, k, patch, batch_shape, size):
+def _force_act_on_load(monkeypatch, on: bool):
+    """The block keeps the dw pre-activation (as on CUDA) and, with `on`, links the stages by act
+    on load (ops.block.reads_act_on_load, CUDA's choice alone) on whatever backend runs."""
+    import importlib
+    block = importlib.import_module("convmixer_kernels.ops.block")
+    monkeypatch.setattr(block, "keeps_pre_act", lambda *args: True)
+    monkeypatch.setattr(block, "reads_act_on_load",
+                        lambda linked, keep_dw, backend: on and linked and keep_dw)
+
+
+def _saved_activations(model, x):
+    """Distinct activation-sized tensors the autograd graph of one training forward holds."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(x)
+    numel = max(t.numel() for t in saved)
+    return len({t.data_ptr() for t in saved if t.numel() == numel})
+
+
+@over_backends(cpu=ONCE)
+def test_act_on_load_changes_no_bit_and_keeps_an_activation_fewer(backend, monkeypatch):
+    """The two stages linked by act on load (the dw stage writes a alone, the pw stage reads
+    gelu(a) on its loads; docs/OPS.md "Act on load"), forced here on the CPU, whose x_act forms
+    gelu(a) with its dw kernel's own maths: in float32 three training steps give the bits of the
+    model that writes g, and the graph holds one activation fewer a block (g)."""
+    results, held = [], []
+    for on in (False, True):
+        _force_act_on_load(monkeypatch, on)
+        _, fused = make_pair(backend, f32, act="gelu", kernel_size=5)
+        x, y = batch(backend, (3, 18, 14), fused.num_classes, seed=5)
+        held.append(_saved_activations(fused, x))
+        results.append(train_steps(fused, x, y))
+    (outs_w, grads_w), (outs_a, grads_a) = results
+    for a, b in zip(outs_w, outs_a):
+        assert torch.equal(a, b)
+    for name in grads_w:
+        assert torch.equal(grads_w[name], grads_a[name]), name
+    assert held[0] - held[1] == len(fused.blocks), held
+
+
+@over_backends("k,patch,batch_shape,size,act_on_load",
+               cpu=[(5, 2, (4, 16, 12), "small", False), (5, 2, (4, 16, 12), "small", True)],
+               triton_gpu=[(7, 4, (8, 64, 64), "gpu", False)],
+               cuda=[(5, 2, (8, 32, 36), "gpu", False)])
+def test_training_step_bf16_autocast(backend, k, patch, batch_shape, size, act_on_load,
+                                     monkeypatch):
     """One bfloat16-autocast training step against a float64 copy of the model, docs/DESIGN.md §6:
     the fused error is at most 2x eager's (same autocast) for the logits, the updated running
     statistics (per channel: RMS, see reference.py), and the whole parameter gradient taken as
@@ -199,7 +242,13 @@ def test_training_step_bf16_autocast(backend, k, patch, batch_shape, size):
     Not per parameter tensor: at model level the per-channel bias and BN-shift gradients are
     small sums dominated by cancellation (their exact values are ~1e-3 here), and on the CPU
     backend they measure 3-5x eager's error while the whole gradient measures 0.9x eager's
-    (6 seeds); test_ops.py holds every gradient to the rule per stage."""
+    (6 seeds); test_ops.py holds every gradient to the rule per stage.
+
+    act_on_load: the stages linked by act on load (CUDA's link, forced on the CPU): the pw stage
+    reads gelu of the bfloat16 a, as eager's GELU does, where the dw stage's own g is gelu of
+    its float32 conv sum."""
+    if act_on_load:
+        _force_act_on_load(monkeypatch, True)
     model = GPU_MODEL if size == "gpu" else {}
     eager, fused = make_pair(backend, f32, act="gelu", kernel_size=k, patch_size=patch, **model)
     ref = copy.deepcopy(eager).double()

@@ -56,10 +56,15 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
     """The CUDA backend's block step as the code runs it today: batch statistics; the block's dw
     input carries the previous block's BN2 norm, its pw stage BN1 and the residual with that same
     norm (ops.mixer_block); a pw bias; under autocast the weight casts too. The dw stage keeps
-    its pre-activation a where keeps_dw_pre_act says (GELU, every k): one more write in the
-    forward and read in the backward; with it (or ReLU's out) the dw backward is one kernel."""
+    its pre-activation a where keeps_dw_pre_act says (GELU, every k), read in the backward;
+    with it (or ReLU's out) the dw backward is one kernel. With a kept, the stages are linked by
+    act on load (ops.block.reads_act_on_load): the dw stage writes a alone, and the pw stage's
+    prologue and through-norms read gelu(a) where they read g."""
+    from ..ops.block import reads_act_on_load
     relu = act == "relu"
     keep = keeps_dw_pre_act(act, kernel_size, autocast)
+    on_load = reads_act_on_load(True, keep, "cuda")
+    g = "gelu(a) on load" if on_load else "g"
     if relu or keep:
         # dA elementwise in saved tensors: one kernel forms it on load, halo included
         # (csrc/cuda/kernels/dw_backward_fused.cuh).
@@ -80,12 +85,14 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
         ]
     step = [
         # ---- forward
-        Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1, writes=2 if keep else 1, dw_taps=1,
+        Launch("dw", "fwd", "dw_forward_kernel", 1, reads=1,
+               writes=2 if keep and not on_load else 1, dw_taps=1,
                note="norm on load, conv, bias, act, per-CTA statistics, BN1's statistics and "
                     "scale, shift by the last CTAs"
-                    + ("; a kept for the backward" if keep else "")),
+                    + ("; a kept for the backward and written alone (act on load)" if on_load
+                       else "; a kept for the backward" if keep else "")),
         Launch("pw", "fwd", "pw_prologue_kernel", 1, reads=2, writes=1,
-               note="u = BN1(g) + BN2_prev(h), kept for the backward (keep_u)"),
+               note=f"u = BN1({g}) + BN2_prev(h), kept for the backward (keep_u)"),
         Launch("pw", "fwd", "cuBLAS addmm", 1, reads=1, writes=1, gemms=1,
                note="pre = u Wᵀ + b"),
         Launch("pw", "fwd", "pw_epilogue_forward_kernel", 1, reads=1, writes=1,
@@ -100,8 +107,9 @@ def block_step(act: str = "gelu", autocast: bool = True, kernel_size: int = 9) -
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=2, gemms=1, note="dW = dPᵀ u"),
         Launch("pw", "bwd", "cuBLAS mm", 1, reads=1, writes=1, gemms=1, note="dU = dP W"),
         Launch("pw", "bwd", "pw_through_norms_kernel", 1, reads=2,
-               note="BN1's Norm gradients by the last CTAs; dU is the residual's gradient as it "
-                    "is, and g's (dU·scale) is left to the dw backward's load (defer_grad_x)"),
+               note=f"BN1's Norm gradients (from dU and {g}) by the last CTAs; dU is the "
+                    "residual's gradient as it is, and g's (dU·scale) is left to the dw "
+                    "backward's load (defer_grad_x)"),
         # ---- backward, dw stage
         *dw_backward,
         # ---- the model's glue (python_tests/test_ledger.py counts it); the BatchNorms' norm

@@ -14,7 +14,9 @@ norm's backward, whose three [C] gradients then cover both branches (no autograd
 vectors either). The same nodes save each stage's output for the backward where act' follows from
 it (relu), so neither stage recomputes its pre-activation for act' nor keeps one (docs/OPS.md);
 for gelu the pw stage keeps its pre-activation, the dw stage where dw_stage.keeps_pre_act's count
-says reading it back beats recomputing the conv.
+says reading it back beats recomputing the conv. Where it keeps it on CUDA, the dw stage writes a
+alone and the pw stage reads gelu(a) on its loads (reads_act_on_load, docs/OPS.md "Act on
+load"): g = gelu(a) is never written nor held.
 
 A training BatchNorm that normalises with its own batch's statistics (BN1 after the dw stage,
 BN2 after the pw stage) can be folded into the stage whose output it normalises (FoldedNorm): the
@@ -58,10 +60,11 @@ class _DwNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, weight, bias, act, stats, triton, keep,
-                linked, bn_weight, bn_bias, bn_eps):
+                linked, act_on_load, bn_weight, bn_bias, bn_eps):
         op = _ops.dw_stage_triton if triton else _ops.dw_stage
         out, pre_act, mean, var, scale, shift = op(x, x_mean, x_scale, x_shift, weight, bias, act,
-                                                   stats, keep, bn_weight, bn_bias, bn_eps)
+                                                   stats, keep, bn_weight, bn_bias, bn_eps,
+                                                   not act_on_load)
         # Only its gradient is ever used, never its value: an allocation, no kernel.
         carrier = x.new_empty(()).expand(x.shape)
         # An output nothing differentiates (var, once a folded norm's scale carries its
@@ -72,7 +75,9 @@ class _DwNode(torch.autograd.Function):
                               *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var),
                               scale if linked else None)
         ctx.act, ctx.triton = act, triton
-        return out, mean, var, scale, shift, carrier
+        # With act on load the pw stage reads act(a) itself: a, not out, is what it takes (its
+        # gradient, g's, still arrives here as the linked dU below, never as grad_out).
+        return pre_act if act_on_load else out, mean, var, scale, shift, carrier
 
     @staticmethod
     @once_differentiable  # the backward ops have no derivative: a second order is an error
@@ -96,7 +101,7 @@ class _DwNode(torch.autograd.Function):
             *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift), **scaled)
         norm_grads = (gmean, gscale, gshift) if x_mean is not None else (None, None, None)
         return (gx, *norm_grads, in_param_layout(gw, weight), gb if bias is not None else None,
-                None, None, None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
+                None, None, None, None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
 
 
 class _PwNode(torch.autograd.Function):
@@ -105,17 +110,17 @@ class _PwNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_mean, x_scale, x_shift, carrier, res, res_mean, res_scale, res_shift,
-                weight, bias, act, stats, triton, keep_pre_act, keep_u, linked, bn_weight, bn_bias,
-                bn_eps):
+                weight, bias, act, stats, triton, keep_pre_act, keep_u, linked, x_act, bn_weight,
+                bn_bias, bn_eps):
         op = _ops.pw_stage_triton if triton else _ops.pw_stage
         out, pre_act, mean, var, u, scale, shift = op(
             x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias, act,
-            stats, keep_pre_act, keep_u, bn_weight, bn_bias, bn_eps)
+            stats, keep_pre_act, keep_u, bn_weight, bn_bias, bn_eps, x_act)
         ctx.save_for_backward(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift,
                               weight, bias, pre_act if keep_pre_act else None, mean,
                               saved_output(act, out), u,
                               *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var))
-        ctx.act, ctx.triton, ctx.linked = act, triton, linked
+        ctx.act, ctx.triton, ctx.linked, ctx.x_act = act, triton, linked, x_act
         ctx.set_materialize_grads(False)  # as _DwNode's
         return out, mean, var, scale, shift
 
@@ -134,11 +139,23 @@ class _PwNode(torch.autograd.Function):
         gx, gxm, gxs, gxt, gr, _, _, _, gw, gb, gbw, gbb = op(
             grad_out, grad_mean, grad_var, x, x_mean, x_scale, x_shift, res, res_mean, res_scale,
             res_shift, weight, bias, pre_act, mean, ctx.act, out, u, True,
-            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift), defer_grad_x=ctx.linked)
+            *FoldedBn.backward_args(ctx, bn, grad_scale, grad_shift), defer_grad_x=ctx.linked,
+            x_act=ctx.x_act)
         x_norm_grads = (gxm, gxs, gxt) if x_mean is not None else (None, None, None)
         return (None if ctx.linked else gx, *x_norm_grads, gr, None, None, None, None,
                 in_param_layout(gw, weight), gb if bias is not None else None, None, None, None,
-                None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
+                None, None, None, None, *FoldedBn.grads(ctx, gbw, gbb))
+
+
+def reads_act_on_load(linked: bool, keep_dw: bool, backend: str) -> bool:
+    """Whether the block's dw stage writes only its pre-activation a and the pw stage reads
+    act(a) on its loads (dw_stage write_out=False, pw_stage x_act; docs/OPS.md "Act on load"):
+    where the dw stage keeps a for its backward anyway (gelu) and the stages are linked (the dw
+    backward then forms g's gradient, so no one needs g itself), out's write is a pass and an
+    activation of memory a block that nothing reads twice. Only the CUDA kernels apply act on
+    their loads; the CPU and Triton compose x_act as a pass of its own, which would take back
+    the pass it saves."""
+    return linked and keep_dw and backend == "cuda"
 
 
 def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torch.Tensor],
@@ -176,10 +193,11 @@ def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torc
     # gradient (dU·scale) to the dw backward's load of dU, a pass fewer (the native backends;
     # Triton's functions would compose it as a pass of its own).
     linked = fold1 is not None and not triton
+    act_on_load = reads_act_on_load(linked, keep_dw, name)
     xm, xs, xt = _triple(x_norm)
     g, mean, var, scale, shift, carrier = _DwNode.apply(h, xm, xs, xt, dw_weight, dw_bias, act,
                                                         dw_stats, triton, keep_dw, linked,
-                                                        *_bn_args(fold1))
+                                                        act_on_load, *_bn_args(fold1))
     if fold1 is not None:
         fold1.update(mean, var)
         n1 = Norm(mean, scale, shift)
@@ -188,7 +206,8 @@ def mixer_block(h: torch.Tensor, dw_weight: torch.Tensor, dw_bias: Optional[torc
     check_pw_stage(g, pw_weight, pw_bias, act, n1, h, x_norm, pw_stats)
     out, mean, var, scale, shift = _PwNode.apply(g, *n1, carrier, h, xm, xs, xt, pw_weight,
                                                  pw_bias, act, pw_stats, triton, keep_pw, keep_u,
-                                                 linked, *_bn_args(norm2))
+                                                 linked, act if act_on_load else None,
+                                                 *_bn_args(norm2))
     if norm2 is None:
         return out, mean, var
     norm2.update(mean, var)
