@@ -56,9 +56,15 @@ MODELS = GPU_MODELS if GPU else CPU_MODELS
 FUSED = [f"fused-{b}" for b in available_backends()
          if b == DEVICE.type or (GPU and b == "triton")]
 CONTENDERS = [*FUSED, "eager-nchw", "eager-channels_last", *(["compile"] if GPU else [])]
+# The CUDA dw stage's other backward, for GELU: a not kept, the conv recomputed in two kernels
+# with dA written between them. ops.dw_stage.keeps_pre_act keeps a at every k on CUDA (one
+# kernel, 4 passes fewer) by a count no GPU has checked, while by FMAs the one kernel may be up
+# to ~10% slower at k = 9 (docs/CUDA.md "One backward kernel or two"): this row decides.
+RECOMPUTE = "fused-cuda-recompute"
 # (stage, contender): the bare GEMMs only where the stage is a GEMM.
 CASES = [(stage, c) for stage in ("dw", "pw")
-         for c in CONTENDERS + (["matmul"] if stage == "pw" else [])]
+         for c in CONTENDERS + (["matmul"] if stage == "pw" else [])
+         + ([RECOMPUTE] if stage == "dw" and "fused-cuda" in FUSED else [])]
 PASSES = ["fwd", "fwd+bwd"]
 DTYPE = torch.bfloat16 if GPU else torch.float32
 
@@ -123,6 +129,12 @@ def ceilings() -> roofline.Ceilings:
 
 
 def _stage_fn(stage, contender, act):
+    if contender == RECOMPUTE:
+        def recompute(x, w, b, n):
+            out, _, mean, var, *_ = torch.ops.convmixer_kernels.dw_stage(x, *n, w, b, act, True,
+                                                                         False)
+            return out, mean, var
+        return recompute
     if contender.startswith("fused-"):
         backend = contender.split("-", 1)[1]
         if stage == "dw":
@@ -143,6 +155,9 @@ def _stage_fn(stage, contender, act):
 @pytest.mark.parametrize("stage,contender", CASES, ids=lambda v: v)
 def test_stage(benchmark, stage, contender, mode, model):
     name, batch, dim, side, k, act = model
+    if contender == RECOMPUTE and (mode == "fwd" or act != "gelu"):
+        pytest.skip("the recompute differs only in a GELU backward (a forward keeps nothing "
+                    "without gradients; ReLU's backward reads its saved out)")
     layout = "nchw" if contender == "eager-nchw" else "channels_last"
     x, weight, bias, norm, extra = _inputs(stage, batch, dim, side, k, layout)
     leaves = [x, weight, bias]
