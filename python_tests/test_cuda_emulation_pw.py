@@ -297,7 +297,8 @@ def test_x_act_reads_x_as_the_stored_activation(kernels, dtype, shape, act):
     stored = kernels.epilogue_forward(a, act, stats=False)[0]
     res, du = rand(shape, dtype, 41), rand(shape, dtype, 42)
     nx, nr = make_norm(c, dtype, _gen(43)), make_norm(c, dtype, _gen(44))
-    for args in ((nx, res, nr), (nx, None, None), (None, res, None)):
+    # (None, None, None): the launcher runs the prologue for act(x) alone too.
+    for args in ((nx, res, nr), (nx, None, None), (None, res, None), (None, None, None)):
         u = kernels.prologue(a, *args, x_act=act)
         assert torch.equal(u, kernels.prologue(stored, *args))
         ref = apply_norm(act64(act, a.double()).to(dtype), args[0])

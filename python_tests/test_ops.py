@@ -1244,6 +1244,28 @@ def test_opcheck_pw_stage(backend, parts, keep):
                                        keep_u=keep == "keep_u"))
 
 
+@over_backends(cpu=ONCE, triton=ONCE)
+def test_dw_stage_write_out_false_differentiates_its_statistics_only(backend):
+    """write_out=False at op level: the statistics (and the folded norm's scale and shift) carry
+    their gradients (float64 gradcheck), and a, saved for the backward, is non-differentiable:
+    differentiating through it is the block's nodes' (docs/OPS.md "Act on load")."""
+    case = _dw(backend, f64, (2, 3, 5, 4), 3)
+    (x, weight, bias), kw = stage_args(case)
+    m, sc, sh = kw["x_norm"]
+    gen = _gen(48)
+    bn_w = (torch.rand(3, generator=gen, dtype=f64) + 0.5).to(backend.device)
+    bn_b = randn(3, dtype=f64, gen=gen).to(backend.device)
+    op = backend.raw("dw_stage")
+
+    def fn(x, weight, bias, bn_w, bn_b):
+        out, a, mean, var, scale, shift = op(x, m, sc, sh, weight, bias, "gelu", True, True,
+                                             bn_w, bn_b, 1e-5, False)
+        assert out.numel() == 0 and not a.requires_grad
+        return mean, var, scale, shift
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, bn_w, bn_b)]
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
 @over_backends("parts", cpu=["both_norms_bias", "plain"], triton=["both_norms_bias"],
                cuda=["both_norms_bias"])
 def test_opcheck_act_on_load(backend, parts):

@@ -74,7 +74,7 @@ class _DwNode(torch.autograd.Function):
                               saved_output(act, out), pre_act if keep else None,
                               *FoldedBn.save(ctx, (bn_weight, bn_bias, bn_eps), var),
                               scale if linked else None)
-        ctx.act, ctx.triton = act, triton
+        ctx.act, ctx.triton, ctx.act_on_load = act, triton, act_on_load
         # With act on load the pw stage reads act(a) itself: a, not out, is what it takes (its
         # gradient, g's, still arrives here as the linked dU below, never as grad_out).
         return pre_act if act_on_load else out, mean, var, scale, shift, carrier
@@ -85,6 +85,11 @@ class _DwNode(torch.autograd.Function):
         (x, x_mean, x_scale, x_shift, weight, bias, mean, out, pre_act, *bn,
          link_scale) = ctx.saved_tensors
         op = _ops.dw_stage_backward_triton if ctx.triton else _ops.dw_stage_backward
+        if ctx.act_on_load:
+            # a's one reader is the linked pw node, which returns no gradient for it (g's comes
+            # as grad_res): what arrives here can only be zeros a compiler materialised, and as
+            # a's gradient it must not join g's below.
+            grad_out = None
         scaled = {}
         if link_scale is not None and grad_res is not None:
             # Linked (mixer_block): the pw node left g's gradient, dU times BN1's scale, to this

@@ -19,19 +19,26 @@ from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from ..activations import check_act
 from .autograd import schema_defaults
 from .batch_norm import scale_shift, scale_shift_backward
-from .checks import acc_dtype
+from .checks import acc_dtype, check_write_out
 
 _FORWARD_BN = 3   # bn_weight, bn_bias, bn_eps
 _BACKWARD_BN = 5  # grad_scale, grad_shift, var, bn_weight, bn_eps
 _GRAD_OUT, _GRAD_VAR, _X = 0, 2, 3  # the backward ops' grad_out, grad_var and x arguments
 
 
+_STORAGE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def read_x(name: str, x, x_act):
     """The x a pw stage reads: act(x), rounded to x's dtype as a stored output is, with an
-    x_act; x itself without (csrc/cpu/act_in.cpp is the CPU's)."""
+    x_act; x itself without (csrc/cpu/act_in.cpp is the CPU's). An x the stage refuses passes
+    through untouched, for the stage's checks to name the problem."""
     if x_act is None:
         return x
-    return check_act(name, x_act, "x_act").functional(x)
+    act = check_act(name, x_act, "x_act")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype not in _STORAGE:
+        return x
+    return act.functional(x)
 
 
 def composed(name: str, stage):
@@ -97,17 +104,17 @@ def composed(name: str, stage):
         else:
             _check_fold(name, head, weight, bias, head[stats_at])
         write_out = link.get("write_out", True)
-        if not write_out and not head[names.index("keep_pre_act")]:
-            raise ValueError(f"{name}: write_out=False needs keep_pre_act=True: the "
-                             "pre-activation is then the stage's output, which its consumer "
-                             "reads through act (pw_stage's x_act)")
+        check_write_out(name, write_out, head[names.index("keep_pre_act")])
         x, x_act = head[0], link.get("x_act")
         head[0] = read_x(name, x, x_act)
         outputs = list(stage(*head))
         if not write_out:
             outputs[0] = x.new_empty((0,))
-        if x_act is not None and head[names.index("keep_u")] and not outputs[4].numel():
-            outputs[4] = head[0]  # u is the stage's x, which is act(x) here: kept as u
+        no_prologue = head[names.index("x_mean")] is None and head[names.index("res")] is None
+        if x_act is not None and head[names.index("keep_u")] and no_prologue:
+            # The stage keeps no u that would be its x, which is act(x) here: kept as u (in
+            # channels_last, as u is)
+            outputs[4] = head[0].contiguous(memory_format=torch.channels_last)
         var = outputs[3]
         if eps is None:
             return (*outputs, var.new_empty((0,)), var.new_empty((0,)))

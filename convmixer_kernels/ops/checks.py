@@ -136,3 +136,12 @@ def check_pw_stage(x, weight, bias, act, x_norm, residual, residual_norm, stats)
     check_norm(op, "x_norm", x_norm, x)
     check_norm(op, "residual_norm", residual_norm, x)
     check_batch_stats(op, x, stats)
+
+
+def check_write_out(op: str, write_out: bool, keep_pre_act: bool) -> None:
+    """dw_stage's write_out=False needs keep_pre_act (csrc/stage_checks.cpp check_write_out, for
+    the fake and composed implementations)."""
+    if not write_out and not keep_pre_act:
+        raise ValueError(f"{op}: write_out=False needs keep_pre_act=True: the pre-activation is "
+                         "then the stage's output, which its consumer reads through act "
+                         "(pw_stage's x_act)")

@@ -18,7 +18,7 @@ from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
 from ..activations import ACTIVATIONS
 from .autograd import register_autograd
 from .backend import define_triton_op, resolve
-from .checks import Norm, acc_dtype, check_dw_stage
+from .checks import Norm, acc_dtype, check_dw_stage, check_write_out
 from .bn_fold import FoldedBn, folded_grads_fake, folded_norm_fake
 from .grads import in_param_layout, saved_output
 
@@ -91,6 +91,7 @@ def keeps_pre_act(act: str, k: int, dtype: torch.dtype, backend: str) -> bool:
 @torch.library.register_fake("convmixer_kernels::dw_stage_triton")
 def _dw_stage_fake(x, x_mean, x_scale, x_shift, weight, bias, act, stats, keep_pre_act=False,
                    bn_weight=None, bn_bias=None, bn_eps=None, write_out=True):
+    check_write_out("dw_stage", write_out, keep_pre_act)
     n = x.shape[1] if stats else 0
     acc = acc_dtype(x.dtype)
     like_x = torch.empty_like(x, memory_format=torch.channels_last)
@@ -121,12 +122,11 @@ _WRITE_OUT = 12
 def _setup_context(ctx, inputs, output):
     x, x_mean, x_scale, x_shift, weight, bias, act, *_ = inputs
     out, pre_act, mean, var, *_ = output
-    # pre_act exists to be saved for this backward, not to be differentiated through (with
-    # write_out=False too: the op is then differentiable through its statistics only; the block's
-    # node differentiates through a, ops/block.py).
-    ctx.mark_non_differentiable(pre_act)
-    if not inputs[_WRITE_OUT]:
-        ctx.mark_non_differentiable(out)  # an empty stand-in: nothing was written
+    # pre_act exists to be saved for this backward, not to be differentiated through; with
+    # write_out=False out is an empty stand-in, and the op is differentiable through its
+    # statistics only (the block's node differentiates through a, ops/block.py). One call:
+    # each replaces the set the last one marked.
+    ctx.mark_non_differentiable(pre_act, *(() if inputs[_WRITE_OUT] else (out,)))
     ctx.save_for_backward(x, x_mean, x_scale, x_shift, weight, bias, mean,
                           saved_output(act, out), pre_act if pre_act.numel() else None,
                           *FoldedBn.save(ctx, inputs[_BN_INPUTS], var))

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import _extension  # noqa: F401  (registers torch.ops.convmixer_kernels)
-from ..activations import ACTIVATIONS
+from ..activations import ACTIVATIONS, check_act
 from .autograd import register_autograd
 from .backend import define_triton_op, resolve
 from .checks import Norm, acc_dtype, check_pw_stage
@@ -71,6 +71,8 @@ def keeps_u(triton: bool, x: torch.Tensor) -> bool:
 def _pw_stage_fake(x, x_mean, x_scale, x_shift, res, res_mean, res_scale, res_shift, weight, bias,
                    act, stats, keep_pre_act, keep_u=False, bn_weight=None, bn_bias=None,
                    bn_eps=None, x_act=None):
+    if x_act is not None:
+        check_act("pw_stage", x_act, "x_act")
     n, _, h, w = x.shape
     shape = (n, weight.shape[0], h, w)
     stat = weight.shape[0] if stats else 0
@@ -92,6 +94,8 @@ def _pw_stage_backward_fake(grad_out, grad_mean, grad_var, x, x_mean, x_scale, x
                             saved_out=None, saved_u=None, grad_res_normed=False, grad_scale=None,
                             grad_shift=None, var=None, bn_weight=None, bn_eps=None,
                             defer_grad_x=False, x_act=None):
+    if x_act is not None:
+        check_act("pw_stage_backward", x_act, "x_act")
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
 

@@ -12,7 +12,10 @@ namespace cpu {
 
 at::Tensor act_of(const at::Tensor& x, Act act) {
   // What the stage refuses (its checks name the problem) is passed through to them untouched.
-  if (x.dim() != 4 || !at::isFloatingType(x.scalar_type()) || x.is_complex()) return x;
+  const at::ScalarType t = x.scalar_type();
+  if (x.dim() != 4 ||
+      (t != at::kFloat && t != at::kDouble && t != at::kHalf && t != at::kBFloat16))
+    return x;
   const auto src = x.contiguous(at::MemoryFormat::ChannelsLast);
   auto out = at::empty_like(src, at::MemoryFormat::ChannelsLast);
   const int64_t n = src.numel();

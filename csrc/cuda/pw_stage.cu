@@ -99,8 +99,9 @@ pw_stage(
   const at::Tensor pre_act =
       keep_pre_act ? nchw_of(p2d, out_sizes) : empty_output(x_in, x_in.scalar_type());
   // u is written above for the GEMM in any case: handing it over costs no pass, only the memory
-  // it keeps (none without a norm or residual: u is x then, which the backward has).
-  const bool u_written = u.data_ptr() != x2d.data_ptr();
+  // it keeps (none without a norm, residual or x_act: u is x then, which the backward has). Not
+  // told by the pointers: both are null in an empty batch.
+  const bool u_written = args.nx.defined() || r2d.defined() || x_act.has_value();
   const at::Tensor u_out = keep_u && u_written ? nchw_of(u, args.in_sizes())
                                                : empty_output(x_in, x_in.scalar_type());
   return {nchw_of(out2d, out_sizes), pre_act, mean, var, u_out, bn.scale, bn.shift};

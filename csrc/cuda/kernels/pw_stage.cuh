@@ -3,7 +3,7 @@
 //
 //   prologue          u  = norm_x(x) + norm_res(res), rounded to storage   (the GEMM's A operand);
 //                     with an x act (kXAct), x is a pre-activation read as act(x) rounded to
-//                     storage, as if act(x) had been stored (the dw stage then writes only a)
+//                     storage, as a stored output is (the dw stage then writes only a)
 //   [GEMM]            p  = u W^T + b                                       (cuBLAS, in the launcher)
 //   epilogue_forward  out = act(p); per-channel partial (mean, M2) of out as stored, merged into
 //                     the statistics by each channel block's last CTA (last_cta.cuh)
@@ -128,8 +128,9 @@ __device__ __forceinline__ void load_channels(const acc_t<T>* __restrict__ vec, 
   }
 }
 
-// x read as act(x) rounded to storage where the stage takes x as a pre-activation (kXAct): the
-// value the previous stage's out would have held had it been written.
+// x read as act(x) rounded to storage where the stage takes x as a pre-activation (kXAct), as a
+// stored output is. In float and double the bits of the dw stage's out; in 16-bit types act of
+// the stored a, where the dw stage's out is act of its unrounded sum (docs/OPS.md "Act on load").
 template <typename T, bool kXAct, Act XA>
 __device__ __forceinline__ void act_on_load(acc_t<T> (&v)[kVecWidth<T>]) {
   if constexpr (kXAct) {
