@@ -110,8 +110,8 @@ def composed(name: str, stage):
         outputs = list(stage(*head))
         if not write_out:
             outputs[0] = x.new_empty((0,))
-        no_prologue = head[names.index("x_mean")] is None and head[names.index("res")] is None
-        if x_act is not None and head[names.index("keep_u")] and no_prologue:
+        if (x_act is not None and head[names.index("keep_u")]
+                and head[names.index("x_mean")] is None and head[names.index("res")] is None):
             # The stage keeps no u that would be its x, which is act(x) here: kept as u (in
             # channels_last, as u is)
             outputs[4] = head[0].contiguous(memory_format=torch.channels_last)
