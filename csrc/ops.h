@@ -85,7 +85,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& pre_act,
                   const std::optional<at::Tensor>& mean, c10::string_view act,
                   const std::optional<at::Tensor>& saved_out,
-                  const std::optional<at::Tensor>& saved_u, bool grad_res_normed);
+                  const std::optional<at::Tensor>& saved_u, bool grad_res_normed,
+                  bool write_grad_x);  // false: grad_x empty, x's norm sums still taken
 
 // act(x) of every element, rounded to x's dtype, as a new tensor of x's sizes and layout: what a
 // stage that had written act's output would have stored (the CPU's x_act, csrc/cpu/act_in.cpp).

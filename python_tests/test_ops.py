@@ -534,14 +534,16 @@ def test_pw_backward_grad_res_normed(backend, dtype, parts):
         assert_close_direct(plain[4], scaled, dtype, name="grad_res")
 
 
-@over_backends("dtype", cpu=[f64, f32], triton=[f64], cuda=[f32])
-def test_pw_backward_defer_grad_x(backend, dtype):
+@over_backends("dtype,parts", cpu=product([f64, f32], ["both_norms_bias", "residual_norm"]),
+               triton=[(f64, "both_norms_bias")], cuda=[(f32, "both_norms_bias")])
+def test_pw_backward_defer_grad_x(backend, dtype, parts):
     """defer_grad_x (with grad_res_normed): grad_x is left empty, the caller's to form as
-    grad_res·x_scale (dU·x_scale, dw_stage_backward's grad_out_scale); every other output keeps
-    its bits. Without grad_res_normed and a residual it is refused."""
-    case = _pw(backend, dtype, (2, 12, 40, 5, 7), "gelu", parts="both_norms_bias")
+    grad_res·x_scale (dU·x_scale, dw_stage_backward's grad_out_scale; dU itself where x has no
+    norm); every other output keeps its bits. Without grad_res_normed and a residual it is
+    refused."""
+    case = _pw(backend, dtype, (2, 12, 40, 5, 7), "gelu", parts=parts)
     (x, weight, bias), kw = stage_args(case)
-    xm, xs, xt = kw["x_norm"]
+    xm, xs, xt = kw.get("x_norm", (None, None, None))
     rm, rs, rt = kw["residual_norm"]
     res = kw["residual"]
     out, pre, mean, *_ = backend.raw("pw_stage")(x, xm, xs, xt, res, rm, rs, rt, weight, bias,
@@ -554,7 +556,7 @@ def test_pw_backward_defer_grad_x(backend, dtype):
     normed, deferred = op(*args), op(*args, defer_grad_x=True)
     assert deferred[0].numel() == 0
     assert_bitwise(deferred[1:], normed[1:])
-    formed = deferred[4].double() * xs.double().view(1, -1, 1, 1)
+    formed = deferred[4].double() * (1 if xs is None else xs.double().view(1, -1, 1, 1))
     if dtype == f64:
         assert_bitwise([formed], [normed[0]])
     else:

@@ -151,9 +151,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
   const at::Tensor xa = read_x("pw_stage_backward", x, x_act);
   auto [gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb] = cpu::pw_stage_backward(
       grad_out, grad_mean, b.grad_var, xa, x_mean, x_scale, x_shift, res, res_mean, res_scale,
-      res_shift, weight, bias, pre_act, mean, act, saved_out, saved_u, grad_res_normed);
-  // Deferred, grad_x is the caller's to form (the CPU rows write it anyway; dropped here).
-  if (defer_grad_x) gx = empty_output(x, x.scalar_type());
+      res_shift, weight, bias, pre_act, mean, act, saved_out, saved_u, grad_res_normed,
+      !defer_grad_x);  // deferred, grad_x is the caller's to form: the rows write only its sums
   return {gx, gxm, gxs, gxt, gr, grm, grs, grt, gw, gb, b.grad_weight, b.grad_bias};
 }
 

@@ -197,20 +197,22 @@ struct PwRows {
   // The norm gradients on one pair of lanes at channel c of a row, from its dU (du0, du1) and
   // its x and res lanes: grad_x = dU·scale_x (dU itself without a norm), grad_res likewise (when
   // res is given), and acc (3 × win lanes) += Σ dU, Σ dU (x - mean_x), Σ dU (res - mean_res).
-  // gx or gr may alias dur, the row of dU (then dU is the gradient itself and is not copied).
+  // gx or gr may alias dur, the row of dU (then dU is the gradient itself and is not copied);
+  // gx is null where the caller forms grad_x itself (defer_grad_x): the sums alone.
   void through_pair(const V& du0, const V& du1, const V (&xv)[2], const V (&rv)[2], bool res,
                     const scalar_t* dur, scalar_t* gx, scalar_t* gr, int64_t c, int64_t k,
                     opmath_t* acc) const {
     auto through = [&](const PaddedNorm<opmath_t>& nm, const V (&v)[2], scalar_t* out,
                        opmath_t* sum) {
       if (!nm.defined()) {
-        if (out != dur) L::store(out + c, k, du0, du1);
+        if (out != nullptr && out != dur) L::store(out + c, k, du0, du1);
         return;
       }
       (at::vec::fmadd(du0, v[0] - V::loadu(&nm.mean[c]), V::loadu(sum + c))).store(sum + c);
       (at::vec::fmadd(du1, v[1] - V::loadu(&nm.mean[c + kVS]), V::loadu(sum + c + kVS)))
           .store(sum + c + kVS);
-      L::store(out + c, k, du0 * V::loadu(&nm.scale[c]), du1 * V::loadu(&nm.scale[c + kVS]));
+      if (out != nullptr)
+        L::store(out + c, k, du0 * V::loadu(&nm.scale[c]), du1 * V::loadu(&nm.scale[c + kVS]));
     };
     add_to(acc + c, du0, du1);
     through(nx, xv, gx, acc + win);
@@ -233,7 +235,7 @@ struct PwRows {
         if (nx.defined()) L::load(x + off + c, k, xv[0], xv[1]);
         if (res != nullptr && nr.defined() && !grad_res_normed)
           L::load(res + off + c, k, rv[0], rv[1]);
-        through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx + off,
+        through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx ? gx + off : nullptr,
                      res ? gr + off : nullptr, c, k, acc);
       });
     }
@@ -254,7 +256,7 @@ struct PwRows {
         prologue_pair(x + off, res_read ? res_read + off : nullptr, c, k, xv, rv, uv);
         if (u != nullptr) L::store(u + off + c, k, uv[0], uv[1]);
         L::load(du + off + c, k, du0, du1);
-        through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx + off,
+        through_pair(du0, du1, xv, rv, res != nullptr, du + off, gx ? gx + off : nullptr,
                      res ? gr + off : nullptr, c, k, acc);
       });
     }
@@ -431,7 +433,8 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
                     const Norm& nx, const at::Tensor* r2d, const Norm& nr, const at::Tensor& w2d,
                     const std::optional<at::Tensor>& bias, const at::Tensor* pre2d,
                     const at::Tensor* u2d, const at::Tensor* grad_mean,
-                    const at::Tensor* grad_var, const at::Tensor* mean, bool grad_res_normed) {
+                    const at::Tensor* grad_var, const at::Tensor* mean, bool grad_res_normed,
+                    bool write_grad_x) {
   using K = PwRows<scalar_t, A>;
   using opmath_t = typename K::opmath_t;
   K k(g, nx, nr);
@@ -457,9 +460,9 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
 
   PwGrads out;
   if constexpr (fused) {
-    out.gx = at::empty({rows, g.Cin}, opts);
+    if (write_grad_x) out.gx = at::empty({rows, g.Cin}, opts);
     if (r2d != nullptr) out.gr = at::empty({rows, g.Cin}, opts);
-    scalar_t* gxp = out.gx.data_ptr<scalar_t>();
+    scalar_t* gxp = write_grad_x ? out.gx.data_ptr<scalar_t>() : nullptr;
     scalar_t* grp = r2d != nullptr ? out.gr.data_ptr<scalar_t>() : nullptr;
     // Weight-gradient groups: group j accumulates dPᵀu over its chunks, in chunk order.
     const int64_t groups = std::clamp<int64_t>(
@@ -500,8 +503,8 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
           // x and res are read once, for u and for the norm gradients together.
           k.prologue_and_through_norms(xr, rr, du.data_ptr<scalar_t>(),
                                        prologue && pre2d != nullptr ? u.data_ptr<scalar_t>() : nullptr,
-                                       gxp + r0 * g.Cin, grp ? grp + r0 * g.Cin : nullptr, n,
-                                       norm_part(i));
+                                       gxp ? gxp + r0 * g.Cin : nullptr,
+                                       grp ? grp + r0 * g.Cin : nullptr, n, norm_part(i));
           if (i == first) {
             at::mm_out(gw, dp.t(), u);
           } else {
@@ -541,18 +544,20 @@ PwGrads pw_backward(const PwGeometry& g, const at::Tensor& go2d, const at::Tenso
     const auto du = dp.mm(w2d);
     // Outputs may not alias: dU itself is returned at most once, as the gradient of an input
     // without a norm.
-    out.gx = nx.defined() ? at::empty_like(du) : du;
+    if (write_grad_x) out.gx = nx.defined() ? at::empty_like(du) : du;
     if (r2d != nullptr)
-      out.gr = ((nr.defined() && !grad_res_normed) || !nx.defined()) ? at::empty_like(du) : du;
+      out.gr = ((nr.defined() && !grad_res_normed) || (!nx.defined() && write_grad_x))
+                   ? at::empty_like(du)
+                   : du;
     const scalar_t* dup = du.data_ptr<scalar_t>();
-    scalar_t* gxp = out.gx.data_ptr<scalar_t>();
+    scalar_t* gxp = write_grad_x ? out.gx.data_ptr<scalar_t>() : nullptr;
     scalar_t* grp = r2d != nullptr ? out.gr.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, ch.count, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r0 = ch.begin(i);
         k.through_norms(dup + r0 * g.Cin, xp + r0 * g.Cin, rp ? rp + r0 * g.Cin : nullptr,
-                        gxp + r0 * g.Cin, grp ? grp + r0 * g.Cin : nullptr, ch.length(i),
-                        norm_part(i));
+                        gxp ? gxp + r0 * g.Cin : nullptr, grp ? grp + r0 * g.Cin : nullptr,
+                        ch.length(i), norm_part(i));
       }
     });
   }
@@ -611,7 +616,8 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
                   const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& pre_act_in,
                   const std::optional<at::Tensor>& mean_in, c10::string_view act_name,
                   const std::optional<at::Tensor>& saved_out_in,
-                  const std::optional<at::Tensor>& saved_u_in, bool grad_res_normed) {
+                  const std::optional<at::Tensor>& saved_u_in, bool grad_res_normed,
+                  bool write_grad_x) {
   const PwArgs a = check_pw_stage_backward("pw_stage_backward", grad_out, grad_mean_in,
                                            grad_var_in, x_in, x_mean, x_scale, x_shift, res_in,
                                            res_mean, res_scale, res_shift, weight, bias_in,
@@ -644,10 +650,10 @@ pw_stage_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& g
       gr = pw_backward<scalar_t, decltype(act)::value>(
           g, go2d, x2d, nx, r2d ? &*r2d : nullptr, nr, w2d, bias_in, pre2d ? &*pre2d : nullptr,
           u2d ? &*u2d : nullptr, grad_mean ? &*grad_mean : nullptr, grad_var ? &*grad_var : nullptr,
-          mean ? &*mean : nullptr, grad_res_normed);
+          mean ? &*mean : nullptr, grad_res_normed, write_grad_x);
     });
   });
-  auto grad_x = from_rows(gr.gx, in_sizes);
+  auto grad_x = gr.gx.defined() ? from_rows(gr.gx, in_sizes) : empty_output(x_in, x_in.scalar_type());
   auto grad_res = r2d.has_value() ? from_rows(gr.gr, in_sizes) : empty_output(x_in, x_in.scalar_type());
   auto grad_w = gr.gw.view(weight.sizes());
 
