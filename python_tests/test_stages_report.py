@@ -90,8 +90,11 @@ def test_report_reads_a_real_stage_benchmark_run(tmp_path):
     they are timings, and the ceilings are measured, not true upper bounds.)"""
     pytest.importorskip("pytest_benchmark")
     out = tmp_path / "stages.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p))
+    # Not as an xdist worker (pytest -n): pytest-benchmark reads PYTEST_XDIST_WORKER and would
+    # then refuse --benchmark-only in the child, which is a plain pytest run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
     # cwd outside the source tree, so the subprocess imports the package under test.
     result = subprocess.run(
         [sys.executable, "-m", "pytest", str(BENCH), "-q", "-p", "no:cacheprovider",
