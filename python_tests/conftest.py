@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,11 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "large_memory: needs tens of GB of GPU memory (skips itself when they are not "
                    "free); deselect with -m 'not large_memory'")
+    # Under pytest-xdist (-n auto: a worker a core) a worker with torch's default of a thread a
+    # core oversubscribes the machine, and OpenMP's spinning threads slow every worker. One
+    # intra-op thread a worker; the tests of threaded paths set their own count.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
