@@ -15,11 +15,16 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is no
 
 
 @pytest.fixture(scope="module")
-def counts():
+def tool():
     spec = importlib.util.spec_from_file_location(
         "gemm_operand_cost", os.path.join(ROOT, "tools", "gemm_operand_cost.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def counts(tool):
     return tool.count_ptx()
 
 
@@ -38,3 +43,14 @@ def test_the_count_sees_the_activations_maths(counts):
     # erf is a polynomial of many instructions, not one
     assert counts["form_u<GELU>"][0] >= counts["form_u<ReLU>"][0] + 10
     assert counts["form_dp<GELU>"][0] > counts["form_u<GELU>"][0]
+
+
+def test_the_table_has_a_row_per_model_and_operand(tool, capsys):
+    tool.main(["--block-n", "128"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith("convmixer_")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("convmixer_1536_20", "form_u<GELU>"), ("convmixer_1536_20", "form_dp<GELU>"),
+        ("convmixer_768_32", "form_u<ReLU>"), ("convmixer_768_32", "form_dp<ReLU>")]
+    # formed C / BLOCK_N times: 1536 / 128 and 768 / 128
+    assert [r[2] for r in rows] == ["12x", "12x", "6x", "6x"]
