@@ -27,6 +27,12 @@ import re
 import subprocess
 import tempfile
 
+import torch
+
+from convmixer_kernels import model as models
+from convmixer_kernels.activations import ACTIVATIONS
+from convmixer_kernels.benchmarking.roofline import LEDGER_BATCH, kernel_and_patch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # One kernel per (operand, activation): the maths of one element, as a fused GEMM load would do
@@ -74,9 +80,20 @@ _NOT_MATHS = re.compile(r"^(ld\.|st\.|cvta|mul\.wide|add\.s64|ret|mov\.u32)")
 # The special-function unit (ex2, rcp, ...): 16 lanes a clock per SM on Hopper, not 128.
 _MUFU = re.compile(r"^(ex2|lg2|rcp|rsqrt|sqrt\.approx|sin|cos|tanh)")
 
-# (name, activation, rows = batch·32·32 tokens, channels = C_in = C_out)
-MODELS = (("convmixer_1536_20", "GELU", 64 * 32 * 32, 1536),
-          ("convmixer_768_32", "ReLU", 128 * 32 * 32, 768))
+# The kernels' template arguments: csrc/activation.h's enumerators, by the ops' act strings.
+ENUMERATORS = {"gelu": "GELU", "relu": "ReLU"}
+IMAGE = 224
+
+
+def ledger_models() -> list[tuple[str, str, int, int]]:
+    """(name, act, rows, channels) of the models the ledger is quoted at, at its batch sizes."""
+    out = []
+    for name, batch in LEDGER_BATCH.items():
+        with torch.device("meta"):
+            shape = getattr(models, name)()
+        _, patch = kernel_and_patch(shape)
+        out.append((name, shape.act, batch * (IMAGE // patch) ** 2, shape.num_features))
+    return out
 
 
 def count_ptx() -> dict[str, tuple[int, int]]:
@@ -94,9 +111,9 @@ def count_ptx() -> dict[str, tuple[int, int]]:
             if entry:
                 mangled = entry.group(1)
                 op = "form_u" if "form_u" in mangled else "form_dp"
-                # The template argument, mangled as the enumerator's value: GELU = 0, ReLU = 1
-                # (CONVMIXER_ACTIVATIONS in csrc/activation.h).
-                act = {"0": "GELU", "1": "ReLU"}[re.search(r"ActE(\d+)E", mangled).group(1)]
+                # The template argument, mangled as the enumerator's value (its code).
+                code = int(re.search(r"ActE(\d+)E", mangled).group(1))
+                act = next(ENUMERATORS[a.name] for a in ACTIVATIONS.values() if a.code == code)
                 name = f"{op}<{act}>"
                 counts[name] = (0, 0)
                 continue
@@ -129,7 +146,8 @@ def main(argv=None) -> None:
           f"BLOCK_N {args.block_n}\n")
     print(f"{'model':<18} {'operand':<14} {'formed':>7} {'maths ms':>9} {'GEMM ms':>8} "
           f"{'pass ms':>8}")
-    for model, act, rows, ch in MODELS:
+    for model, act_name, rows, ch in ledger_models():
+        act = ENUMERATORS[act_name]
         elements = rows * ch
         gemm_s = 2 * rows * ch * ch / (args.bf16_tflops * 1e12)
         pass_s = elements * 2 / (args.hbm_tbs * 1e12)
